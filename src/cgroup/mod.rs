@@ -1,0 +1,53 @@
+//! Everything about cgroupfs: where the hierarchies are ([`layout`]), what
+//! their files say ([`parse`]) and reading a container's values ([`read`]).
+
+pub mod layout;
+pub mod parse;
+pub mod read;
+
+use std::path::{Path, PathBuf};
+
+pub use layout::{Controller, Layout, LayoutKind};
+
+/// The directories of one cgroup (a path relative to the hierarchy roots) in
+/// every hierarchy where it exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupDirs {
+    pub v2: Option<PathBuf>,
+    v1: Vec<(Controller, PathBuf)>,
+}
+
+impl CgroupDirs {
+    /// Finds `relative` in each hierarchy of `layout`.
+    pub fn resolve(layout: &Layout, relative: &Path) -> CgroupDirs {
+        let existing = |root: &Path| Some(root.join(relative)).filter(|dir| dir.is_dir());
+        CgroupDirs {
+            v2: layout.unified.as_deref().and_then(existing),
+            v1: Controller::ALL
+                .into_iter()
+                .filter_map(|c| Some((c, layout.v1(c).and_then(existing)?)))
+                .collect(),
+        }
+    }
+
+    pub fn v1(&self, controller: Controller) -> Option<&Path> {
+        self.v1
+            .iter()
+            .find(|(c, _)| *c == controller)
+            .map(|(_, p)| p.as_path())
+    }
+
+    /// Whether the cgroup is still there in any hierarchy.
+    pub fn exists(&self) -> bool {
+        self.v2.iter().chain(self.v1.iter().map(|(_, p)| p)).any(|p| p.is_dir())
+    }
+
+    /// The cgroup's id: the inode of its directory, in the v2 tree when it has
+    /// one (the number eBPF's `bpf_skb_cgroup_id` reports), else in the first
+    /// v1 hierarchy.
+    pub fn id(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.v2.as_deref().or(self.v1.first().map(|(_, p)| p.as_path()))?;
+        std::fs::metadata(dir).ok().map(|m| m.ino())
+    }
+}

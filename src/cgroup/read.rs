@@ -1,0 +1,475 @@
+//! Reading a container's values from cgroupfs, one [`Group`] of source files
+//! at a time.
+//!
+//! The backend for each group is chosen from the layout: a mounted v1
+//! controller wins (hybrid hosts keep CPU and memory there), otherwise the v2
+//! directory is read. A file that is absent while its cgroup exists means the
+//! host does not provide those metrics; they stay `None` and get no file.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use super::parse::{self, ParseError};
+use super::{CgroupDirs, Controller, Layout};
+use crate::metrics::{Group, MetricId as M, Sample};
+
+/// Why a group could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Occurs when the cgroup was removed.
+    #[error("{0}: cgroup no longer exists")]
+    Vanished(PathBuf),
+    /// Occurs when a source file exists but cannot be read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Occurs when a source file's text is not in the kernel's format.
+    #[error("{path}: {source}")]
+    Malformed { path: PathBuf, source: ParseError },
+}
+
+type Result<T> = std::result::Result<T, SourceError>;
+
+/// One source file of one cgroup directory.
+struct Source<'a> {
+    dir: &'a Path,
+    file: &'static str,
+}
+
+impl Source<'_> {
+    /// The file's text, or `None` when the cgroup exists but has no such file.
+    fn text(&self) -> Result<Option<String>> {
+        let path = self.dir.join(self.file);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if is_gone(&e) => {
+                if self.dir.is_dir() {
+                    Ok(None)
+                } else {
+                    Err(SourceError::Vanished(self.dir.to_path_buf()))
+                }
+            }
+            Err(source) => Err(SourceError::Io { path, source }),
+        }
+    }
+
+    /// Parses the file with `parse`, keeping the path for the error.
+    fn parse<T>(&self, parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>) -> Result<Option<T>> {
+        self.text()?
+            .map(|text| {
+                parse(&text).map_err(|source| SourceError::Malformed {
+                    path: self.dir.join(self.file),
+                    source,
+                })
+            })
+            .transpose()
+    }
+
+    /// A flat keyed file: `apply` gets the parsed keys.
+    fn keyed(&self, apply: impl FnOnce(&parse::Keyed<'_>)) -> Result<()> {
+        if let Some(text) = self.text()? {
+            let keys = parse::keyed(&text).map_err(|source| SourceError::Malformed {
+                path: self.dir.join(self.file),
+                source,
+            })?;
+            apply(&keys);
+        }
+        Ok(())
+    }
+}
+
+/// ENOENT, or ENODEV from a cgroup removed while its file was being read.
+fn is_gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+}
+
+/// Where one controller's files are for this cgroup: the v1 hierarchy when the
+/// controller is mounted there, else the v2 directory.
+enum Backend<'a> {
+    V1(&'a Path),
+    V2(&'a Path),
+}
+
+fn backend<'a>(layout: &Layout, dirs: &'a CgroupDirs, controller: Controller) -> Option<Backend<'a>> {
+    if layout.v1(controller).is_some() {
+        dirs.v1(controller).map(Backend::V1)
+    } else {
+        dirs.v2.as_deref().map(Backend::V2)
+    }
+}
+
+fn src<'a>(dir: &'a Path, file: &'static str) -> Source<'a> {
+    Source { dir, file }
+}
+
+/// USER_HZ, the unit of v1 `cpuacct.stat`.
+fn user_hz() -> u64 {
+    static HZ: OnceLock<u64> = OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *HZ.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as u64,
+        _ => 100,
+    })
+}
+
+/// Reads the files of `group` for one cgroup into `out`. Derived groups
+/// (rates) are not read here.
+pub fn read_group(layout: &Layout, dirs: &CgroupDirs, group: Group, out: &mut Sample) -> Result<()> {
+    let controller = match group {
+        Group::CpuUsage => Controller::Cpuacct,
+        Group::CpuRate => return Ok(()),
+        Group::CpuThrottle | Group::CpuLimit => Controller::Cpu,
+        Group::MemoryUsage
+        | Group::MemoryStat
+        | Group::MemorySwap
+        | Group::MemoryLimit
+        | Group::MemoryOom => Controller::Memory,
+        Group::Io => Controller::Blkio,
+        Group::PidsCurrent | Group::PidsLimit => Controller::Pids,
+    };
+    let Some(backend) = backend(layout, dirs, controller) else {
+        return Ok(());
+    };
+    match backend {
+        Backend::V1(dir) => read_v1(dir, group, out),
+        Backend::V2(dir) => read_v2(dir, group, out),
+    }
+}
+
+fn read_v2(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
+    match group {
+        Group::CpuUsage => src(dir, "cpu.stat").keyed(|k| {
+            out.set(M::CpuUsageUsec, k.get("usage_usec"));
+            out.set(M::CpuUserUsec, k.get("user_usec"));
+            out.set(M::CpuSystemUsec, k.get("system_usec"));
+        })?,
+        Group::CpuThrottle => src(dir, "cpu.stat").keyed(|k| {
+            out.set(M::CpuNrPeriods, k.get("nr_periods"));
+            out.set(M::CpuNrThrottled, k.get("nr_throttled"));
+            out.set(M::CpuThrottledUsec, k.get("throttled_usec"));
+        })?,
+        Group::CpuLimit => {
+            if let Some(limit) = src(dir, "cpu.max").parse(parse::cpu_max)? {
+                out.set_value(M::CpuLimitMillicores, limit.into());
+            }
+        }
+        Group::MemoryUsage => out.set(M::MemoryUsage, src(dir, "memory.current").parse(parse::single)?),
+        Group::MemoryStat => {
+            let usage = src(dir, "memory.current").parse(parse::single)?;
+            src(dir, "memory.stat").keyed(|k| {
+                out.set(M::MemoryRss, k.get("anon"));
+                out.set(M::MemoryCache, k.get("file"));
+                out.set(M::MemoryRssHuge, k.get("anon_thp"));
+                out.set(M::MemoryShmem, k.get("shmem"));
+                out.set(M::MemoryMappedFile, k.get("file_mapped"));
+                out.set(M::MemoryDirty, k.get("file_dirty"));
+                out.set(M::MemoryWriteback, k.get("file_writeback"));
+                out.set(M::MemoryPgfault, k.get("pgfault"));
+                out.set(M::MemoryPgmajfault, k.get("pgmajfault"));
+                out.set(M::MemoryWorkingSet, working_set(usage, k.get("inactive_file")));
+            })?
+        }
+        Group::MemorySwap => out.set(M::MemorySwap, src(dir, "memory.swap.current").parse(parse::single)?),
+        Group::MemoryLimit => {
+            if let Some(limit) = src(dir, "memory.max").parse(parse::limit)? {
+                out.set_value(M::MemoryLimit, limit.into());
+            }
+        }
+        Group::MemoryOom => src(dir, "memory.events").keyed(|k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
+        Group::Io => {
+            if let Some(io) = src(dir, "io.stat").parse(parse::io_stat)? {
+                out.set(M::IoReadBytes, Some(io.read_bytes));
+                out.set(M::IoWriteBytes, Some(io.write_bytes));
+                out.set(M::IoReadOps, Some(io.read_ops));
+                out.set(M::IoWriteOps, Some(io.write_ops));
+            }
+        }
+        Group::PidsCurrent => out.set(M::PidsCurrent, src(dir, "pids.current").parse(parse::single)?),
+        Group::PidsLimit => {
+            if let Some(limit) = src(dir, "pids.max").parse(parse::limit)? {
+                out.set_value(M::PidsLimit, limit.into());
+            }
+        }
+        Group::CpuRate => {}
+    }
+    Ok(())
+}
+
+fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
+    match group {
+        Group::CpuUsage => {
+            let usage_ns = src(dir, "cpuacct.usage").parse(parse::single)?;
+            out.set(M::CpuUsageUsec, usage_ns.map(|ns| ns / 1000));
+            let to_usec = |ticks: u64| ticks.saturating_mul(1_000_000) / user_hz();
+            src(dir, "cpuacct.stat").keyed(|k| {
+                out.set(M::CpuUserUsec, k.get("user").map(to_usec));
+                out.set(M::CpuSystemUsec, k.get("system").map(to_usec));
+            })?
+        }
+        Group::CpuThrottle => src(dir, "cpu.stat").keyed(|k| {
+            out.set(M::CpuNrPeriods, k.get("nr_periods"));
+            out.set(M::CpuNrThrottled, k.get("nr_throttled"));
+            out.set(M::CpuThrottledUsec, k.get("throttled_time").map(|ns| ns / 1000));
+        })?,
+        Group::CpuLimit => {
+            let (quota, period) = (src(dir, "cpu.cfs_quota_us").text()?, src(dir, "cpu.cfs_period_us").text()?);
+            if let (Some(quota), Some(period)) = (quota, period) {
+                let limit = parse::cfs_quota(&quota, &period).map_err(|source| SourceError::Malformed {
+                    path: dir.join("cpu.cfs_quota_us"),
+                    source,
+                })?;
+                out.set_value(M::CpuLimitMillicores, limit.into());
+            }
+        }
+        Group::MemoryUsage => out.set(M::MemoryUsage, src(dir, "memory.usage_in_bytes").parse(parse::single)?),
+        Group::MemoryStat => {
+            let usage = src(dir, "memory.usage_in_bytes").parse(parse::single)?;
+            src(dir, "memory.stat").keyed(|k| {
+                out.set(M::MemoryRss, k.get("total_rss"));
+                out.set(M::MemoryCache, k.get("total_cache"));
+                out.set(M::MemoryRssHuge, k.get("total_rss_huge"));
+                out.set(M::MemoryShmem, k.get("total_shmem"));
+                out.set(M::MemoryMappedFile, k.get("total_mapped_file"));
+                out.set(M::MemoryDirty, k.get("total_dirty"));
+                out.set(M::MemoryWriteback, k.get("total_writeback"));
+                out.set(M::MemoryPgfault, k.get("total_pgfault"));
+                out.set(M::MemoryPgmajfault, k.get("total_pgmajfault"));
+                out.set(M::MemoryPgpgin, k.get("total_pgpgin"));
+                out.set(M::MemoryPgpgout, k.get("total_pgpgout"));
+                out.set(M::MemoryWorkingSet, working_set(usage, k.get("total_inactive_file")));
+            })?
+        }
+        Group::MemorySwap => src(dir, "memory.stat").keyed(|k| out.set(M::MemorySwap, k.get("total_swap")))?,
+        Group::MemoryLimit => {
+            if let Some(limit) = src(dir, "memory.limit_in_bytes").parse(parse::limit)? {
+                out.set_value(M::MemoryLimit, limit.into());
+            }
+        }
+        Group::MemoryOom => src(dir, "memory.oom_control").keyed(|k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
+        Group::Io => {
+            // The _recursive files include descendants; old kernels lack them.
+            let bytes = first_present(dir, ["blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes"])?;
+            let ops = first_present(dir, ["blkio.throttle.io_serviced_recursive", "blkio.throttle.io_serviced"])?;
+            if let (Some(bytes), Some(ops)) = (bytes, ops) {
+                let (read_bytes, write_bytes) = bytes.parse(parse::blkio_throttle)?.unwrap_or_default();
+                let (read_ops, write_ops) = ops.parse(parse::blkio_throttle)?.unwrap_or_default();
+                out.set(M::IoReadBytes, Some(read_bytes));
+                out.set(M::IoWriteBytes, Some(write_bytes));
+                out.set(M::IoReadOps, Some(read_ops));
+                out.set(M::IoWriteOps, Some(write_ops));
+            }
+        }
+        Group::PidsCurrent => out.set(M::PidsCurrent, src(dir, "pids.current").parse(parse::single)?),
+        Group::PidsLimit => {
+            if let Some(limit) = src(dir, "pids.max").parse(parse::limit)? {
+                out.set_value(M::PidsLimit, limit.into());
+            }
+        }
+        Group::CpuRate => {}
+    }
+    Ok(())
+}
+
+fn first_present<'a>(dir: &'a Path, files: [&'static str; 2]) -> Result<Option<Source<'a>>> {
+    for file in files {
+        if dir.join(file).is_file() {
+            return Ok(Some(src(dir, file)));
+        }
+    }
+    if dir.is_dir() {
+        Ok(None)
+    } else {
+        Err(SourceError::Vanished(dir.to_path_buf()))
+    }
+}
+
+/// Usage minus inactive file cache, floored at zero (the kubelet's definition).
+fn working_set(usage: Option<u64>, inactive_file: Option<u64>) -> Option<u64> {
+    Some(usage?.saturating_sub(inactive_file.unwrap_or(0)))
+}
+
+/// Reads every group into one sample. Groups that fail are logged and left
+/// out, so one malformed file costs its own metrics, not the container's.
+pub fn read_all(layout: &Layout, dirs: &CgroupDirs, groups: &[Group], out: &mut Sample) -> Result<()> {
+    for &group in groups {
+        match read_group(layout, dirs, group, out) {
+            Ok(()) => {}
+            Err(e @ SourceError::Vanished(_)) => return Err(e),
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{METRICS, Value::*};
+
+    const ALL_GROUPS: [Group; 11] = [
+        Group::CpuUsage,
+        Group::CpuThrottle,
+        Group::CpuLimit,
+        Group::MemoryUsage,
+        Group::MemoryStat,
+        Group::MemorySwap,
+        Group::MemoryLimit,
+        Group::MemoryOom,
+        Group::Io,
+        Group::PidsCurrent,
+        Group::PidsLimit,
+    ];
+
+    fn fixture(tree: &str, cgroup: &str) -> (Layout, CgroupDirs) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(tree);
+        let layout = Layout::from_tree(&root).unwrap();
+        let dirs = CgroupDirs::resolve(&layout, Path::new(cgroup));
+        (layout, dirs)
+    }
+
+    fn sample(tree: &str, cgroup: &str) -> Sample {
+        let (layout, dirs) = fixture(tree, cgroup);
+        let mut sample = Sample::default();
+        for group in ALL_GROUPS {
+            read_group(&layout, &dirs, group, &mut sample).unwrap();
+        }
+        sample
+    }
+
+    /// Both fixtures describe the same container state, so v1 and v2 must
+    /// read the same values except where the catalogue says they differ.
+    fn expect_alpha(s: &Sample) {
+        assert_eq!(s.get(M::CpuUsageUsec), Some(Count(2_500_000)));
+        assert_eq!(s.get(M::CpuUserUsec), Some(Count(2_000_000)));
+        assert_eq!(s.get(M::CpuSystemUsec), Some(Count(500_000)));
+        assert_eq!(s.get(M::CpuLimitMillicores), Some(Count(500)));
+        assert_eq!(s.get(M::CpuNrPeriods), Some(Count(120)));
+        assert_eq!(s.get(M::CpuNrThrottled), Some(Count(7)));
+        assert_eq!(s.get(M::CpuThrottledUsec), Some(Count(350_000)));
+        assert_eq!(s.get(M::MemoryUsage), Some(Count(73_400_320)));
+        assert_eq!(s.get(M::MemoryWorkingSet), Some(Count(73_400_320 - 4_194_304)));
+        assert_eq!(s.get(M::MemoryRss), Some(Count(67_108_864)));
+        assert_eq!(s.get(M::MemoryCache), Some(Count(6_291_456)));
+        assert_eq!(s.get(M::MemoryRssHuge), Some(Count(2_097_152)));
+        assert_eq!(s.get(M::MemoryShmem), Some(Count(1_048_576)));
+        assert_eq!(s.get(M::MemoryMappedFile), Some(Count(2_097_152)));
+        assert_eq!(s.get(M::MemoryDirty), Some(Count(4096)));
+        assert_eq!(s.get(M::MemoryWriteback), Some(Count(8192)));
+        assert_eq!(s.get(M::MemorySwap), Some(Count(1_048_576)));
+        assert_eq!(s.get(M::MemoryPgfault), Some(Count(17000)));
+        assert_eq!(s.get(M::MemoryPgmajfault), Some(Count(12)));
+        assert_eq!(s.get(M::MemoryLimit), Some(Max));
+        assert_eq!(s.get(M::IoReadBytes), Some(Count(1_052_672)));
+        assert_eq!(s.get(M::IoWriteBytes), Some(Count(4_194_304)));
+        assert_eq!(s.get(M::IoReadOps), Some(Count(257)));
+        assert_eq!(s.get(M::IoWriteOps), Some(Count(1024)));
+        assert_eq!(s.get(M::PidsCurrent), Some(Count(3)));
+        assert_eq!(s.get(M::PidsLimit), Some(Max));
+    }
+
+    #[test]
+    fn v2_container() {
+        let s = sample("v2", "tenants/alpha");
+        expect_alpha(&s);
+        assert_eq!(s.get(M::MemoryOomKills), Some(Count(1)));
+        // v2 has no pgpgin/pgpgout: no value, hence no file.
+        assert_eq!(s.get(M::MemoryPgpgin), None);
+        assert_eq!(s.get(M::MemoryPgpgout), None);
+    }
+
+    #[test]
+    fn v1_container() {
+        let s = sample("v1", "tenants/alpha");
+        expect_alpha(&s);
+        assert_eq!(s.get(M::MemoryOomKills), Some(Count(2)));
+        assert_eq!(s.get(M::MemoryPgpgin), Some(Count(20000)));
+        assert_eq!(s.get(M::MemoryPgpgout), Some(Count(3000)));
+    }
+
+    #[test]
+    fn hybrid_reads_v1_controllers_not_the_v2_tree() {
+        let s = sample("hybrid", "tenants/alpha");
+        // cpuacct.usage (7 ms), not the v2 cpu.stat's 1 usec.
+        assert_eq!(s.get(M::CpuUsageUsec), Some(Count(7000)));
+        assert_eq!(s.get(M::CpuUserUsec), Some(Count(1_000_000 / user_hz())));
+        assert_eq!(s.get(M::CpuLimitMillicores), Some(Max));
+        assert_eq!(s.get(M::MemoryUsage), Some(Count(4096)));
+        // No blkio or pids hierarchy in this fixture: no values.
+        assert_eq!(s.get(M::IoReadBytes), None);
+        assert_eq!(s.get(M::PidsCurrent), None);
+    }
+
+    #[test]
+    fn absent_controller_files_provide_nothing() {
+        let s = sample("v2", "tenants/beta");
+        // cpu controller off: usage only, no throttling, no quota.
+        assert_eq!(s.get(M::CpuUsageUsec), Some(Count(10)));
+        assert_eq!(s.get(M::CpuNrPeriods), None);
+        assert_eq!(s.get(M::CpuLimitMillicores), None);
+        assert_eq!(s.get(M::MemorySwap), None);
+        assert_eq!(s.get(M::IoReadBytes), None);
+        assert_eq!(s.get(M::MemoryLimit), Some(Count(268_435_456)));
+        assert_eq!(s.get(M::PidsLimit), Some(Count(100)));
+        // Working set floors at zero when inactive_file exceeds usage.
+        assert_eq!(s.get(M::MemoryWorkingSet), Some(Count(0)));
+    }
+
+    #[test]
+    fn malformed_files_are_errors_that_name_the_file() {
+        let (layout, dirs) = fixture("v2", "tenants/broken");
+        let cases = [
+            (Group::CpuUsage, "cpu.stat", "empty file"),
+            (Group::CpuLimit, "cpu.max", "CPU period is zero"),
+            (Group::MemoryUsage, "memory.current", "not a number"),
+            (Group::MemoryStat, "memory.current", "not a number"),
+            (Group::MemoryLimit, "memory.max", "empty file"),
+            (Group::MemoryOom, "memory.events", "not a number"),
+            (Group::PidsLimit, "pids.max", "not a number"),
+        ];
+        for (group, file, reason) in cases {
+            let err = read_group(&layout, &dirs, group, &mut Sample::default()).unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, SourceError::Malformed { .. }), "{group:?}: {text}");
+            assert!(text.contains(file) && text.contains(reason), "{group:?}: {text}");
+        }
+        // A good file beside bad ones still reads.
+        let mut s = Sample::default();
+        read_group(&layout, &dirs, Group::PidsCurrent, &mut s).unwrap();
+        assert_eq!(s.get(M::PidsCurrent), Some(Count(5)));
+    }
+
+    #[test]
+    fn read_all_keeps_what_is_good() {
+        let (layout, dirs) = fixture("v2", "tenants/broken");
+        let mut s = Sample::default();
+        read_all(&layout, &dirs, &ALL_GROUPS, &mut s).unwrap();
+        assert_eq!(s.get(M::PidsCurrent), Some(Count(5)));
+        assert_eq!(s.get(M::MemoryUsage), None);
+    }
+
+    #[test]
+    fn vanished_cgroup() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("cgroup.controllers"), "").unwrap();
+        std::fs::create_dir(tmp.path().join("gone")).unwrap();
+        let layout = Layout::from_tree(tmp.path()).unwrap();
+        let dirs = CgroupDirs::resolve(&layout, Path::new("gone"));
+        std::fs::remove_dir(tmp.path().join("gone")).unwrap();
+        assert!(!dirs.exists());
+        for group in ALL_GROUPS {
+            let err = read_group(&layout, &dirs, group, &mut Sample::default()).unwrap_err();
+            assert!(matches!(err, SourceError::Vanished(_)), "{group:?}");
+        }
+        let mut s = Sample::default();
+        assert!(read_all(&layout, &dirs, &ALL_GROUPS, &mut s).is_err());
+    }
+
+    #[test]
+    fn every_cataloged_group_is_read_somewhere() {
+        for def in METRICS {
+            assert!(def.group == Group::CpuRate || ALL_GROUPS.contains(&def.group));
+        }
+    }
+}

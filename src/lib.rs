@@ -1,0 +1,11 @@
+//! cgmetric: per-container metrics as a procfs-style FUSE filesystem.
+//!
+//! Module map: [`cgroup`] finds and parses cgroupfs, [`discovery`] decides
+//! which cgroups are containers and names them, [`metrics`] is the catalogue,
+//! [`render`] turns values into files, [`rate`] measures rates on demand,
+//! [`fs`] is the filesystem (a model plus a thin FUSE adapter), and
+//! [`daemon`] runs it all.
+
+pub mod cgroup;
+pub mod metrics;
+pub mod mounts;

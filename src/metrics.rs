@@ -1,0 +1,247 @@
+//! The metric catalogue: one table that drives lookup, readdir, reads and
+//! every aggregate format (`metrics`, `metric`, `metrics.prom`).
+//!
+//! Adding a metric means adding one row here and filling it in the reader of
+//! its [`Group`].
+
+use std::fmt;
+
+/// The source files one read fills: every metric of a group comes from the
+/// same cgroup file(s), so reading a group costs one pass over them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Group {
+    CpuUsage,
+    /// Derived: the rate of `CpuUsage` over the window.
+    CpuRate,
+    CpuThrottle,
+    CpuLimit,
+    MemoryUsage,
+    MemoryStat,
+    MemorySwap,
+    MemoryLimit,
+    MemoryOom,
+    Io,
+    PidsCurrent,
+    PidsLimit,
+}
+
+/// The Prometheus type of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// The factor between a file's unit and the Prometheus base unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    One,
+    /// Thousandths (millicores to cores).
+    Milli,
+    /// Millionths (microseconds to seconds).
+    Micro,
+}
+
+/// One row of the catalogue.
+#[derive(Debug)]
+pub struct MetricDef {
+    pub id: MetricId,
+    /// The file name in a container directory.
+    pub file: &'static str,
+    pub group: Group,
+    pub kind: Kind,
+    /// The Prometheus family name, without the `cgmetric_` prefix.
+    pub prom: &'static str,
+    pub scale: Scale,
+    pub help: &'static str,
+}
+
+macro_rules! catalogue {
+    ($($id:ident: $file:literal, $group:ident, $kind:ident, $prom:literal, $scale:ident, $help:literal;)*) => {
+        /// A metric, by its position in [`METRICS`].
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum MetricId { $($id),* }
+
+        /// The catalogue, in the order files are listed.
+        pub static METRICS: &[MetricDef] = &[$(MetricDef {
+            id: MetricId::$id,
+            file: $file,
+            group: Group::$group,
+            kind: Kind::$kind,
+            prom: $prom,
+            scale: Scale::$scale,
+            help: $help,
+        }),*];
+
+        /// How many metrics the catalogue has.
+        pub const METRIC_COUNT: usize = [$(MetricId::$id),*].len();
+    };
+}
+
+catalogue! {
+    CpuUsageUsec: "cpu_usage_usec", CpuUsage, Counter, "cpu_usage_seconds_total", Micro,
+        "CPU time used by the container's tasks, user and system.";
+    CpuUserUsec: "cpu_user_usec", CpuUsage, Counter, "cpu_user_seconds_total", Micro,
+        "CPU time used in user mode.";
+    CpuSystemUsec: "cpu_system_usec", CpuUsage, Counter, "cpu_system_seconds_total", Micro,
+        "CPU time used in kernel mode.";
+    CpuMillicores: "cpu_millicores", CpuRate, Gauge, "cpu_usage_cores", Milli,
+        "CPU used over the last rate window, in cores.";
+    CpuLimitMillicores: "cpu_limit_millicores", CpuLimit, Gauge, "cpu_limit_cores", Milli,
+        "CPU quota in cores (+Inf when unlimited).";
+    CpuNrPeriods: "cpu_nr_periods", CpuThrottle, Counter, "cpu_periods_total", One,
+        "CFS enforcement periods that have elapsed.";
+    CpuNrThrottled: "cpu_nr_throttled", CpuThrottle, Counter, "cpu_throttled_periods_total", One,
+        "CFS periods in which the container was throttled.";
+    CpuThrottledUsec: "cpu_throttled_usec", CpuThrottle, Counter, "cpu_throttled_seconds_total", Micro,
+        "Time the container's tasks were throttled.";
+    MemoryUsage: "memory_usage", MemoryUsage, Gauge, "memory_usage_bytes", One,
+        "Memory charged to the container, page cache included.";
+    MemoryWorkingSet: "memory_working_set", MemoryStat, Gauge, "memory_working_set_bytes", One,
+        "Memory usage minus inactive file cache.";
+    MemoryRss: "memory_rss", MemoryStat, Gauge, "memory_rss_bytes", One,
+        "Anonymous memory (heap, stacks, anonymous mappings).";
+    MemoryCache: "memory_cache", MemoryStat, Gauge, "memory_cache_bytes", One,
+        "Page cache memory.";
+    MemoryRssHuge: "memory_rss_huge", MemoryStat, Gauge, "memory_rss_huge_bytes", One,
+        "Anonymous memory backed by transparent huge pages.";
+    MemoryShmem: "memory_shmem", MemoryStat, Gauge, "memory_shmem_bytes", One,
+        "Shared memory (tmpfs, shm).";
+    MemoryMappedFile: "memory_mapped_file", MemoryStat, Gauge, "memory_mapped_file_bytes", One,
+        "Page cache mapped into processes.";
+    MemoryDirty: "memory_dirty", MemoryStat, Gauge, "memory_dirty_bytes", One,
+        "Page cache waiting to be written back.";
+    MemoryWriteback: "memory_writeback", MemoryStat, Gauge, "memory_writeback_bytes", One,
+        "Page cache being written back.";
+    MemorySwap: "memory_swap", MemorySwap, Gauge, "memory_swap_bytes", One,
+        "Swap used by the container.";
+    MemoryPgfault: "memory_pgfault", MemoryStat, Counter, "memory_page_faults_total", One,
+        "Page faults.";
+    MemoryPgmajfault: "memory_pgmajfault", MemoryStat, Counter, "memory_major_page_faults_total", One,
+        "Major page faults (served from disk).";
+    MemoryPgpgin: "memory_pgpgin", MemoryStat, Counter, "memory_pages_charged_total", One,
+        "Pages charged to the cgroup (cgroup v1 only).";
+    MemoryPgpgout: "memory_pgpgout", MemoryStat, Counter, "memory_pages_uncharged_total", One,
+        "Pages uncharged from the cgroup (cgroup v1 only).";
+    MemoryLimit: "memory_limit", MemoryLimit, Gauge, "memory_limit_bytes", One,
+        "Memory limit (+Inf when unlimited).";
+    MemoryOomKills: "memory_oom_kills", MemoryOom, Counter, "memory_oom_kills_total", One,
+        "Processes killed by the OOM killer for this cgroup.";
+    IoReadBytes: "io_read_bytes", Io, Counter, "io_read_bytes_total", One,
+        "Bytes read from block devices.";
+    IoWriteBytes: "io_write_bytes", Io, Counter, "io_written_bytes_total", One,
+        "Bytes written to block devices.";
+    IoReadOps: "io_read_ops", Io, Counter, "io_read_ops_total", One,
+        "Read operations on block devices.";
+    IoWriteOps: "io_write_ops", Io, Counter, "io_write_ops_total", One,
+        "Write operations on block devices.";
+    PidsCurrent: "pids_current", PidsCurrent, Gauge, "pids", One,
+        "Tasks (processes and threads) in the container.";
+    PidsLimit: "pids_limit", PidsLimit, Gauge, "pids_limit", One,
+        "Task limit (+Inf when unlimited).";
+}
+
+impl MetricId {
+    pub fn def(self) -> &'static MetricDef {
+        &METRICS[self as usize]
+    }
+
+    pub fn by_file(file: &str) -> Option<MetricId> {
+        METRICS.iter().find(|m| m.file == file).map(|m| m.id)
+    }
+
+    pub fn from_index(index: usize) -> Option<MetricId> {
+        METRICS.get(index).map(|m| m.id)
+    }
+}
+
+/// A metric's value: a number in the file's unit, or `max` for a limit that
+/// is not set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Value {
+    Count(u64),
+    Max,
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Count(n) => write!(f, "{n}"),
+            Value::Max => f.write_str("max"),
+        }
+    }
+}
+
+impl From<crate::cgroup::parse::Limit> for Value {
+    fn from(limit: crate::cgroup::parse::Limit) -> Value {
+        match limit {
+            crate::cgroup::parse::Limit::Max => Value::Max,
+            crate::cgroup::parse::Limit::Value(n) => Value::Count(n),
+        }
+    }
+}
+
+/// The values one read produced; `None` where the host does not provide a
+/// metric (so it has no file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample([Option<Value>; METRIC_COUNT]);
+
+impl Default for Sample {
+    fn default() -> Self {
+        Sample([None; METRIC_COUNT])
+    }
+}
+
+impl Sample {
+    pub fn set(&mut self, id: MetricId, value: Option<u64>) {
+        self.0[id as usize] = value.map(Value::Count);
+    }
+
+    pub fn set_value(&mut self, id: MetricId, value: Value) {
+        self.0[id as usize] = Some(value);
+    }
+
+    pub fn get(&self, id: MetricId) -> Option<Value> {
+        self.0[id as usize]
+    }
+
+    pub fn count(&self, id: MetricId) -> Option<u64> {
+        match self.get(id) {
+            Some(Value::Count(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The metrics that have a value, in catalogue order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static MetricDef, Value)> + '_ {
+        METRICS.iter().zip(self.0.iter()).filter_map(|(def, v)| v.map(|v| (def, v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_index_the_table() {
+        for (index, def) in METRICS.iter().enumerate() {
+            assert_eq!(def.id as usize, index);
+            assert_eq!(MetricId::by_file(def.file), Some(def.id));
+        }
+        assert_eq!(METRICS.len(), METRIC_COUNT);
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for def in METRICS {
+            assert_eq!(def.kind == Kind::Counter, def.prom.ends_with("_total"), "{}", def.prom);
+            if def.scale == Scale::Micro {
+                assert!(def.prom.contains("_seconds"), "{}", def.prom);
+            }
+            assert!(def
+                .prom
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_'));
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The kernel's mount table (`/proc/self/mountinfo`), parsed once.
+//!
+//! Both cgroup layout detection and stale-mount healing need to know what is
+//! mounted where; this module is the one parser for it.
+
+use std::path::{Path, PathBuf};
+
+/// One line of mountinfo, reduced to the fields cgmetric uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub source: String,
+    /// Per-superblock options; for cgroup v1 these name the controllers.
+    pub super_options: String,
+}
+
+/// Parses mountinfo text. Lines that do not have the documented shape are
+/// skipped: the table is the kernel's, so a bad line means a format we do not
+/// know rather than an error worth failing on.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<MountEntry> {
+    // id parent maj:min root mount_point options [optional...] - fstype source super_options
+    let (left, right) = line.split_once(" - ")?;
+    let mount_point = left.split(' ').nth(4)?;
+    let mut right = right.split(' ');
+    let fs_type = right.next()?;
+    let source = right.next()?;
+    let super_options = right.next().unwrap_or("");
+    Some(MountEntry {
+        mount_point: PathBuf::from(unescape(mount_point)),
+        fs_type: fs_type.to_string(),
+        source: unescape(source),
+        super_options: super_options.to_string(),
+    })
+}
+
+/// Undoes the kernel's octal escaping of space, tab, newline and backslash.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match octal {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads the calling process's mount table.
+pub fn read_mount_table() -> std::io::Result<Vec<MountEntry>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
+}
+
+/// The last (topmost) mount whose mount point is exactly `path`.
+pub fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = include_str!("../tests/fixtures/mountinfo/hybrid");
+
+    #[test]
+    fn parses_fields_and_optional_fields() {
+        let mounts = parse_mountinfo(HYBRID);
+        let cpu = mount_at(&mounts, Path::new("/sys/fs/cgroup/cpu")).unwrap();
+        assert_eq!(cpu.fs_type, "cgroup");
+        assert_eq!(cpu.super_options, "rw,cpu");
+        let unified = mount_at(&mounts, Path::new("/sys/fs/cgroup/unified")).unwrap();
+        assert_eq!(unified.fs_type, "cgroup2");
+    }
+
+    #[test]
+    fn unescapes_octal_sequences() {
+        let line = "1 2 0:50 / /run/with\\040space rw - fuse.cgmetric cgmetric rw,user_id=0";
+        let mounts = parse_mountinfo(line);
+        assert_eq!(mounts[0].mount_point, Path::new("/run/with space"));
+        assert_eq!(mounts[0].fs_type, "fuse.cgmetric");
+    }
+
+    #[test]
+    fn skips_malformed_lines() {
+        let text = "garbage\n\n1 2 0:1 / /x rw - tmpfs tmpfs rw\nno separator here at all";
+        assert_eq!(parse_mountinfo(text).len(), 1);
+    }
+}
