@@ -9,3 +9,7 @@
 pub mod cgroup;
 pub mod metrics;
 pub mod mounts;
+pub mod discovery;
+pub mod registry;
+pub mod rate;
+pub mod render;

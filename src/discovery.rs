@@ -1,0 +1,181 @@
+//! Which cgroups are containers, and what they are called.
+//!
+//! Today the source is `--cgroup GLOB`: a cgroup whose path relative to the
+//! hierarchy roots matches is a container named by its last path component.
+//! Every hierarchy is walked (on a hybrid host a container may exist only in
+//! the v1 controllers), and the walk stops at the depth the globs can match.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::cgroup::Layout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// Occurs when a `--cgroup` pattern is not a valid glob.
+    #[error("invalid --cgroup pattern {pattern:?}: {source}")]
+    BadGlob {
+        pattern: String,
+        source: globset::Error,
+    },
+}
+
+/// A container as discovery sees it, before the registry names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// Path relative to the hierarchy roots, without a leading `/`.
+    pub cgroup: PathBuf,
+    /// The name it asks for; the registry may add a suffix.
+    pub name: String,
+    pub runtime: &'static str,
+}
+
+/// The compiled `--cgroup` patterns.
+#[derive(Debug, Clone)]
+pub struct Globs {
+    set: GlobSet,
+    /// How deep a match can be; `None` when a pattern has `**`.
+    max_depth: Option<usize>,
+}
+
+impl Globs {
+    pub fn new(patterns: &[String]) -> Result<Globs, DiscoveryError> {
+        let mut builder = GlobSetBuilder::new();
+        let mut max_depth = Some(0);
+        for pattern in patterns {
+            let trimmed = pattern.trim_matches('/');
+            let glob = GlobBuilder::new(trimmed)
+                .literal_separator(true)
+                .build()
+                .map_err(|source| DiscoveryError::BadGlob {
+                    pattern: pattern.clone(),
+                    source,
+                })?;
+            builder.add(glob);
+            max_depth = match (max_depth, trimmed.contains("**")) {
+                (Some(depth), false) => Some(depth.max(trimmed.split('/').count())),
+                _ => None,
+            };
+        }
+        let set = builder.build().map_err(|source| DiscoveryError::BadGlob {
+            pattern: patterns.join(" "),
+            source,
+        })?;
+        Ok(Globs { set, max_depth })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Every cgroup of `layout` that a pattern matches.
+    pub fn discover(&self, layout: &Layout) -> Vec<Found> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        let mut matched = BTreeSet::new();
+        for root in layout.hierarchies() {
+            self.walk(root, Path::new(""), 1, &mut matched);
+        }
+        matched
+            .into_iter()
+            .map(|cgroup: PathBuf| Found {
+                name: display_name(&cgroup),
+                cgroup,
+                runtime: "cgroup",
+            })
+            .collect()
+    }
+
+    fn walk(&self, root: &Path, relative: &Path, depth: usize, out: &mut BTreeSet<PathBuf>) {
+        if self.max_depth.is_some_and(|max| depth > max) {
+            return;
+        }
+        // A cgroup removed during the walk is simply not found.
+        let Ok(entries) = std::fs::read_dir(root.join(relative)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let child = relative.join(entry.file_name());
+            if self.set.is_match(&child) {
+                out.insert(child.clone());
+            }
+            self.walk(root, &child, depth + 1, out);
+        }
+    }
+}
+
+/// The name a cgroup asks for: its last path component, with characters
+/// that would break a line-oriented file (control characters) replaced.
+pub fn display_name(cgroup: &Path) -> String {
+    let last = cgroup
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    sanitize(&last)
+}
+
+/// Replaces control characters and whitespace other than a plain space with
+/// `_`: a name is one line in `metric`, one path component on disk.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_control() || (c.is_whitespace() && c != ' ') { '_' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(globs: &[&str], tree: &str) -> Vec<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(tree);
+        let layout = Layout::from_tree(&root).unwrap();
+        let globs = Globs::new(&globs.iter().map(|g| g.to_string()).collect::<Vec<_>>()).unwrap();
+        globs
+            .discover(&layout)
+            .into_iter()
+            .map(|f| format!("{}={}", f.cgroup.display(), f.name))
+            .collect()
+    }
+
+    #[test]
+    fn star_does_not_cross_slashes() {
+        assert_eq!(
+            found(&["tenants/*"], "v2"),
+            ["tenants/alpha=alpha", "tenants/beta=beta", "tenants/broken=broken"]
+        );
+        assert_eq!(found(&["*"], "v2"), ["tenants=tenants"]);
+        assert_eq!(found(&["**/alpha"], "v2"), ["tenants/alpha=alpha"]);
+        assert_eq!(found(&["/tenants/a*/"], "v2"), ["tenants/alpha=alpha"]);
+    }
+
+    #[test]
+    fn every_hierarchy_is_walked_once_per_cgroup() {
+        // v1: alpha exists in four hierarchies; it is one container.
+        assert_eq!(found(&["tenants/*"], "v1"), ["tenants/alpha=alpha"]);
+        // hybrid: found in the v1 controllers and the v2 tree alike.
+        assert_eq!(found(&["tenants/*"], "hybrid"), ["tenants/alpha=alpha"]);
+    }
+
+    #[test]
+    fn no_patterns_no_containers() {
+        assert!(found(&[], "v2").is_empty());
+    }
+
+    #[test]
+    fn bad_glob_is_a_clear_error() {
+        let err = Globs::new(&["tenants/[".to_string()]).unwrap_err();
+        assert!(err.to_string().contains("tenants/["), "{err}");
+    }
+
+    #[test]
+    fn names_lose_control_characters() {
+        assert_eq!(sanitize("web\n1\t\"x\""), "web_1_\"x\"");
+        assert_eq!(display_name(Path::new("a/b c")), "b c");
+    }
+}

@@ -1,0 +1,299 @@
+//! The containers the daemon knows: each has a slot (which fixes its inode
+//! numbers for as long as it lives) and a unique name that is safe as a
+//! directory name.
+//!
+//! Naming rule: a container asks for a name (discovery's); if that name is
+//! one of the daemon's own root entries or already belongs to a live
+//! container, it gets `-<first 12 characters of its id>` appended. The owner
+//! of a name keeps it while it lives; among containers found in the same
+//! pass, the smaller cgroup path comes first.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::RwLock;
+
+use crate::cgroup::read::{read_group, SourceError};
+use crate::cgroup::{CgroupDirs, Layout};
+use crate::discovery::{Found, Globs};
+use crate::metrics::{Group, MetricId, Sample, METRICS};
+
+pub type Slot = u64;
+
+/// Longest name a directory entry may have.
+const NAME_MAX: usize = 255;
+
+#[derive(Debug)]
+pub struct Container {
+    pub slot: Slot,
+    /// The directory name.
+    pub name: String,
+    pub id: String,
+    /// Path relative to the hierarchy roots.
+    pub cgroup: PathBuf,
+    pub runtime: &'static str,
+    pub dirs: CgroupDirs,
+    available: OnceLock<Vec<MetricId>>,
+}
+
+impl Container {
+    /// The metrics this host provides for this container, hence its files.
+    /// Decided at first use: a group whose files are absent provides nothing;
+    /// a malformed one keeps its files so reading them reports the error.
+    pub fn available(&self, layout: &Layout) -> &[MetricId] {
+        self.available.get_or_init(|| {
+            let mut sample = Sample::default();
+            let mut broken: HashSet<Group> = HashSet::new();
+            for group in distinct_groups() {
+                if let Err(e) = read_group(layout, &self.dirs, group, &mut sample) {
+                    if !matches!(e, SourceError::Vanished(_)) {
+                        log::warn!("container {}: {e}", self.name);
+                        broken.insert(group);
+                    }
+                }
+            }
+            if sample.get(MetricId::CpuUsageUsec).is_some() {
+                sample.set(MetricId::CpuMillicores, Some(0));
+            }
+            METRICS
+                .iter()
+                .filter(|m| sample.get(m.id).is_some() || broken.contains(&m.group))
+                .map(|m| m.id)
+                .collect()
+        })
+    }
+
+    /// The groups to read for a full sample of this container.
+    pub fn groups(&self, layout: &Layout) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        for id in self.available(layout) {
+            if !groups.contains(&id.def().group) {
+                groups.push(id.def().group);
+            }
+        }
+        groups
+    }
+}
+
+/// Each group of the catalogue once, in catalogue order.
+fn distinct_groups() -> Vec<Group> {
+    let mut groups = Vec::new();
+    for m in METRICS {
+        if !groups.contains(&m.group) {
+            groups.push(m.group);
+        }
+    }
+    groups
+}
+
+#[derive(Default)]
+struct Inner {
+    by_name: BTreeMap<String, Arc<Container>>,
+    by_slot: HashMap<Slot, Arc<Container>>,
+    by_cgroup: HashMap<PathBuf, Slot>,
+    next_slot: Slot,
+}
+
+pub struct Registry {
+    layout: Layout,
+    globs: Globs,
+    /// Names the daemon's own root entries use.
+    reserved: &'static [&'static str],
+    inner: RwLock<Inner>,
+}
+
+impl Registry {
+    pub fn new(layout: Layout, globs: Globs, reserved: &'static [&'static str]) -> Registry {
+        Registry {
+            layout,
+            globs,
+            reserved,
+            inner: RwLock::default(),
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Runs discovery and brings the registry in line: new containers are
+    /// added, vanished ones dropped.
+    pub fn refresh(&self) {
+        let found = self.globs.discover(&self.layout);
+        self.reconcile(found);
+    }
+
+    fn reconcile(&self, found: Vec<Found>) {
+        let mut inner = self.inner.write();
+        let live: HashSet<&PathBuf> = found.iter().map(|f| &f.cgroup).collect();
+        let gone: Vec<Slot> = inner
+            .by_cgroup
+            .iter()
+            .filter(|(cgroup, _)| !live.contains(cgroup))
+            .map(|(_, slot)| *slot)
+            .collect();
+        for slot in gone {
+            remove(&mut inner, slot);
+        }
+        for found in found {
+            if inner.by_cgroup.contains_key(&found.cgroup) {
+                continue;
+            }
+            let dirs = CgroupDirs::resolve(&self.layout, &found.cgroup);
+            // Gone between the walk and now: nothing to add.
+            let Some(id) = dirs.id() else { continue };
+            let id = id.to_string();
+            let name = self.unique_name(&inner, &found.name, &id);
+            let slot = inner.next_slot;
+            inner.next_slot += 1;
+            let container = Arc::new(Container {
+                slot,
+                name: name.clone(),
+                id,
+                cgroup: found.cgroup.clone(),
+                runtime: found.runtime,
+                dirs,
+                available: OnceLock::new(),
+            });
+            inner.by_cgroup.insert(found.cgroup, slot);
+            inner.by_slot.insert(slot, container.clone());
+            inner.by_name.insert(name, container);
+        }
+    }
+
+    fn unique_name(&self, inner: &Inner, wanted: &str, id: &str) -> String {
+        let taken = |name: &str| self.reserved.contains(&name) || inner.by_name.contains_key(name);
+        let id_prefix: String = id.chars().take(12).collect();
+        let candidates = std::iter::once(String::new())
+            .chain(std::iter::once(format!("-{id_prefix}")))
+            .chain((2..).map(|n| format!("-{id_prefix}-{n}")));
+        for suffix in candidates {
+            let name = format!("{}{suffix}", truncate(wanted, NAME_MAX - suffix.len()));
+            if !taken(&name) {
+                return name;
+            }
+        }
+        unreachable!("the suffix sequence is endless")
+    }
+
+    /// Drops a container whose cgroup was found gone.
+    pub fn forget(&self, slot: Slot) {
+        remove(&mut self.inner.write(), slot);
+    }
+
+    pub fn get(&self, slot: Slot) -> Option<Arc<Container>> {
+        self.inner.read().by_slot.get(&slot).cloned()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<Arc<Container>> {
+        self.inner.read().by_name.get(name).cloned()
+    }
+
+    /// Every container, sorted by name.
+    pub fn list(&self) -> Vec<Arc<Container>> {
+        self.inner.read().by_name.values().cloned().collect()
+    }
+}
+
+fn remove(inner: &mut Inner, slot: Slot) {
+    if let Some(container) = inner.by_slot.remove(&slot) {
+        inner.by_name.remove(&container.name);
+        inner.by_cgroup.remove(&container.cgroup);
+    }
+}
+
+/// The longest prefix of `name` of at most `max` bytes that ends on a
+/// character boundary.
+fn truncate(name: &str, max: usize) -> &str {
+    let mut end = name.len().min(max);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn registry() -> Registry {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
+        let layout = Layout::from_tree(&root).unwrap();
+        Registry::new(layout, Globs::new(&[]).unwrap(), &["metric", "metrics.prom"])
+    }
+
+    fn found(cgroup: &str, name: &str) -> Found {
+        Found {
+            cgroup: cgroup.into(),
+            name: name.into(),
+            runtime: "cgroup",
+        }
+    }
+
+    fn names(registry: &Registry) -> Vec<String> {
+        registry.list().iter().map(|c| c.name.clone()).collect()
+    }
+
+    #[test]
+    fn collisions_and_reserved_names_get_the_id_suffix() {
+        let r = registry();
+        r.reconcile(vec![
+            found("tenants/alpha", "web"),
+            found("tenants/beta", "web"),
+            found("tenants/broken", "metric"),
+        ]);
+        let beta_id = r.list().iter().find(|c| c.cgroup == Path::new("tenants/beta")).unwrap().id.clone();
+        let broken_id = r.list().iter().find(|c| c.cgroup == Path::new("tenants/broken")).unwrap().id.clone();
+        let mut expected = vec![
+            "web".to_string(),
+            format!("web-{}", &beta_id[..beta_id.len().min(12)]),
+            format!("metric-{}", &broken_id[..broken_id.len().min(12)]),
+        ];
+        expected.sort();
+        assert_eq!(names(&r), expected);
+        assert_eq!(r.by_name("web").unwrap().cgroup, Path::new("tenants/alpha"));
+    }
+
+    #[test]
+    fn an_owner_keeps_its_name_and_slot() {
+        let r = registry();
+        r.reconcile(vec![found("tenants/beta", "web")]);
+        let slot = r.by_name("web").unwrap().slot;
+        // A newcomer that sorts first does not take the name.
+        r.reconcile(vec![found("tenants/alpha", "web"), found("tenants/beta", "web")]);
+        assert_eq!(r.by_name("web").unwrap().slot, slot);
+        // Removal frees the name and the slot is never reused.
+        r.reconcile(vec![found("tenants/alpha", "web")]);
+        assert_eq!(r.list().len(), 1);
+        assert!(r.get(slot).is_none());
+        assert!(r.by_name("web").is_none());
+    }
+
+    #[test]
+    fn long_names_stay_within_name_max() {
+        let r = registry();
+        let long = "x".repeat(300);
+        r.reconcile(vec![found("tenants/alpha", &long), found("tenants/beta", &long)]);
+        for name in names(&r) {
+            assert!(name.len() <= NAME_MAX, "{}", name.len());
+        }
+        assert_eq!(r.list().len(), 2);
+    }
+
+    #[test]
+    fn availability_follows_the_host() {
+        let r = registry();
+        r.reconcile(vec![found("tenants/alpha", "alpha"), found("tenants/beta", "beta")]);
+        let alpha = r.by_name("alpha").unwrap();
+        let files: Vec<&str> = alpha.available(r.layout()).iter().map(|m| m.def().file).collect();
+        assert!(files.contains(&"cpu_millicores"));
+        assert!(files.contains(&"memory_swap"));
+        assert!(!files.contains(&"memory_pgpgin"), "v2 has no pgpgin");
+        let beta = r.by_name("beta").unwrap();
+        let files: Vec<&str> = beta.available(r.layout()).iter().map(|m| m.def().file).collect();
+        assert!(!files.contains(&"cpu_nr_periods"), "cpu controller is off");
+        assert!(!files.contains(&"io_read_bytes"));
+    }
+}

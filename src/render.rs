@@ -1,0 +1,135 @@
+//! Text formats: one value a file, `metrics` (one container), `metric` (all
+//! containers, the `/proc/metric` format of cgmetric's predecessor) and
+//! `metrics.prom` (Prometheus text exposition format).
+
+use std::fmt::Write;
+
+use crate::metrics::{MetricDef, Sample, Scale, Value, METRICS};
+use crate::registry::Container;
+
+/// A single-value file: the value and a newline.
+pub fn value_file(value: Value) -> String {
+    format!("{value}\n")
+}
+
+/// `<file> <value>` a line, for one container's `metrics` file.
+pub fn container_metrics(sample: &Sample) -> String {
+    let mut out = String::new();
+    for (def, value) in sample.iter() {
+        let _ = writeln!(out, "{} {value}", def.file);
+    }
+    out
+}
+
+/// `<name>_<file> <value>` a line, for the root `metric` file.
+pub fn metric_lines(out: &mut String, name: &str, sample: &Sample) {
+    for (def, value) in sample.iter() {
+        let _ = writeln!(out, "{name}_{} {value}", def.file);
+    }
+}
+
+/// Every container's metrics in Prometheus text format: one family per
+/// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
+/// label on every series, no timestamps.
+pub fn prometheus(samples: &[(&Container, Sample)]) -> String {
+    let mut out = String::new();
+    for def in METRICS {
+        let mut series = samples
+            .iter()
+            .filter_map(|(c, s)| Some((c, s.get(def.id)?)))
+            .peekable();
+        if series.peek().is_none() {
+            continue;
+        }
+        family_header(&mut out, def);
+        for (container, value) in series {
+            let _ = writeln!(
+                out,
+                "cgmetric_{}{{container=\"{}\",id=\"{}\",runtime=\"{}\"}} {}",
+                def.prom,
+                escape_label(&container.name),
+                escape_label(&container.id),
+                escape_label(container.runtime),
+                prom_value(value, def.scale)
+            );
+        }
+    }
+    out
+}
+
+fn family_header(out: &mut String, def: &MetricDef) {
+    let kind = match def.kind {
+        crate::metrics::Kind::Counter => "counter",
+        crate::metrics::Kind::Gauge => "gauge",
+    };
+    let _ = writeln!(out, "# HELP cgmetric_{} {}", def.prom, def.help);
+    let _ = writeln!(out, "# TYPE cgmetric_{} {kind}", def.prom);
+}
+
+/// A value in the family's base unit, exact (no float rounding).
+pub fn prom_value(value: Value, scale: Scale) -> String {
+    match (value, scale) {
+        (Value::Max, _) => "+Inf".to_string(),
+        (Value::Count(n), Scale::One) => n.to_string(),
+        (Value::Count(n), Scale::Milli) => format!("{}.{:03}", n / 1000, n % 1000),
+        (Value::Count(n), Scale::Micro) => format!("{}.{:06}", n / 1_000_000, n % 1_000_000),
+    }
+}
+
+/// Escapes a label value as the exposition format requires: backslash,
+/// double quote and newline.
+pub fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::MetricId as M;
+
+    fn sample() -> Sample {
+        let mut s = Sample::default();
+        s.set(M::CpuUsageUsec, Some(2_500_001));
+        s.set(M::CpuMillicores, Some(1500));
+        s.set_value(M::MemoryLimit, Value::Max);
+        s
+    }
+
+    #[test]
+    fn plain_formats() {
+        assert_eq!(value_file(Value::Count(42)), "42\n");
+        assert_eq!(value_file(Value::Max), "max\n");
+        assert_eq!(
+            container_metrics(&sample()),
+            "cpu_usage_usec 2500001\ncpu_millicores 1500\nmemory_limit max\n"
+        );
+        let mut out = String::new();
+        metric_lines(&mut out, "busybox1", &sample());
+        assert_eq!(
+            out,
+            "busybox1_cpu_usage_usec 2500001\nbusybox1_cpu_millicores 1500\nbusybox1_memory_limit max\n"
+        );
+    }
+
+    #[test]
+    fn prometheus_values_are_in_base_units() {
+        assert_eq!(prom_value(Value::Count(2_500_001), Scale::Micro), "2.500001");
+        assert_eq!(prom_value(Value::Count(1500), Scale::Milli), "1.500");
+        assert_eq!(prom_value(Value::Count(7), Scale::Milli), "0.007");
+        assert_eq!(prom_value(Value::Max, Scale::One), "+Inf");
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
