@@ -13,3 +13,4 @@ pub mod discovery;
 pub mod registry;
 pub mod rate;
 pub mod render;
+pub mod fs;

@@ -3,6 +3,7 @@
 //! `metrics.prom` (Prometheus text exposition format).
 
 use std::fmt::Write;
+use std::sync::Arc;
 
 use crate::metrics::{MetricDef, Sample, Scale, Value, METRICS};
 use crate::registry::Container;
@@ -31,7 +32,7 @@ pub fn metric_lines(out: &mut String, name: &str, sample: &Sample) {
 /// Every container's metrics in Prometheus text format: one family per
 /// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
 /// label on every series, no timestamps.
-pub fn prometheus(samples: &[(&Container, Sample)]) -> String {
+pub fn prometheus(samples: &[(Arc<Container>, Sample)]) -> String {
     let mut out = String::new();
     for def in METRICS {
         let mut series = samples

@@ -1,0 +1,6 @@
+//! The filesystem: a model that knows the tree ([`model`], numbered by
+//! [`inode`]) and the thin FUSE adapter that serves it ([`fuse`]).
+
+pub mod fuse;
+pub mod inode;
+pub mod model;

@@ -1,0 +1,482 @@
+//! The filesystem as a model: lookups, listings and rendered file contents,
+//! with no FUSE in the loop (the adapter in [`super::fuse`] only translates).
+//!
+//! A file's content is rendered once, at open, and kept with its handle:
+//! every read of that handle, at any offset, comes from the same snapshot.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::inode::{Entry, Meta, Node, RootFile, ROOT_INO};
+use crate::cgroup::read::{read_all, read_group, SourceError};
+use crate::metrics::{Group, MetricId, Sample};
+use crate::rate::RateTracker;
+use crate::registry::{Container, Registry, Slot};
+use crate::render;
+
+/// Why a filesystem operation failed. [`FsError::errno`] is the one place
+/// these become error numbers.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// Occurs for a name or inode that does not (or no longer) exist.
+    #[error("no such file or directory")]
+    NotFound,
+    /// Occurs for every operation that would change the tree.
+    #[error("read-only filesystem")]
+    ReadOnly,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    /// Occurs for a file handle the daemon did not hand out.
+    #[error("bad file handle")]
+    BadHandle,
+    /// Occurs when a source file cannot be read or parsed.
+    #[error(transparent)]
+    Source(SourceError),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::BadHandle => libc::EBADF,
+            FsError::Source(SourceError::Vanished(_)) => libc::ENOENT,
+            FsError::Source(_) => libc::EIO,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+/// What `stat` shows for a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub is_dir: bool,
+    pub perm: u16,
+}
+
+impl Attr {
+    fn of(node: Node) -> Attr {
+        Attr {
+            ino: node.ino(),
+            is_dir: node.is_dir(),
+            // Readable by everybody; nobody writes.
+            perm: if node.is_dir() { 0o555 } else { 0o444 },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub is_dir: bool,
+    pub name: String,
+}
+
+enum Handle {
+    File(Arc<[u8]>),
+    Dir(Arc<Vec<DirEntry>>),
+}
+
+pub struct Model {
+    registry: Arc<Registry>,
+    rates: Arc<RateTracker<Slot>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+}
+
+impl Model {
+    pub fn new(registry: Arc<Registry>, window: std::time::Duration) -> Model {
+        let sampled = registry.clone();
+        let rates = RateTracker::new(
+            window,
+            Box::new(move || {
+                sampled
+                    .list()
+                    .iter()
+                    .filter_map(|c| Some((c.slot, cpu_usage_usec(&sampled, c)?)))
+                    .collect()
+            }),
+        );
+        Model {
+            registry,
+            rates,
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        let node = match Node::from_ino(parent).ok_or(FsError::NotFound)? {
+            Node::Root => self.root_child(name)?,
+            Node::Dir(slot) => {
+                let container = self.container(slot)?;
+                Node::File(slot, self.container_entry(&container, name)?)
+            }
+            _ => return Err(FsError::NotDir),
+        };
+        Ok(Attr::of(node))
+    }
+
+    fn root_child(&self, name: &str) -> Result<Node> {
+        if let Some(file) = RootFile::ALL.into_iter().find(|f| f.name() == name) {
+            return Ok(Node::RootFile(file));
+        }
+        let found = self.registry.by_name(name).or_else(|| {
+            // Not known yet: it may have appeared since the last discovery.
+            self.registry.refresh();
+            self.registry.by_name(name)
+        });
+        found.map(|c| Node::Dir(c.slot)).ok_or(FsError::NotFound)
+    }
+
+    fn container_entry(&self, container: &Container, name: &str) -> Result<Entry> {
+        if let Some(meta) = Meta::ALL.into_iter().find(|m| m.name() == name) {
+            return Ok(Entry::Meta(meta));
+        }
+        let id = MetricId::by_file(name).ok_or(FsError::NotFound)?;
+        self.check_available(container, id)?;
+        Ok(Entry::Metric(id))
+    }
+
+    fn check_available(&self, container: &Container, id: MetricId) -> Result<()> {
+        match container.available(self.registry.layout()).contains(&id) {
+            true => Ok(()),
+            false => Err(FsError::NotFound),
+        }
+    }
+
+    fn container(&self, slot: Slot) -> Result<Arc<Container>> {
+        self.registry.get(slot).ok_or(FsError::NotFound)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
+        match node {
+            Node::Root | Node::RootFile(_) => {}
+            Node::Dir(slot) | Node::File(slot, Entry::Meta(_)) => {
+                self.container(slot)?;
+            }
+            Node::File(slot, Entry::Metric(id)) => self.check_available(&*self.container(slot)?, id)?,
+        }
+        Ok(Attr::of(node))
+    }
+
+    /// Renders the file and returns a handle to its snapshot.
+    pub fn open(&self, ino: u64, write: bool) -> Result<u64> {
+        let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
+        if node.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let content = self.render(node)?;
+        Ok(self.insert(Handle::File(content.into_bytes().into())))
+    }
+
+    /// Up to `size` bytes of the snapshot from `offset`.
+    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let content = match self.handles.lock().get(&handle) {
+            Some(Handle::File(content)) => content.clone(),
+            _ => return Err(FsError::BadHandle),
+        };
+        let start = (offset as usize).min(content.len());
+        let end = start.saturating_add(size as usize).min(content.len());
+        Ok(content[start..end].to_vec())
+    }
+
+    pub fn release(&self, handle: u64) {
+        self.handles.lock().remove(&handle);
+    }
+
+    /// Lists the directory once; later reads of the handle page through the
+    /// same listing, so offsets stay valid while containers come and go.
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let entries = match Node::from_ino(ino).ok_or(FsError::NotFound)? {
+            Node::Root => self.list_root(),
+            Node::Dir(slot) => self.list_container(&*self.container(slot)?),
+            _ => return Err(FsError::NotDir),
+        };
+        Ok(self.insert(Handle::Dir(Arc::new(entries))))
+    }
+
+    /// The listing of a directory handle, `.` and `..` first.
+    pub fn readdir(&self, handle: u64) -> Result<Arc<Vec<DirEntry>>> {
+        match self.handles.lock().get(&handle) {
+            Some(Handle::Dir(entries)) => Ok(entries.clone()),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    fn list_root(&self) -> Vec<DirEntry> {
+        self.registry.refresh();
+        let mut entries = dots(ROOT_INO);
+        entries.extend(RootFile::ALL.map(|f| entry(Node::RootFile(f), f.name())));
+        entries.extend(self.registry.list().iter().map(|c| entry(Node::Dir(c.slot), &c.name)));
+        entries
+    }
+
+    fn list_container(&self, container: &Container) -> Vec<DirEntry> {
+        let slot = container.slot;
+        let mut entries = dots(Node::Dir(slot).ino());
+        entries.extend(Meta::ALL.map(|m| entry(Node::File(slot, Entry::Meta(m)), m.name())));
+        entries.extend(
+            container
+                .available(self.registry.layout())
+                .iter()
+                .map(|id| entry(Node::File(slot, Entry::Metric(*id)), id.def().file)),
+        );
+        entries
+    }
+
+    fn insert(&self, handle: Handle) -> u64 {
+        let number = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(number, handle);
+        number
+    }
+
+    fn render(&self, node: Node) -> Result<String> {
+        match node {
+            Node::Root | Node::Dir(_) => Err(FsError::IsDir),
+            Node::RootFile(RootFile::Metric) => {
+                let mut out = String::new();
+                for (container, sample) in self.sample_all() {
+                    render::metric_lines(&mut out, &container.name, &sample);
+                }
+                Ok(out)
+            }
+            Node::RootFile(RootFile::MetricsProm) => {
+                Ok(render::prometheus(&self.sample_all()))
+            }
+            Node::File(slot, entry) => {
+                let container = self.container(slot)?;
+                self.render_container_file(&container, entry)
+                    .inspect_err(|e| self.note_failure(&container, e))
+            }
+        }
+    }
+
+    fn render_container_file(&self, container: &Container, entry: Entry) -> Result<String> {
+        match entry {
+            Entry::Meta(Meta::Name) => Ok(format!("{}\n", container.name)),
+            Entry::Meta(Meta::Id) => Ok(format!("{}\n", container.id)),
+            Entry::Meta(Meta::Cgroup) => Ok(format!("/{}\n", container.cgroup.display())),
+            Entry::Meta(Meta::Runtime) => Ok(format!("{}\n", container.runtime)),
+            Entry::Meta(Meta::Metrics) => {
+                let sample = self.sample(container).map_err(FsError::Source)?;
+                Ok(render::container_metrics(&sample))
+            }
+            Entry::Metric(id) => {
+                self.check_available(container, id)?;
+                let mut sample = Sample::default();
+                match id.def().group {
+                    Group::CpuRate => sample.set(id, self.cpu_millicores(container)),
+                    group => read_group(self.registry.layout(), &container.dirs, group, &mut sample)
+                        .map_err(FsError::Source)?,
+                }
+                sample.get(id).map(render::value_file).ok_or(FsError::NotFound)
+            }
+        }
+    }
+
+    /// Logs what a reader cannot see, and drops containers found gone.
+    fn note_failure(&self, container: &Container, error: &FsError) {
+        match error {
+            FsError::Source(SourceError::Vanished(_)) => self.registry.forget(container.slot),
+            FsError::Source(e) => log::warn!("container {}: {e}", container.name),
+            _ => {}
+        }
+    }
+
+    /// Every available metric of one container; a malformed group is logged
+    /// and left out.
+    fn sample(&self, container: &Container) -> std::result::Result<Sample, SourceError> {
+        let layout = self.registry.layout();
+        let groups = container.groups(layout);
+        let mut sample = Sample::default();
+        read_all(layout, &container.dirs, &groups, &mut sample)?;
+        if groups.contains(&Group::CpuRate) {
+            sample.set(MetricId::CpuMillicores, self.cpu_millicores(container));
+        }
+        Ok(sample)
+    }
+
+    /// A sample of every container, after a fresh discovery; containers that
+    /// vanish meanwhile are left out.
+    fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
+        self.registry.refresh();
+        self.registry
+            .list()
+            .into_iter()
+            .filter_map(|c| match self.sample(&c) {
+                Ok(sample) => Some((c, sample)),
+                Err(_) => {
+                    self.registry.forget(c.slot);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn cpu_millicores(&self, container: &Container) -> Option<u64> {
+        let usec_per_second = self
+            .rates
+            .per_second(container.slot, || cpu_usage_usec(&self.registry, container))?;
+        Some((usec_per_second / 1000.0).round() as u64)
+    }
+}
+
+fn cpu_usage_usec(registry: &Registry, container: &Container) -> Option<u64> {
+    let mut sample = Sample::default();
+    read_group(registry.layout(), &container.dirs, Group::CpuUsage, &mut sample).ok()?;
+    sample.count(MetricId::CpuUsageUsec)
+}
+
+fn entry(node: Node, name: &str) -> DirEntry {
+    DirEntry {
+        ino: node.ino(),
+        is_dir: node.is_dir(),
+        name: name.to_string(),
+    }
+}
+
+fn dots(ino: u64) -> Vec<DirEntry> {
+    vec![
+        DirEntry {
+            ino,
+            is_dir: true,
+            name: ".".into(),
+        },
+        DirEntry {
+            ino: ROOT_INO,
+            is_dir: true,
+            name: "..".into(),
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::Layout;
+    use crate::discovery::Globs;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn model(tree: &str) -> Model {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(tree);
+        let layout = Layout::from_tree(&root).unwrap();
+        let globs = Globs::new(&["tenants/*".to_string()]).unwrap();
+        let registry = Arc::new(Registry::new(layout, globs, RootFile::NAMES));
+        registry.refresh();
+        Model::new(registry, Duration::from_millis(20))
+    }
+
+    fn cat(model: &Model, path: &str) -> Result<String> {
+        let mut ino = ROOT_INO;
+        for part in path.split('/') {
+            ino = model.lookup(ino, part)?.ino;
+        }
+        let handle = model.open(ino, false)?;
+        // Read in small chunks: the snapshot must stitch together.
+        let mut out = Vec::new();
+        loop {
+            let chunk = model.read(handle, out.len() as u64, 7)?;
+            if chunk.is_empty() {
+                break;
+            }
+            out.extend(chunk);
+        }
+        model.release(handle);
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    fn ls(model: &Model, path: &str) -> Vec<String> {
+        let mut ino = ROOT_INO;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            ino = model.lookup(ino, part).unwrap().ino;
+        }
+        let handle = model.opendir(ino).unwrap();
+        let names = model.readdir(handle).unwrap().iter().map(|e| e.name.clone()).collect();
+        model.release(handle);
+        names
+    }
+
+    #[test]
+    fn tree_of_a_v2_host() {
+        let m = model("v2");
+        assert_eq!(ls(&m, ""), [".", "..", "metric", "metrics.prom", "alpha", "beta", "broken"]);
+        let files = ls(&m, "alpha");
+        assert_eq!(&files[..7], [".", "..", "metrics", "name", "id", "cgroup", "runtime"]);
+        assert!(files.contains(&"memory_rss".to_string()));
+        assert!(!files.contains(&"memory_pgpgin".to_string()));
+        assert_eq!(cat(&m, "alpha/memory_rss").unwrap(), "67108864\n");
+        assert_eq!(cat(&m, "alpha/memory_limit").unwrap(), "max\n");
+        assert_eq!(cat(&m, "alpha/cpu_limit_millicores").unwrap(), "500\n");
+        assert_eq!(cat(&m, "alpha/cgroup").unwrap(), "/tenants/alpha\n");
+        assert_eq!(cat(&m, "alpha/runtime").unwrap(), "cgroup\n");
+        assert_eq!(cat(&m, "alpha/name").unwrap(), "alpha\n");
+        // Static counters: zero CPU use.
+        assert_eq!(cat(&m, "alpha/cpu_millicores").unwrap(), "0\n");
+    }
+
+    #[test]
+    fn tree_of_a_v1_host() {
+        let m = model("v1");
+        assert_eq!(ls(&m, ""), [".", "..", "metric", "metrics.prom", "alpha"]);
+        assert_eq!(cat(&m, "alpha/memory_pgpgin").unwrap(), "20000\n");
+        assert_eq!(cat(&m, "alpha/cpu_usage_usec").unwrap(), "2500000\n");
+        assert_eq!(cat(&m, "alpha/memory_limit").unwrap(), "max\n");
+        assert_eq!(cat(&m, "alpha/io_read_bytes").unwrap(), "1052672\n");
+    }
+
+    #[test]
+    fn aggregates_agree_with_single_files() {
+        let m = model("v2");
+        let metric = cat(&m, "metric").unwrap();
+        let metrics = cat(&m, "alpha/metrics").unwrap();
+        for line in metrics.lines() {
+            let (file, value) = line.split_once(' ').unwrap();
+            assert!(metric.contains(&format!("alpha_{file} {value}\n")), "{line}");
+            if file != "cpu_millicores" {
+                assert_eq!(cat(&m, &format!("alpha/{file}")).unwrap(), format!("{value}\n"));
+            }
+        }
+        let prom = cat(&m, "metrics.prom").unwrap();
+        assert!(prom.contains("# TYPE cgmetric_memory_rss_bytes gauge\n"));
+        assert!(prom.contains("cgmetric_memory_rss_bytes{container=\"alpha\","));
+        assert!(prom.contains("cgmetric_cpu_usage_seconds_total{container=\"alpha\""));
+        assert_eq!(prom.matches("# HELP cgmetric_memory_rss_bytes ").count(), 1);
+    }
+
+    #[test]
+    fn malformed_files_are_eio_and_cost_only_themselves() {
+        let m = model("v2");
+        assert_eq!(cat(&m, "broken/memory_usage").unwrap_err().errno(), libc::EIO);
+        assert_eq!(cat(&m, "broken/cpu_limit_millicores").unwrap_err().errno(), libc::EIO);
+        assert_eq!(cat(&m, "broken/pids_current").unwrap(), "5\n");
+        // The aggregates still list broken's good values.
+        assert!(cat(&m, "metric").unwrap().contains("broken_pids_current 5\n"));
+        assert!(cat(&m, "broken/metrics").unwrap().contains("pids_current 5\n"));
+    }
+
+    #[test]
+    fn missing_names_and_writes() {
+        let m = model("v2");
+        assert_eq!(m.lookup(ROOT_INO, "nope").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(cat(&m, "beta/cpu_nr_periods").unwrap_err().errno(), libc::ENOENT);
+        let ino = m.lookup(ROOT_INO, "metric").unwrap().ino;
+        assert_eq!(m.open(ino, true).unwrap_err().errno(), libc::EROFS);
+        assert_eq!(m.open(ROOT_INO, false).unwrap_err().errno(), libc::EISDIR);
+        assert_eq!(m.read(999, 0, 10).unwrap_err().errno(), libc::EBADF);
+    }
+}
