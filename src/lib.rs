@@ -14,3 +14,5 @@ pub mod registry;
 pub mod rate;
 pub mod render;
 pub mod fs;
+pub mod cli;
+pub mod daemon;

@@ -1,0 +1,65 @@
+//! The command line: the contract that operators and the tests drive.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+pub const DEFAULT_MOUNTPOINT: &str = "/run/cgmetric";
+
+/// Per-container metrics (CPU, memory, I/O, processes) as a procfs-style FUSE
+/// filesystem. Runs in the foreground; SIGTERM or SIGINT unmounts and exits.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cgmetric", version, about)]
+pub struct Options {
+    /// Where to mount the tree. The default is created when missing; any
+    /// other mountpoint must exist.
+    #[arg(default_value = DEFAULT_MOUNTPOINT)]
+    pub mountpoint: PathBuf,
+
+    /// Treat every cgroup whose path relative to the hierarchy roots matches
+    /// GLOB as a container, named by its last path component (repeatable;
+    /// `*` stays within one path component, `**` crosses them).
+    #[arg(long = "cgroup", value_name = "GLOB")]
+    pub cgroups: Vec<String>,
+
+    /// Where cgroup filesystems are mounted.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+
+    /// The window over which *_millicores rates are measured (1s, 500ms, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_window)]
+    pub window: Duration,
+}
+
+fn parse_window(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d >= Duration::from_millis(10) => Ok(d),
+        Ok(_) => Err("the window must be at least 10ms".into()),
+        Err(e) => Err(format!("{e} (examples: 1s, 500ms, 2m)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let o = Options::try_parse_from(["cgmetric"]).unwrap();
+        assert_eq!(o.mountpoint, PathBuf::from(DEFAULT_MOUNTPOINT));
+        assert_eq!(o.window, Duration::from_secs(1));
+        assert!(o.cgroups.is_empty());
+    }
+
+    #[test]
+    fn repeatable_globs_and_windows() {
+        let o = Options::try_parse_from(["cgmetric", "--cgroup", "a/*", "--cgroup", "b", "--window", "250ms", "/mnt"])
+            .unwrap();
+        assert_eq!(o.cgroups, ["a/*", "b"]);
+        assert_eq!(o.window, Duration::from_millis(250));
+        assert_eq!(o.mountpoint, PathBuf::from("/mnt"));
+        assert!(Options::try_parse_from(["cgmetric", "--window", "0s"]).is_err());
+        assert!(Options::try_parse_from(["cgmetric", "--window", "soon"]).is_err());
+    }
+}

@@ -1,0 +1,222 @@
+//! The daemon's lifecycle: check what it needs, heal a stale mount, discover,
+//! mount (the mountpoint appears only once the tree is complete), serve until
+//! SIGTERM, SIGINT or an external `umount`, and unmount cleanly.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{MountOption, Session, SessionACL};
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use crate::cgroup::layout::LayoutError;
+use crate::cgroup::Layout;
+use crate::cli::{Options, DEFAULT_MOUNTPOINT};
+use crate::discovery::{DiscoveryError, Globs};
+use crate::fs::fuse::FuseFs;
+use crate::fs::inode::RootFile;
+use crate::fs::model::Model;
+use crate::mounts::{mount_at, read_mount_table, MountEntry};
+use crate::registry::Registry;
+
+/// The filesystem type the kernel shows for the tree (`fuse.` + subtype).
+pub const FS_TYPE: &str = "fuse.cgmetric";
+
+/// FUSE worker threads: a read of a rate may wait one window, and the others
+/// must not queue behind it.
+const FUSE_THREADS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Occurs when the effective user is not root.
+    #[error("cgmetric must run as root: it mounts a FUSE filesystem and reads every cgroup")]
+    NotRoot,
+    /// Occurs when the kernel offers no FUSE device.
+    #[error("/dev/fuse does not exist: load the fuse module (modprobe fuse)")]
+    NoFuseDevice,
+    /// Occurs when a mountpoint given on the command line does not exist.
+    #[error("mountpoint {0} does not exist")]
+    MountpointMissing(PathBuf),
+    #[error("mountpoint {0} is not a directory")]
+    MountpointNotDir(PathBuf),
+    /// Occurs when something live is already mounted on the mountpoint.
+    #[error("mountpoint {path} is in use: {fs_type} is mounted there")]
+    MountpointInUse { path: PathBuf, fs_type: String },
+    #[error("mountpoint {path}: {source}")]
+    Mountpoint { path: PathBuf, source: io::Error },
+    /// Occurs when a stale mount left by a killed daemon cannot be removed.
+    #[error("cannot clear the stale cgmetric mount at {path}: {source}")]
+    StaleMount { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error("cannot mount {path}: {source}")]
+    Mount { path: PathBuf, source: io::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+    #[error("the FUSE session failed: {0}")]
+    Session(io::Error),
+}
+
+enum Event {
+    Signal(i32),
+    SessionEnded(io::Result<()>),
+}
+
+/// Runs the daemon until it is told to stop.
+pub fn run(options: Options) -> Result<(), DaemonError> {
+    // Every precondition is checked before anything is logged or changed, so
+    // a refusal is one line.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(DaemonError::NotRoot);
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(DaemonError::NoFuseDevice);
+    }
+    let globs = Globs::new(&options.cgroups)?;
+    let mountpoint = prepare_mountpoint(&options.mountpoint, options.mountpoint == Path::new(DEFAULT_MOUNTPOINT))?;
+    let layout = Layout::detect(&options.cgroup_root)?;
+    log::info!("cgroup layout: {}", layout.kind);
+    if globs.is_empty() {
+        log::warn!("no --cgroup pattern given: the tree lists no containers");
+    }
+
+    let registry = Arc::new(Registry::new(layout, globs, RootFile::NAMES));
+    registry.refresh();
+    log::info!("{} containers found", registry.list().len());
+    let fs = FuseFs::new(Model::new(registry, options.window));
+
+    let (events, next_event) = mpsc::channel();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let signal_events = events.clone();
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            let _ = signal_events.send(Event::Signal(signal));
+        }
+    });
+
+    let mut session = Session::new(fs, &mountpoint, &fuse_config()).map_err(|source| DaemonError::Mount {
+        path: mountpoint.clone(),
+        source,
+    })?;
+    let mut unmounter = session.unmount_callable();
+    std::thread::spawn(move || {
+        let _ = events.send(Event::SessionEnded(session.run()));
+    });
+    log::info!("mounted at {}", mountpoint.display());
+
+    match next_event.recv() {
+        Ok(Event::Signal(signal)) => {
+            log::info!("signal {signal}: unmounting {}", mountpoint.display());
+            if let Err(e) = unmounter.unmount() {
+                // Busy (a shell's cwd inside): detach it; exiting closes the
+                // device, which ends the session for whoever still holds it.
+                log::warn!("unmount failed ({e}); detaching instead");
+                detach(&mountpoint).map_err(|source| DaemonError::Mount {
+                    path: mountpoint.clone(),
+                    source,
+                })?;
+                return Ok(());
+            }
+            match next_event.recv_timeout(Duration::from_secs(5)) {
+                Ok(Event::SessionEnded(Err(e))) => Err(DaemonError::Session(e)),
+                _ => Ok(()),
+            }
+        }
+        Ok(Event::SessionEnded(result)) => {
+            log::info!("{} was unmounted", mountpoint.display());
+            result.map_err(DaemonError::Session)
+        }
+        Err(mpsc::RecvError) => Ok(()),
+    }
+}
+
+fn fuse_config() -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("cgmetric".into()),
+        MountOption::CUSTOM("subtype=cgmetric".into()),
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoExec,
+        MountOption::DefaultPermissions,
+    ];
+    // Everybody reads: the files are 0444 and the kernel checks modes.
+    config.acl = SessionACL::All;
+    config.n_threads = Some(FUSE_THREADS);
+    config.clone_fd = true;
+    config
+}
+
+/// Makes the mountpoint ready: clears a stale cgmetric mount left by a killed
+/// daemon, refuses a live mount, creates the default mountpoint if missing.
+/// Returns the absolute path.
+fn prepare_mountpoint(given: &Path, is_default: bool) -> Result<PathBuf, DaemonError> {
+    let path = absolute(given).map_err(|source| DaemonError::Mountpoint {
+        path: given.to_path_buf(),
+        source,
+    })?;
+    let mounts = read_mount_table().map_err(|source| DaemonError::Mountpoint {
+        path: path.clone(),
+        source,
+    })?;
+    if let Some(mount) = mount_at(&mounts, &path) {
+        if !is_stale_cgmetric(mount, &path) {
+            return Err(DaemonError::MountpointInUse {
+                path,
+                fs_type: mount.fs_type.clone(),
+            });
+        }
+        detach(&path).map_err(|source| DaemonError::StaleMount {
+            path: path.clone(),
+            source,
+        })?;
+        log::info!("cleared a stale cgmetric mount at {}", path.display());
+        // A mount under the stale one is someone else's: check again.
+        return prepare_mountpoint(&path, is_default);
+    }
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => Ok(path),
+        Ok(_) => Err(DaemonError::MountpointNotDir(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && is_default => std::fs::create_dir_all(&path)
+            .map(|()| path.clone())
+            .map_err(|source| DaemonError::Mountpoint { path, source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(DaemonError::MountpointMissing(path)),
+        Err(source) => Err(DaemonError::Mountpoint { path, source }),
+    }
+}
+
+/// A cgmetric mount whose daemon is gone: the kernel answers ENOTCONN.
+fn is_stale_cgmetric(mount: &MountEntry, path: &Path) -> bool {
+    mount.fs_type == FS_TYPE
+        && std::fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
+/// The absolute form of `path` with its parent's symlinks resolved, without
+/// touching `path` itself (a stale mount answers every access with ENOTCONN).
+fn absolute(path: &Path) -> io::Result<PathBuf> {
+    let path = std::path::absolute(path)?;
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => match parent.canonicalize() {
+            Ok(parent) => Ok(parent.join(name)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(path),
+            Err(e) => Err(e),
+        },
+        _ => Ok(path),
+    }
+}
+
+fn detach(path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: c_path is a valid NUL-terminated string for the call's duration.
+    match unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
