@@ -193,8 +193,21 @@ fn prepare_mountpoint(given: &Path, is_default: bool) -> Result<PathBuf, DaemonE
 
 /// A cgmetric mount whose daemon is gone: the kernel answers ENOTCONN.
 fn is_stale_cgmetric(mount: &MountEntry, path: &Path) -> bool {
-    mount.fs_type == FS_TYPE
-        && std::fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+    mount.fs_type == FS_TYPE && statfs(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
+/// Asks the filesystem at `path` for its statistics. FUSE forwards every
+/// statfs to the daemon (a `stat` may be answered from the kernel's
+/// attribute cache), so this tells a live mount from a dead one.
+pub fn statfs(path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: c_path is NUL-terminated and buf is large enough for statfs.
+    match unsafe { libc::statfs(c_path.as_ptr(), buf.as_mut_ptr()) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 /// The absolute form of `path` with its parent's symlinks resolved, without

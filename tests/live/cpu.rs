@@ -1,0 +1,91 @@
+//! CPU: a busy loop reads one core, a half-core quota reads half.
+
+use std::time::Duration;
+
+use cgmetric::cgroup::Controller;
+
+use crate::require;
+use crate::support::{cpu_turn, Cgroup, Daemon};
+
+/// Lets a workload run long enough for a full window behind the read.
+const WARM_UP: Duration = Duration::from_millis(2500);
+
+fn within(value: u64, expected: u64, percent: u64) -> bool {
+    value.abs_diff(expected) * 100 <= expected * percent
+}
+
+#[test]
+fn one_busy_loop_is_one_core() {
+    require!();
+    let _turn = cpu_turn();
+    let parent = Cgroup::parent("cpu");
+    let mut burner = parent.child("burner");
+    burner.spawn_burner();
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    std::thread::sleep(WARM_UP);
+
+    let millicores = daemon.number("burner/cpu_millicores");
+    assert!(within(millicores, 1000, 10), "cpu_millicores {millicores}, expected 1000 ±10%");
+
+    // The counter agrees with the kernel's, read just before and after.
+    let kernel_usec = |cg: &Cgroup| match cg.is_v1(Controller::Cpuacct) {
+        true => cg.read(Controller::Cpuacct, "cpuacct.usage").trim().parse::<u64>().unwrap() / 1000,
+        false => cg.stat(Controller::Cpu, "cpu.stat", "usage_usec"),
+    };
+    let before = kernel_usec(&burner);
+    let ours = daemon.number("burner/cpu_usage_usec");
+    let after = kernel_usec(&burner);
+    assert!(before <= ours && ours <= after, "{before} <= {ours} <= {after}");
+    let user = daemon.number("burner/cpu_user_usec");
+    let system = daemon.number("burner/cpu_system_usec");
+    // user + system comes from tick sampling on v1: close to usage, not equal.
+    assert!(within(user + system, ours, 10), "user {user} + system {system} vs usage {ours}");
+    assert_eq!(daemon.read("burner/cpu_limit_millicores"), "max\n");
+}
+
+#[test]
+fn half_core_quota_is_half_a_core() {
+    require!();
+    let _turn = cpu_turn();
+    let parent = Cgroup::parent("quota");
+    let mut limited = parent.child("limited");
+    if limited.is_v1(Controller::Cpu) {
+        limited.write(Controller::Cpu, "cpu.cfs_period_us", "100000");
+        limited.write(Controller::Cpu, "cpu.cfs_quota_us", "50000");
+    } else {
+        limited.write(Controller::Cpu, "cpu.max", "50000 100000");
+    }
+    // Two busy loops: without the quota they would take two cores.
+    limited.spawn_burner();
+    limited.spawn_burner();
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    std::thread::sleep(WARM_UP);
+
+    assert_eq!(daemon.number("limited/cpu_limit_millicores"), 500);
+    let millicores = daemon.number("limited/cpu_millicores");
+    assert!(within(millicores, 500, 10), "cpu_millicores {millicores}, expected 500 ±10%");
+    assert!(daemon.number("limited/cpu_nr_throttled") > 0);
+    assert!(daemon.number("limited/cpu_throttled_usec") > 0);
+    let periods = daemon.number("limited/cpu_nr_periods");
+    assert!(periods >= 20, "{periods} CFS periods in 2.5 s");
+}
+
+#[test]
+fn idle_container_reads_zero_and_rate_reads_are_fast_after_the_first() {
+    require!();
+    let parent = Cgroup::parent("idle");
+    let mut idle = parent.child("idle");
+    idle.spawn(std::process::Command::new("sleep").arg("600"));
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--window", "500ms"]);
+    let started = std::time::Instant::now();
+    assert!(daemon.number("idle/cpu_millicores") <= 10);
+    // The first read measured over the window...
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    // ...then the sampler keeps one ready.
+    let started = std::time::Instant::now();
+    assert!(daemon.number("idle/cpu_millicores") <= 10);
+    assert!(started.elapsed() < Duration::from_millis(400), "{:?}", started.elapsed());
+}

@@ -1,0 +1,14 @@
+//! Privileged end-to-end tests: real cgroups, real workloads, the real
+//! daemon and FUSE mount, compared with what the kernel reports.
+//!
+//! Run as root. A test that cannot run here says so and skips; with
+//! CGMETRIC_REQUIRE_PRIVILEGED=1 (set by .ci/run) that is a failure.
+
+mod support;
+
+mod cpu;
+mod fixtures;
+mod lifecycle;
+mod memory;
+mod prometheus;
+mod tree;

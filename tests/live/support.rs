@@ -1,0 +1,389 @@
+//! The harness of the privileged tests: real cgroups in every hierarchy, a
+//! real daemon on a per-test mountpoint, and cleanup that runs even when a
+//! test fails (everything is released in `Drop`).
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cgmetric::cgroup::{Controller, Layout, LayoutKind};
+
+/// Set by `.ci/run`: a test that cannot run fails instead of skipping.
+pub const REQUIRE_ENV: &str = "CGMETRIC_REQUIRE_PRIVILEGED";
+
+/// Whether the privileged tests can run here. When they cannot, says why on
+/// stderr and returns false, or panics when [`REQUIRE_ENV`] is set.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let missing = if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root".to_string())
+    } else if !Path::new("/dev/fuse").exists() {
+        Some("no /dev/fuse".to_string())
+    } else if let Err(e) = Layout::detect(Path::new("/sys/fs/cgroup")) {
+        Some(e.to_string())
+    } else {
+        None
+    };
+    skip_unless(test, missing)
+}
+
+/// Like [`privileged`], for an external program the test drives.
+pub fn tool(test: &str, program: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    skip_unless(test, (!found).then(|| format!("{program} is not installed")))
+}
+
+fn skip_unless(test: &str, missing: Option<String>) -> bool {
+    let Some(why) = missing else { return true };
+    if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
+        panic!("{test} cannot run: {why} ({REQUIRE_ENV}=1 makes this a failure)");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    false
+}
+
+#[macro_export]
+macro_rules! require {
+    ($($tool:literal),*) => {
+        let test = concat!(module_path!(), ":", line!());
+        if !$crate::support::privileged(test) { return; }
+        $(if !$crate::support::tool(test, $tool) { return; })*
+    };
+}
+
+/// A name no other test, run or process uses.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn host_layout() -> Layout {
+    Layout::detect(Path::new("/sys/fs/cgroup")).expect("cgroup layout")
+}
+
+/// One cgroup, created at the same relative path in every hierarchy cgmetric
+/// reads. Its processes are killed and its directories removed on drop.
+pub struct Cgroup {
+    pub relative: String,
+    layout: Layout,
+    dirs: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+impl Cgroup {
+    /// A fresh top-level cgroup for one test; its containers go below it.
+    pub fn parent(test: &str) -> Cgroup {
+        Cgroup::create(unique(&format!("cgmt-{test}")))
+    }
+
+    pub fn child(&self, name: &str) -> Cgroup {
+        Cgroup::create(format!("{}/{name}", self.relative))
+    }
+
+    fn create(relative: String) -> Cgroup {
+        let layout = host_layout();
+        let mut dirs = Vec::new();
+        for root in layout.hierarchies() {
+            let dir = root.join(&relative);
+            fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            dirs.push(dir);
+        }
+        if layout.kind == LayoutKind::Unified {
+            // Pure v2: the controllers must be enabled for the children.
+            let v2 = layout.unified.clone().unwrap();
+            for dir in [v2.clone(), v2.join(&relative)] {
+                let _ = fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
+            }
+        }
+        Cgroup {
+            relative,
+            layout,
+            dirs,
+            children: Vec::new(),
+        }
+    }
+
+    /// The directory holding `controller`'s files: its v1 hierarchy when
+    /// mounted, else the v2 tree.
+    pub fn dir(&self, controller: Controller) -> PathBuf {
+        match self.layout.v1(controller) {
+            Some(root) => root.join(&self.relative),
+            None => self.layout.unified.as_ref().unwrap().join(&self.relative),
+        }
+    }
+
+    pub fn is_v1(&self, controller: Controller) -> bool {
+        self.layout.v1(controller).is_some()
+    }
+
+    pub fn read(&self, controller: Controller, file: &str) -> String {
+        let path = self.dir(controller).join(file);
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// A key of a flat keyed file, as the kernel reports it.
+    pub fn stat(&self, controller: Controller, file: &str, key: &str) -> u64 {
+        self.read(controller, file)
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{file} has no {key}"))
+    }
+
+    pub fn write(&self, controller: Controller, file: &str, value: &str) {
+        let path = self.dir(controller).join(file);
+        fs::write(&path, value).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Starts `command` inside this cgroup, in every hierarchy, before it
+    /// executes anything.
+    pub fn spawn(&mut self, command: &mut Command) -> u32 {
+        let procs: Vec<CString> = self
+            .dirs
+            .iter()
+            .map(|d| CString::new(d.join("cgroup.procs").as_os_str().as_bytes()).unwrap())
+            .collect();
+        // SAFETY: the closure only calls async-signal-safe functions on
+        // memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                for path in &procs {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// One busy loop: one core's worth of CPU.
+    pub fn spawn_burner(&mut self) -> u32 {
+        self.spawn(Command::new("sh").args(["-c", "while :; do :; done"]))
+    }
+
+    pub fn kill_all(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.clear();
+        // Anything the children started.
+        for dir in &self.dirs {
+            if let Ok(pids) = fs::read_to_string(dir.join("cgroup.procs")) {
+                for pid in pids.lines().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: kill has no memory preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+
+    /// Removes the cgroup now (its directory must be empty of children).
+    pub fn remove(&mut self) {
+        self.kill_all();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.dirs.iter().any(|d| d.exists()) {
+            for dir in &self.dirs {
+                let _ = fs::remove_dir(dir);
+            }
+            if Instant::now() > deadline {
+                eprintln!("warning: could not remove cgroup {}", self.relative);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// A running `cgmetric` on its own temporary mountpoint.
+pub struct Daemon {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_cgmetric")
+}
+
+impl Daemon {
+    /// Starts the daemon on a fresh mountpoint and waits until it is mounted.
+    pub fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mountpoint = dir.path().join("mnt");
+        fs::create_dir(&mountpoint).unwrap();
+        let mut daemon = Daemon::spawn_at(&mountpoint, args);
+        daemon._dir = Some(dir);
+        daemon.wait_mounted();
+        daemon
+    }
+
+    /// Starts the daemon on `mountpoint` without waiting.
+    pub fn spawn_at(mountpoint: &Path, args: &[&str]) -> Daemon {
+        let log_dir = tempfile::tempdir().unwrap();
+        let log = log_dir.path().join("stderr");
+        let child = Command::new(binary())
+            .args(args)
+            .arg(mountpoint)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start cgmetric");
+        Daemon {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            _dir: None,
+            log,
+            _log_dir: log_dir,
+        }
+    }
+
+    pub fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !is_live(&self.mountpoint) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("cgmetric exited with {status} before mounting:\n{}", self.stderr());
+            }
+            assert!(Instant::now() < deadline, "cgmetric did not mount in time:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.mountpoint.join(relative)
+    }
+
+    pub fn read(&self, relative: &str) -> String {
+        let path = self.path(relative);
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), self.stderr()))
+    }
+
+    /// A single-number file.
+    pub fn number(&self, relative: &str) -> u64 {
+        let text = self.read(relative);
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{relative}: not a number: {text:?}"))
+    }
+
+    pub fn stderr(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits for the daemon to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL, leaving its mount behind (stale).
+    pub fn crash(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait(Duration::from_secs(5)).expect("SIGKILL ends the daemon");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal(libc::SIGTERM);
+            if self.wait(Duration::from_secs(5)).is_none() {
+                self.signal(libc::SIGKILL);
+                let _ = self.wait(Duration::from_secs(5));
+            }
+        }
+        if is_mounted(&self.mountpoint) {
+            detach(&self.mountpoint);
+        }
+    }
+}
+
+/// Whether a cgmetric daemon serves `path`: mounted and answering (a stale
+/// mount left by a killed daemon answers ENOTCONN).
+pub fn is_live(path: &Path) -> bool {
+    is_mounted(path) && cgmetric::daemon::statfs(path).is_ok()
+}
+
+/// Whether a cgmetric filesystem, live or stale, is mounted at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = cgmetric::mounts::read_mount_table().unwrap();
+    cgmetric::mounts::mount_at(&mounts, path).is_some_and(|m| m.fs_type == cgmetric::daemon::FS_TYPE)
+}
+
+pub fn detach(path: &Path) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: c is a valid NUL-terminated path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+/// Polls `check` until it holds, at most `timeout`.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check()
+}
+
+/// CPU-rate tests measure one core's worth of work on a 2-core machine:
+/// they take turns so that they do not steal each other's CPU.
+pub static CPU_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn cpu_turn() -> std::sync::MutexGuard<'static, ()> {
+    CPU_TURN.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,180 @@
+//! The tree on a real container: every catalogue file, well-formed values,
+//! snapshots at open, live discovery, and a filesystem nobody can write.
+
+use std::fs::{self, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use cgmetric::cgroup::Controller;
+use cgmetric::metrics::METRICS;
+
+use crate::require;
+use crate::support::{Cgroup, Daemon};
+
+fn listing(daemon: &Daemon, dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(daemon.path(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn every_catalogue_file_exists_with_a_well_formed_value() {
+    require!();
+    let parent = Cgroup::parent("tree");
+    let mut web = parent.child("web");
+    web.spawn(Command::new("sleep").arg("600"));
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+
+    let v1_memory = web.is_v1(Controller::Memory);
+    let v2_swap = web.dir(Controller::Memory).join("memory.swap.current").exists();
+    let mut expected: Vec<String> = METRICS
+        .iter()
+        .filter(|m| v1_memory || !matches!(m.file, "memory_pgpgin" | "memory_pgpgout"))
+        .filter(|m| v1_memory || v2_swap || m.file != "memory_swap")
+        .map(|m| m.file.to_string())
+        .chain(["metrics", "name", "id", "cgroup", "runtime"].map(String::from))
+        .collect();
+    expected.sort();
+    assert_eq!(listing(&daemon, "web"), expected);
+
+    for file in METRICS.iter().map(|m| m.file).filter(|f| expected.iter().any(|e| e == f)) {
+        let text = daemon.read(&format!("web/{file}"));
+        let value = text.strip_suffix('\n').unwrap_or_else(|| panic!("{file}: no newline: {text:?}"));
+        assert!(value == "max" || value.parse::<u64>().is_ok(), "{file}: {text:?}");
+    }
+    assert_eq!(daemon.read("web/name"), "web\n");
+    assert_eq!(daemon.read("web/cgroup"), format!("/{}/web\n", parent.relative));
+    assert_eq!(daemon.read("web/runtime"), "cgroup\n");
+    assert!(daemon.read("web/id").trim().parse::<u64>().is_ok());
+
+    // `metrics` and the root `metric` list the same files.
+    let metrics = daemon.read("web/metrics");
+    let metric = daemon.read("metric");
+    assert_eq!(metrics.lines().count(), expected.len() - 5);
+    for line in metrics.lines() {
+        let file = line.split(' ').next().unwrap();
+        assert!(metric.lines().any(|l| l.starts_with(&format!("web_{file} "))), "{file}");
+    }
+}
+
+#[test]
+fn a_handle_keeps_the_snapshot_of_its_open() {
+    require!();
+    let parent = Cgroup::parent("snap");
+    let mut box1 = parent.child("box1");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+
+    let mut held = fs::File::open(daemon.path("box1/pids_current")).unwrap();
+    let mut whole = fs::File::open(daemon.path("metric")).unwrap();
+    box1.spawn(Command::new("sleep").arg("600"));
+    let mut text = String::new();
+    held.read_to_string(&mut text).unwrap();
+    assert_eq!(text, "0\n", "a read returns the state at open");
+    assert_eq!(daemon.read("box1/pids_current"), "1\n", "a new open sees the new state");
+
+    // Reading in 1-byte pieces stitches one consistent snapshot together.
+    let mut bytes = Vec::new();
+    let mut byte = [0u8; 1];
+    while whole.read(&mut byte).unwrap() == 1 {
+        bytes.push(byte[0]);
+    }
+    let text = String::from_utf8(bytes).unwrap();
+    assert!(text.contains("box1_pids_current 0\n"), "{text}");
+    for line in text.lines() {
+        let (key, value) = line.split_once(' ').unwrap();
+        assert!(key.starts_with("box1_"));
+        assert!(value == "max" || value.parse::<u64>().is_ok(), "{line}");
+    }
+}
+
+#[test]
+fn containers_appear_and_vanish_with_their_cgroups() {
+    require!();
+    let parent = Cgroup::parent("live");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    assert_eq!(listing(&daemon, ""), ["metric", "metrics.prom"]);
+
+    let mut late = parent.child("late");
+    // Resolved at lookup: no waiting for a poll.
+    assert_eq!(daemon.read("late/pids_current"), "0\n");
+    assert_eq!(listing(&daemon, ""), ["late", "metric", "metrics.prom"]);
+    let odd = parent.child("odd name\twith \"quotes\"");
+    assert!(listing(&daemon, "").contains(&"odd name_with \"quotes\"".to_string()));
+
+    let held = daemon.path("late/pids_current");
+    late.remove();
+    drop(odd);
+    assert_eq!(listing(&daemon, ""), ["metric", "metrics.prom"]);
+    let err = fs::read_to_string(&held).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    assert!(!daemon.read("metric").contains("late_"));
+}
+
+#[test]
+fn nothing_can_be_written() {
+    require!();
+    let parent = Cgroup::parent("ro");
+    let _box1 = parent.child("box1");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    let file = daemon.path("box1/memory_usage");
+    let dir = daemon.path("box1");
+
+    let refused = |what: &str, result: std::io::Result<()>| {
+        let err = result.expect_err(what);
+        let errno = err.raw_os_error().unwrap();
+        assert!(
+            [libc::EROFS, libc::EACCES, libc::EPERM].contains(&errno),
+            "{what}: {err}"
+        );
+    };
+    refused("open for writing", OpenOptions::new().write(true).open(&file).map(drop));
+    refused("open read-write", OpenOptions::new().read(true).write(true).open(&file).map(drop));
+    refused("truncate", OpenOptions::new().write(true).truncate(true).open(&file).map(drop));
+    refused("append", OpenOptions::new().append(true).open(&file).map(drop));
+    refused("create", fs::write(dir.join("new"), "x"));
+    refused("create at root", fs::write(daemon.path("new"), "x"));
+    refused("mkdir", fs::create_dir(daemon.path("newdir")));
+    refused("unlink", fs::remove_file(&file));
+    refused("rmdir", fs::remove_dir(&dir));
+    refused("rename", fs::rename(&file, dir.join("moved")));
+    refused("chmod", fs::set_permissions(&file, fs::Permissions::from_mode(0o666)));
+    refused("chown", std::os::unix::fs::chown(&file, Some(1), Some(1)));
+    refused("symlink", std::os::unix::fs::symlink("/etc/passwd", dir.join("link")));
+    refused("hard link", fs::hard_link(&file, dir.join("hard")));
+    refused("set times", fs::File::open(&file).and_then(|f| f.set_modified(std::time::SystemTime::now())));
+    let c_path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+    // SAFETY: valid NUL-terminated path and value buffers.
+    let rc = unsafe { libc::setxattr(c_path.as_ptr(), c"user.x".as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+    refused("setxattr", if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+    // Still intact.
+    assert_eq!(daemon.read("box1/name"), "box1\n");
+}
+
+#[test]
+fn files_are_readable_by_everyone() {
+    require!();
+    let parent = Cgroup::parent("perm");
+    let _box1 = parent.child("box1");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    let mode = |p: &str| fs::metadata(daemon.path(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("box1"), 0o555);
+    assert_eq!(mode("box1/memory_usage"), 0o444);
+    assert_eq!(mode("metrics.prom"), 0o444);
+    // An unprivileged user reads the tree.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(daemon.path("box1/pids_current"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
+}
