@@ -54,8 +54,10 @@ mod tests {
 
     #[test]
     fn repeatable_globs_and_windows() {
-        let o = Options::try_parse_from(["cgmetric", "--cgroup", "a/*", "--cgroup", "b", "--window", "250ms", "/mnt"])
-            .unwrap();
+        let o = Options::try_parse_from([
+            "cgmetric", "--cgroup", "a/*", "--cgroup", "b", "--window", "250ms", "/mnt",
+        ])
+        .unwrap();
         assert_eq!(o.cgroups, ["a/*", "b"]);
         assert_eq!(o.window, Duration::from_millis(250));
         assert_eq!(o.mountpoint, PathBuf::from("/mnt"));

@@ -78,7 +78,10 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         return Err(DaemonError::NoFuseDevice);
     }
     let globs = Globs::new(&options.cgroups)?;
-    let mountpoint = prepare_mountpoint(&options.mountpoint, options.mountpoint == Path::new(DEFAULT_MOUNTPOINT))?;
+    let mountpoint = prepare_mountpoint(
+        &options.mountpoint,
+        options.mountpoint == Path::new(DEFAULT_MOUNTPOINT),
+    )?;
     let layout = Layout::detect(&options.cgroup_root)?;
     log::info!("cgroup layout: {}", layout.kind);
     if globs.is_empty() {
@@ -91,7 +94,8 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let fs = FuseFs::new(Model::new(registry, options.window));
 
     let (events, next_event) = mpsc::channel();
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
     let signal_events = events.clone();
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
@@ -99,10 +103,11 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         }
     });
 
-    let mut session = Session::new(fs, &mountpoint, &fuse_config()).map_err(|source| DaemonError::Mount {
-        path: mountpoint.clone(),
-        source,
-    })?;
+    let mut session =
+        Session::new(fs, &mountpoint, &fuse_config()).map_err(|source| DaemonError::Mount {
+            path: mountpoint.clone(),
+            source,
+        })?;
     let mut unmounter = session.unmount_callable();
     std::thread::spawn(move || {
         let _ = events.send(Event::SessionEnded(session.run()));
@@ -183,9 +188,11 @@ fn prepare_mountpoint(given: &Path, is_default: bool) -> Result<PathBuf, DaemonE
     match std::fs::metadata(&path) {
         Ok(meta) if meta.is_dir() => Ok(path),
         Ok(_) => Err(DaemonError::MountpointNotDir(path)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound && is_default => std::fs::create_dir_all(&path)
-            .map(|()| path.clone())
-            .map_err(|source| DaemonError::Mountpoint { path, source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && is_default => {
+            std::fs::create_dir_all(&path)
+                .map(|()| path.clone())
+                .map_err(|source| DaemonError::Mountpoint { path, source })
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(DaemonError::MountpointMissing(path)),
         Err(source) => Err(DaemonError::Mountpoint { path, source }),
     }
@@ -193,7 +200,8 @@ fn prepare_mountpoint(given: &Path, is_default: bool) -> Result<PathBuf, DaemonE
 
 /// A cgmetric mount whose daemon is gone: the kernel answers ENOTCONN.
 fn is_stale_cgmetric(mount: &MountEntry, path: &Path) -> bool {
-    mount.fs_type == FS_TYPE && statfs(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+    mount.fs_type == FS_TYPE
+        && statfs(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
 }
 
 /// Asks the filesystem at `path` for its statistics. FUSE forwards every

@@ -124,7 +124,13 @@ pub fn display_name(cgroup: &Path) -> String {
 /// `_`: a name is one line in `metric`, one path component on disk.
 pub fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_control() || (c.is_whitespace() && c != ' ') { '_' } else { c })
+        .map(|c| {
+            if c.is_control() || (c.is_whitespace() && c != ' ') {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -133,7 +139,9 @@ mod tests {
     use super::*;
 
     fn found(globs: &[&str], tree: &str) -> Vec<String> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(tree);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(tree);
         let layout = Layout::from_tree(&root).unwrap();
         let globs = Globs::new(&globs.iter().map(|g| g.to_string()).collect::<Vec<_>>()).unwrap();
         globs
@@ -147,7 +155,11 @@ mod tests {
     fn star_does_not_cross_slashes() {
         assert_eq!(
             found(&["tenants/*"], "v2"),
-            ["tenants/alpha=alpha", "tenants/beta=beta", "tenants/broken=broken"]
+            [
+                "tenants/alpha=alpha",
+                "tenants/beta=beta",
+                "tenants/broken=broken"
+            ]
         );
         assert_eq!(found(&["*"], "v2"), ["tenants=tenants"]);
         assert_eq!(found(&["**/alpha"], "v2"), ["tenants/alpha=alpha"]);

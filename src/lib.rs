@@ -7,12 +7,12 @@
 //! [`daemon`] runs it all.
 
 pub mod cgroup;
-pub mod metrics;
-pub mod mounts;
-pub mod discovery;
-pub mod registry;
-pub mod rate;
-pub mod render;
-pub mod fs;
 pub mod cli;
 pub mod daemon;
+pub mod discovery;
+pub mod fs;
+pub mod metrics;
+pub mod mounts;
+pub mod rate;
+pub mod registry;
+pub mod render;

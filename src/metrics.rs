@@ -214,7 +214,10 @@ impl Sample {
 
     /// The metrics that have a value, in catalogue order.
     pub fn iter(&self) -> impl Iterator<Item = (&'static MetricDef, Value)> + '_ {
-        METRICS.iter().zip(self.0.iter()).filter_map(|(def, v)| v.map(|v| (def, v)))
+        METRICS
+            .iter()
+            .zip(self.0.iter())
+            .filter_map(|(def, v)| v.map(|v| (def, v)))
     }
 }
 
@@ -234,14 +237,16 @@ mod tests {
     #[test]
     fn names_follow_prometheus_conventions() {
         for def in METRICS {
-            assert_eq!(def.kind == Kind::Counter, def.prom.ends_with("_total"), "{}", def.prom);
+            assert_eq!(
+                def.kind == Kind::Counter,
+                def.prom.ends_with("_total"),
+                "{}",
+                def.prom
+            );
             if def.scale == Scale::Micro {
                 assert!(def.prom.contains("_seconds"), "{}", def.prom);
             }
-            assert!(def
-                .prom
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(def.prom.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
         }
     }
 }

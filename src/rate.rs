@@ -47,7 +47,11 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
         Self::with_idle_timeout(window, IDLE_TIMEOUT, sampler)
     }
 
-    pub fn with_idle_timeout(window: Duration, idle_timeout: Duration, sampler: Sampler<K>) -> Arc<Self> {
+    pub fn with_idle_timeout(
+        window: Duration,
+        idle_timeout: Duration,
+        sampler: Sampler<K>,
+    ) -> Arc<Self> {
         Arc::new(RateTracker {
             window,
             idle_timeout,
@@ -125,13 +129,19 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
         let now = Instant::now();
         let mut state = self.state.lock();
         for (key, value) in samples {
-            push(state.series.entry(key).or_default(), self.window, now, value);
+            push(
+                state.series.entry(key).or_default(),
+                self.window,
+                now,
+                value,
+            );
         }
         // Series nobody sampled for a while belong to vanished sources.
         let stale = 3 * self.window;
-        state
-            .series
-            .retain(|_, s| s.back().is_some_and(|(t, _)| now.duration_since(*t) < stale));
+        state.series.retain(|_, s| {
+            s.back()
+                .is_some_and(|(t, _)| now.duration_since(*t) < stale)
+        });
     }
 
     fn record(&self, key: K, at: Instant, value: u64) {
@@ -145,7 +155,11 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
             return Reference::NoSample;
         };
         let now = Instant::now();
-        match series.iter().rev().find(|(t, _)| now.duration_since(*t) >= self.window) {
+        match series
+            .iter()
+            .rev()
+            .find(|(t, _)| now.duration_since(*t) >= self.window)
+        {
             Some(&(t, v)) => Reference::Ready(t, v),
             None => match series.front() {
                 Some(&(t, _)) => Reference::WaitUntil(t + self.window),
@@ -186,12 +200,20 @@ mod tests {
             }),
         );
         let t = Instant::now();
-        let rate = tracker.per_second(1, || Some(clock_counter(start))).unwrap();
+        let rate = tracker
+            .per_second(1, || Some(clock_counter(start)))
+            .unwrap();
         assert!(t.elapsed() >= Duration::from_millis(200));
         assert!((rate - 1000.0).abs() < 100.0, "{rate}");
         let t = Instant::now();
-        let rate = tracker.per_second(1, || Some(clock_counter(start))).unwrap();
-        assert!(t.elapsed() < Duration::from_millis(100), "{:?}", t.elapsed());
+        let rate = tracker
+            .per_second(1, || Some(clock_counter(start)))
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
         assert!((rate - 1000.0).abs() < 100.0, "{rate}");
         assert!(samples.load(Ordering::Relaxed) >= 1);
     }
@@ -199,14 +221,20 @@ mod tests {
     #[test]
     fn untracked_keys_sample_themselves() {
         let start = Instant::now();
-        let tracker = RateTracker::new(Duration::from_millis(100), Box::new(Vec::<(u32, u64)>::new));
-        let rate = tracker.per_second(7, || Some(clock_counter(start))).unwrap();
+        let tracker =
+            RateTracker::new(Duration::from_millis(100), Box::new(Vec::<(u32, u64)>::new));
+        let rate = tracker
+            .per_second(7, || Some(clock_counter(start)))
+            .unwrap();
         assert!((rate - 1000.0).abs() < 150.0, "{rate}");
     }
 
     #[test]
     fn vanished_source_is_none_and_resets_read_as_zero() {
-        let tracker = RateTracker::new(Duration::from_millis(50), Box::new(|| vec![(1u32, 1000u64)]));
+        let tracker = RateTracker::new(
+            Duration::from_millis(50),
+            Box::new(|| vec![(1u32, 1000u64)]),
+        );
         assert_eq!(tracker.per_second(2, || None), None);
         assert_eq!(tracker.per_second(1, || Some(10)), Some(0.0));
     }
@@ -227,7 +255,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         let after_idle = samples.load(Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(samples.load(Ordering::Relaxed), after_idle, "sampler kept running");
+        assert_eq!(
+            samples.load(Ordering::Relaxed),
+            after_idle,
+            "sampler kept running"
+        );
         assert!(!tracker.state.lock().sampling);
     }
 }

@@ -221,7 +221,11 @@ mod tests {
     fn registry() -> Registry {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
         let layout = Layout::from_tree(&root).unwrap();
-        Registry::new(layout, Globs::new(&[]).unwrap(), &["metric", "metrics.prom"])
+        Registry::new(
+            layout,
+            Globs::new(&[]).unwrap(),
+            &["metric", "metrics.prom"],
+        )
     }
 
     fn found(cgroup: &str, name: &str) -> Found {
@@ -244,8 +248,20 @@ mod tests {
             found("tenants/beta", "web"),
             found("tenants/broken", "metric"),
         ]);
-        let beta_id = r.list().iter().find(|c| c.cgroup == Path::new("tenants/beta")).unwrap().id.clone();
-        let broken_id = r.list().iter().find(|c| c.cgroup == Path::new("tenants/broken")).unwrap().id.clone();
+        let beta_id = r
+            .list()
+            .iter()
+            .find(|c| c.cgroup == Path::new("tenants/beta"))
+            .unwrap()
+            .id
+            .clone();
+        let broken_id = r
+            .list()
+            .iter()
+            .find(|c| c.cgroup == Path::new("tenants/broken"))
+            .unwrap()
+            .id
+            .clone();
         let mut expected = vec![
             "web".to_string(),
             format!("web-{}", &beta_id[..beta_id.len().min(12)]),
@@ -262,7 +278,10 @@ mod tests {
         r.reconcile(vec![found("tenants/beta", "web")]);
         let slot = r.by_name("web").unwrap().slot;
         // A newcomer that sorts first does not take the name.
-        r.reconcile(vec![found("tenants/alpha", "web"), found("tenants/beta", "web")]);
+        r.reconcile(vec![
+            found("tenants/alpha", "web"),
+            found("tenants/beta", "web"),
+        ]);
         assert_eq!(r.by_name("web").unwrap().slot, slot);
         // Removal frees the name and the slot is never reused.
         r.reconcile(vec![found("tenants/alpha", "web")]);
@@ -275,7 +294,10 @@ mod tests {
     fn long_names_stay_within_name_max() {
         let r = registry();
         let long = "x".repeat(300);
-        r.reconcile(vec![found("tenants/alpha", &long), found("tenants/beta", &long)]);
+        r.reconcile(vec![
+            found("tenants/alpha", &long),
+            found("tenants/beta", &long),
+        ]);
         for name in names(&r) {
             assert!(name.len() <= NAME_MAX, "{}", name.len());
         }
@@ -285,14 +307,25 @@ mod tests {
     #[test]
     fn availability_follows_the_host() {
         let r = registry();
-        r.reconcile(vec![found("tenants/alpha", "alpha"), found("tenants/beta", "beta")]);
+        r.reconcile(vec![
+            found("tenants/alpha", "alpha"),
+            found("tenants/beta", "beta"),
+        ]);
         let alpha = r.by_name("alpha").unwrap();
-        let files: Vec<&str> = alpha.available(r.layout()).iter().map(|m| m.def().file).collect();
+        let files: Vec<&str> = alpha
+            .available(r.layout())
+            .iter()
+            .map(|m| m.def().file)
+            .collect();
         assert!(files.contains(&"cpu_millicores"));
         assert!(files.contains(&"memory_swap"));
         assert!(!files.contains(&"memory_pgpgin"), "v2 has no pgpgin");
         let beta = r.by_name("beta").unwrap();
-        let files: Vec<&str> = beta.available(r.layout()).iter().map(|m| m.def().file).collect();
+        let files: Vec<&str> = beta
+            .available(r.layout())
+            .iter()
+            .map(|m| m.def().file)
+            .collect();
         assert!(!files.contains(&"cpu_nr_periods"), "cpu controller is off");
         assert!(!files.contains(&"io_read_bytes"));
     }

@@ -123,7 +123,10 @@ mod tests {
 
     #[test]
     fn prometheus_values_are_in_base_units() {
-        assert_eq!(prom_value(Value::Count(2_500_001), Scale::Micro), "2.500001");
+        assert_eq!(
+            prom_value(Value::Count(2_500_001), Scale::Micro),
+            "2.500001"
+        );
         assert_eq!(prom_value(Value::Count(1500), Scale::Milli), "1.500");
         assert_eq!(prom_value(Value::Count(7), Scale::Milli), "0.007");
         assert_eq!(prom_value(Value::Max, Scale::One), "+Inf");

@@ -117,7 +117,11 @@ impl Layout {
                     }
                 }
                 "cgroup" => {
-                    for controller in mount.super_options.split(',').filter_map(Controller::from_name) {
+                    for controller in mount
+                        .super_options
+                        .split(',')
+                        .filter_map(Controller::from_name)
+                    {
                         v1.retain(|(c, _)| *c != controller);
                         v1.push((controller, mount.mount_point.clone()));
                     }
@@ -160,7 +164,11 @@ impl Layout {
             if dir.join("cgroup.controllers").is_file() {
                 unified.get_or_insert(dir);
             } else if dir.join("cgroup.procs").is_file() {
-                let name = dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                let name = dir
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
                 for controller in name.split(',').filter_map(Controller::from_name) {
                     v1.push((controller, dir.clone()));
                 }
@@ -218,10 +226,22 @@ mod tests {
     fn hybrid_host() {
         let layout = layout_of("hybrid").unwrap();
         assert_eq!(layout.kind, LayoutKind::Hybrid);
-        assert_eq!(layout.unified.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
-        assert_eq!(layout.v1(Controller::Cpu), Some(Path::new("/sys/fs/cgroup/cpu")));
-        assert_eq!(layout.v1(Controller::Cpuacct), Some(Path::new("/sys/fs/cgroup/cpuacct")));
-        assert_eq!(layout.v1(Controller::Pids), Some(Path::new("/sys/fs/cgroup/pids")));
+        assert_eq!(
+            layout.unified.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            layout.v1(Controller::Cpu),
+            Some(Path::new("/sys/fs/cgroup/cpu"))
+        );
+        assert_eq!(
+            layout.v1(Controller::Cpuacct),
+            Some(Path::new("/sys/fs/cgroup/cpuacct"))
+        );
+        assert_eq!(
+            layout.v1(Controller::Pids),
+            Some(Path::new("/sys/fs/cgroup/pids"))
+        );
     }
 
     #[test]
@@ -242,7 +262,10 @@ mod tests {
         assert_eq!(layout.v1(Controller::Cpu), Some(cpu));
         assert_eq!(layout.v1(Controller::Cpuacct), Some(cpu));
         // cpu and cpuacct share one hierarchy: it is walked once.
-        assert_eq!(layout.hierarchies().iter().filter(|p| **p == cpu).count(), 1);
+        assert_eq!(
+            layout.hierarchies().iter().filter(|p| **p == cpu).count(),
+            1
+        );
     }
 
     #[test]
@@ -253,9 +276,18 @@ mod tests {
     #[test]
     fn fixture_trees_are_described_from_files() {
         let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        assert_eq!(Layout::from_tree(&fixtures.join("v2")).unwrap().kind, LayoutKind::Unified);
-        assert_eq!(Layout::from_tree(&fixtures.join("v1")).unwrap().kind, LayoutKind::Legacy);
-        assert_eq!(Layout::from_tree(&fixtures.join("hybrid")).unwrap().kind, LayoutKind::Hybrid);
+        assert_eq!(
+            Layout::from_tree(&fixtures.join("v2")).unwrap().kind,
+            LayoutKind::Unified
+        );
+        assert_eq!(
+            Layout::from_tree(&fixtures.join("v1")).unwrap().kind,
+            LayoutKind::Legacy
+        );
+        assert_eq!(
+            Layout::from_tree(&fixtures.join("hybrid")).unwrap().kind,
+            LayoutKind::Hybrid
+        );
         assert!(matches!(
             Layout::from_tree(&fixtures.join("does-not-exist")),
             Err(LayoutError::NoCgroupFs(_))

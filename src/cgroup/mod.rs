@@ -39,7 +39,10 @@ impl CgroupDirs {
 
     /// Whether the cgroup is still there in any hierarchy.
     pub fn exists(&self) -> bool {
-        self.v2.iter().chain(self.v1.iter().map(|(_, p)| p)).any(|p| p.is_dir())
+        self.v2
+            .iter()
+            .chain(self.v1.iter().map(|(_, p)| p))
+            .any(|p| p.is_dir())
     }
 
     /// The cgroup's id: the inode of its directory, in the v2 tree when it has
@@ -47,7 +50,10 @@ impl CgroupDirs {
     /// v1 hierarchy.
     pub fn id(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
-        let dir = self.v2.as_deref().or(self.v1.first().map(|(_, p)| p.as_path()))?;
+        let dir = self
+            .v2
+            .as_deref()
+            .or(self.v1.first().map(|(_, p)| p.as_path()))?;
         std::fs::metadata(dir).ok().map(|m| m.ino())
     }
 }

@@ -109,8 +109,8 @@ pub fn cfs_quota(quota: &str, period: &str) -> Result<Limit> {
     if quota.is_empty() {
         return Err(ParseError::Empty);
     }
-    if quota.starts_with('-') {
-        return match quota[1..].parse::<u64>() {
+    if let Some(magnitude) = quota.strip_prefix('-') {
+        return match magnitude.parse::<u64>() {
             Ok(_) => Ok(Limit::Max),
             Err(_) => Err(ParseError::NotANumber(quota.to_string())),
         };

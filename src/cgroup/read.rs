@@ -56,7 +56,10 @@ impl Source<'_> {
     }
 
     /// Parses the file with `parse`, keeping the path for the error.
-    fn parse<T>(&self, parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>) -> Result<Option<T>> {
+    fn parse<T>(
+        &self,
+        parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>,
+    ) -> Result<Option<T>> {
         self.text()?
             .map(|text| {
                 parse(&text).map_err(|source| SourceError::Malformed {
@@ -92,7 +95,11 @@ enum Backend<'a> {
     V2(&'a Path),
 }
 
-fn backend<'a>(layout: &Layout, dirs: &'a CgroupDirs, controller: Controller) -> Option<Backend<'a>> {
+fn backend<'a>(
+    layout: &Layout,
+    dirs: &'a CgroupDirs,
+    controller: Controller,
+) -> Option<Backend<'a>> {
     if layout.v1(controller).is_some() {
         dirs.v1(controller).map(Backend::V1)
     } else {
@@ -116,7 +123,12 @@ fn user_hz() -> u64 {
 
 /// Reads the files of `group` for one cgroup into `out`. Derived groups
 /// (rates) are not read here.
-pub fn read_group(layout: &Layout, dirs: &CgroupDirs, group: Group, out: &mut Sample) -> Result<()> {
+pub fn read_group(
+    layout: &Layout,
+    dirs: &CgroupDirs,
+    group: Group,
+    out: &mut Sample,
+) -> Result<()> {
     let controller = match group {
         Group::CpuUsage => Controller::Cpuacct,
         Group::CpuRate => return Ok(()),
@@ -155,7 +167,10 @@ fn read_v2(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
                 out.set_value(M::CpuLimitMillicores, limit.into());
             }
         }
-        Group::MemoryUsage => out.set(M::MemoryUsage, src(dir, "memory.current").parse(parse::single)?),
+        Group::MemoryUsage => out.set(
+            M::MemoryUsage,
+            src(dir, "memory.current").parse(parse::single)?,
+        ),
         Group::MemoryStat => {
             let usage = src(dir, "memory.current").parse(parse::single)?;
             src(dir, "memory.stat").keyed(|k| {
@@ -168,16 +183,24 @@ fn read_v2(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
                 out.set(M::MemoryWriteback, k.get("file_writeback"));
                 out.set(M::MemoryPgfault, k.get("pgfault"));
                 out.set(M::MemoryPgmajfault, k.get("pgmajfault"));
-                out.set(M::MemoryWorkingSet, working_set(usage, k.get("inactive_file")));
+                out.set(
+                    M::MemoryWorkingSet,
+                    working_set(usage, k.get("inactive_file")),
+                );
             })?
         }
-        Group::MemorySwap => out.set(M::MemorySwap, src(dir, "memory.swap.current").parse(parse::single)?),
+        Group::MemorySwap => out.set(
+            M::MemorySwap,
+            src(dir, "memory.swap.current").parse(parse::single)?,
+        ),
         Group::MemoryLimit => {
             if let Some(limit) = src(dir, "memory.max").parse(parse::limit)? {
                 out.set_value(M::MemoryLimit, limit.into());
             }
         }
-        Group::MemoryOom => src(dir, "memory.events").keyed(|k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
+        Group::MemoryOom => {
+            src(dir, "memory.events").keyed(|k| out.set(M::MemoryOomKills, k.get("oom_kill")))?
+        }
         Group::Io => {
             if let Some(io) = src(dir, "io.stat").parse(parse::io_stat)? {
                 out.set(M::IoReadBytes, Some(io.read_bytes));
@@ -186,7 +209,10 @@ fn read_v2(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
                 out.set(M::IoWriteOps, Some(io.write_ops));
             }
         }
-        Group::PidsCurrent => out.set(M::PidsCurrent, src(dir, "pids.current").parse(parse::single)?),
+        Group::PidsCurrent => out.set(
+            M::PidsCurrent,
+            src(dir, "pids.current").parse(parse::single)?,
+        ),
         Group::PidsLimit => {
             if let Some(limit) = src(dir, "pids.max").parse(parse::limit)? {
                 out.set_value(M::PidsLimit, limit.into());
@@ -211,19 +237,29 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
         Group::CpuThrottle => src(dir, "cpu.stat").keyed(|k| {
             out.set(M::CpuNrPeriods, k.get("nr_periods"));
             out.set(M::CpuNrThrottled, k.get("nr_throttled"));
-            out.set(M::CpuThrottledUsec, k.get("throttled_time").map(|ns| ns / 1000));
+            out.set(
+                M::CpuThrottledUsec,
+                k.get("throttled_time").map(|ns| ns / 1000),
+            );
         })?,
         Group::CpuLimit => {
-            let (quota, period) = (src(dir, "cpu.cfs_quota_us").text()?, src(dir, "cpu.cfs_period_us").text()?);
+            let (quota, period) = (
+                src(dir, "cpu.cfs_quota_us").text()?,
+                src(dir, "cpu.cfs_period_us").text()?,
+            );
             if let (Some(quota), Some(period)) = (quota, period) {
-                let limit = parse::cfs_quota(&quota, &period).map_err(|source| SourceError::Malformed {
-                    path: dir.join("cpu.cfs_quota_us"),
-                    source,
-                })?;
+                let limit =
+                    parse::cfs_quota(&quota, &period).map_err(|source| SourceError::Malformed {
+                        path: dir.join("cpu.cfs_quota_us"),
+                        source,
+                    })?;
                 out.set_value(M::CpuLimitMillicores, limit.into());
             }
         }
-        Group::MemoryUsage => out.set(M::MemoryUsage, src(dir, "memory.usage_in_bytes").parse(parse::single)?),
+        Group::MemoryUsage => out.set(
+            M::MemoryUsage,
+            src(dir, "memory.usage_in_bytes").parse(parse::single)?,
+        ),
         Group::MemoryStat => {
             let usage = src(dir, "memory.usage_in_bytes").parse(parse::single)?;
             src(dir, "memory.stat").keyed(|k| {
@@ -238,22 +274,41 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
                 out.set(M::MemoryPgmajfault, k.get("total_pgmajfault"));
                 out.set(M::MemoryPgpgin, k.get("total_pgpgin"));
                 out.set(M::MemoryPgpgout, k.get("total_pgpgout"));
-                out.set(M::MemoryWorkingSet, working_set(usage, k.get("total_inactive_file")));
+                out.set(
+                    M::MemoryWorkingSet,
+                    working_set(usage, k.get("total_inactive_file")),
+                );
             })?
         }
-        Group::MemorySwap => src(dir, "memory.stat").keyed(|k| out.set(M::MemorySwap, k.get("total_swap")))?,
+        Group::MemorySwap => {
+            src(dir, "memory.stat").keyed(|k| out.set(M::MemorySwap, k.get("total_swap")))?
+        }
         Group::MemoryLimit => {
             if let Some(limit) = src(dir, "memory.limit_in_bytes").parse(parse::limit)? {
                 out.set_value(M::MemoryLimit, limit.into());
             }
         }
-        Group::MemoryOom => src(dir, "memory.oom_control").keyed(|k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
+        Group::MemoryOom => src(dir, "memory.oom_control")
+            .keyed(|k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
         Group::Io => {
             // The _recursive files include descendants; old kernels lack them.
-            let bytes = first_present(dir, ["blkio.throttle.io_service_bytes_recursive", "blkio.throttle.io_service_bytes"])?;
-            let ops = first_present(dir, ["blkio.throttle.io_serviced_recursive", "blkio.throttle.io_serviced"])?;
+            let bytes = first_present(
+                dir,
+                [
+                    "blkio.throttle.io_service_bytes_recursive",
+                    "blkio.throttle.io_service_bytes",
+                ],
+            )?;
+            let ops = first_present(
+                dir,
+                [
+                    "blkio.throttle.io_serviced_recursive",
+                    "blkio.throttle.io_serviced",
+                ],
+            )?;
             if let (Some(bytes), Some(ops)) = (bytes, ops) {
-                let (read_bytes, write_bytes) = bytes.parse(parse::blkio_throttle)?.unwrap_or_default();
+                let (read_bytes, write_bytes) =
+                    bytes.parse(parse::blkio_throttle)?.unwrap_or_default();
                 let (read_ops, write_ops) = ops.parse(parse::blkio_throttle)?.unwrap_or_default();
                 out.set(M::IoReadBytes, Some(read_bytes));
                 out.set(M::IoWriteBytes, Some(write_bytes));
@@ -261,7 +316,10 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
                 out.set(M::IoWriteOps, Some(write_ops));
             }
         }
-        Group::PidsCurrent => out.set(M::PidsCurrent, src(dir, "pids.current").parse(parse::single)?),
+        Group::PidsCurrent => out.set(
+            M::PidsCurrent,
+            src(dir, "pids.current").parse(parse::single)?,
+        ),
         Group::PidsLimit => {
             if let Some(limit) = src(dir, "pids.max").parse(parse::limit)? {
                 out.set_value(M::PidsLimit, limit.into());
@@ -292,7 +350,12 @@ fn working_set(usage: Option<u64>, inactive_file: Option<u64>) -> Option<u64> {
 
 /// Reads every group into one sample. Groups that fail are logged and left
 /// out, so one malformed file costs its own metrics, not the container's.
-pub fn read_all(layout: &Layout, dirs: &CgroupDirs, groups: &[Group], out: &mut Sample) -> Result<()> {
+pub fn read_all(
+    layout: &Layout,
+    dirs: &CgroupDirs,
+    groups: &[Group],
+    out: &mut Sample,
+) -> Result<()> {
     for &group in groups {
         match read_group(layout, dirs, group, out) {
             Ok(()) => {}
@@ -306,7 +369,7 @@ pub fn read_all(layout: &Layout, dirs: &CgroupDirs, groups: &[Group], out: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{METRICS, Value::*};
+    use crate::metrics::{Value::*, METRICS};
 
     const ALL_GROUPS: [Group; 11] = [
         Group::CpuUsage,
@@ -323,7 +386,9 @@ mod tests {
     ];
 
     fn fixture(tree: &str, cgroup: &str) -> (Layout, CgroupDirs) {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(tree);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(tree);
         let layout = Layout::from_tree(&root).unwrap();
         let dirs = CgroupDirs::resolve(&layout, Path::new(cgroup));
         (layout, dirs)
@@ -349,7 +414,10 @@ mod tests {
         assert_eq!(s.get(M::CpuNrThrottled), Some(Count(7)));
         assert_eq!(s.get(M::CpuThrottledUsec), Some(Count(350_000)));
         assert_eq!(s.get(M::MemoryUsage), Some(Count(73_400_320)));
-        assert_eq!(s.get(M::MemoryWorkingSet), Some(Count(73_400_320 - 4_194_304)));
+        assert_eq!(
+            s.get(M::MemoryWorkingSet),
+            Some(Count(73_400_320 - 4_194_304))
+        );
         assert_eq!(s.get(M::MemoryRss), Some(Count(67_108_864)));
         assert_eq!(s.get(M::MemoryCache), Some(Count(6_291_456)));
         assert_eq!(s.get(M::MemoryRssHuge), Some(Count(2_097_152)));
@@ -431,8 +499,14 @@ mod tests {
         for (group, file, reason) in cases {
             let err = read_group(&layout, &dirs, group, &mut Sample::default()).unwrap_err();
             let text = err.to_string();
-            assert!(matches!(err, SourceError::Malformed { .. }), "{group:?}: {text}");
-            assert!(text.contains(file) && text.contains(reason), "{group:?}: {text}");
+            assert!(
+                matches!(err, SourceError::Malformed { .. }),
+                "{group:?}: {text}"
+            );
+            assert!(
+                text.contains(file) && text.contains(reason),
+                "{group:?}: {text}"
+            );
         }
         // A good file beside bad ones still reads.
         let mut s = Sample::default();

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use super::model::{Attr, FsError, Model};
@@ -43,7 +43,11 @@ impl FuseFs {
             mtime: self.started,
             ctime: self.started,
             crtime: self.started,
-            kind: if attr.is_dir { FileType::Directory } else { FileType::RegularFile },
+            kind: if attr.is_dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
             perm: attr.perm,
             nlink: if attr.is_dir { 2 } else { 1 },
             uid: 0,
@@ -84,7 +88,10 @@ impl Filesystem for FuseFs {
         match self.model.open(ino.0, write) {
             // Direct I/O: the page cache never serves an old value and the size
             // never truncates one. No flush: there is nothing to write back.
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH),
+            Ok(handle) => reply.opened(
+                FileHandle(handle),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
+            ),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -120,7 +127,14 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
@@ -131,14 +145,25 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let entries = match self.model.readdir(fh.0) {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno(e)),
         };
         // The cookie of an entry is the index of the one after it.
         for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
-            let kind = if entry.is_dir { FileType::Directory } else { FileType::RegularFile };
+            let kind = if entry.is_dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
             if reply.add(INodeNo(entry.ino), index as u64 + 1, kind, &entry.name) {
                 break;
             }
@@ -146,7 +171,14 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.model.release(fh.0);
         reply.ok();
     }
@@ -175,7 +207,16 @@ impl Filesystem for FuseFs {
         reply.error(errno(FsError::ReadOnly));
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(errno(FsError::ReadOnly));
     }
 
@@ -227,11 +268,29 @@ impl Filesystem for FuseFs {
         reply.error(errno(FsError::ReadOnly));
     }
 
-    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
         reply.error(errno(FsError::ReadOnly));
     }
 
-    fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(errno(FsError::ReadOnly));
     }
 

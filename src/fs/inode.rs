@@ -41,7 +41,13 @@ pub enum Meta {
 }
 
 impl Meta {
-    pub const ALL: [Meta; 5] = [Meta::Metrics, Meta::Name, Meta::Id, Meta::Cgroup, Meta::Runtime];
+    pub const ALL: [Meta; 5] = [
+        Meta::Metrics,
+        Meta::Name,
+        Meta::Id,
+        Meta::Cgroup,
+        Meta::Runtime,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -87,7 +93,9 @@ impl Node {
         let slot = (ino >> SLOT_SHIFT).checked_sub(1);
         let offset = ino & ((1 << SLOT_SHIFT) - 1);
         match slot {
-            None => RootFile::ALL.get(ino.checked_sub(2)? as usize).map(|f| Node::RootFile(*f)),
+            None => RootFile::ALL
+                .get(ino.checked_sub(2)? as usize)
+                .map(|f| Node::RootFile(*f)),
             Some(slot) if offset == 0 => Some(Node::Dir(slot)),
             Some(slot) if offset < METRIC_BASE => Meta::ALL
                 .get((offset - META_BASE) as usize)
@@ -114,7 +122,11 @@ mod tests {
         for slot in [0, 1, 4096, u32::MAX as u64] {
             nodes.push(Node::Dir(slot));
             nodes.extend(Meta::ALL.map(|m| Node::File(slot, Entry::Meta(m))));
-            nodes.extend(METRICS.iter().map(|m| Node::File(slot, Entry::Metric(m.id))));
+            nodes.extend(
+                METRICS
+                    .iter()
+                    .map(|m| Node::File(slot, Entry::Metric(m.id))),
+            );
         }
         let mut inos: Vec<u64> = nodes.iter().map(|n| n.ino()).collect();
         for (node, ino) in nodes.iter().zip(&inos) {
@@ -129,7 +141,10 @@ mod tests {
     fn unknown_numbers_are_none() {
         assert_eq!(Node::from_ino(0), None);
         assert_eq!(Node::from_ino(2 + RootFile::ALL.len() as u64), None);
-        assert_eq!(Node::from_ino((1 << SLOT_SHIFT) + METRIC_BASE + METRICS.len() as u64), None);
+        assert_eq!(
+            Node::from_ino((1 << SLOT_SHIFT) + METRIC_BASE + METRICS.len() as u64),
+            None
+        );
     }
 
     #[test]

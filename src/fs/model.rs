@@ -165,7 +165,9 @@ impl Model {
             Node::Dir(slot) | Node::File(slot, Entry::Meta(_)) => {
                 self.container(slot)?;
             }
-            Node::File(slot, Entry::Metric(id)) => self.check_available(&*self.container(slot)?, id)?,
+            Node::File(slot, Entry::Metric(id)) => {
+                self.check_available(&*self.container(slot)?, id)?
+            }
         }
         Ok(Attr::of(node))
     }
@@ -221,7 +223,12 @@ impl Model {
         self.registry.refresh();
         let mut entries = dots(ROOT_INO);
         entries.extend(RootFile::ALL.map(|f| entry(Node::RootFile(f), f.name())));
-        entries.extend(self.registry.list().iter().map(|c| entry(Node::Dir(c.slot), &c.name)));
+        entries.extend(
+            self.registry
+                .list()
+                .iter()
+                .map(|c| entry(Node::Dir(c.slot), &c.name)),
+        );
         entries
     }
 
@@ -254,9 +261,7 @@ impl Model {
                 }
                 Ok(out)
             }
-            Node::RootFile(RootFile::MetricsProm) => {
-                Ok(render::prometheus(&self.sample_all()))
-            }
+            Node::RootFile(RootFile::MetricsProm) => Ok(render::prometheus(&self.sample_all())),
             Node::File(slot, entry) => {
                 let container = self.container(slot)?;
                 self.render_container_file(&container, entry)
@@ -280,10 +285,15 @@ impl Model {
                 let mut sample = Sample::default();
                 match id.def().group {
                     Group::CpuRate => sample.set(id, self.cpu_millicores(container)),
-                    group => read_group(self.registry.layout(), &container.dirs, group, &mut sample)
-                        .map_err(FsError::Source)?,
+                    group => {
+                        read_group(self.registry.layout(), &container.dirs, group, &mut sample)
+                            .map_err(FsError::Source)?
+                    }
                 }
-                sample.get(id).map(render::value_file).ok_or(FsError::NotFound)
+                sample
+                    .get(id)
+                    .map(render::value_file)
+                    .ok_or(FsError::NotFound)
             }
         }
     }
@@ -337,7 +347,13 @@ impl Model {
 
 fn cpu_usage_usec(registry: &Registry, container: &Container) -> Option<u64> {
     let mut sample = Sample::default();
-    read_group(registry.layout(), &container.dirs, Group::CpuUsage, &mut sample).ok()?;
+    read_group(
+        registry.layout(),
+        &container.dirs,
+        Group::CpuUsage,
+        &mut sample,
+    )
+    .ok()?;
     sample.count(MetricId::CpuUsageUsec)
 }
 
@@ -373,7 +389,9 @@ mod tests {
     use std::time::Duration;
 
     fn model(tree: &str) -> Model {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(tree);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(tree);
         let layout = Layout::from_tree(&root).unwrap();
         let globs = Globs::new(&["tenants/*".to_string()]).unwrap();
         let registry = Arc::new(Registry::new(layout, globs, RootFile::NAMES));
@@ -406,7 +424,12 @@ mod tests {
             ino = model.lookup(ino, part).unwrap().ino;
         }
         let handle = model.opendir(ino).unwrap();
-        let names = model.readdir(handle).unwrap().iter().map(|e| e.name.clone()).collect();
+        let names = model
+            .readdir(handle)
+            .unwrap()
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
         model.release(handle);
         names
     }
@@ -414,9 +437,23 @@ mod tests {
     #[test]
     fn tree_of_a_v2_host() {
         let m = model("v2");
-        assert_eq!(ls(&m, ""), [".", "..", "metric", "metrics.prom", "alpha", "beta", "broken"]);
+        assert_eq!(
+            ls(&m, ""),
+            [
+                ".",
+                "..",
+                "metric",
+                "metrics.prom",
+                "alpha",
+                "beta",
+                "broken"
+            ]
+        );
         let files = ls(&m, "alpha");
-        assert_eq!(&files[..7], [".", "..", "metrics", "name", "id", "cgroup", "runtime"]);
+        assert_eq!(
+            &files[..7],
+            [".", "..", "metrics", "name", "id", "cgroup", "runtime"]
+        );
         assert!(files.contains(&"memory_rss".to_string()));
         assert!(!files.contains(&"memory_pgpgin".to_string()));
         assert_eq!(cat(&m, "alpha/memory_rss").unwrap(), "67108864\n");
@@ -446,9 +483,15 @@ mod tests {
         let metrics = cat(&m, "alpha/metrics").unwrap();
         for line in metrics.lines() {
             let (file, value) = line.split_once(' ').unwrap();
-            assert!(metric.contains(&format!("alpha_{file} {value}\n")), "{line}");
+            assert!(
+                metric.contains(&format!("alpha_{file} {value}\n")),
+                "{line}"
+            );
             if file != "cpu_millicores" {
-                assert_eq!(cat(&m, &format!("alpha/{file}")).unwrap(), format!("{value}\n"));
+                assert_eq!(
+                    cat(&m, &format!("alpha/{file}")).unwrap(),
+                    format!("{value}\n")
+                );
             }
         }
         let prom = cat(&m, "metrics.prom").unwrap();
@@ -461,19 +504,35 @@ mod tests {
     #[test]
     fn malformed_files_are_eio_and_cost_only_themselves() {
         let m = model("v2");
-        assert_eq!(cat(&m, "broken/memory_usage").unwrap_err().errno(), libc::EIO);
-        assert_eq!(cat(&m, "broken/cpu_limit_millicores").unwrap_err().errno(), libc::EIO);
+        assert_eq!(
+            cat(&m, "broken/memory_usage").unwrap_err().errno(),
+            libc::EIO
+        );
+        assert_eq!(
+            cat(&m, "broken/cpu_limit_millicores").unwrap_err().errno(),
+            libc::EIO
+        );
         assert_eq!(cat(&m, "broken/pids_current").unwrap(), "5\n");
         // The aggregates still list broken's good values.
-        assert!(cat(&m, "metric").unwrap().contains("broken_pids_current 5\n"));
-        assert!(cat(&m, "broken/metrics").unwrap().contains("pids_current 5\n"));
+        assert!(cat(&m, "metric")
+            .unwrap()
+            .contains("broken_pids_current 5\n"));
+        assert!(cat(&m, "broken/metrics")
+            .unwrap()
+            .contains("pids_current 5\n"));
     }
 
     #[test]
     fn missing_names_and_writes() {
         let m = model("v2");
-        assert_eq!(m.lookup(ROOT_INO, "nope").unwrap_err().errno(), libc::ENOENT);
-        assert_eq!(cat(&m, "beta/cpu_nr_periods").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(
+            m.lookup(ROOT_INO, "nope").unwrap_err().errno(),
+            libc::ENOENT
+        );
+        assert_eq!(
+            cat(&m, "beta/cpu_nr_periods").unwrap_err().errno(),
+            libc::ENOENT
+        );
         let ino = m.lookup(ROOT_INO, "metric").unwrap().ino;
         assert_eq!(m.open(ino, true).unwrap_err().errno(), libc::EROFS);
         assert_eq!(m.open(ROOT_INO, false).unwrap_err().errno(), libc::EISDIR);

@@ -26,21 +26,36 @@ fn one_busy_loop_is_one_core() {
     std::thread::sleep(WARM_UP);
 
     let millicores = daemon.number("burner/cpu_millicores");
-    assert!(within(millicores, 1000, 10), "cpu_millicores {millicores}, expected 1000 ±10%");
+    assert!(
+        within(millicores, 1000, 10),
+        "cpu_millicores {millicores}, expected 1000 ±10%"
+    );
 
     // The counter agrees with the kernel's, read just before and after.
     let kernel_usec = |cg: &Cgroup| match cg.is_v1(Controller::Cpuacct) {
-        true => cg.read(Controller::Cpuacct, "cpuacct.usage").trim().parse::<u64>().unwrap() / 1000,
+        true => {
+            cg.read(Controller::Cpuacct, "cpuacct.usage")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+                / 1000
+        }
         false => cg.stat(Controller::Cpu, "cpu.stat", "usage_usec"),
     };
     let before = kernel_usec(&burner);
     let ours = daemon.number("burner/cpu_usage_usec");
     let after = kernel_usec(&burner);
-    assert!(before <= ours && ours <= after, "{before} <= {ours} <= {after}");
+    assert!(
+        before <= ours && ours <= after,
+        "{before} <= {ours} <= {after}"
+    );
     let user = daemon.number("burner/cpu_user_usec");
     let system = daemon.number("burner/cpu_system_usec");
     // user + system comes from tick sampling on v1: close to usage, not equal.
-    assert!(within(user + system, ours, 10), "user {user} + system {system} vs usage {ours}");
+    assert!(
+        within(user + system, ours, 10),
+        "user {user} + system {system} vs usage {ours}"
+    );
     assert_eq!(daemon.read("burner/cpu_limit_millicores"), "max\n");
 }
 
@@ -65,7 +80,10 @@ fn half_core_quota_is_half_a_core() {
 
     assert_eq!(daemon.number("limited/cpu_limit_millicores"), 500);
     let millicores = daemon.number("limited/cpu_millicores");
-    assert!(within(millicores, 500, 10), "cpu_millicores {millicores}, expected 500 ±10%");
+    assert!(
+        within(millicores, 500, 10),
+        "cpu_millicores {millicores}, expected 500 ±10%"
+    );
     assert!(daemon.number("limited/cpu_nr_throttled") > 0);
     assert!(daemon.number("limited/cpu_throttled_usec") > 0);
     let periods = daemon.number("limited/cpu_nr_periods");
@@ -87,5 +105,9 @@ fn idle_container_reads_zero_and_rate_reads_are_fast_after_the_first() {
     // ...then the sampler keeps one ready.
     let started = std::time::Instant::now();
     assert!(daemon.number("idle/cpu_millicores") <= 10);
-    assert!(started.elapsed() < Duration::from_millis(400), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -7,8 +7,15 @@ use crate::require;
 use crate::support::Daemon;
 
 fn fixture_daemon(tree: &str) -> Daemon {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(tree);
-    Daemon::start(&["--cgroup-root", root.to_str().unwrap(), "--cgroup", "tenants/*"])
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(tree);
+    Daemon::start(&[
+        "--cgroup-root",
+        root.to_str().unwrap(),
+        "--cgroup",
+        "tenants/*",
+    ])
 }
 
 #[test]
@@ -26,12 +33,19 @@ fn pure_v2_host() {
     assert_eq!(d.read("alpha/memory_limit"), "max\n");
     assert_eq!(d.read("beta/memory_limit"), "268435456\n");
     assert!(!d.path("alpha/memory_pgpgin").exists(), "v2 has no pgpgin");
-    assert!(!d.path("beta/cpu_nr_periods").exists(), "beta's cpu controller is off");
+    assert!(
+        !d.path("beta/cpu_nr_periods").exists(),
+        "beta's cpu controller is off"
+    );
     // A malformed source is EIO for its file and logged; the rest reads.
     let err = std::fs::read_to_string(d.path("broken/memory_usage")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
     assert_eq!(d.read("broken/pids_current"), "5\n");
-    assert!(d.stderr().contains("memory.current: not a number"), "{}", d.stderr());
+    assert!(
+        d.stderr().contains("memory.current: not a number"),
+        "{}",
+        d.stderr()
+    );
 }
 
 #[test]
@@ -48,6 +62,10 @@ fn pure_v1_host() {
     assert_eq!(d.read("alpha/io_read_bytes"), "1052672\n");
     assert_eq!(d.read("alpha/pids_limit"), "max\n");
     // Every catalogue row has a v1 source.
-    let alpha_lines = d.read("metric").lines().filter(|l| l.starts_with("alpha_")).count();
+    let alpha_lines = d
+        .read("metric")
+        .lines()
+        .filter(|l| l.starts_with("alpha_"))
+        .count();
     assert_eq!(alpha_lines, cgmetric::metrics::METRICS.len());
 }

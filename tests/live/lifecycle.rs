@@ -16,12 +16,18 @@ fn refusal(command: &mut Command) -> (i32, String) {
         .stdin(Stdio::null())
         .output()
         .expect("run cgmetric");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_line(stderr: &str, needle: &str) {
     assert_eq!(stderr.lines().count(), 1, "expected one line:\n{stderr}");
-    assert!(stderr.contains("ERROR") && stderr.contains(needle), "{stderr}");
+    assert!(
+        stderr.contains("ERROR") && stderr.contains(needle),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -37,7 +43,10 @@ fn the_tree_is_complete_when_the_mountpoint_appears() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(names.contains(&"a".into()) && names.contains(&"b".into()), "{names:?}");
+    assert!(
+        names.contains(&"a".into()) && names.contains(&"b".into()),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -46,8 +55,14 @@ fn sigterm_and_sigint_unmount_and_exit_zero() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut daemon = Daemon::start(&[]);
         daemon.signal(signal);
-        let status = daemon.wait(Duration::from_secs(10)).expect("the daemon exits");
-        assert!(status.success(), "signal {signal}: {status}\n{}", daemon.stderr());
+        let status = daemon
+            .wait(Duration::from_secs(10))
+            .expect("the daemon exits");
+        assert!(
+            status.success(),
+            "signal {signal}: {status}\n{}",
+            daemon.stderr()
+        );
         assert!(!is_mounted(&daemon.mountpoint));
     }
 }
@@ -63,7 +78,9 @@ fn sigterm_with_a_reader_inside_still_unmounts() {
         .spawn()
         .unwrap();
     daemon.signal(libc::SIGTERM);
-    let status = daemon.wait(Duration::from_secs(10)).expect("the daemon exits");
+    let status = daemon
+        .wait(Duration::from_secs(10))
+        .expect("the daemon exits");
     let _ = shell.kill();
     let _ = shell.wait();
     assert!(status.success(), "{status}\n{}", daemon.stderr());
@@ -74,9 +91,14 @@ fn sigterm_with_a_reader_inside_still_unmounts() {
 fn an_external_umount_ends_the_daemon() {
     require!();
     let mut daemon = Daemon::start(&[]);
-    let status = Command::new("umount").arg(&daemon.mountpoint).status().unwrap();
+    let status = Command::new("umount")
+        .arg(&daemon.mountpoint)
+        .status()
+        .unwrap();
     assert!(status.success());
-    let status = daemon.wait(Duration::from_secs(10)).expect("the daemon exits");
+    let status = daemon
+        .wait(Duration::from_secs(10))
+        .expect("the daemon exits");
     assert!(status.success(), "{status}\n{}", daemon.stderr());
 }
 
@@ -94,7 +116,11 @@ fn a_stale_mount_from_a_killed_daemon_is_cleared_at_start() {
     let mut second = Daemon::spawn_at(&first.mountpoint, &["--cgroup", &glob]);
     second.wait_mounted();
     assert_eq!(second.read("box1/pids_current"), "0\n");
-    assert!(second.stderr().contains("cleared a stale cgmetric mount"), "{}", second.stderr());
+    assert!(
+        second.stderr().contains("cleared a stale cgmetric mount"),
+        "{}",
+        second.stderr()
+    );
     drop(second);
     assert!(!is_mounted(&first.mountpoint));
 }
@@ -166,7 +192,14 @@ fn refuses_without_dev_fuse() {
         binary(),
         mountpoint.path().display()
     );
-    let (code, stderr) = refusal(Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]));
+    let (code, stderr) = refusal(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
     assert_ne!(code, 0);
     assert_one_line(&stderr, "/dev/fuse does not exist");
 }
@@ -175,7 +208,11 @@ fn refuses_without_dev_fuse() {
 fn refuses_a_bad_glob() {
     require!();
     let mountpoint = tempfile::tempdir().unwrap();
-    let (code, stderr) = refusal(Command::new(binary()).args(["--cgroup", "a/[b"]).arg(mountpoint.path()));
+    let (code, stderr) = refusal(
+        Command::new(binary())
+            .args(["--cgroup", "a/[b"])
+            .arg(mountpoint.path()),
+    );
     assert_ne!(code, 0);
     assert_one_line(&stderr, "invalid --cgroup pattern");
 }
@@ -193,13 +230,19 @@ fn rust_log_controls_logging() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        assert!(crate::support::eventually(Duration::from_secs(10), || crate::support::is_live(&mountpoint)));
+        assert!(crate::support::eventually(Duration::from_secs(10), || {
+            crate::support::is_live(&mountpoint)
+        }));
         // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(stderr.contains("mounted at"), expect_info, "RUST_LOG={level}: {stderr}");
+        assert_eq!(
+            stderr.contains("mounted at"),
+            expect_info,
+            "RUST_LOG={level}: {stderr}"
+        );
         assert!(!Path::new(&mountpoint).join("metric").exists());
     }
 }

@@ -16,13 +16,25 @@ fn memory_toucher_rss_agrees_with_the_kernel() {
     let parent = Cgroup::parent("mem");
     let mut toucher = parent.child("toucher");
     // Maps 64 MiB, touches every page once, then holds it.
-    toucher.spawn(Command::new("stress-ng").args(["--vm", "1", "--vm-bytes", "64M", "--vm-keep", "--vm-hang", "0"]));
+    toucher.spawn(Command::new("stress-ng").args([
+        "--vm",
+        "1",
+        "--vm-bytes",
+        "64M",
+        "--vm-keep",
+        "--vm-hang",
+        "0",
+    ]));
     let (stat, rss_key) = match toucher.is_v1(Controller::Memory) {
         true => ("memory.stat", "total_rss"),
         false => ("memory.stat", "anon"),
     };
     assert!(
-        eventually(Duration::from_secs(20), || toucher.stat(Controller::Memory, stat, rss_key) >= 64 * MIB),
+        eventually(Duration::from_secs(20), || toucher.stat(
+            Controller::Memory,
+            stat,
+            rss_key
+        ) >= 64 * MIB),
         "the toucher never reached 64 MiB"
     );
     let glob = format!("{}/*", parent.relative);
@@ -39,7 +51,10 @@ fn memory_toucher_rss_agrees_with_the_kernel() {
     let usage = daemon.number("toucher/memory_usage");
     assert!(usage >= ours, "usage {usage} < rss {ours}");
     let working_set = daemon.number("toucher/memory_working_set");
-    assert!(working_set <= usage && working_set >= ours / 2, "{working_set}");
+    assert!(
+        working_set <= usage && working_set >= ours / 2,
+        "{working_set}"
+    );
     assert!(daemon.number("toucher/memory_pgfault") >= 64 * MIB / 4096 / 2);
 }
 
@@ -77,8 +92,13 @@ fn pids_current_is_exact_and_live() {
         sleepers.spawn(Command::new("sleep").arg("600"));
         // Each open renders anew: no stale value, whatever the page cache.
         assert_eq!(daemon.number("sleepers/pids_current"), n);
-        assert_eq!(sleepers.read(Controller::Pids, "pids.current").trim(), n.to_string());
+        assert_eq!(
+            sleepers.read(Controller::Pids, "pids.current").trim(),
+            n.to_string()
+        );
     }
     sleepers.kill_all();
-    assert!(eventually(Duration::from_secs(5), || daemon.number("sleepers/pids_current") == 0));
+    assert!(eventually(Duration::from_secs(5), || daemon
+        .number("sleepers/pids_current")
+        == 0));
 }

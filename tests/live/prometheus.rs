@@ -24,17 +24,32 @@ fn promtool_accepts_metrics_prom() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = promtool.wait_with_output().unwrap();
-    let complaints = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && complaints.trim().is_empty(), "promtool: {complaints}\n{text}");
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool: {complaints}\n{text}"
+    );
 
     // Every sample carries the container label; label values are escaped.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         assert!(line.starts_with("cgmetric_"), "{line}");
         assert!(line.contains("{container=\""), "{line}");
     }
-    assert!(text.contains("cgmetric_pids{container=\"alpha\","), "{text}");
+    assert!(
+        text.contains("cgmetric_pids{container=\"alpha\","),
+        "{text}"
+    );
     assert!(text.contains("container=\"beta \\\"quoted\\\"\""), "{text}");
     assert_eq!(text.matches("# TYPE cgmetric_pids gauge\n").count(), 1);
     assert!(text.contains("# TYPE cgmetric_cpu_usage_seconds_total counter\n"));

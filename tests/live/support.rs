@@ -40,7 +40,10 @@ pub fn tool(test: &str, program: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    skip_unless(test, (!found).then(|| format!("{program} is not installed")))
+    skip_unless(
+        test,
+        (!found).then(|| format!("{program} is not installed")),
+    )
 }
 
 fn skip_unless(test: &str, missing: Option<String>) -> bool {
@@ -64,7 +67,11 @@ macro_rules! require {
 /// A name no other test, run or process uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn host_layout() -> Layout {
@@ -253,7 +260,10 @@ impl Daemon {
         let child = Command::new(binary())
             .args(args)
             .arg(mountpoint)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
@@ -272,9 +282,16 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !is_live(&self.mountpoint) {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("cgmetric exited with {status} before mounting:\n{}", self.stderr());
+                panic!(
+                    "cgmetric exited with {status} before mounting:\n{}",
+                    self.stderr()
+                );
             }
-            assert!(Instant::now() < deadline, "cgmetric did not mount in time:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "cgmetric did not mount in time:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -285,7 +302,8 @@ impl Daemon {
 
     pub fn read(&self, relative: &str) -> String {
         let path = self.path(relative);
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), self.stderr()))
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), self.stderr()))
     }
 
     /// A single-number file.
@@ -331,7 +349,8 @@ impl Daemon {
     /// Kills the daemon with SIGKILL, leaving its mount behind (stale).
     pub fn crash(&mut self) {
         self.signal(libc::SIGKILL);
-        self.wait(Duration::from_secs(5)).expect("SIGKILL ends the daemon");
+        self.wait(Duration::from_secs(5))
+            .expect("SIGKILL ends the daemon");
     }
 }
 
@@ -359,7 +378,8 @@ pub fn is_live(path: &Path) -> bool {
 /// Whether a cgmetric filesystem, live or stale, is mounted at `path`.
 pub fn is_mounted(path: &Path) -> bool {
     let mounts = cgmetric::mounts::read_mount_table().unwrap();
-    cgmetric::mounts::mount_at(&mounts, path).is_some_and(|m| m.fs_type == cgmetric::daemon::FS_TYPE)
+    cgmetric::mounts::mount_at(&mounts, path)
+        .is_some_and(|m| m.fs_type == cgmetric::daemon::FS_TYPE)
 }
 
 pub fn detach(path: &Path) {

@@ -31,7 +31,10 @@ fn every_catalogue_file_exists_with_a_well_formed_value() {
     let daemon = Daemon::start(&["--cgroup", &glob]);
 
     let v1_memory = web.is_v1(Controller::Memory);
-    let v2_swap = web.dir(Controller::Memory).join("memory.swap.current").exists();
+    let v2_swap = web
+        .dir(Controller::Memory)
+        .join("memory.swap.current")
+        .exists();
     let mut expected: Vec<String> = METRICS
         .iter()
         .filter(|m| v1_memory || !matches!(m.file, "memory_pgpgin" | "memory_pgpgout"))
@@ -42,13 +45,25 @@ fn every_catalogue_file_exists_with_a_well_formed_value() {
     expected.sort();
     assert_eq!(listing(&daemon, "web"), expected);
 
-    for file in METRICS.iter().map(|m| m.file).filter(|f| expected.iter().any(|e| e == f)) {
+    for file in METRICS
+        .iter()
+        .map(|m| m.file)
+        .filter(|f| expected.iter().any(|e| e == f))
+    {
         let text = daemon.read(&format!("web/{file}"));
-        let value = text.strip_suffix('\n').unwrap_or_else(|| panic!("{file}: no newline: {text:?}"));
-        assert!(value == "max" || value.parse::<u64>().is_ok(), "{file}: {text:?}");
+        let value = text
+            .strip_suffix('\n')
+            .unwrap_or_else(|| panic!("{file}: no newline: {text:?}"));
+        assert!(
+            value == "max" || value.parse::<u64>().is_ok(),
+            "{file}: {text:?}"
+        );
     }
     assert_eq!(daemon.read("web/name"), "web\n");
-    assert_eq!(daemon.read("web/cgroup"), format!("/{}/web\n", parent.relative));
+    assert_eq!(
+        daemon.read("web/cgroup"),
+        format!("/{}/web\n", parent.relative)
+    );
     assert_eq!(daemon.read("web/runtime"), "cgroup\n");
     assert!(daemon.read("web/id").trim().parse::<u64>().is_ok());
 
@@ -58,7 +73,12 @@ fn every_catalogue_file_exists_with_a_well_formed_value() {
     assert_eq!(metrics.lines().count(), expected.len() - 5);
     for line in metrics.lines() {
         let file = line.split(' ').next().unwrap();
-        assert!(metric.lines().any(|l| l.starts_with(&format!("web_{file} "))), "{file}");
+        assert!(
+            metric
+                .lines()
+                .any(|l| l.starts_with(&format!("web_{file} "))),
+            "{file}"
+        );
     }
 }
 
@@ -76,7 +96,11 @@ fn a_handle_keeps_the_snapshot_of_its_open() {
     let mut text = String::new();
     held.read_to_string(&mut text).unwrap();
     assert_eq!(text, "0\n", "a read returns the state at open");
-    assert_eq!(daemon.read("box1/pids_current"), "1\n", "a new open sees the new state");
+    assert_eq!(
+        daemon.read("box1/pids_current"),
+        "1\n",
+        "a new open sees the new state"
+    );
 
     // Reading in 1-byte pieces stitches one consistent snapshot together.
     let mut bytes = Vec::new();
@@ -135,25 +159,69 @@ fn nothing_can_be_written() {
             "{what}: {err}"
         );
     };
-    refused("open for writing", OpenOptions::new().write(true).open(&file).map(drop));
-    refused("open read-write", OpenOptions::new().read(true).write(true).open(&file).map(drop));
-    refused("truncate", OpenOptions::new().write(true).truncate(true).open(&file).map(drop));
-    refused("append", OpenOptions::new().append(true).open(&file).map(drop));
+    refused(
+        "open for writing",
+        OpenOptions::new().write(true).open(&file).map(drop),
+    );
+    refused(
+        "open read-write",
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .map(drop),
+    );
+    refused(
+        "truncate",
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&file)
+            .map(drop),
+    );
+    refused(
+        "append",
+        OpenOptions::new().append(true).open(&file).map(drop),
+    );
     refused("create", fs::write(dir.join("new"), "x"));
     refused("create at root", fs::write(daemon.path("new"), "x"));
     refused("mkdir", fs::create_dir(daemon.path("newdir")));
     refused("unlink", fs::remove_file(&file));
     refused("rmdir", fs::remove_dir(&dir));
     refused("rename", fs::rename(&file, dir.join("moved")));
-    refused("chmod", fs::set_permissions(&file, fs::Permissions::from_mode(0o666)));
+    refused(
+        "chmod",
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o666)),
+    );
     refused("chown", std::os::unix::fs::chown(&file, Some(1), Some(1)));
-    refused("symlink", std::os::unix::fs::symlink("/etc/passwd", dir.join("link")));
+    refused(
+        "symlink",
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("link")),
+    );
     refused("hard link", fs::hard_link(&file, dir.join("hard")));
-    refused("set times", fs::File::open(&file).and_then(|f| f.set_modified(std::time::SystemTime::now())));
+    refused(
+        "set times",
+        fs::File::open(&file).and_then(|f| f.set_modified(std::time::SystemTime::now())),
+    );
     let c_path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
     // SAFETY: valid NUL-terminated path and value buffers.
-    let rc = unsafe { libc::setxattr(c_path.as_ptr(), c"user.x".as_ptr(), b"1".as_ptr().cast(), 1, 0) };
-    refused("setxattr", if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+    let rc = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            c"user.x".as_ptr(),
+            b"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    refused(
+        "setxattr",
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        },
+    );
     // Still intact.
     assert_eq!(daemon.read("box1/name"), "box1\n");
 }
@@ -175,6 +243,10 @@ fn files_are_readable_by_everyone() {
         .arg(daemon.path("box1/pids_current"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
 }
