@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds cgmetric's eBPF object and puts it where the daemon embeds it
+# (ebpf/prebuilt/cgmetric.bpf.o). Needs the nightly toolchain with rust-src
+# and bpf-linker (see .ci/install-ebpf-toolchain). `--check` builds into a
+# temporary directory and fails if the committed object differs.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out="$here/prebuilt/cgmetric.bpf.o"
+
+target_dir=$(mktemp -d)
+trap 'rm -rf "$target_dir"' EXIT
+# Paths are remapped so the object does not depend on where the checkout is.
+repo=$(dirname "$here")
+export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf --remap-path-prefix=$repo=cgmetric --remap-path-prefix=$HOME/.cargo=cargo --remap-path-prefix=$(rustc +nightly --print sysroot)=rust"
+(cd "$here" && cargo +nightly build --release --locked \
+    --target bpfel-unknown-none -Z build-std=core \
+    --target-dir "$target_dir" -q)
+built="$target_dir/bpfel-unknown-none/release/cgmetric-ebpf"
+# The BTF that aya and the kernel need stays; DWARF only served to make it.
+llvm-strip-22 --strip-debug "$built" 2>/dev/null || /usr/lib/llvm-22/bin/llvm-strip --strip-debug "$built"
+
+if [[ "${1:-}" == "--check" ]]; then
+    if cmp -s "$built" "$out"; then
+        echo "ebpf/prebuilt/cgmetric.bpf.o matches its source"
+    else
+        echo "ebpf/prebuilt/cgmetric.bpf.o is stale: run ebpf/build.sh and commit the result" >&2
+        exit 1
+    fi
+else
+    mkdir -p "$(dirname "$out")"
+    cp "$built" "$out"
+    echo "wrote $out ($(stat -c %s "$out") bytes)"
+fi

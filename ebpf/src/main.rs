@@ -1,0 +1,182 @@
+//! cgmetric's eBPF programs, attached once at the cgroup v2 root.
+//!
+//! - `count_egress` / `count_ingress` (cgroup_skb): IP bytes and packets per
+//!   cgroup, keyed by the *socket's* cgroup (`bpf_skb_cgroup_id`), which is
+//!   right in softirq context where the current task is not.
+//! - `remember_socket` (cgroup/sock_create): runs in the creating process, so
+//!   the current cgroup is the socket's; stores it in socket storage, which
+//!   accepted sockets inherit from their listener (`BPF_F_CLONE`).
+//! - `track_connections` (sock_ops): established (both sides), closed with
+//!   lifetime, retransmits, attributed through that socket storage.
+//!
+//! Counters are per-CPU and added atomically, so a softirq interrupting a
+//! program on the same CPU loses nothing.
+
+#![no_std]
+#![no_main]
+// Atomic add: core's atomic types offer only load/store on this target,
+// while the kernel has BPF_ATOMIC add.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod sk_storage;
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::bindings::{
+    BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    BPF_TCP_CLOSE,
+};
+use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id};
+use aya_ebpf::macros::{cgroup_skb, cgroup_sock, map, sock_ops};
+use aya_ebpf::maps::{PerCpuArray, PerCpuHashMap};
+use aya_ebpf::programs::{SkBuffContext, SockContext, SockOpsContext};
+use cgmetric_common::{health, ConnCounters, NetCounters, SocketState, MAX_CGROUPS};
+
+use crate::sk_storage::SkStorage;
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+// Pinned by name: a restarted daemon, or a newer program, finds the same
+// counters under --bpf-dir.
+#[map]
+static NET_COUNTERS: PerCpuHashMap<u64, NetCounters> = PerCpuHashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+#[map]
+static CONN_COUNTERS: PerCpuHashMap<u64, ConnCounters> = PerCpuHashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+#[map]
+static HEALTH: PerCpuArray<u64> = PerCpuArray::pinned(health::COUNT, 0);
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".maps")]
+static SOCKETS: SkStorage<SocketState> = SkStorage::new();
+
+const IPPROTO_TCP: u32 = 6;
+/// cgroup_skb: let the packet through (cgmetric only counts).
+const ALLOW: i32 = 1;
+
+fn add(counter: &mut u64, n: u64) {
+    // SAFETY: the pointer comes from a live map value, aligned for u64.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
+}
+
+fn note(index: u32) {
+    if let Some(slot) = HEALTH.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot is valid for the program's run.
+        add(unsafe { &mut *slot }, 1);
+    }
+}
+
+/// This CPU's counters of `cgroup`, created on first use; `None` (and a
+/// health note) when the map is full.
+fn counters<V: Default>(map: &PerCpuHashMap<u64, V>, cgroup: u64, full: u32) -> Option<&mut V> {
+    if let Some(value) = map.get_ptr_mut(&cgroup) {
+        // SAFETY: lookup results stay valid for the program's run.
+        return Some(unsafe { &mut *value });
+    }
+    // Another CPU may insert first (EEXIST): either way, look again.
+    let _ = map.insert(&cgroup, &V::default(), BPF_NOEXIST.into());
+    match map.get_ptr_mut(&cgroup) {
+        // SAFETY: as above.
+        Some(value) => Some(unsafe { &mut *value }),
+        None => {
+            note(full);
+            None
+        }
+    }
+}
+
+fn count_packet(ctx: &SkBuffContext, egress: bool) {
+    // SAFETY: the context's skb pointer is the program's argument.
+    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    if cgroup == 0 {
+        return;
+    }
+    let Some(c) = counters(&NET_COUNTERS, cgroup, health::NET_MAP_FULL) else {
+        return;
+    };
+    let bytes = u64::from(ctx.len());
+    // A GSO packet stands for several on the wire.
+    // SAFETY: reading a context field.
+    let packets = u64::from(unsafe { (*ctx.skb.skb).gso_segs }.max(1));
+    if egress {
+        add(&mut c.tx_bytes, bytes);
+        add(&mut c.tx_packets, packets);
+    } else {
+        add(&mut c.rx_bytes, bytes);
+        add(&mut c.rx_packets, packets);
+    }
+}
+
+#[cgroup_skb(egress)]
+pub fn count_egress(ctx: SkBuffContext) -> i32 {
+    count_packet(&ctx, true);
+    ALLOW
+}
+
+#[cgroup_skb(ingress)]
+pub fn count_ingress(ctx: SkBuffContext) -> i32 {
+    count_packet(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock(sock_create)]
+pub fn remember_socket(ctx: SockContext) -> i32 {
+    // SAFETY: reading a context field.
+    if unsafe { (*ctx.sock).protocol } == IPPROTO_TCP {
+        if let Some(state) = SOCKETS.get_or_create(ctx.sock.cast()) {
+            // SAFETY: process context: the current task created the socket.
+            state.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        }
+    }
+    ALLOW
+}
+
+#[sock_ops]
+pub fn track_connections(ctx: SockOpsContext) -> u32 {
+    // SAFETY: reading a context field; null for request and timewait sockets.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return 1;
+    }
+    let Some(state) = SOCKETS.get(sk.cast()) else {
+        if matches!(ctx.op(), BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+            note(health::UNATTRIBUTED);
+        }
+        return 1;
+    };
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            if let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) {
+                add(&mut c.established, 1);
+                // SAFETY: no preconditions.
+                state.established_ns = unsafe { bpf_ktime_get_ns() }.max(1);
+                // Ask for the state-change and retransmit callbacks of this socket.
+                let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG) as i32);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE && state.established_ns != 0 => {
+            if let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) {
+                add(&mut c.closed, 1);
+                // SAFETY: no preconditions.
+                add(&mut c.lifetime_ns, unsafe { bpf_ktime_get_ns() }.saturating_sub(state.established_ns));
+                state.established_ns = 0;
+            }
+        }
+        BPF_SOCK_OPS_RETRANS_CB => {
+            if let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) {
+                add(&mut c.retransmits, 1);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
