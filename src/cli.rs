@@ -27,7 +27,16 @@ pub struct Options {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
 
-    /// The window over which *_millicores rates are measured (1s, 500ms, 2m).
+    /// Where the eBPF maps and links are pinned: the kernel keeps counting
+    /// there while no daemon runs, and a restart picks them up.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/cgmetric")]
+    pub bpf_dir: PathBuf,
+
+    /// Run without eBPF: no network accounting, no net_* files.
+    #[arg(long)]
+    pub no_ebpf: bool,
+
+    /// The window over which *_millicores and *_bps rates are measured (1s, 500ms, 2m).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_window)]
     pub window: Duration,
 }
@@ -50,6 +59,8 @@ mod tests {
         assert_eq!(o.mountpoint, PathBuf::from(DEFAULT_MOUNTPOINT));
         assert_eq!(o.window, Duration::from_secs(1));
         assert!(o.cgroups.is_empty());
+        assert_eq!(o.bpf_dir, PathBuf::from("/sys/fs/bpf/cgmetric"));
+        assert!(!o.no_ebpf);
     }
 
     #[test]

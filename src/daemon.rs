@@ -19,7 +19,9 @@ use crate::fs::fuse::FuseFs;
 use crate::fs::inode::RootFile;
 use crate::fs::model::Model;
 use crate::mounts::{mount_at, read_mount_table, MountEntry};
+use crate::net::{Net, NetError};
 use crate::registry::Registry;
+use crate::sample::Sampler;
 
 /// The filesystem type the kernel shows for the tree (`fuse.` + subtype).
 pub const FS_TYPE: &str = "fuse.cgmetric";
@@ -53,6 +55,8 @@ pub enum DaemonError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("cannot mount {path}: {source}")]
     Mount { path: PathBuf, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
@@ -88,10 +92,21 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         log::warn!("no --cgroup pattern given: the tree lists no containers");
     }
 
+    let net = match (&layout.unified, options.no_ebpf) {
+        (_, true) => None,
+        (None, false) => {
+            log::warn!("{}; network files are left out", NetError::NoCgroupV2);
+            None
+        }
+        (Some(v2_root), false) => {
+            warn_about_net_cls();
+            Some(Net::start(&options.bpf_dir, v2_root)?)
+        }
+    };
     let registry = Arc::new(Registry::new(layout, globs, RootFile::NAMES));
     registry.refresh();
     log::info!("{} containers found", registry.list().len());
-    let fs = FuseFs::new(Model::new(registry, options.window));
+    let fs = FuseFs::new(Model::new(Sampler::new(registry, options.window, net)));
 
     let (events, next_event) = mpsc::channel();
     let mut signals =
@@ -137,6 +152,29 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
             result.map_err(DaemonError::Session)
         }
         Err(mpsc::RecvError) => Ok(()),
+    }
+}
+
+/// Before Linux 5.15, using the v1 net_cls or net_prio controller turned off
+/// cgroup v2 socket matching, and all traffic was counted at the root.
+fn warn_about_net_cls() {
+    let mounted = read_mount_table().unwrap_or_default().into_iter().any(|m| {
+        m.fs_type == "cgroup"
+            && m.super_options
+                .split(',')
+                .any(|o| o == "net_cls" || o == "net_prio")
+    });
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut version = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+    if mounted && (major, minor) < (5, 15) {
+        log::warn!(
+            "cgroup v1 net_cls/net_prio is mounted on Linux {major}.{minor}: once used, the kernel stops \
+             matching sockets to cgroup v2 and network counts land on the root cgroup"
+        );
     }
 }
 

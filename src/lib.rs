@@ -13,6 +13,8 @@ pub mod discovery;
 pub mod fs;
 pub mod metrics;
 pub mod mounts;
+pub mod net;
 pub mod rate;
 pub mod registry;
 pub mod render;
+pub mod sample;

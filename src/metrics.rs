@@ -23,6 +23,23 @@ pub enum Group {
     Io,
     PidsCurrent,
     PidsLimit,
+    /// eBPF: bytes and packets.
+    NetTraffic,
+    /// Derived: the rates of `NetTraffic` bytes over the window.
+    NetRate,
+    /// eBPF: TCP connection lifecycle.
+    NetConn,
+}
+
+impl Group {
+    /// Whether the group's values come from cgroup files (the others come
+    /// from rates or eBPF maps).
+    pub fn is_cgroupfs(self) -> bool {
+        !matches!(
+            self,
+            Group::CpuRate | Group::NetTraffic | Group::NetRate | Group::NetConn
+        )
+    }
 }
 
 /// The Prometheus type of a metric.
@@ -139,6 +156,28 @@ catalogue! {
         "Tasks (processes and threads) in the container.";
     PidsLimit: "pids_limit", PidsLimit, Gauge, "pids_limit", One,
         "Task limit (+Inf when unlimited).";
+    NetBytesTx: "net_bytes_tx", NetTraffic, Counter, "network_transmit_bytes_total", One,
+        "IP bytes sent by the container's sockets.";
+    NetBytesRx: "net_bytes_rx", NetTraffic, Counter, "network_receive_bytes_total", One,
+        "IP bytes received by the container's sockets.";
+    NetPacketsTx: "net_packets_tx", NetTraffic, Counter, "network_transmit_packets_total", One,
+        "IP packets sent (a GSO packet counts as its segments).";
+    NetPacketsRx: "net_packets_rx", NetTraffic, Counter, "network_receive_packets_total", One,
+        "IP packets received (a GRO packet counts as its segments).";
+    NetTxBps: "net_tx_bps", NetRate, Gauge, "network_transmit_bytes_per_second", One,
+        "Bytes sent per second over the last rate window.";
+    NetRxBps: "net_rx_bps", NetRate, Gauge, "network_receive_bytes_per_second", One,
+        "Bytes received per second over the last rate window.";
+    NetConnectionsActive: "net_connections_active", NetConn, Gauge, "tcp_connections_active", One,
+        "TCP connections established and not yet closed.";
+    NetConnectionsTotal: "net_connections_total", NetConn, Counter, "tcp_connections_total", One,
+        "TCP connections established, active and passive.";
+    NetConnectionsClosed: "net_connections_closed", NetConn, Counter, "tcp_connections_closed_total", One,
+        "TCP connections closed after being established.";
+    NetConnectionLifetimeAvgMs: "net_connection_lifetime_avg_ms", NetConn, Gauge, "tcp_connection_lifetime_avg_seconds", Milli,
+        "Mean lifetime of closed TCP connections.";
+    NetTcpRetransmits: "net_tcp_retransmits", NetConn, Counter, "tcp_retransmits_total", One,
+        "TCP segments retransmitted.";
 }
 
 impl MetricId {
@@ -153,6 +192,17 @@ impl MetricId {
     pub fn from_index(index: usize) -> Option<MetricId> {
         METRICS.get(index).map(|m| m.id)
     }
+}
+
+/// The groups the metrics come from, each once, in first-seen order.
+pub fn groups_of(ids: impl IntoIterator<Item = MetricId>) -> Vec<Group> {
+    let mut groups = Vec::new();
+    for id in ids {
+        if !groups.contains(&id.def().group) {
+            groups.push(id.def().group);
+        }
+    }
+    groups
 }
 
 /// A metric's value: a number in the file's unit, or `max` for a limit that

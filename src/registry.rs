@@ -14,10 +14,9 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
 
-use crate::cgroup::read::{read_group, SourceError};
 use crate::cgroup::{CgroupDirs, Layout};
 use crate::discovery::{Found, Globs};
-use crate::metrics::{Group, MetricId, Sample, METRICS};
+use crate::metrics::MetricId;
 
 pub type Slot = u64;
 
@@ -38,53 +37,11 @@ pub struct Container {
 }
 
 impl Container {
-    /// The metrics this host provides for this container, hence its files.
-    /// Decided at first use: a group whose files are absent provides nothing;
-    /// a malformed one keeps its files so reading them reports the error.
-    pub fn available(&self, layout: &Layout) -> &[MetricId] {
-        self.available.get_or_init(|| {
-            let mut sample = Sample::default();
-            let mut broken: HashSet<Group> = HashSet::new();
-            for group in distinct_groups() {
-                if let Err(e) = read_group(layout, &self.dirs, group, &mut sample) {
-                    if !matches!(e, SourceError::Vanished(_)) {
-                        log::warn!("container {}: {e}", self.name);
-                        broken.insert(group);
-                    }
-                }
-            }
-            if sample.get(MetricId::CpuUsageUsec).is_some() {
-                sample.set(MetricId::CpuMillicores, Some(0));
-            }
-            METRICS
-                .iter()
-                .filter(|m| sample.get(m.id).is_some() || broken.contains(&m.group))
-                .map(|m| m.id)
-                .collect()
-        })
+    /// The metrics this container has files for, computed by `compute` the
+    /// first time and kept for the container's life.
+    pub fn available_with(&self, compute: impl FnOnce() -> Vec<MetricId>) -> &[MetricId] {
+        self.available.get_or_init(compute)
     }
-
-    /// The groups to read for a full sample of this container.
-    pub fn groups(&self, layout: &Layout) -> Vec<Group> {
-        let mut groups: Vec<Group> = Vec::new();
-        for id in self.available(layout) {
-            if !groups.contains(&id.def().group) {
-                groups.push(id.def().group);
-            }
-        }
-        groups
-    }
-}
-
-/// Each group of the catalogue once, in catalogue order.
-fn distinct_groups() -> Vec<Group> {
-    let mut groups = Vec::new();
-    for m in METRICS {
-        if !groups.contains(&m.group) {
-            groups.push(m.group);
-        }
-    }
-    groups
 }
 
 #[derive(Default)]
@@ -118,13 +75,13 @@ impl Registry {
     }
 
     /// Runs discovery and brings the registry in line: new containers are
-    /// added, vanished ones dropped.
-    pub fn refresh(&self) {
+    /// added, vanished ones dropped. Returns whether any vanished.
+    pub fn refresh(&self) -> bool {
         let found = self.globs.discover(&self.layout);
-        self.reconcile(found);
+        self.reconcile(found)
     }
 
-    fn reconcile(&self, found: Vec<Found>) {
+    fn reconcile(&self, found: Vec<Found>) -> bool {
         let mut inner = self.inner.write();
         let live: HashSet<&PathBuf> = found.iter().map(|f| &f.cgroup).collect();
         let gone: Vec<Slot> = inner
@@ -133,6 +90,7 @@ impl Registry {
             .filter(|(cgroup, _)| !live.contains(cgroup))
             .map(|(_, slot)| *slot)
             .collect();
+        let removed = !gone.is_empty();
         for slot in gone {
             remove(&mut inner, slot);
         }
@@ -160,6 +118,7 @@ impl Registry {
             inner.by_slot.insert(slot, container.clone());
             inner.by_name.insert(name, container);
         }
+        removed
     }
 
     fn unique_name(&self, inner: &Inner, wanted: &str, id: &str) -> String {
@@ -302,31 +261,5 @@ mod tests {
             assert!(name.len() <= NAME_MAX, "{}", name.len());
         }
         assert_eq!(r.list().len(), 2);
-    }
-
-    #[test]
-    fn availability_follows_the_host() {
-        let r = registry();
-        r.reconcile(vec![
-            found("tenants/alpha", "alpha"),
-            found("tenants/beta", "beta"),
-        ]);
-        let alpha = r.by_name("alpha").unwrap();
-        let files: Vec<&str> = alpha
-            .available(r.layout())
-            .iter()
-            .map(|m| m.def().file)
-            .collect();
-        assert!(files.contains(&"cpu_millicores"));
-        assert!(files.contains(&"memory_swap"));
-        assert!(!files.contains(&"memory_pgpgin"), "v2 has no pgpgin");
-        let beta = r.by_name("beta").unwrap();
-        let files: Vec<&str> = beta
-            .available(r.layout())
-            .iter()
-            .map(|m| m.def().file)
-            .collect();
-        assert!(!files.contains(&"cpu_nr_periods"), "cpu controller is off");
-        assert!(!files.contains(&"io_read_bytes"));
     }
 }

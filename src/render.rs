@@ -32,7 +32,7 @@ pub fn metric_lines(out: &mut String, name: &str, sample: &Sample) {
 /// Every container's metrics in Prometheus text format: one family per
 /// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
 /// label on every series, no timestamps.
-pub fn prometheus(samples: &[(Arc<Container>, Sample)]) -> String {
+pub fn prometheus(samples: &[(Arc<Container>, Sample)], ebpf_health: Option<[u64; 3]>) -> String {
     let mut out = String::new();
     for def in METRICS {
         let mut series = samples
@@ -55,7 +55,30 @@ pub fn prometheus(samples: &[(Arc<Container>, Sample)]) -> String {
             );
         }
     }
+    if let Some(health) = ebpf_health {
+        ebpf_health_family(&mut out, health);
+    }
     out
+}
+
+/// Events the eBPF programs could not count, so that an undercount is seen.
+fn ebpf_health_family(out: &mut String, health: [u64; 3]) {
+    let _ = writeln!(
+        out,
+        "# HELP cgmetric_ebpf_uncounted_total Events the eBPF programs could not count, by reason."
+    );
+    let _ = writeln!(out, "# TYPE cgmetric_ebpf_uncounted_total counter");
+    let reasons = [
+        "traffic_map_full",
+        "connection_map_full",
+        "unattributed_connection",
+    ];
+    for (reason, count) in reasons.iter().zip(health) {
+        let _ = writeln!(
+            out,
+            "cgmetric_ebpf_uncounted_total{{reason=\"{reason}\"}} {count}"
+        );
+    }
 }
 
 fn family_header(out: &mut String, def: &MetricDef) {

@@ -16,6 +16,17 @@ pub const CONN_COUNTERS_MAP: &str = "CONN_COUNTERS";
 pub const HEALTH_MAP: &str = "HEALTH";
 /// Socket storage: [`SocketState`] per TCP socket.
 pub const SOCKETS_MAP: &str = "SOCKETS";
+/// Hash: container cgroup id → [`Retired`]. Written only by user space.
+pub const RETIRED_MAP: &str = "RETIRED";
+
+/// The maps a restart must find pinned to reuse the attached programs.
+pub const PINNED_MAPS: [&str; 5] = [
+    NET_COUNTERS_MAP,
+    CONN_COUNTERS_MAP,
+    HEALTH_MAP,
+    SOCKETS_MAP,
+    RETIRED_MAP,
+];
 
 /// Program names (the eBPF functions), as user space finds them.
 pub const PROG_EGRESS: &str = "count_egress";
@@ -61,6 +72,15 @@ pub struct SocketState {
     pub established_ns: u64,
 }
 
+/// Counts of cgroups removed inside a live container, folded into it so the
+/// container's totals stay monotonic after their own entries are deleted.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Retired {
+    pub net: NetCounters,
+    pub conn: ConnCounters,
+}
+
 /// Indices of the health counters.
 pub mod health {
     /// Packets not counted because the traffic map was full.
@@ -79,4 +99,5 @@ mod user {
     unsafe impl aya::Pod for super::NetCounters {}
     unsafe impl aya::Pod for super::ConnCounters {}
     unsafe impl aya::Pod for super::SocketState {}
+    unsafe impl aya::Pod for super::Retired {}
 }

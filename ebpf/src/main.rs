@@ -30,9 +30,9 @@ use aya_ebpf::bindings::{
 };
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id};
 use aya_ebpf::macros::{cgroup_skb, cgroup_sock, map, sock_ops};
-use aya_ebpf::maps::{PerCpuArray, PerCpuHashMap};
+use aya_ebpf::maps::{HashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::{SkBuffContext, SockContext, SockOpsContext};
-use cgmetric_common::{health, ConnCounters, NetCounters, SocketState, MAX_CGROUPS};
+use cgmetric_common::{health, ConnCounters, NetCounters, Retired, SocketState, MAX_CGROUPS};
 
 use crate::sk_storage::SkStorage;
 
@@ -48,6 +48,9 @@ static NET_COUNTERS: PerCpuHashMap<u64, NetCounters> = PerCpuHashMap::pinned(MAX
 static CONN_COUNTERS: PerCpuHashMap<u64, ConnCounters> = PerCpuHashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 #[map]
 static HEALTH: PerCpuArray<u64> = PerCpuArray::pinned(health::COUNT, 0);
+// User space's: declared here so it is created and pinned with the rest.
+#[map]
+static RETIRED: HashMap<u64, Retired> = HashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".maps")]
@@ -97,10 +100,15 @@ fn count_packet(ctx: &SkBuffContext, egress: bool) {
     let Some(c) = counters(&NET_COUNTERS, cgroup, health::NET_MAP_FULL) else {
         return;
     };
-    let bytes = u64::from(ctx.len());
-    // A GSO packet stands for several on the wire.
     // SAFETY: reading a context field.
-    let packets = u64::from(unsafe { (*ctx.skb.skb).gso_segs }.max(1));
+    let segments = unsafe { (*ctx.skb.skb).gso_segs };
+    let mut bytes = u64::from(ctx.len());
+    if segments > 1 {
+        // A GSO (egress) or GRO (ingress) packet carries its headers once;
+        // on the wire each of its segments carries them.
+        bytes += u64::from(segments - 1) * u64::from(header_len(ctx).unwrap_or(0));
+    }
+    let packets = u64::from(segments.max(1));
     if egress {
         add(&mut c.tx_bytes, bytes);
         add(&mut c.tx_packets, packets);
@@ -108,6 +116,24 @@ fn count_packet(ctx: &SkBuffContext, egress: bool) {
         add(&mut c.rx_bytes, bytes);
         add(&mut c.rx_packets, packets);
     }
+}
+
+/// The IP and TCP/UDP header bytes of one segment of this packet.
+fn header_len(ctx: &SkBuffContext) -> Option<u32> {
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    let first: u8 = ctx.load(0).ok()?;
+    let (ip, protocol) = match first >> 4 {
+        4 => (u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).ok()?),
+        6 => (40, ctx.load::<u8>(6).ok()?),
+        _ => return None,
+    };
+    let transport = match protocol {
+        TCP => u32::from(ctx.load::<u8>(ip as usize + 12).ok()? >> 4) * 4,
+        UDP => 8,
+        _ => 0,
+    };
+    Some(ip + transport)
 }
 
 #[cgroup_skb(egress)]

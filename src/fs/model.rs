@@ -11,11 +11,11 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::inode::{Entry, Meta, Node, RootFile, ROOT_INO};
-use crate::cgroup::read::{read_all, read_group, SourceError};
-use crate::metrics::{Group, MetricId, Sample};
-use crate::rate::RateTracker;
+use crate::cgroup::read::SourceError;
+use crate::metrics::{MetricId, Sample};
 use crate::registry::{Container, Registry, Slot};
 use crate::render;
+use crate::sample::Sampler;
 
 /// Why a filesystem operation failed. [`FsError::errno`] is the one place
 /// these become error numbers.
@@ -87,31 +87,22 @@ enum Handle {
 }
 
 pub struct Model {
-    registry: Arc<Registry>,
-    rates: Arc<RateTracker<Slot>>,
+    sampler: Sampler,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
 }
 
 impl Model {
-    pub fn new(registry: Arc<Registry>, window: std::time::Duration) -> Model {
-        let sampled = registry.clone();
-        let rates = RateTracker::new(
-            window,
-            Box::new(move || {
-                sampled
-                    .list()
-                    .iter()
-                    .filter_map(|c| Some((c.slot, cpu_usage_usec(&sampled, c)?)))
-                    .collect()
-            }),
-        );
+    pub fn new(sampler: Sampler) -> Model {
         Model {
-            registry,
-            rates,
+            sampler,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
         }
+    }
+
+    fn registry(&self) -> &Registry {
+        self.sampler.registry()
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
@@ -130,10 +121,10 @@ impl Model {
         if let Some(file) = RootFile::ALL.into_iter().find(|f| f.name() == name) {
             return Ok(Node::RootFile(file));
         }
-        let found = self.registry.by_name(name).or_else(|| {
+        let found = self.registry().by_name(name).or_else(|| {
             // Not known yet: it may have appeared since the last discovery.
-            self.registry.refresh();
-            self.registry.by_name(name)
+            self.sampler.refresh();
+            self.registry().by_name(name)
         });
         found.map(|c| Node::Dir(c.slot)).ok_or(FsError::NotFound)
     }
@@ -148,14 +139,14 @@ impl Model {
     }
 
     fn check_available(&self, container: &Container, id: MetricId) -> Result<()> {
-        match container.available(self.registry.layout()).contains(&id) {
+        match self.sampler.available(container).contains(&id) {
             true => Ok(()),
             false => Err(FsError::NotFound),
         }
     }
 
     fn container(&self, slot: Slot) -> Result<Arc<Container>> {
-        self.registry.get(slot).ok_or(FsError::NotFound)
+        self.registry().get(slot).ok_or(FsError::NotFound)
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
@@ -220,11 +211,11 @@ impl Model {
     }
 
     fn list_root(&self) -> Vec<DirEntry> {
-        self.registry.refresh();
+        self.sampler.refresh();
         let mut entries = dots(ROOT_INO);
         entries.extend(RootFile::ALL.map(|f| entry(Node::RootFile(f), f.name())));
         entries.extend(
-            self.registry
+            self.registry()
                 .list()
                 .iter()
                 .map(|c| entry(Node::Dir(c.slot), &c.name)),
@@ -237,8 +228,8 @@ impl Model {
         let mut entries = dots(Node::Dir(slot).ino());
         entries.extend(Meta::ALL.map(|m| entry(Node::File(slot, Entry::Meta(m)), m.name())));
         entries.extend(
-            container
-                .available(self.registry.layout())
+            self.sampler
+                .available(container)
                 .iter()
                 .map(|id| entry(Node::File(slot, Entry::Metric(*id)), id.def().file)),
         );
@@ -261,7 +252,10 @@ impl Model {
                 }
                 Ok(out)
             }
-            Node::RootFile(RootFile::MetricsProm) => Ok(render::prometheus(&self.sample_all())),
+            Node::RootFile(RootFile::MetricsProm) => Ok(render::prometheus(
+                &self.sample_all(),
+                self.sampler.health(),
+            )),
             Node::File(slot, entry) => {
                 let container = self.container(slot)?;
                 self.render_container_file(&container, entry)
@@ -277,19 +271,15 @@ impl Model {
             Entry::Meta(Meta::Cgroup) => Ok(format!("/{}\n", container.cgroup.display())),
             Entry::Meta(Meta::Runtime) => Ok(format!("{}\n", container.runtime)),
             Entry::Meta(Meta::Metrics) => {
-                let sample = self.sample(container).map_err(FsError::Source)?;
+                let sample = self.sampler.sample(container).map_err(FsError::Source)?;
                 Ok(render::container_metrics(&sample))
             }
             Entry::Metric(id) => {
                 self.check_available(container, id)?;
                 let mut sample = Sample::default();
-                match id.def().group {
-                    Group::CpuRate => sample.set(id, self.cpu_millicores(container)),
-                    group => {
-                        read_group(self.registry.layout(), &container.dirs, group, &mut sample)
-                            .map_err(FsError::Source)?
-                    }
-                }
+                self.sampler
+                    .read(container, id.def().group, &mut sample)
+                    .map_err(FsError::Source)?;
                 sample
                     .get(id)
                     .map(render::value_file)
@@ -301,60 +291,28 @@ impl Model {
     /// Logs what a reader cannot see, and drops containers found gone.
     fn note_failure(&self, container: &Container, error: &FsError) {
         match error {
-            FsError::Source(SourceError::Vanished(_)) => self.registry.forget(container.slot),
+            FsError::Source(SourceError::Vanished(_)) => self.registry().forget(container.slot),
             FsError::Source(e) => log::warn!("container {}: {e}", container.name),
             _ => {}
         }
     }
 
-    /// Every available metric of one container; a malformed group is logged
-    /// and left out.
-    fn sample(&self, container: &Container) -> std::result::Result<Sample, SourceError> {
-        let layout = self.registry.layout();
-        let groups = container.groups(layout);
-        let mut sample = Sample::default();
-        read_all(layout, &container.dirs, &groups, &mut sample)?;
-        if groups.contains(&Group::CpuRate) {
-            sample.set(MetricId::CpuMillicores, self.cpu_millicores(container));
-        }
-        Ok(sample)
-    }
-
     /// A sample of every container, after a fresh discovery; containers that
     /// vanish meanwhile are left out.
     fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
-        self.registry.refresh();
-        self.registry
+        self.sampler.refresh();
+        self.registry()
             .list()
             .into_iter()
-            .filter_map(|c| match self.sample(&c) {
+            .filter_map(|c| match self.sampler.sample(&c) {
                 Ok(sample) => Some((c, sample)),
                 Err(_) => {
-                    self.registry.forget(c.slot);
+                    self.registry().forget(c.slot);
                     None
                 }
             })
             .collect()
     }
-
-    fn cpu_millicores(&self, container: &Container) -> Option<u64> {
-        let usec_per_second = self
-            .rates
-            .per_second(container.slot, || cpu_usage_usec(&self.registry, container))?;
-        Some((usec_per_second / 1000.0).round() as u64)
-    }
-}
-
-fn cpu_usage_usec(registry: &Registry, container: &Container) -> Option<u64> {
-    let mut sample = Sample::default();
-    read_group(
-        registry.layout(),
-        &container.dirs,
-        Group::CpuUsage,
-        &mut sample,
-    )
-    .ok()?;
-    sample.count(MetricId::CpuUsageUsec)
 }
 
 fn entry(node: Node, name: &str) -> DirEntry {
@@ -396,7 +354,7 @@ mod tests {
         let globs = Globs::new(&["tenants/*".to_string()]).unwrap();
         let registry = Arc::new(Registry::new(layout, globs, RootFile::NAMES));
         registry.refresh();
-        Model::new(registry, Duration::from_millis(20))
+        Model::new(Sampler::new(registry, Duration::from_millis(20), None))
     }
 
     fn cat(model: &Model, path: &str) -> Result<String> {

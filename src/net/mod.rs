@@ -1,0 +1,270 @@
+//! Network accounting: the eBPF programs ([`load`]) and reading what they
+//! counted, summed over CPUs and over a container's whole cgroup subtree.
+
+mod load;
+pub mod sys;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use cgmetric_common::{
+    health, ConnCounters, NetCounters, Retired, CONN_COUNTERS_MAP, HEALTH_MAP, NET_COUNTERS_MAP,
+    RETIRED_MAP,
+};
+use parking_lot::{Mutex, RwLock};
+
+pub use load::link_pin;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Occurs on hosts without a cgroup v2 hierarchy to attach to.
+    #[error(
+        "network accounting needs a cgroup v2 hierarchy, and this host has none (use --no-ebpf)"
+    )]
+    NoCgroupV2,
+    /// Occurs when `--bpf-dir` is not on a bpf filesystem and cannot be.
+    #[error("--bpf-dir {0} is not on a bpf filesystem (mount one: mount -t bpf bpf DIR)")]
+    NotBpffs(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Occurs when the kernel refuses the object (maps, BTF).
+    #[error("loading the eBPF object: {0}")]
+    Load(Box<aya::EbpfError>),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    /// Occurs when the verifier rejects a program.
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("attaching eBPF program {name}: {source}")]
+    Attach {
+        name: &'static str,
+        source: std::io::Error,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<MapError>,
+    },
+}
+
+/// Totals of one container: traffic and TCP connections.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    pub net: NetCounters,
+    pub conn: ConnCounters,
+}
+
+impl Totals {
+    fn add(&mut self, net: &NetCounters, conn: &ConnCounters) {
+        self.net.tx_bytes += net.tx_bytes;
+        self.net.tx_packets += net.tx_packets;
+        self.net.rx_bytes += net.rx_bytes;
+        self.net.rx_packets += net.rx_packets;
+        self.conn.established += conn.established;
+        self.conn.closed += conn.closed;
+        self.conn.lifetime_ns += conn.lifetime_ns;
+        self.conn.retransmits += conn.retransmits;
+    }
+}
+
+struct Maps {
+    traffic: PerCpuHashMap<MapData, u64, NetCounters>,
+    connections: PerCpuHashMap<MapData, u64, ConnCounters>,
+    retired: BpfHashMap<MapData, u64, Retired>,
+}
+
+/// The attached programs' counters.
+pub struct Net {
+    maps: RwLock<Maps>,
+    health: PerCpuArray<MapData, u64>,
+    /// The v2 root, for resolving cgroup ids.
+    cgroup_root: File,
+    /// Which container each cgroup id was last seen under: a removed child
+    /// cgroup's counts are folded into its container.
+    owners: Mutex<HashMap<u64, u64>>,
+    /// Health counters already reported.
+    reported: Mutex<[u64; health::COUNT as usize]>,
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, NetError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(NetError::Map {
+        name,
+        source: Box::new(MapError::InvalidName { name: name.into() }),
+    })?;
+    T::try_from(map).map_err(|e| NetError::Map {
+        name,
+        source: Box::new(e),
+    })
+}
+
+impl Net {
+    /// Attaches (or finds attached) the programs at the v2 root `cgroup_root`.
+    pub fn start(bpf_dir: &Path, cgroup_root: &Path) -> Result<Net, NetError> {
+        let mut ebpf = load::load_and_attach(bpf_dir, cgroup_root)?;
+        Ok(Net {
+            maps: RwLock::new(Maps {
+                traffic: take(&mut ebpf, NET_COUNTERS_MAP)?,
+                connections: take(&mut ebpf, CONN_COUNTERS_MAP)?,
+                retired: take(&mut ebpf, RETIRED_MAP)?,
+            }),
+            health: take(&mut ebpf, HEALTH_MAP)?,
+            cgroup_root: File::open(cgroup_root).map_err(|source| NetError::Io {
+                path: cgroup_root.to_path_buf(),
+                source,
+            })?,
+            owners: Mutex::new(HashMap::new()),
+            reported: Mutex::new([0; health::COUNT as usize]),
+        })
+    }
+
+    /// Traffic and connections of the cgroup at `dir` (a v2 directory) and
+    /// every cgroup below it, plus what removed descendants left behind.
+    pub fn totals(&self, dir: &Path) -> Option<Totals> {
+        let ids = subtree_ids(dir);
+        let container = *ids.first()?;
+        {
+            let mut owners = self.owners.lock();
+            for id in &ids {
+                owners.insert(*id, container);
+            }
+        }
+        let maps = self.maps.read();
+        let mut totals = Totals::default();
+        if let Ok(retired) = maps.retired.get(&container, 0) {
+            totals.add(&retired.net, &retired.conn);
+        }
+        for id in ids {
+            let (net, conn) = read_entry(&maps, id);
+            totals.add(&net, &conn);
+        }
+        self.report_health();
+        Some(totals)
+    }
+
+    /// Removes the entries of cgroups that no longer exist. A removed cgroup
+    /// seen inside a live container is first folded into that container, so
+    /// its totals never go down.
+    pub fn collect_garbage(&self) {
+        let root = self.cgroup_root.as_fd();
+        let mut maps = self.maps.write();
+        let mut ids: Vec<u64> = maps.traffic.keys().filter_map(Result::ok).collect();
+        ids.extend(maps.connections.keys().filter_map(Result::ok));
+        ids.extend(maps.retired.keys().filter_map(Result::ok));
+        ids.sort_unstable();
+        ids.dedup();
+        let mut owners = self.owners.lock();
+        for id in ids.into_iter().filter(|id| !sys::cgroup_exists(root, *id)) {
+            let owner = owners
+                .remove(&id)
+                .filter(|o| *o != id && sys::cgroup_exists(root, *o));
+            if let Some(owner) = owner {
+                let (net, conn) = read_entry(&maps, id);
+                let mut folded = Totals::default();
+                if let Ok(before) = maps.retired.get(&owner, 0) {
+                    folded.add(&before.net, &before.conn);
+                }
+                folded.add(&net, &conn);
+                let retired = Retired {
+                    net: folded.net,
+                    conn: folded.conn,
+                };
+                if let Err(e) = maps.retired.insert(owner, retired, 0) {
+                    log::warn!(
+                        "cannot fold removed cgroup {id} into {owner}: {e}; keeping its entry"
+                    );
+                    continue;
+                }
+            }
+            let _ = maps.traffic.remove(&id);
+            let _ = maps.connections.remove(&id);
+            let _ = maps.retired.remove(&id);
+        }
+    }
+
+    /// The health counters, summed over CPUs, by [`health`] index.
+    pub fn health(&self) -> [u64; health::COUNT as usize] {
+        let mut out = [0; health::COUNT as usize];
+        for (index, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.health.get(&(index as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Logs once for every health counter that grew since last time.
+    fn report_health(&self) {
+        let now = self.health();
+        let mut reported = self.reported.lock();
+        for (index, (now, before)) in now.iter().zip(reported.iter()).enumerate() {
+            if now > before {
+                let what = match index as u32 {
+                    health::NET_MAP_FULL => "packets not counted: the traffic map is full",
+                    health::CONN_MAP_FULL => {
+                        "connection events not counted: the connection map is full"
+                    }
+                    _ => "connections on sockets older than the programs: not attributed",
+                };
+                log::warn!("{what} ({now} in all)");
+            }
+        }
+        *reported = now;
+    }
+}
+
+fn read_entry(maps: &Maps, id: u64) -> (NetCounters, ConnCounters) {
+    let mut net = NetCounters::default();
+    if let Ok(values) = maps.traffic.get(&id, 0) {
+        for v in values.iter() {
+            net.tx_bytes += v.tx_bytes;
+            net.tx_packets += v.tx_packets;
+            net.rx_bytes += v.rx_bytes;
+            net.rx_packets += v.rx_packets;
+        }
+    }
+    let mut conn = ConnCounters::default();
+    if let Ok(values) = maps.connections.get(&id, 0) {
+        for v in values.iter() {
+            conn.established += v.established;
+            conn.closed += v.closed;
+            conn.lifetime_ns += v.lifetime_ns;
+            conn.retransmits += v.retransmits;
+        }
+    }
+    (net, conn)
+}
+
+/// The cgroup ids (directory inode numbers) of `dir` and every cgroup below
+/// it, `dir`'s first; empty if `dir` is gone.
+pub fn subtree_ids(dir: &Path) -> Vec<u64> {
+    let mut ids = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            continue;
+        };
+        ids.push(meta.ino());
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            pending.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    ids
+}

@@ -1,0 +1,278 @@
+//! A container's values from every source: cgroup files, rates measured on
+//! demand, and the eBPF maps. The filesystem asks this module for values and
+//! never knows where they come from.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::cgroup::read::{read_group, SourceError};
+use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
+use crate::net::{Net, Totals};
+use crate::rate::RateTracker;
+use crate::registry::{Container, Registry, Slot};
+
+/// The counters whose rates are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateCounter {
+    CpuUsage,
+    NetTx,
+    NetRx,
+}
+
+/// How often eBPF entries of removed cgroups are swept when no container
+/// vanished meanwhile.
+const GC_INTERVAL: Duration = Duration::from_secs(60);
+
+pub struct Sampler {
+    registry: Arc<Registry>,
+    rates: Arc<RateTracker<(Slot, RateCounter)>>,
+    net: Option<Arc<Net>>,
+    last_gc: Mutex<Instant>,
+}
+
+impl Sampler {
+    pub fn new(registry: Arc<Registry>, window: Duration, net: Option<Net>) -> Sampler {
+        let net = net.map(Arc::new);
+        let (tracked, tracked_net) = (registry.clone(), net.clone());
+        let rates = RateTracker::new(
+            window,
+            Box::new(move || {
+                let mut samples = Vec::new();
+                for c in tracked.list() {
+                    if let Some(usage) = cpu_usage_usec(&tracked, &c) {
+                        samples.push(((c.slot, RateCounter::CpuUsage), usage));
+                    }
+                    if let Some(totals) = net_totals(tracked_net.as_deref(), &c) {
+                        samples.push(((c.slot, RateCounter::NetTx), totals.net.tx_bytes));
+                        samples.push(((c.slot, RateCounter::NetRx), totals.net.rx_bytes));
+                    }
+                }
+                samples
+            }),
+        );
+        Sampler {
+            registry,
+            rates,
+            net,
+            last_gc: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Runs discovery; sweeps eBPF entries of removed cgroups when a
+    /// container vanished or [`GC_INTERVAL`] passed.
+    pub fn refresh(&self) {
+        let removed = self.registry.refresh();
+        if let Some(net) = &self.net {
+            let mut last = self.last_gc.lock();
+            if removed || last.elapsed() > GC_INTERVAL {
+                net.collect_garbage();
+                *last = Instant::now();
+            }
+        }
+    }
+
+    /// The metrics this host provides for `container`, hence its files. A
+    /// cgroup group whose files are absent provides nothing; a malformed one
+    /// keeps its files so that reading them reports the error.
+    pub fn available<'c>(&self, container: &'c Container) -> &'c [MetricId] {
+        container.available_with(|| {
+            let mut sample = Sample::default();
+            let mut broken: HashSet<Group> = HashSet::new();
+            let groups = groups_of(METRICS.iter().map(|m| m.id));
+            for group in groups.into_iter().filter(|g| g.is_cgroupfs()) {
+                if let Err(e) =
+                    read_group(self.registry.layout(), &container.dirs, group, &mut sample)
+                {
+                    if !matches!(e, SourceError::Vanished(_)) {
+                        log::warn!("container {}: {e}", container.name);
+                        broken.insert(group);
+                    }
+                }
+            }
+            let has_cpu = sample.get(M::CpuUsageUsec).is_some();
+            let has_net = self.net.is_some() && container.dirs.v2.is_some();
+            METRICS
+                .iter()
+                .filter(|m| match m.group {
+                    Group::CpuRate => has_cpu,
+                    Group::NetTraffic | Group::NetRate | Group::NetConn => has_net,
+                    group => sample.get(m.id).is_some() || broken.contains(&group),
+                })
+                .map(|m| m.id)
+                .collect()
+        })
+    }
+
+    /// Reads one group; errors are the caller's to report.
+    pub fn read(
+        &self,
+        container: &Container,
+        group: Group,
+        out: &mut Sample,
+    ) -> Result<(), SourceError> {
+        self.read_cached(container, group, out, &mut None)
+    }
+
+    /// Every available metric of one container. A malformed source is
+    /// logged and left out; a vanished cgroup is an error.
+    pub fn sample(&self, container: &Container) -> Result<Sample, SourceError> {
+        let groups = groups_of(self.available(container).iter().copied());
+        let mut out = Sample::default();
+        let mut totals = None;
+        for group in groups {
+            match self.read_cached(container, group, &mut out, &mut totals) {
+                Ok(()) => {}
+                Err(e @ SourceError::Vanished(_)) => return Err(e),
+                Err(e) => log::warn!("container {}: {e}", container.name),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `totals` keeps one eBPF read for both network groups of a sample.
+    fn read_cached(
+        &self,
+        c: &Container,
+        group: Group,
+        out: &mut Sample,
+        totals: &mut Option<Totals>,
+    ) -> Result<(), SourceError> {
+        let vanished =
+            || SourceError::Vanished(c.dirs.v2.clone().unwrap_or_else(|| c.cgroup.clone()));
+        match group {
+            Group::CpuRate => {
+                let usec_per_second = self
+                    .rates
+                    .per_second((c.slot, RateCounter::CpuUsage), || {
+                        cpu_usage_usec(&self.registry, c)
+                    })
+                    .ok_or_else(vanished)?;
+                out.set(
+                    M::CpuMillicores,
+                    Some((usec_per_second / 1000.0).round() as u64),
+                );
+            }
+            Group::NetRate => {
+                for (id, counter, pick) in [
+                    (M::NetTxBps, RateCounter::NetTx, tx as fn(&Totals) -> u64),
+                    (M::NetRxBps, RateCounter::NetRx, rx),
+                ] {
+                    let per_second = self
+                        .rates
+                        .per_second((c.slot, counter), || {
+                            net_totals(self.net.as_deref(), c).map(|t| pick(&t))
+                        })
+                        .ok_or_else(vanished)?;
+                    out.set(id, Some(per_second.round() as u64));
+                }
+            }
+            Group::NetTraffic | Group::NetConn => {
+                let t = match totals {
+                    Some(t) => *t,
+                    None => {
+                        *totals.insert(net_totals(self.net.as_deref(), c).ok_or_else(vanished)?)
+                    }
+                };
+                if group == Group::NetTraffic {
+                    out.set(M::NetBytesTx, Some(t.net.tx_bytes));
+                    out.set(M::NetBytesRx, Some(t.net.rx_bytes));
+                    out.set(M::NetPacketsTx, Some(t.net.tx_packets));
+                    out.set(M::NetPacketsRx, Some(t.net.rx_packets));
+                } else {
+                    let conn = t.conn;
+                    out.set(M::NetConnectionsTotal, Some(conn.established));
+                    out.set(M::NetConnectionsClosed, Some(conn.closed));
+                    out.set(
+                        M::NetConnectionsActive,
+                        Some(conn.established.saturating_sub(conn.closed)),
+                    );
+                    let avg_ms = conn.lifetime_ns.checked_div(conn.closed).unwrap_or(0) / 1_000_000;
+                    out.set(M::NetConnectionLifetimeAvgMs, Some(avg_ms));
+                    out.set(M::NetTcpRetransmits, Some(conn.retransmits));
+                }
+            }
+            group => read_group(self.registry.layout(), &c.dirs, group, out)?,
+        }
+        Ok(())
+    }
+
+    /// The eBPF health counters, when network accounting runs.
+    pub fn health(&self) -> Option<[u64; cgmetric_common::health::COUNT as usize]> {
+        self.net.as_ref().map(|n| n.health())
+    }
+}
+
+fn tx(t: &Totals) -> u64 {
+    t.net.tx_bytes
+}
+
+fn rx(t: &Totals) -> u64 {
+    t.net.rx_bytes
+}
+
+fn cpu_usage_usec(registry: &Registry, container: &Container) -> Option<u64> {
+    let mut sample = Sample::default();
+    read_group(
+        registry.layout(),
+        &container.dirs,
+        Group::CpuUsage,
+        &mut sample,
+    )
+    .ok()?;
+    sample.count(M::CpuUsageUsec)
+}
+
+fn net_totals(net: Option<&Net>, container: &Container) -> Option<Totals> {
+    net?.totals(
+        container
+            .dirs
+            .v2
+            .as_deref()
+            .filter(|d: &&Path| d.is_dir())?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::Layout;
+    use crate::discovery::Globs;
+
+    #[test]
+    fn availability_follows_the_host() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
+        let layout = Layout::from_tree(&root).unwrap();
+        let registry = Arc::new(Registry::new(
+            layout,
+            Globs::new(&["tenants/*".into()]).unwrap(),
+            &[],
+        ));
+        registry.refresh();
+        let sampler = Sampler::new(registry.clone(), Duration::from_millis(20), None);
+        let files = |name: &str| -> Vec<&str> {
+            let c = registry.by_name(name).unwrap();
+            sampler.available(&c).iter().map(|m| m.def().file).collect()
+        };
+        let alpha = files("alpha");
+        assert!(alpha.contains(&"cpu_millicores"));
+        assert!(alpha.contains(&"memory_swap"));
+        assert!(!alpha.contains(&"memory_pgpgin"), "v2 has no pgpgin");
+        assert!(
+            !alpha.contains(&"net_bytes_tx"),
+            "no eBPF, no network files"
+        );
+        let beta = files("beta");
+        assert!(!beta.contains(&"cpu_nr_periods"), "cpu controller is off");
+        assert!(!beta.contains(&"io_read_bytes"));
+        // broken's malformed files keep their names: reading them says why.
+        assert!(files("broken").contains(&"memory_usage"));
+    }
+}
