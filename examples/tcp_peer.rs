@@ -4,9 +4,11 @@
 //!
 //! ```text
 //! tcp_peer server ADDR PORT_FILE CONNECTIONS   accept CONNECTIONS, read each to EOF
-//! tcp_peer client ADDR CONNECTIONS BYTES HOLD  open CONNECTIONS, send BYTES on each,
-//!                                              keep them open until stdin closes (HOLD=stdin)
-//!                                              or for HOLD milliseconds, then close
+//! tcp_peer client ADDR CONNECTIONS BYTES HOLD [PACE]
+//!                                              open CONNECTIONS, send BYTES on each (in 64 KiB
+//!                                              writes PACE ms apart, if given), keep them open
+//!                                              until stdin closes (HOLD=stdin) or for HOLD
+//!                                              milliseconds, then close
 //! ```
 //! Each prints one line on stdout when done: the bytes it moved.
 
@@ -24,6 +26,7 @@ fn main() {
             arg(2).parse().unwrap_or_else(|_| usage()),
             arg(3).parse().unwrap_or_else(|_| usage()),
             arg(4),
+            args.get(5).map(|p| p.parse().unwrap_or_else(|_| usage())),
         ),
         _ => usage(),
     }
@@ -61,13 +64,21 @@ fn server(addr: &str, port_file: &str, connections: usize) {
     println!("{total}");
 }
 
-fn client(addr: &str, connections: usize, bytes: usize, hold: &str) {
-    let payload = vec![0x5au8; bytes];
+fn client(addr: &str, connections: usize, bytes: usize, hold: &str, pace_ms: Option<u64>) {
     let mut streams: Vec<TcpStream> = (0..connections)
         .map(|_| TcpStream::connect(addr).expect("connect"))
         .collect();
+    let chunk = vec![0x5au8; 1 << 16];
     for stream in &mut streams {
-        stream.write_all(&payload).expect("send");
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            stream.write_all(&chunk[..n]).expect("send");
+            left -= n;
+            if let Some(pace) = pace_ms {
+                std::thread::sleep(Duration::from_millis(pace));
+            }
+        }
     }
     match hold {
         "stdin" => {

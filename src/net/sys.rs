@@ -144,6 +144,11 @@ pub fn program_tag(program: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
     info::<ProgInfo>(program).map(|i| i.tag)
 }
 
+/// A link's id: the same id after a restart means the same attachment.
+pub fn link_id(link: BorrowedFd<'_>) -> io::Result<u32> {
+    info::<LinkInfo>(link).map(|i| i.id)
+}
+
 /// The tag of the program a link runs.
 pub fn link_program_tag(link: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
     let prog_id = info::<LinkInfo>(link)?.prog_id;

@@ -225,6 +225,7 @@ fn rust_log_controls_logging() {
     std::fs::create_dir(&mountpoint).unwrap();
     for (level, expect_info) in [("error", false), ("info", true)] {
         let child = Command::new(binary())
+            .arg("--no-ebpf")
             .arg(&mountpoint)
             .env("RUST_LOG", level)
             .stderr(Stdio::piped())

@@ -10,5 +10,6 @@ mod cpu;
 mod fixtures;
 mod lifecycle;
 mod memory;
+mod net;
 mod prometheus;
 mod tree;

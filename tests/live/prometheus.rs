@@ -41,8 +41,13 @@ fn promtool_accepts_metrics_prom() {
         "promtool: {complaints}\n{text}"
     );
 
-    // Every sample carries the container label; label values are escaped.
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
+    // Every container sample carries the container label (the daemon's own
+    // cgmetric_ebpf_* series describe the programs, not a container); label
+    // values are escaped.
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("cgmetric_ebpf_"))
+    {
         assert!(line.starts_with("cgmetric_"), "{line}");
         assert!(line.contains("{container=\""), "{line}");
     }
@@ -53,4 +58,12 @@ fn promtool_accepts_metrics_prom() {
     assert!(text.contains("container=\"beta \\\"quoted\\\"\""), "{text}");
     assert_eq!(text.matches("# TYPE cgmetric_pids gauge\n").count(), 1);
     assert!(text.contains("# TYPE cgmetric_cpu_usage_seconds_total counter\n"));
+    assert!(
+        text.contains("cgmetric_network_transmit_bytes_total{container=\"alpha\","),
+        "{text}"
+    );
+    assert!(
+        text.contains("cgmetric_ebpf_uncounted_total{reason=\"traffic_map_full\"} 0\n"),
+        "{text}"
+    );
 }

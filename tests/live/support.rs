@@ -157,9 +157,32 @@ impl Cgroup {
         fs::write(&path, value).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 
+    /// Starts `command` inside this cgroup and hands its handle to the caller
+    /// (removing the cgroup still kills it). Its stdout is piped; its stdin
+    /// is the caller's to choose.
+    pub fn start(&self, command: &mut Command) -> Child {
+        self.enter_on_exec(command);
+        command
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"))
+    }
+
     /// Starts `command` inside this cgroup, in every hierarchy, before it
     /// executes anything.
     pub fn spawn(&mut self, command: &mut Command) -> u32 {
+        self.enter_on_exec(command);
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    fn enter_on_exec(&self, command: &mut Command) {
         let procs: Vec<CString> = self
             .dirs
             .iter()
@@ -179,14 +202,6 @@ impl Cgroup {
                 Ok(())
             });
         }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
-        let pid = child.id();
-        self.children.push(child);
-        pid
     }
 
     /// One busy loop: one core's worth of CPU.
@@ -234,6 +249,26 @@ impl Drop for Cgroup {
     }
 }
 
+/// A directory for one daemon's pinned eBPF maps and links, removed (which
+/// detaches the programs) on drop.
+pub struct BpfDir(pub PathBuf);
+
+impl BpfDir {
+    pub fn new() -> BpfDir {
+        BpfDir(PathBuf::from("/sys/fs/bpf").join(unique("cgmt")))
+    }
+
+    pub fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for BpfDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A running `cgmetric` on its own temporary mountpoint.
 pub struct Daemon {
     child: Option<Child>,
@@ -241,10 +276,35 @@ pub struct Daemon {
     _dir: Option<tempfile::TempDir>,
     log: PathBuf,
     _log_dir: tempfile::TempDir,
+    /// The daemon's own pins, unless the test passed --bpf-dir or --no-ebpf.
+    _bpf_dir: Option<BpfDir>,
 }
 
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cgmetric")
+}
+
+/// The `tcp_peer` example, built once per test run: `cargo test --test
+/// live` alone does not rebuild examples, and a stale peer lies.
+pub fn tcp_peer() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().unwrap().parent().unwrap();
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.args(["build", "--quiet", "--example", "tcp_peer"]);
+            if profile_dir.ends_with("release") {
+                cargo.arg("--release");
+            }
+            let status = cargo
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .unwrap();
+            assert!(status.success(), "building the tcp_peer example failed");
+            profile_dir.join("examples/tcp_peer")
+        })
+        .clone()
 }
 
 impl Daemon {
@@ -259,12 +319,19 @@ impl Daemon {
         daemon
     }
 
-    /// Starts the daemon on `mountpoint` without waiting.
+    /// Starts the daemon on `mountpoint` without waiting. Unless `args`
+    /// choose otherwise, it pins its eBPF objects in a directory of its own.
     pub fn spawn_at(mountpoint: &Path, args: &[&str]) -> Daemon {
         let log_dir = tempfile::tempdir().unwrap();
         let log = log_dir.path().join("stderr");
-        let child = Command::new(binary())
-            .args(args)
+        let own_bpf_dir =
+            (!args.iter().any(|a| *a == "--bpf-dir" || *a == "--no-ebpf")).then(BpfDir::new);
+        let mut command = Command::new(binary());
+        command.args(args);
+        if let Some(dir) = &own_bpf_dir {
+            command.args(["--bpf-dir", dir.arg()]);
+        }
+        let child = command
             .arg(mountpoint)
             .env(
                 "RUST_LOG",
@@ -281,6 +348,7 @@ impl Daemon {
             _dir: None,
             log,
             _log_dir: log_dir,
+            _bpf_dir: own_bpf_dir,
         }
     }
 

@@ -1,0 +1,520 @@
+//! Network accounting with real traffic: a server and a client in two
+//! cgroups (on loopback, and across a veth pair into a network namespace),
+//! compared with what the peers moved and what the kernel's devices count.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::require;
+use crate::support::{eventually, tcp_peer, unique, BpfDir, Cgroup, Daemon};
+
+/// Headers a TCP/IPv4 segment carries (20 + 20, plus 12 of timestamps).
+const HEADER: u64 = 52;
+
+/// Fields drop in order: the daemon, then the children, then their parent.
+struct Pair {
+    daemon: Daemon,
+    server: Cgroup,
+    client: Cgroup,
+    _parent: Cgroup,
+    port_file: tempfile::TempDir,
+}
+
+impl Pair {
+    fn new(test: &str, daemon_args: &[&str]) -> Pair {
+        let parent = Cgroup::parent(test);
+        let server = parent.child("server");
+        let client = parent.child("client");
+        let glob = format!("{}/*", parent.relative);
+        let mut args = vec!["--cgroup", &glob];
+        args.extend_from_slice(daemon_args);
+        let daemon = Daemon::start(&args);
+        Pair {
+            daemon,
+            server,
+            client,
+            _parent: parent,
+            port_file: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Starts the server for `connections` and returns it with its address.
+    fn serve(&self, bind: &str, connections: usize) -> (Child, String) {
+        let port_file = self.port_file.path().join(unique("port"));
+        let server = self.server.start(Command::new(tcp_peer()).args([
+            "server",
+            &format!("{bind}:0"),
+            port_file.to_str().unwrap(),
+            &connections.to_string(),
+        ]));
+        assert!(
+            eventually(Duration::from_secs(10), || port_file.exists()),
+            "server did not start"
+        );
+        let port = std::fs::read_to_string(&port_file).unwrap();
+        (server, format!("{bind}:{port}"))
+    }
+
+    fn number(&self, container: &str, file: &str) -> u64 {
+        self.daemon.number(&format!("{container}/{file}"))
+    }
+}
+
+/// Waits for a peer and returns the byte count it printed.
+fn finish(child: Child) -> u64 {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "peer failed: {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// TCP keeps talking briefly after the peers exit (FIN, final ACK).
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn client_and_server_traffic_is_exact() {
+    require!();
+    let pair = Pair::new("net-exact", &[]);
+    let (server, addr) = pair.serve("127.0.0.1", 1);
+    let payload = 4 << 20;
+    let client = pair.client.start(Command::new(tcp_peer()).args([
+        "client",
+        &addr,
+        "1",
+        &payload.to_string(),
+        "0",
+    ]));
+    assert_eq!(finish(client), payload);
+    assert_eq!(finish(server), payload);
+    settle();
+
+    let tx = pair.number("client", "net_bytes_tx");
+    let rx = pair.number("server", "net_bytes_rx");
+    let packets = pair.number("client", "net_packets_tx");
+    // At least the payload, plus one header per packet and no more.
+    assert!(
+        tx >= payload && tx <= payload + packets * (HEADER + 8),
+        "tx {tx} for {payload} in {packets} packets"
+    );
+    // The server received what the client sent: only a TIME_WAIT ACK, sent by
+    // the kernel on the closed socket's behalf, is unattributable.
+    assert!(
+        rx.abs_diff(tx) <= HEADER,
+        "server rx {rx} vs client tx {tx}"
+    );
+    let (back_tx, back_rx) = (
+        pair.number("server", "net_bytes_tx"),
+        pair.number("client", "net_bytes_rx"),
+    );
+    assert!(
+        back_tx.abs_diff(back_rx) <= HEADER,
+        "server tx {back_tx} vs client rx {back_rx}"
+    );
+    assert!(pair.number("server", "net_packets_rx").abs_diff(packets) <= 1);
+    for side in ["client", "server"] {
+        assert_eq!(pair.number(side, "net_connections_total"), 1, "{side}");
+        assert_eq!(pair.number(side, "net_connections_closed"), 1, "{side}");
+        assert_eq!(pair.number(side, "net_connections_active"), 0, "{side}");
+    }
+}
+
+#[test]
+fn connections_open_and_close_on_both_sides() {
+    require!();
+    let pair = Pair::new("net-conns", &[]);
+    let n = 5;
+    let (server, addr) = pair.serve("127.0.0.1", n);
+    // The client holds its connections until its stdin closes.
+    let mut command = Command::new(tcp_peer());
+    command.args(["client", &addr, &n.to_string(), "1000", "stdin"]);
+    let mut client = pair.client.start(command.stdin(Stdio::piped()));
+    let both_open = || {
+        ["client", "server"]
+            .iter()
+            .all(|side| pair.number(side, "net_connections_active") == n as u64)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), both_open),
+        "connections never all open"
+    );
+    for side in ["client", "server"] {
+        assert_eq!(
+            pair.number(side, "net_connections_total"),
+            n as u64,
+            "{side}"
+        );
+        assert_eq!(pair.number(side, "net_connections_closed"), 0, "{side}");
+    }
+    drop(client.stdin.take());
+    finish(client);
+    finish(server);
+    let all_closed = || {
+        ["client", "server"]
+            .iter()
+            .all(|side| pair.number(side, "net_connections_closed") == n as u64)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), all_closed),
+        "connections never all closed"
+    );
+    for side in ["client", "server"] {
+        assert_eq!(pair.number(side, "net_connections_active"), 0, "{side}");
+        assert_eq!(
+            pair.number(side, "net_connections_total"),
+            n as u64,
+            "{side}"
+        );
+    }
+}
+
+#[test]
+fn connections_held_a_second_live_about_a_second() {
+    require!();
+    let pair = Pair::new("net-life", &[]);
+    let (server, addr) = pair.serve("127.0.0.1", 3);
+    let client = pair
+        .client
+        .start(Command::new(tcp_peer()).args(["client", &addr, "3", "100", "1000"]));
+    finish(client);
+    finish(server);
+    assert!(eventually(Duration::from_secs(5), || pair
+        .number("client", "net_connections_closed")
+        == 3));
+    let lifetime = pair.number("client", "net_connection_lifetime_avg_ms");
+    assert!(
+        (950..1300).contains(&lifetime),
+        "client lifetime {lifetime} ms"
+    );
+    let lifetime = pair.number("server", "net_connection_lifetime_avg_ms");
+    assert!(
+        (900..1300).contains(&lifetime),
+        "server lifetime {lifetime} ms"
+    );
+}
+
+#[test]
+fn rates_follow_paced_traffic() {
+    require!();
+    let pair = Pair::new("net-rate", &["--window", "1s"]);
+    let (server, addr) = pair.serve("127.0.0.1", 1);
+    // 64 KiB every 20 ms: about 3.2 MB/s for 6 s. (The first rate read
+    // waits one window to measure.)
+    let client = pair.client.start(Command::new(tcp_peer()).args([
+        "client",
+        &addr,
+        "1",
+        &(300 << 16).to_string(),
+        "0",
+        "20",
+    ]));
+    std::thread::sleep(Duration::from_millis(1500));
+    let tx_bps = pair.number("client", "net_tx_bps");
+    let rx_bps = pair.number("server", "net_rx_bps");
+    let started = Instant::now();
+    let bytes_before = pair.number("client", "net_bytes_tx");
+    std::thread::sleep(Duration::from_secs(1));
+    let measured = (pair.number("client", "net_bytes_tx") - bytes_before) as f64
+        / started.elapsed().as_secs_f64();
+    for (what, bps) in [("tx", tx_bps), ("rx", rx_bps)] {
+        let ratio = bps as f64 / measured;
+        assert!(
+            (0.7..1.3).contains(&ratio),
+            "net_{what}_bps {bps} vs {measured:.0} B/s measured"
+        );
+    }
+    finish(client);
+    finish(server);
+    // Quiet for two windows: the rate falls to zero.
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(pair.number("client", "net_tx_bps"), 0);
+}
+
+#[test]
+fn no_ebpf_means_no_network_files() {
+    require!();
+    let parent = Cgroup::parent("noebpf");
+    let _box1 = parent.child("box1");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--no-ebpf"]);
+    let names: Vec<String> = std::fs::read_dir(daemon.path("box1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with("net_")), "{names:?}");
+    assert!(names.contains(&"memory_usage".to_string()));
+    assert!(!daemon.read("metrics.prom").contains("cgmetric_ebpf_"));
+}
+
+/// A network namespace with a veth pair into it, torn down on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    const HOST_ADDR: &'static str = "169.254.77.1";
+    const NS_ADDR: &'static str = "169.254.77.2";
+
+    fn new() -> Netns {
+        let id = unique("cgmt");
+        let suffix = &id[id.len().saturating_sub(8)..];
+        let ns = Netns {
+            name: id.clone(),
+            host_if: format!("cgh{suffix}"),
+        };
+        let ns_if = format!("cgn{suffix}");
+        let ip = |args: &str| run("ip", args);
+        ip(&format!("netns add {}", ns.name));
+        ip(&format!(
+            "link add {} type veth peer name {ns_if} netns {}",
+            ns.host_if, ns.name
+        ));
+        // Only the test's traffic on the namespace's wire: no IPv6 chatter,
+        // no ARP either way, and segmentation before the veth so that its
+        // counters see the packets a physical link would.
+        ns.exec("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+        ip(&format!(
+            "addr add {}/30 dev {}",
+            Self::HOST_ADDR,
+            ns.host_if
+        ));
+        ns.exec(&format!("ip addr add {}/30 dev {ns_if}", Self::NS_ADDR));
+        let mac = |dev: &str, in_ns: bool| {
+            let mut show = Command::new("ip");
+            if in_ns {
+                show.args(["netns", "exec", &ns.name, "ip"]);
+            }
+            let out = show.args(["link", "show", dev]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no MAC for {dev}: {text}"))
+                .to_string()
+        };
+        let (host_mac, ns_mac) = (mac(&ns.host_if, false), mac(&ns_if, true));
+        ip(&format!(
+            "neigh replace {} lladdr {ns_mac} dev {} nud permanent",
+            Self::NS_ADDR,
+            ns.host_if
+        ));
+        ns.exec(&format!(
+            "ip neigh replace {} lladdr {host_mac} dev {ns_if} nud permanent",
+            Self::HOST_ADDR
+        ));
+        ns.exec(&format!("ethtool -K {ns_if} tso off gso off"));
+        ip(&format!("link set {} up", ns.host_if));
+        ns.exec(&format!("ip link set {ns_if} up"));
+        ns.exec("ip link set lo up");
+        ns
+    }
+
+    fn exec(&self, command: &str) {
+        run("ip", &format!("netns exec {} {command}", self.name));
+    }
+
+    /// A veth counter inside the namespace.
+    fn counter(&self, name: &str) -> u64 {
+        let ns_if = self.host_if.replacen("cgh", "cgn", 1);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "cat"])
+            .arg(format!("/sys/class/net/{ns_if}/statistics/{name}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(program: &str, args: &str) {
+    let status = Command::new(program)
+        .args(args.split_whitespace())
+        .status()
+        .unwrap_or_else(|e| panic!("{program} {args}: {e}"));
+    assert!(status.success(), "{program} {args}: {status}");
+}
+
+#[test]
+fn client_in_a_network_namespace_agrees_with_its_veth() {
+    require!("ip", "ethtool");
+    let pair = Pair::new("net-ns", &[]);
+    let netns = Netns::new();
+    let (server, addr) = pair.serve(Netns::HOST_ADDR, 1);
+    let payload: u64 = 3 << 20;
+    let (bytes0, packets0) = (netns.counter("tx_bytes"), netns.counter("tx_packets"));
+    let client = pair.client.start(
+        Command::new("ip")
+            .args(["netns", "exec", &netns.name])
+            .arg(tcp_peer())
+            .args(["client", &addr, "1", &payload.to_string(), "0"]),
+    );
+    assert_eq!(finish(client), payload);
+    assert_eq!(finish(server), payload);
+    settle();
+    let veth_bytes = netns.counter("tx_bytes") - bytes0;
+    let veth_packets = netns.counter("tx_packets") - packets0;
+    // The veth counts Ethernet frames: 14 bytes of header over each IP packet.
+    let veth_ip_bytes = veth_bytes - 14 * veth_packets;
+    let tx = pair.number("client", "net_bytes_tx");
+    assert!(tx >= payload);
+    assert!(
+        tx.abs_diff(veth_ip_bytes) <= HEADER,
+        "net_bytes_tx {tx}, veth {veth_ip_bytes} IP bytes in {veth_packets} packets"
+    );
+    assert!(
+        pair.number("client", "net_packets_tx")
+            .abs_diff(veth_packets)
+            <= 1
+    );
+    assert!(pair.number("server", "net_bytes_rx").abs_diff(tx) <= HEADER);
+}
+
+#[test]
+fn a_daemon_killed_during_traffic_loses_nothing() {
+    require!();
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-crash");
+    let server_cg = parent.child("server");
+    let client_cg = parent.child("client");
+    let glob = format!("{}/*", parent.relative);
+    let args = ["--cgroup", &glob, "--bpf-dir", bpf.arg()];
+    let mut daemon = Daemon::start(&args);
+    let link = cgmetric::net::link_pin(&bpf.0, cgmetric_common::PROG_EGRESS);
+    let link_id = || {
+        let fd = cgmetric::net::sys::open_pinned(&link).unwrap();
+        cgmetric::net::sys::link_id(std::os::fd::AsFd::as_fd(&fd)).unwrap()
+    };
+    let attachment = link_id();
+
+    let port_dir = tempfile::tempdir().unwrap();
+    let port_file = port_dir.path().join("port");
+    let server = server_cg.start(Command::new(tcp_peer()).args([
+        "server",
+        "127.0.0.1:0",
+        port_file.to_str().unwrap(),
+        "1",
+    ]));
+    assert!(eventually(Duration::from_secs(10), || port_file.exists()));
+    let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap());
+    // 20 MiB in 64 KiB writes 10 ms apart: about 3 s of traffic.
+    let payload: u64 = 20 << 20;
+    let client = client_cg.start(Command::new(tcp_peer()).args([
+        "client",
+        &addr,
+        "1",
+        &payload.to_string(),
+        "0",
+        "10",
+    ]));
+    std::thread::sleep(Duration::from_millis(700));
+    let before_crash = daemon.number("client/net_bytes_tx");
+    daemon.crash();
+    std::thread::sleep(Duration::from_millis(700));
+    let mut daemon = Daemon::spawn_at(&daemon.mountpoint.clone(), &args);
+    daemon.wait_mounted();
+    assert!(
+        daemon.number("client/net_bytes_tx") > before_crash,
+        "traffic while down was not counted"
+    );
+    assert_eq!(finish(client), payload);
+    assert_eq!(finish(server), payload);
+    settle();
+    let tx = daemon.number("client/net_bytes_tx");
+    let rx = daemon.number("server/net_bytes_rx");
+    assert!(
+        tx >= payload && tx < payload + payload / 50,
+        "tx {tx} for {payload}"
+    );
+    assert!(rx.abs_diff(tx) <= HEADER, "rx {rx} vs tx {tx}");
+    assert_eq!(link_id(), attachment, "the restart attached a second time");
+    assert!(
+        daemon.stderr().contains("still attached"),
+        "{}",
+        daemon.stderr()
+    );
+    drop(daemon);
+}
+
+#[test]
+fn removed_cgroups_leave_the_maps_and_their_container_keeps_their_counts() {
+    require!();
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-gc");
+    let server_cg = parent.child("server");
+    let box_cg = parent.child("box");
+    let mut job = box_cg.child("job");
+    let mut gone = parent.child("gone");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--bpf-dir", bpf.arg()]);
+
+    let port_dir = tempfile::tempdir().unwrap();
+    let send_from = |cg: &Cgroup, name: &str| {
+        let port_file = port_dir.path().join(name);
+        let server = server_cg.start(Command::new(tcp_peer()).args([
+            "server",
+            "127.0.0.1:0",
+            port_file.to_str().unwrap(),
+            "1",
+        ]));
+        assert!(eventually(Duration::from_secs(10), || port_file.exists()));
+        let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap());
+        finish(cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "100000", "0"])));
+        finish(server);
+    };
+    send_from(&job, "job");
+    send_from(&gone, "gone");
+    settle();
+    let box_tx = daemon.number("box/net_bytes_tx");
+    assert!(
+        box_tx >= 100_000,
+        "the child's traffic counts for its container: {box_tx}"
+    );
+    let ids_in_map = || -> Vec<u64> {
+        let map =
+            aya::maps::MapData::from_pin(bpf.0.join(cgmetric_common::NET_COUNTERS_MAP)).unwrap();
+        let map = aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::NetCounters>::try_from(
+            aya::maps::Map::PerCpuHashMap(map),
+        )
+        .unwrap();
+        map.keys().map(Result::unwrap).collect()
+    };
+    let job_id = inode(&cgroup_v2_dir(&job));
+    let gone_id = inode(&cgroup_v2_dir(&gone));
+    assert!(ids_in_map().contains(&job_id) && ids_in_map().contains(&gone_id));
+
+    job.remove();
+    gone.remove();
+    // Listing the root notices the vanished container and sweeps the maps.
+    let _ = std::fs::read_dir(&daemon.mountpoint).unwrap().count();
+    let ids = ids_in_map();
+    assert!(!ids.contains(&job_id) && !ids.contains(&gone_id), "{ids:?}");
+    assert!(
+        daemon.number("box/net_bytes_tx") >= box_tx,
+        "the container's total went down"
+    );
+    drop(daemon);
+}
+
+fn cgroup_v2_dir(cg: &Cgroup) -> PathBuf {
+    crate::support::host_layout()
+        .unified
+        .unwrap()
+        .join(&cg.relative)
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
