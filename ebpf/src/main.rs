@@ -24,9 +24,9 @@ mod sk_storage;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::bindings::{
-    BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-    BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-    BPF_TCP_CLOSE,
+    BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
+    BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
 };
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id};
 use aya_ebpf::macros::{cgroup_skb, cgroup_sock, map, sock_ops};
@@ -43,9 +43,11 @@ pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 // Pinned by name: a restarted daemon, or a newer program, finds the same
 // counters under --bpf-dir.
 #[map]
-static NET_COUNTERS: PerCpuHashMap<u64, NetCounters> = PerCpuHashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+static NET_COUNTERS: PerCpuHashMap<u64, NetCounters> =
+    PerCpuHashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 #[map]
-static CONN_COUNTERS: PerCpuHashMap<u64, ConnCounters> = PerCpuHashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+static CONN_COUNTERS: PerCpuHashMap<u64, ConnCounters> =
+    PerCpuHashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 #[map]
 static HEALTH: PerCpuArray<u64> = PerCpuArray::pinned(health::COUNT, 0);
 // User space's: declared here so it is created and pinned with the rest.
@@ -162,43 +164,58 @@ pub fn remember_socket(ctx: SockContext) -> i32 {
 
 #[sock_ops]
 pub fn track_connections(ctx: SockOpsContext) -> u32 {
+    // TCP calls this for many events; decide on the cheap fields before
+    // touching socket storage.
+    let event = match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            Event::Established
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => Event::Closed,
+        BPF_SOCK_OPS_RETRANS_CB => Event::Retransmit,
+        _ => return 1,
+    };
     // SAFETY: reading a context field; null for request and timewait sockets.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
         return 1;
     }
     let Some(state) = SOCKETS.get(sk.cast()) else {
-        if matches!(ctx.op(), BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+        if event == Event::Established {
             note(health::UNATTRIBUTED);
         }
         return 1;
     };
-    match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            if let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) {
-                add(&mut c.established, 1);
-                // SAFETY: no preconditions.
-                state.established_ns = unsafe { bpf_ktime_get_ns() }.max(1);
-                // Ask for the state-change and retransmit callbacks of this socket.
-                let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG) as i32);
-            }
+    if event == Event::Closed && state.established_ns == 0 {
+        return 1;
+    }
+    let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) else {
+        return 1;
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match event {
+        Event::Established => {
+            add(&mut c.established, 1);
+            state.established_ns = now.max(1);
+            // Ask for this socket's state-change and retransmit callbacks.
+            let _ = ctx
+                .set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG) as i32);
         }
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE && state.established_ns != 0 => {
-            if let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) {
-                add(&mut c.closed, 1);
-                // SAFETY: no preconditions.
-                add(&mut c.lifetime_ns, unsafe { bpf_ktime_get_ns() }.saturating_sub(state.established_ns));
-                state.established_ns = 0;
-            }
+        Event::Closed => {
+            add(&mut c.closed, 1);
+            add(&mut c.lifetime_ns, now.saturating_sub(state.established_ns));
+            state.established_ns = 0;
         }
-        BPF_SOCK_OPS_RETRANS_CB => {
-            if let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) {
-                add(&mut c.retransmits, 1);
-            }
-        }
-        _ => {}
+        Event::Retransmit => add(&mut c.retransmits, 1),
     }
     1
+}
+
+#[derive(PartialEq, Eq)]
+enum Event {
+    Established,
+    Closed,
+    Retransmit,
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,140 @@
+//! The cost of cgmetric's eBPF programs to the traffic they count.
+//!
+//! `cargo bench --bench network` (as root, with iperf3 installed) measures,
+//! in one run, loopback TCP throughput (iperf3) and the TCP connect/close
+//! rate with and without the programs attached, alternating the two so
+//! that drift on a shared machine hits both, and prints the ratios.
+//! Absolute numbers vary between machines; the ratios are what carry over.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROUNDS: usize = 5;
+const IPERF_SECONDS: u32 = 3;
+const CONNECT_SECONDS: f64 = 3.0;
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("network benchmark: needs root (it attaches eBPF programs)");
+        std::process::exit(1);
+    }
+    let layout = cgmetric::cgroup::Layout::detect(Path::new("/sys/fs/cgroup")).expect("cgroup layout");
+    let v2_root = layout.unified.expect("a cgroup v2 hierarchy to attach to");
+    let bpf_dir = PathBuf::from(format!("/sys/fs/bpf/cgmetric-bench-{}", std::process::id()));
+
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("loopback TCP throughput (iperf3, Gbit/s)", vec![], vec![]),
+        ("TCP connect/close rate (per second)", vec![], vec![]),
+    ];
+    for round in 0..ROUNDS {
+        for with_programs in [false, true] {
+            let net = with_programs.then(|| cgmetric::net::Net::start(&bpf_dir, &v2_root).expect("attach"));
+            let gbps = iperf3_gbps(5400 + round as u16);
+            let rate = connect_close_rate();
+            let column = |row: &mut (&str, Vec<f64>, Vec<f64>), value| match with_programs {
+                false => row.1.push(value),
+                true => row.2.push(value),
+            };
+            column(&mut rows[0], gbps);
+            column(&mut rows[1], rate);
+            drop(net);
+            // Unpinning the links detaches the programs.
+            let _ = std::fs::remove_dir_all(&bpf_dir);
+        }
+        eprintln!("round {}/{ROUNDS} done", round + 1);
+    }
+
+    println!("\ncgmetric eBPF overhead, medians of {ROUNDS} alternating rounds\n");
+    println!("{:<44} {:>12} {:>12} {:>7} {:>8}", "", "without", "with", "ratio", "target");
+    let targets = [0.99, 0.98];
+    let mut all_met = true;
+    for ((name, without, with), target) in rows.iter().zip(targets) {
+        let (a, b) = (median(without), median(with));
+        let ratio = b / a;
+        all_met &= ratio >= target;
+        println!(
+            "{name:<44} {a:>12.1} {b:>12.1} {ratio:>7.3} {:>8}",
+            format!("≥{target} {}", if ratio >= target { "ok" } else { "MISS" })
+        );
+    }
+    println!("\nmachine: {} CPUs, Linux {}", num_cpus(), kernel());
+    if !all_met {
+        println!("(a target was missed in this run; on shared machines rerun to tell noise from cost)");
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    sorted[sorted.len() / 2]
+}
+
+/// Receiver-side throughput of one iperf3 run over loopback.
+fn iperf3_gbps(port: u16) -> f64 {
+    let port = port.to_string();
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("iperf3 is needed (apt-get install iperf3)");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", &port, "-t", &IPERF_SECONDS.to_string(), "-J"])
+        .output()
+        .expect("iperf3 client");
+    let _ = server.wait();
+    let json = String::from_utf8_lossy(&out.stdout);
+    // "sum_received": { ... "bits_per_second": N ... }
+    let received = json.split("\"sum_received\"").nth(1).expect("iperf3 JSON");
+    let bps: f64 = received
+        .split("\"bits_per_second\":")
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("bits_per_second");
+    bps / 1e9
+}
+
+/// Sequential connect, one byte each way, close: connections per second.
+fn connect_close_rate() -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            if stream.read_exact(&mut byte).is_err() || byte[0] == b'q' {
+                break;
+            }
+            let _ = stream.write_all(&byte);
+        }
+    });
+    let started = Instant::now();
+    let mut count = 0u64;
+    while started.elapsed().as_secs_f64() < CONNECT_SECONDS {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).unwrap();
+        count += 1;
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    let _ = TcpStream::connect(addr).and_then(|mut s| s.write_all(b"q"));
+    let _ = server.join();
+    rate
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
