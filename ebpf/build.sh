@@ -7,12 +7,18 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out="$here/prebuilt/cgmetric.bpf.o"
 
+# The object must not depend on where the checkout is: cargo hashes a path
+# package's location into symbol names, so the sources are built from one
+# fixed staging path, and the remaining paths are remapped.
+stage=/tmp/cgmetric-ebpf-build
 target_dir=$(mktemp -d)
-trap 'rm -rf "$target_dir"' EXIT
-# Paths are remapped so the object does not depend on where the checkout is.
+trap 'rm -rf "$target_dir" "$stage"' EXIT
+rm -rf "$stage" && mkdir -p "$stage"
 repo=$(dirname "$here")
-export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf --remap-path-prefix=$repo=cgmetric --remap-path-prefix=$HOME/.cargo=cargo --remap-path-prefix=$(rustc +nightly --print sysroot)=rust"
-(cd "$here" && cargo +nightly build --release --locked \
+cp -r "$repo/common" "$stage/common"
+mkdir "$stage/ebpf" && cp -r "$here/Cargo.toml" "$here/Cargo.lock" "$here/src" "$stage/ebpf/"
+export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf --remap-path-prefix=$stage=cgmetric --remap-path-prefix=$HOME/.cargo=cargo --remap-path-prefix=$(rustc +nightly --print sysroot)=rust"
+(cd "$stage/ebpf" && cargo +nightly build --release --locked \
     --target bpfel-unknown-none -Z build-std=core \
     --target-dir "$target_dir" -q)
 built="$target_dir/bpfel-unknown-none/release/cgmetric-ebpf"
