@@ -22,7 +22,8 @@ fn main() {
         eprintln!("network benchmark: needs root (it attaches eBPF programs)");
         std::process::exit(1);
     }
-    let layout = cgmetric::cgroup::Layout::detect(Path::new("/sys/fs/cgroup")).expect("cgroup layout");
+    let layout =
+        cgmetric::cgroup::Layout::detect(Path::new("/sys/fs/cgroup")).expect("cgroup layout");
     let v2_root = layout.unified.expect("a cgroup v2 hierarchy to attach to");
     let bpf_dir = PathBuf::from(format!("/sys/fs/bpf/cgmetric-bench-{}", std::process::id()));
 
@@ -32,7 +33,8 @@ fn main() {
     ];
     for round in 0..ROUNDS {
         for with_programs in [false, true] {
-            let net = with_programs.then(|| cgmetric::net::Net::start(&bpf_dir, &v2_root).expect("attach"));
+            let net = with_programs
+                .then(|| cgmetric::net::Net::start(&bpf_dir, &v2_root).expect("attach"));
             let gbps = iperf3_gbps(5400 + round as u16);
             let rate = connect_close_rate();
             let column = |row: &mut (&str, Vec<f64>, Vec<f64>), value| match with_programs {
@@ -49,7 +51,10 @@ fn main() {
     }
 
     println!("\ncgmetric eBPF overhead, medians of {ROUNDS} alternating rounds\n");
-    println!("{:<44} {:>12} {:>12} {:>7} {:>8}", "", "without", "with", "ratio", "target");
+    println!(
+        "{:<44} {:>12} {:>12} {:>7} {:>8}",
+        "", "without", "with", "ratio", "target"
+    );
     let targets = [0.99, 0.98];
     let mut all_met = true;
     for ((name, without, with), target) in rows.iter().zip(targets) {
@@ -63,7 +68,9 @@ fn main() {
     }
     println!("\nmachine: {} CPUs, Linux {}", num_cpus(), kernel());
     if !all_met {
-        println!("(a target was missed in this run; on shared machines rerun to tell noise from cost)");
+        println!(
+            "(a target was missed in this run; on shared machines rerun to tell noise from cost)"
+        );
     }
 }
 
@@ -83,7 +90,15 @@ fn iperf3_gbps(port: u16) -> f64 {
         .expect("iperf3 is needed (apt-get install iperf3)");
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", &port, "-t", &IPERF_SECONDS.to_string(), "-J"])
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            &IPERF_SECONDS.to_string(),
+            "-J",
+        ])
         .output()
         .expect("iperf3 client");
     let _ = server.wait();
@@ -129,7 +144,9 @@ fn connect_close_rate() -> f64 {
 }
 
 fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn kernel() -> String {
