@@ -518,3 +518,54 @@ fn inode(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).unwrap().ino()
 }
+
+#[test]
+fn a_full_traffic_map_is_counted_and_reported() {
+    require!();
+    let bpf = BpfDir::new();
+    let pair = Pair::new("net-full", &["--bpf-dir", bpf.arg()]);
+    // Fill the traffic map with ids of cgroups that do not exist, before
+    // the test's cgroups send anything.
+    let pinned =
+        aya::maps::MapData::from_pin(bpf.0.join(cgmetric_common::NET_COUNTERS_MAP)).unwrap();
+    let mut map = aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::NetCounters>::try_from(
+        aya::maps::Map::PerCpuHashMap(pinned),
+    )
+    .unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let mut fake = 1u64 << 62;
+    loop {
+        let zero =
+            aya::maps::PerCpuValues::try_from(vec![cgmetric_common::NetCounters::default(); cpus])
+                .unwrap();
+        if map.insert(fake, zero, 0).is_err() {
+            break;
+        }
+        fake += 1;
+    }
+    assert_eq!(fake - (1 << 62), u64::from(cgmetric_common::MAX_CGROUPS));
+
+    let (server, addr) = pair.serve("127.0.0.1", 1);
+    finish(
+        pair.client
+            .start(Command::new(tcp_peer()).args(["client", &addr, "1", "100000", "0"])),
+    );
+    finish(server);
+    // Nothing counted for the newcomers, and that is said, not hidden.
+    assert_eq!(pair.number("client", "net_bytes_tx"), 0);
+    let prom = pair.daemon.read("metrics.prom");
+    let uncounted: u64 = prom
+        .lines()
+        .find_map(|l| l.strip_prefix("cgmetric_ebpf_uncounted_total{reason=\"traffic_map_full\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no traffic_map_full series:\n{prom}"));
+    assert!(
+        uncounted >= 10,
+        "only {uncounted} packets reported uncounted"
+    );
+    assert!(
+        pair.daemon.stderr().contains("the traffic map is full"),
+        "{}",
+        pair.daemon.stderr()
+    );
+}
