@@ -5,7 +5,7 @@ use std::time::Duration;
 use cgmetric::cgroup::Controller;
 
 use crate::require;
-use crate::support::{cpu_turn, Cgroup, Daemon};
+use crate::support::{heavy_turn, Cgroup, Daemon};
 
 /// Lets a workload run long enough for a full window behind the read.
 const WARM_UP: Duration = Duration::from_millis(2500);
@@ -17,7 +17,7 @@ fn within(value: u64, expected: u64, percent: u64) -> bool {
 #[test]
 fn one_busy_loop_is_one_core() {
     require!();
-    let _turn = cpu_turn();
+    let _turn = heavy_turn();
     let parent = Cgroup::parent("cpu");
     let mut burner = parent.child("burner");
     burner.spawn_burner();
@@ -62,7 +62,7 @@ fn one_busy_loop_is_one_core() {
 #[test]
 fn half_core_quota_is_half_a_core() {
     require!();
-    let _turn = cpu_turn();
+    let _turn = heavy_turn();
     let parent = Cgroup::parent("quota");
     let mut limited = parent.child("limited");
     if limited.is_v1(Controller::Cpu) {

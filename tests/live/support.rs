@@ -474,10 +474,11 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
-/// CPU-rate tests measure one core's worth of work on a 2-core machine:
-/// they take turns so that they do not steal each other's CPU.
-pub static CPU_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Tests that burn CPU or push traffic take turns: on a 2-core machine a
+/// busy loop starves a transfer (loopback drops, TCP retransmits) and a
+/// transfer steals a busy loop's core.
+static HEAVY_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-pub fn cpu_turn() -> std::sync::MutexGuard<'static, ()> {
-    CPU_TURN.lock().unwrap_or_else(|e| e.into_inner())
+pub fn heavy_turn() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY_TURN.lock().unwrap_or_else(|e| e.into_inner())
 }
