@@ -23,6 +23,22 @@ pub struct Options {
     #[arg(long = "cgroup", value_name = "GLOB")]
     pub cgroups: Vec<String>,
 
+    /// Docker's data root (container names from containers/<id>/config.v2.json).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/docker")]
+    pub docker_root: PathBuf,
+
+    /// containerd's state directory (Kubernetes names from the OCI bundles).
+    #[arg(long, value_name = "DIR", default_value = "/run/containerd")]
+    pub containerd_state: PathBuf,
+
+    /// The containers/storage root of Podman and CRI-O.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/containers/storage"
+    )]
+    pub containers_storage: PathBuf,
+
     /// Where cgroup filesystems are mounted.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,

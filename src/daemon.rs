@@ -14,13 +14,14 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use crate::cgroup::layout::LayoutError;
 use crate::cgroup::Layout;
 use crate::cli::{Options, DEFAULT_MOUNTPOINT};
-use crate::discovery::{DiscoveryError, Globs};
+use crate::discovery::{Discovery, DiscoveryError, Globs};
 use crate::fs::fuse::FuseFs;
 use crate::fs::inode::RootFile;
 use crate::fs::model::Model;
 use crate::mounts::{mount_at, read_mount_table, MountEntry};
 use crate::net::{Net, NetError};
 use crate::registry::Registry;
+use crate::runtime::MetadataRoots;
 use crate::sample::Sampler;
 
 /// The filesystem type the kernel shows for the tree (`fuse.` + subtype).
@@ -88,9 +89,6 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     )?;
     let layout = Layout::detect(&options.cgroup_root)?;
     log::info!("cgroup layout: {}", layout.kind);
-    if globs.is_empty() {
-        log::warn!("no --cgroup pattern given: the tree lists no containers");
-    }
 
     let net = match (&layout.unified, options.no_ebpf) {
         (_, true) => None,
@@ -103,7 +101,16 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
             Some(Net::start(&options.bpf_dir, v2_root)?)
         }
     };
-    let registry = Arc::new(Registry::new(layout, globs, RootFile::NAMES));
+    let runtimes = MetadataRoots {
+        docker_root: options.docker_root.clone(),
+        containerd_state: options.containerd_state.clone(),
+        containers_storage: options.containers_storage.clone(),
+    };
+    let registry = Arc::new(Registry::new(
+        layout,
+        Discovery::new(globs, Some(runtimes)),
+        RootFile::NAMES,
+    ));
     registry.refresh();
     log::info!("{} containers found", registry.list().len());
     let fs = FuseFs::new(Model::new(Sampler::new(registry, options.window, net)));

@@ -1,16 +1,19 @@
 //! Which cgroups are containers, and what they are called.
 //!
-//! Today the source is `--cgroup GLOB`: a cgroup whose path relative to the
-//! hierarchy roots matches is a container named by its last path component.
-//! Every hierarchy is walked (on a hybrid host a container may exist only in
-//! the v1 controllers), and the walk stops at the depth the globs can match.
+//! Two sources: the container runtimes, recognised from their cgroups and
+//! named from their files ([`crate::runtime`]), and `--cgroup GLOB`: a
+//! cgroup whose path relative to the hierarchy roots matches is a container
+//! named by its last path component. Every hierarchy is walked (on a hybrid
+//! host a container may exist only in the v1 controllers).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use parking_lot::Mutex;
 
 use crate::cgroup::Layout;
+use crate::runtime::{classify, MetadataRoots, Resolution};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -29,7 +32,83 @@ pub struct Found {
     pub cgroup: PathBuf,
     /// The name it asks for; the registry may add a suffix.
     pub name: String,
+    /// The runtime's container id; `None` for `--cgroup` containers, whose
+    /// id is their cgroup's.
+    pub id: Option<String>,
     pub runtime: &'static str,
+}
+
+/// Every source of containers.
+pub struct Discovery {
+    globs: Globs,
+    /// `None` when only `--cgroup` patterns are wanted (fixture trees).
+    runtimes: Option<MetadataRoots>,
+    /// Containers whose missing metadata was already reported.
+    reported: Mutex<HashSet<String>>,
+}
+
+impl Discovery {
+    pub fn new(globs: Globs, runtimes: Option<MetadataRoots>) -> Discovery {
+        Discovery {
+            globs,
+            runtimes,
+            reported: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Every container of `layout`.
+    pub fn discover(&self, layout: &Layout) -> Vec<Found> {
+        let Some(roots) = &self.runtimes else {
+            return self.globs.discover(layout);
+        };
+        let mut cgroups = BTreeSet::new();
+        for root in layout.hierarchies() {
+            walk(root, Path::new(""), None, &mut cgroups);
+        }
+        let mut found = Vec::new();
+        // Sorted paths: a container comes before the cgroups inside it.
+        let mut containers: Vec<PathBuf> = Vec::new();
+        for cgroup in cgroups {
+            if containers.iter().any(|c| cgroup.starts_with(c)) {
+                continue;
+            }
+            if self.globs.set.is_match(&cgroup) {
+                containers.push(cgroup.clone());
+                found.push(Found {
+                    name: display_name(&cgroup),
+                    cgroup,
+                    id: None,
+                    runtime: "cgroup",
+                });
+                continue;
+            }
+            let Some((runtime, id)) = classify(&cgroup) else {
+                continue;
+            };
+            let (name, runtime) = match roots.resolve(runtime, &id) {
+                Resolution::Named(name, runtime) => (sanitize(&name), runtime),
+                Resolution::Sandbox => continue,
+                Resolution::Unknown(why) => {
+                    if self.reported.lock().insert(id.clone()) {
+                        log::warn!(
+                            "{} container {}: no name ({why}); using its short id",
+                            runtime.name(),
+                            &id[..12]
+                        );
+                    }
+                    (id[..12].to_string(), runtime)
+                }
+            };
+            containers.push(cgroup.clone());
+            found.push(Found {
+                cgroup,
+                name,
+                id: Some(id),
+                runtime: runtime.name(),
+            });
+        }
+        found
+    }
 }
 
 /// The compiled `--cgroup` patterns.
@@ -75,37 +154,38 @@ impl Globs {
         if self.is_empty() {
             return Vec::new();
         }
-        let mut matched = BTreeSet::new();
+        let mut cgroups = BTreeSet::new();
         for root in layout.hierarchies() {
-            self.walk(root, Path::new(""), 1, &mut matched);
+            walk(root, Path::new(""), self.max_depth, &mut cgroups);
         }
-        matched
+        cgroups
             .into_iter()
+            .filter(|cgroup| self.set.is_match(cgroup))
             .map(|cgroup: PathBuf| Found {
                 name: display_name(&cgroup),
                 cgroup,
+                id: None,
                 runtime: "cgroup",
             })
             .collect()
     }
+}
 
-    fn walk(&self, root: &Path, relative: &Path, depth: usize, out: &mut BTreeSet<PathBuf>) {
-        if self.max_depth.is_some_and(|max| depth > max) {
-            return;
-        }
-        // A cgroup removed during the walk is simply not found.
-        let Ok(entries) = std::fs::read_dir(root.join(relative)) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
+/// Collects every cgroup below `root` (as paths relative to it), at most
+/// `depth` levels deep.
+fn walk(root: &Path, relative: &Path, depth: Option<usize>, out: &mut BTreeSet<PathBuf>) {
+    if depth == Some(0) {
+        return;
+    }
+    // A cgroup removed during the walk is simply not found.
+    let Ok(entries) = std::fs::read_dir(root.join(relative)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
             let child = relative.join(entry.file_name());
-            if self.set.is_match(&child) {
-                out.insert(child.clone());
-            }
-            self.walk(root, &child, depth + 1, out);
+            walk(root, &child, depth.map(|d| d - 1), out);
+            out.insert(child);
         }
     }
 }

@@ -17,4 +17,5 @@ pub mod net;
 pub mod rate;
 pub mod registry;
 pub mod render;
+pub mod runtime;
 pub mod sample;

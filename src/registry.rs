@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::RwLock;
 
 use crate::cgroup::{CgroupDirs, Layout};
-use crate::discovery::{Found, Globs};
+use crate::discovery::{Discovery, Found};
 use crate::metrics::MetricId;
 
 pub type Slot = u64;
@@ -54,17 +54,21 @@ struct Inner {
 
 pub struct Registry {
     layout: Layout,
-    globs: Globs,
+    discovery: Discovery,
     /// Names the daemon's own root entries use.
     reserved: &'static [&'static str],
     inner: RwLock<Inner>,
 }
 
 impl Registry {
-    pub fn new(layout: Layout, globs: Globs, reserved: &'static [&'static str]) -> Registry {
+    pub fn new(
+        layout: Layout,
+        discovery: Discovery,
+        reserved: &'static [&'static str],
+    ) -> Registry {
         Registry {
             layout,
-            globs,
+            discovery,
             reserved,
             inner: RwLock::default(),
         }
@@ -77,7 +81,7 @@ impl Registry {
     /// Runs discovery and brings the registry in line: new containers are
     /// added, vanished ones dropped. Returns whether any vanished.
     pub fn refresh(&self) -> bool {
-        let found = self.globs.discover(&self.layout);
+        let found = self.discovery.discover(&self.layout);
         self.reconcile(found)
     }
 
@@ -100,8 +104,8 @@ impl Registry {
             }
             let dirs = CgroupDirs::resolve(&self.layout, &found.cgroup);
             // Gone between the walk and now: nothing to add.
-            let Some(id) = dirs.id() else { continue };
-            let id = id.to_string();
+            let Some(cgroup_id) = dirs.id() else { continue };
+            let id = found.id.clone().unwrap_or_else(|| cgroup_id.to_string());
             let name = self.unique_name(&inner, &found.name, &id);
             let slot = inner.next_slot;
             inner.next_slot += 1;
@@ -180,17 +184,15 @@ mod tests {
     fn registry() -> Registry {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
         let layout = Layout::from_tree(&root).unwrap();
-        Registry::new(
-            layout,
-            Globs::new(&[]).unwrap(),
-            &["metric", "metrics.prom"],
-        )
+        let discovery = Discovery::new(crate::discovery::Globs::new(&[]).unwrap(), None);
+        Registry::new(layout, discovery, &["metric", "metrics.prom"])
     }
 
     fn found(cgroup: &str, name: &str) -> Found {
         Found {
             cgroup: cgroup.into(),
             name: name.into(),
+            id: None,
             runtime: "cgroup",
         }
     }

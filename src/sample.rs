@@ -244,17 +244,14 @@ fn net_totals(net: Option<&Net>, container: &Container) -> Option<Totals> {
 mod tests {
     use super::*;
     use crate::cgroup::Layout;
-    use crate::discovery::Globs;
+    use crate::discovery::{Discovery, Globs};
 
     #[test]
     fn availability_follows_the_host() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
         let layout = Layout::from_tree(&root).unwrap();
-        let registry = Arc::new(Registry::new(
-            layout,
-            Globs::new(&["tenants/*".into()]).unwrap(),
-            &[],
-        ));
+        let discovery = Discovery::new(Globs::new(&["tenants/*".into()]).unwrap(), None);
+        let registry = Arc::new(Registry::new(layout, discovery, &[]));
         registry.refresh();
         let sampler = Sampler::new(registry.clone(), Duration::from_millis(20), None);
         let files = |name: &str| -> Vec<&str> {

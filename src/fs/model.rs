@@ -342,7 +342,7 @@ fn dots(ino: u64) -> Vec<DirEntry> {
 mod tests {
     use super::*;
     use crate::cgroup::Layout;
-    use crate::discovery::Globs;
+    use crate::discovery::{Discovery, Globs};
     use std::path::Path;
     use std::time::Duration;
 
@@ -352,7 +352,11 @@ mod tests {
             .join(tree);
         let layout = Layout::from_tree(&root).unwrap();
         let globs = Globs::new(&["tenants/*".to_string()]).unwrap();
-        let registry = Arc::new(Registry::new(layout, globs, RootFile::NAMES));
+        let registry = Arc::new(Registry::new(
+            layout,
+            Discovery::new(globs, None),
+            RootFile::NAMES,
+        ));
         registry.refresh();
         Model::new(Sampler::new(registry, Duration::from_millis(20), None))
     }
