@@ -16,7 +16,7 @@ use crate::cgroup::Layout;
 use crate::cli::{Options, DEFAULT_MOUNTPOINT};
 use crate::discovery::{Discovery, DiscoveryError, Globs};
 use crate::fs::fuse::FuseFs;
-use crate::fs::inode::RootFile;
+use crate::fs::inode::{RESERVED_NAMES, ROOT_INO};
 use crate::fs::model::Model;
 use crate::mounts::{mount_at, read_mount_table, MountEntry};
 use crate::net::{Net, NetError};
@@ -109,11 +109,12 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let registry = Arc::new(Registry::new(
         layout,
         Discovery::new(globs, Some(runtimes)),
-        RootFile::NAMES,
+        RESERVED_NAMES,
     ));
     registry.refresh();
     log::info!("{} containers found", registry.list().len());
-    let fs = FuseFs::new(Model::new(Sampler::new(registry, options.window, net)));
+    let model = Arc::new(Model::new(Sampler::new(registry, options.window, net)));
+    let fs = FuseFs::new(model.clone());
 
     let (events, next_event) = mpsc::channel();
     let mut signals =
@@ -131,6 +132,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
             source,
         })?;
     let mut unmounter = session.unmount_callable();
+    model.set_invalidator(invalidator(session.notifier()));
     std::thread::spawn(move || {
         let _ = events.send(Event::SessionEnded(session.run()));
     });
@@ -183,6 +185,22 @@ fn warn_about_net_cls() {
              matching sockets to cgroup v2 and network counts land on the root cgroup"
         );
     }
+}
+
+/// Drops vanished containers' names from the kernel's cache. The kernel
+/// takes the directory's lock for that, so it is done from a thread of its
+/// own, never from within a request (a readdir holds that lock).
+fn invalidator(notifier: fuser::Notifier) -> crate::fs::model::Invalidator {
+    let (names, queued) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for name in queued {
+            let _ = notifier.inval_entry(fuser::INodeNo(ROOT_INO), std::ffi::OsStr::new(&name));
+        }
+    });
+    let names = parking_lot::Mutex::new(names);
+    Box::new(move |name| {
+        let _ = names.lock().send(name.to_string());
+    })
 }
 
 fn fuse_config() -> fuser::Config {

@@ -9,7 +9,7 @@
 //! pass, the smaller cgroup path comes first.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
@@ -37,6 +37,25 @@ pub struct Container {
 }
 
 impl Container {
+    fn new(
+        slot: Slot,
+        name: String,
+        id: String,
+        cgroup: PathBuf,
+        runtime: &'static str,
+        dirs: CgroupDirs,
+    ) -> Self {
+        Container {
+            slot,
+            name,
+            id,
+            cgroup,
+            runtime,
+            dirs,
+            available: OnceLock::new(),
+        }
+    }
+
     /// The metrics this container has files for, computed by `compute` the
     /// first time and kept for the container's life.
     pub fn available_with(&self, compute: impl FnOnce() -> Vec<MetricId>) -> &[MetricId] {
@@ -80,12 +99,13 @@ impl Registry {
 
     /// Runs discovery and brings the registry in line: new containers are
     /// added, vanished ones dropped. Returns whether any vanished.
-    pub fn refresh(&self) -> bool {
+    pub fn refresh(&self) -> Vec<String> {
         let found = self.discovery.discover(&self.layout);
         self.reconcile(found)
     }
 
-    fn reconcile(&self, found: Vec<Found>) -> bool {
+    /// Returns the names of the containers that vanished.
+    fn reconcile(&self, found: Vec<Found>) -> Vec<String> {
         let mut inner = self.inner.write();
         let live: HashSet<&PathBuf> = found.iter().map(|f| &f.cgroup).collect();
         let gone: Vec<Slot> = inner
@@ -94,10 +114,10 @@ impl Registry {
             .filter(|(cgroup, _)| !live.contains(cgroup))
             .map(|(_, slot)| *slot)
             .collect();
-        let removed = !gone.is_empty();
-        for slot in gone {
-            remove(&mut inner, slot);
-        }
+        let removed: Vec<String> = gone
+            .into_iter()
+            .filter_map(|slot| remove(&mut inner, slot).map(|c| c.name.clone()))
+            .collect();
         for found in found {
             if inner.by_cgroup.contains_key(&found.cgroup) {
                 continue;
@@ -109,15 +129,14 @@ impl Registry {
             let name = self.unique_name(&inner, &found.name, &id);
             let slot = inner.next_slot;
             inner.next_slot += 1;
-            let container = Arc::new(Container {
+            let container = Arc::new(Container::new(
                 slot,
-                name: name.clone(),
+                name.clone(),
                 id,
-                cgroup: found.cgroup.clone(),
-                runtime: found.runtime,
+                found.cgroup.clone(),
+                found.runtime,
                 dirs,
-                available: OnceLock::new(),
-            });
+            ));
             inner.by_cgroup.insert(found.cgroup, slot);
             inner.by_slot.insert(slot, container.clone());
             inner.by_name.insert(name, container);
@@ -159,10 +178,110 @@ impl Registry {
     }
 }
 
-fn remove(inner: &mut Inner, slot: Slot) {
-    if let Some(container) = inner.by_slot.remove(&slot) {
-        inner.by_name.remove(&container.name);
-        inner.by_cgroup.remove(&container.cgroup);
+fn remove(inner: &mut Inner, slot: Slot) -> Option<Arc<Container>> {
+    let container = inner.by_slot.remove(&slot)?;
+    inner.by_name.remove(&container.name);
+    inner.by_cgroup.remove(&container.cgroup);
+    Some(container)
+}
+
+/// Where the `cgroup/` tree's nodes number their slots (for rate keys), far
+/// from containers' slots.
+const CGROUP_SLOTS: Slot = 1 << 40;
+
+/// The `cgroup/` tree: every cgroup of the host, interned the first time it
+/// is looked up, so that its directory keeps one inode number while it lives.
+pub struct CgroupTree {
+    layout: Layout,
+    inner: RwLock<TreeInner>,
+}
+
+#[derive(Default)]
+struct TreeInner {
+    by_path: HashMap<PathBuf, u64>,
+    nodes: HashMap<u64, Arc<Container>>,
+    next: u64,
+}
+
+impl CgroupTree {
+    pub fn new(layout: Layout) -> CgroupTree {
+        let tree = CgroupTree {
+            layout,
+            inner: RwLock::default(),
+        };
+        tree.node(Path::new(""));
+        tree
+    }
+
+    /// The node of the cgroup at `path` (relative to the hierarchy roots),
+    /// interned if the cgroup exists.
+    pub fn node(&self, path: &Path) -> Option<(u64, Arc<Container>)> {
+        if let Some(&node) = self.inner.read().by_path.get(path) {
+            return Some((node, self.inner.read().nodes.get(&node)?.clone()));
+        }
+        let dirs = CgroupDirs::resolve(&self.layout, path);
+        let id = dirs.id()?;
+        let mut inner = self.inner.write();
+        if let Some(&node) = inner.by_path.get(path) {
+            return Some((node, inner.nodes.get(&node)?.clone()));
+        }
+        let node = inner.next;
+        inner.next += 1;
+        let name = path
+            .file_name()
+            .map_or_else(|| "/".to_string(), |n| n.to_string_lossy().into_owned());
+        let container = Arc::new(Container::new(
+            CGROUP_SLOTS + node,
+            name,
+            id.to_string(),
+            path.to_path_buf(),
+            "cgroup",
+            dirs,
+        ));
+        inner.by_path.insert(path.to_path_buf(), node);
+        inner.nodes.insert(node, container.clone());
+        Some((node, container))
+    }
+
+    pub fn get(&self, node: u64) -> Option<Arc<Container>> {
+        self.inner.read().nodes.get(&node).cloned()
+    }
+
+    /// Drops a node whose cgroup was found gone (the root stays).
+    pub fn forget(&self, node: u64) {
+        if node == 0 {
+            return;
+        }
+        let mut inner = self.inner.write();
+        if let Some(container) = inner.nodes.remove(&node) {
+            inner.by_path.remove(&container.cgroup);
+        }
+    }
+
+    /// The node a container's slot belongs to, if it is a tree node.
+    pub fn node_of(slot: Slot) -> Option<u64> {
+        slot.checked_sub(CGROUP_SLOTS)
+    }
+
+    /// The names of the cgroups directly below `node`, in any hierarchy.
+    pub fn children(&self, node: &Container) -> Vec<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for root in self.layout.hierarchies() {
+            let Ok(entries) = std::fs::read_dir(root.join(&node.cgroup)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    names.insert(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    /// Every interned node.
+    pub fn list(&self) -> Vec<Arc<Container>> {
+        self.inner.read().nodes.values().cloned().collect()
     }
 }
 

@@ -13,7 +13,7 @@ use crate::cgroup::read::{read_group, SourceError};
 use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
 use crate::net::{Net, Totals};
 use crate::rate::RateTracker;
-use crate::registry::{Container, Registry, Slot};
+use crate::registry::{CgroupTree, Container, Registry, Slot};
 
 /// The counters whose rates are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,6 +29,7 @@ const GC_INTERVAL: Duration = Duration::from_secs(60);
 
 pub struct Sampler {
     registry: Arc<Registry>,
+    cgroups: Arc<CgroupTree>,
     rates: Arc<RateTracker<(Slot, RateCounter)>>,
     net: Option<Arc<Net>>,
     last_gc: Mutex<Instant>,
@@ -37,12 +38,13 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(registry: Arc<Registry>, window: Duration, net: Option<Net>) -> Sampler {
         let net = net.map(Arc::new);
-        let (tracked, tracked_net) = (registry.clone(), net.clone());
+        let cgroups = Arc::new(CgroupTree::new(registry.layout().clone()));
+        let (tracked, tracked_tree, tracked_net) = (registry.clone(), cgroups.clone(), net.clone());
         let rates = RateTracker::new(
             window,
             Box::new(move || {
                 let mut samples = Vec::new();
-                for c in tracked.list() {
+                for c in tracked.list().into_iter().chain(tracked_tree.list()) {
                     if let Some(usage) = cpu_usage_usec(&tracked, &c) {
                         samples.push(((c.slot, RateCounter::CpuUsage), usage));
                     }
@@ -56,6 +58,7 @@ impl Sampler {
         );
         Sampler {
             registry,
+            cgroups,
             rates,
             net,
             last_gc: Mutex::new(Instant::now()),
@@ -66,17 +69,23 @@ impl Sampler {
         &self.registry
     }
 
+    pub fn cgroups(&self) -> &CgroupTree {
+        &self.cgroups
+    }
+
     /// Runs discovery; sweeps eBPF entries of removed cgroups when a
-    /// container vanished or [`GC_INTERVAL`] passed.
-    pub fn refresh(&self) {
+    /// container vanished or [`GC_INTERVAL`] passed. Returns the names of
+    /// the containers that vanished.
+    pub fn refresh(&self) -> Vec<String> {
         let removed = self.registry.refresh();
         if let Some(net) = &self.net {
             let mut last = self.last_gc.lock();
-            if removed || last.elapsed() > GC_INTERVAL {
+            if !removed.is_empty() || last.elapsed() > GC_INTERVAL {
                 net.collect_garbage();
                 *last = Instant::now();
             }
         }
+        removed
     }
 
     /// The metrics this host provides for `container`, hence its files. A

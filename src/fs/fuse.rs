@@ -3,6 +3,7 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -11,6 +12,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
+use super::inode::Kind;
 use super::model::{Attr, FsError, Model};
 
 /// How long the kernel may cache names and attributes. Values are never
@@ -19,13 +21,13 @@ use super::model::{Attr, FsError, Model};
 const TTL: Duration = Duration::from_secs(1);
 
 pub struct FuseFs {
-    model: Model,
+    model: Arc<Model>,
     /// Shown as every node's times: the tree exists since the daemon started.
     started: SystemTime,
 }
 
 impl FuseFs {
-    pub fn new(model: Model) -> FuseFs {
+    pub fn new(model: Arc<Model>) -> FuseFs {
         FuseFs {
             model,
             started: SystemTime::now(),
@@ -43,19 +45,23 @@ impl FuseFs {
             mtime: self.started,
             ctime: self.started,
             crtime: self.started,
-            kind: if attr.is_dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            },
+            kind: file_type(attr.kind),
             perm: attr.perm,
-            nlink: if attr.is_dir { 2 } else { 1 },
+            nlink: if attr.kind == Kind::Dir { 2 } else { 1 },
             uid: 0,
             gid: 0,
             rdev: 0,
             flags: 0,
             blksize: 4096,
         }
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
     }
 }
 
@@ -72,6 +78,13 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, child: &OsStr, reply: ReplyEntry) {
         match name(child).and_then(|n| self.model.lookup(parent.0, n)) {
             Ok(attr) => reply.entry(&TTL, &self.attr(attr), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.model.readlink(ino.0, req.pid()) {
+            Ok(target) => reply.data(target.as_bytes()),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -159,12 +172,12 @@ impl Filesystem for FuseFs {
         };
         // The cookie of an entry is the index of the one after it.
         for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
-            let kind = if entry.is_dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            };
-            if reply.add(INodeNo(entry.ino), index as u64 + 1, kind, &entry.name) {
+            if reply.add(
+                INodeNo(entry.ino),
+                index as u64 + 1,
+                file_type(entry.kind),
+                &entry.name,
+            ) {
                 break;
             }
         }

@@ -1,19 +1,21 @@
 //! Inode numbers, computed from what a node is rather than stored.
 //!
-//! `1` is the root, `2..` the root's own files. A container owns the range
-//! `(slot + 1) << 16`: offset 0 is its directory, then its metadata files,
-//! then one number per catalogue row. Slots are never reused while the
-//! daemon runs, so a number never names two things.
+//! `1` is the root, `2..` the root's own files, then `self`. A directory of
+//! metrics owns a range of 2^16 numbers: offset 0 is the directory, then its
+//! metadata files, then one number per catalogue row. Containers' ranges
+//! start at 2^16 (by slot); the `cgroup/` tree's are flagged by bit 62 (by
+//! node). Slots and nodes are never reused while the daemon runs, so a
+//! number never names two things.
 
 use crate::metrics::MetricId;
-use crate::registry::Slot;
 
 pub const ROOT_INO: u64 = 1;
 const SLOT_SHIFT: u32 = 16;
 const META_BASE: u64 = 1;
 const METRIC_BASE: u64 = 16;
+const CGROUP_TREE: u64 = 1 << 62;
 
-/// The daemon's own files in the root. Their names win over containers'.
+/// The daemon's own files in the root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootFile {
     Metric,
@@ -22,15 +24,21 @@ pub enum RootFile {
 
 impl RootFile {
     pub const ALL: [RootFile; 2] = [RootFile::Metric, RootFile::MetricsProm];
-    /// The names, in the order of [`RootFile::ALL`].
-    pub const NAMES: &'static [&'static str] = &["metric", "metrics.prom"];
 
     pub fn name(self) -> &'static str {
-        Self::NAMES[self as usize]
+        match self {
+            RootFile::Metric => "metric",
+            RootFile::MetricsProm => "metrics.prom",
+        }
     }
 }
 
-/// A container's files that are not metrics.
+/// Every name the daemon owns in the root: they win over containers'.
+pub const RESERVED_NAMES: &[&str] = &["metric", "metrics.prom", SELF_NAME, CGROUP_NAME];
+pub const SELF_NAME: &str = "self";
+pub const CGROUP_NAME: &str = "cgroup";
+
+/// A directory's files that are not metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Meta {
     Metrics,
@@ -66,23 +74,38 @@ pub enum Entry {
     Metric(MetricId),
 }
 
+/// Whose metrics a directory shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A container, by registry slot.
+    Container(u64),
+    /// A cgroup of the `cgroup/` tree, by node (0 is the root cgroup).
+    Cgroup(u64),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Node {
     Root,
     RootFile(RootFile),
-    Dir(Slot),
-    File(Slot, Entry),
+    /// `self`: a symlink to the reader's own container.
+    SelfLink,
+    Dir(Owner),
+    File(Owner, Entry),
 }
 
 impl Node {
     pub fn ino(self) -> u64 {
-        let base = |slot: Slot| (slot + 1) << SLOT_SHIFT;
+        let base = |owner: Owner| match owner {
+            Owner::Container(slot) => (slot + 1) << SLOT_SHIFT,
+            Owner::Cgroup(node) => CGROUP_TREE | ((node + 1) << SLOT_SHIFT),
+        };
         match self {
             Node::Root => ROOT_INO,
             Node::RootFile(f) => 2 + f as u64,
-            Node::Dir(slot) => base(slot),
-            Node::File(slot, Entry::Meta(m)) => base(slot) + META_BASE + m as u64,
-            Node::File(slot, Entry::Metric(id)) => base(slot) + METRIC_BASE + id as u64,
+            Node::SelfLink => 2 + RootFile::ALL.len() as u64,
+            Node::Dir(owner) => base(owner),
+            Node::File(owner, Entry::Meta(m)) => base(owner) + META_BASE + m as u64,
+            Node::File(owner, Entry::Metric(id)) => base(owner) + METRIC_BASE + id as u64,
         }
     }
 
@@ -90,24 +113,43 @@ impl Node {
         if ino == ROOT_INO {
             return Some(Node::Root);
         }
-        let slot = (ino >> SLOT_SHIFT).checked_sub(1);
+        if ino == Node::SelfLink.ino() {
+            return Some(Node::SelfLink);
+        }
+        let index = ((ino & !CGROUP_TREE) >> SLOT_SHIFT).checked_sub(1);
         let offset = ino & ((1 << SLOT_SHIFT) - 1);
-        match slot {
-            None => RootFile::ALL
+        let owner = |index| match ino & CGROUP_TREE {
+            0 => Owner::Container(index),
+            _ => Owner::Cgroup(index),
+        };
+        match index {
+            None if ino & CGROUP_TREE == 0 => RootFile::ALL
                 .get(ino.checked_sub(2)? as usize)
                 .map(|f| Node::RootFile(*f)),
-            Some(slot) if offset == 0 => Some(Node::Dir(slot)),
-            Some(slot) if offset < METRIC_BASE => Meta::ALL
+            None => None,
+            Some(index) if offset == 0 => Some(Node::Dir(owner(index))),
+            Some(index) if offset < METRIC_BASE => Meta::ALL
                 .get((offset - META_BASE) as usize)
-                .map(|m| Node::File(slot, Entry::Meta(*m))),
-            Some(slot) => MetricId::from_index((offset - METRIC_BASE) as usize)
-                .map(|id| Node::File(slot, Entry::Metric(id))),
+                .map(|m| Node::File(owner(index), Entry::Meta(*m))),
+            Some(index) => MetricId::from_index((offset - METRIC_BASE) as usize)
+                .map(|id| Node::File(owner(index), Entry::Metric(id))),
         }
     }
 
-    pub fn is_dir(self) -> bool {
-        matches!(self, Node::Root | Node::Dir(_))
+    pub fn kind(self) -> Kind {
+        match self {
+            Node::Root | Node::Dir(_) => Kind::Dir,
+            Node::SelfLink => Kind::Symlink,
+            Node::RootFile(_) | Node::File(..) => Kind::File,
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
 }
 
 #[cfg(test)]
@@ -117,16 +159,18 @@ mod tests {
 
     #[test]
     fn every_node_round_trips() {
-        let mut nodes = vec![Node::Root];
+        let mut nodes = vec![Node::Root, Node::SelfLink];
         nodes.extend(RootFile::ALL.map(Node::RootFile));
-        for slot in [0, 1, 4096, u32::MAX as u64] {
-            nodes.push(Node::Dir(slot));
-            nodes.extend(Meta::ALL.map(|m| Node::File(slot, Entry::Meta(m))));
-            nodes.extend(
-                METRICS
-                    .iter()
-                    .map(|m| Node::File(slot, Entry::Metric(m.id))),
-            );
+        for index in [0, 1, 4096, u32::MAX as u64] {
+            for owner in [Owner::Container(index), Owner::Cgroup(index)] {
+                nodes.push(Node::Dir(owner));
+                nodes.extend(Meta::ALL.map(|m| Node::File(owner, Entry::Meta(m))));
+                nodes.extend(
+                    METRICS
+                        .iter()
+                        .map(|m| Node::File(owner, Entry::Metric(m.id))),
+                );
+            }
         }
         let mut inos: Vec<u64> = nodes.iter().map(|n| n.ino()).collect();
         for (node, ino) in nodes.iter().zip(&inos) {
@@ -140,7 +184,8 @@ mod tests {
     #[test]
     fn unknown_numbers_are_none() {
         assert_eq!(Node::from_ino(0), None);
-        assert_eq!(Node::from_ino(2 + RootFile::ALL.len() as u64), None);
+        assert_eq!(Node::from_ino(Node::SelfLink.ino() + 1), None);
+        assert_eq!(Node::from_ino(CGROUP_TREE), None);
         assert_eq!(
             Node::from_ino((1 << SLOT_SHIFT) + METRIC_BASE + METRICS.len() as u64),
             None
@@ -149,8 +194,8 @@ mod tests {
 
     #[test]
     fn names_do_not_collide() {
-        for (i, f) in RootFile::ALL.iter().enumerate() {
-            assert_eq!(f.name(), RootFile::NAMES[i]);
+        for f in RootFile::ALL {
+            assert!(RESERVED_NAMES.contains(&f.name()));
         }
         assert!(METRIC_BASE as usize > META_BASE as usize + Meta::ALL.len());
         for m in Meta::ALL {

@@ -3,17 +3,22 @@
 //!
 //! A file's content is rendered once, at open, and kept with its handle:
 //! every read of that handle, at any offset, comes from the same snapshot.
+//!
+//! Directories of metrics belong to an [`Owner`]: a container (by registry
+//! slot) or a cgroup of the `cgroup/` tree (by node); both are served by the
+//! same code from the same kind of [`Container`].
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::inode::{Entry, Meta, Node, RootFile, ROOT_INO};
+use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
 use crate::cgroup::read::SourceError;
 use crate::metrics::{MetricId, Sample};
-use crate::registry::{Container, Registry, Slot};
+use crate::registry::{CgroupTree, Container, Registry};
 use crate::render;
 use crate::sample::Sampler;
 
@@ -31,6 +36,9 @@ pub enum FsError {
     NotDir,
     #[error("is a directory")]
     IsDir,
+    /// Occurs for readlink on anything but `self`.
+    #[error("not a symbolic link")]
+    NotSymlink,
     /// Occurs for a file handle the daemon did not hand out.
     #[error("bad file handle")]
     BadHandle,
@@ -46,6 +54,7 @@ impl FsError {
             FsError::ReadOnly => libc::EROFS,
             FsError::NotDir => libc::ENOTDIR,
             FsError::IsDir => libc::EISDIR,
+            FsError::NotSymlink => libc::EINVAL,
             FsError::BadHandle => libc::EBADF,
             FsError::Source(SourceError::Vanished(_)) => libc::ENOENT,
             FsError::Source(_) => libc::EIO,
@@ -59,17 +68,22 @@ pub type Result<T> = std::result::Result<T, FsError>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
     pub ino: u64,
-    pub is_dir: bool,
+    pub kind: Kind,
     pub perm: u16,
 }
 
 impl Attr {
     fn of(node: Node) -> Attr {
+        let kind = node.kind();
         Attr {
             ino: node.ino(),
-            is_dir: node.is_dir(),
+            kind,
             // Readable by everybody; nobody writes.
-            perm: if node.is_dir() { 0o555 } else { 0o444 },
+            perm: match kind {
+                Kind::Dir => 0o555,
+                Kind::File => 0o444,
+                Kind::Symlink => 0o777,
+            },
         }
     }
 }
@@ -77,7 +91,7 @@ impl Attr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
     pub ino: u64,
-    pub is_dir: bool,
+    pub kind: Kind,
     pub name: String,
 }
 
@@ -86,10 +100,14 @@ enum Handle {
     Dir(Arc<Vec<DirEntry>>),
 }
 
+/// Tells the kernel to forget a root entry; set once mounted.
+pub type Invalidator = Box<dyn Fn(&str) + Send + Sync>;
+
 pub struct Model {
     sampler: Sampler,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    invalidate: std::sync::OnceLock<Invalidator>,
 }
 
 impl Model {
@@ -98,19 +116,46 @@ impl Model {
             sampler,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            invalidate: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Registers how vanished containers are dropped from the kernel's
+    /// name cache (which must not be done from within a request).
+    pub fn set_invalidator(&self, invalidate: Invalidator) {
+        let _ = self.invalidate.set(invalidate);
     }
 
     fn registry(&self) -> &Registry {
         self.sampler.registry()
     }
 
+    fn tree(&self) -> &CgroupTree {
+        self.sampler.cgroups()
+    }
+
+    /// Discovery; the kernel forgets the names of vanished containers.
+    fn refresh(&self) {
+        let removed = self.sampler.refresh();
+        if let Some(invalidate) = self.invalidate.get() {
+            removed.iter().for_each(|name| invalidate(name));
+        }
+    }
+
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
         let node = match Node::from_ino(parent).ok_or(FsError::NotFound)? {
             Node::Root => self.root_child(name)?,
-            Node::Dir(slot) => {
-                let container = self.container(slot)?;
-                Node::File(slot, self.container_entry(&container, name)?)
+            Node::Dir(owner) => {
+                let dir = self.owner(owner)?;
+                match self.entry(&dir, name) {
+                    Ok(entry) => Node::File(owner, entry),
+                    Err(e) => match owner {
+                        Owner::Cgroup(_) => {
+                            Node::Dir(Owner::Cgroup(self.cgroup_child(&dir, name)?))
+                        }
+                        Owner::Container(_) => return Err(e),
+                    },
+                }
             }
             _ => return Err(FsError::NotDir),
         };
@@ -121,52 +166,100 @@ impl Model {
         if let Some(file) = RootFile::ALL.into_iter().find(|f| f.name() == name) {
             return Ok(Node::RootFile(file));
         }
+        match name {
+            SELF_NAME => return Ok(Node::SelfLink),
+            CGROUP_NAME => return Ok(Node::Dir(Owner::Cgroup(0))),
+            _ => {}
+        }
         let found = self.registry().by_name(name).or_else(|| {
-            // Not known yet: it may have appeared since the last discovery.
-            self.sampler.refresh();
+            // Not known yet: resolved now, so a new container is there the
+            // moment anybody looks.
+            self.refresh();
             self.registry().by_name(name)
         });
-        found.map(|c| Node::Dir(c.slot)).ok_or(FsError::NotFound)
+        found
+            .map(|c| Node::Dir(Owner::Container(c.slot)))
+            .ok_or(FsError::NotFound)
     }
 
-    fn container_entry(&self, container: &Container, name: &str) -> Result<Entry> {
+    fn cgroup_child(&self, dir: &Container, name: &str) -> Result<u64> {
+        if name.contains('/') || name == "." || name == ".." {
+            return Err(FsError::NotFound);
+        }
+        self.tree()
+            .node(&dir.cgroup.join(name))
+            .map(|(node, _)| node)
+            .ok_or(FsError::NotFound)
+    }
+
+    fn entry(&self, dir: &Container, name: &str) -> Result<Entry> {
         if let Some(meta) = Meta::ALL.into_iter().find(|m| m.name() == name) {
             return Ok(Entry::Meta(meta));
         }
         let id = MetricId::by_file(name).ok_or(FsError::NotFound)?;
-        self.check_available(container, id)?;
+        self.check_available(dir, id)?;
         Ok(Entry::Metric(id))
     }
 
-    fn check_available(&self, container: &Container, id: MetricId) -> Result<()> {
-        match self.sampler.available(container).contains(&id) {
+    fn check_available(&self, dir: &Container, id: MetricId) -> Result<()> {
+        match self.sampler.available(dir).contains(&id) {
             true => Ok(()),
             false => Err(FsError::NotFound),
         }
     }
 
-    fn container(&self, slot: Slot) -> Result<Arc<Container>> {
-        self.registry().get(slot).ok_or(FsError::NotFound)
+    fn owner(&self, owner: Owner) -> Result<Arc<Container>> {
+        match owner {
+            Owner::Container(slot) => self.registry().get(slot),
+            Owner::Cgroup(node) => self.tree().get(node),
+        }
+        .ok_or(FsError::NotFound)
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
         match node {
-            Node::Root | Node::RootFile(_) => {}
-            Node::Dir(slot) | Node::File(slot, Entry::Meta(_)) => {
-                self.container(slot)?;
+            Node::Root | Node::RootFile(_) | Node::SelfLink => {}
+            Node::Dir(owner) | Node::File(owner, Entry::Meta(_)) => {
+                self.owner(owner)?;
             }
-            Node::File(slot, Entry::Metric(id)) => {
-                self.check_available(&*self.container(slot)?, id)?
+            Node::File(owner, Entry::Metric(id)) => {
+                self.check_available(&*self.owner(owner)?, id)?
             }
         }
         Ok(Attr::of(node))
     }
 
+    /// Where `self` points for the process `pid`: its container's directory.
+    pub fn readlink(&self, ino: u64, pid: u32) -> Result<String> {
+        if Node::from_ino(ino) != Some(Node::SelfLink) {
+            return Err(FsError::NotSymlink);
+        }
+        // pid 0: the caller's pid namespace cannot see the daemon's.
+        if pid == 0 {
+            return Err(FsError::NotFound);
+        }
+        let cgroup = own_cgroup(pid).ok_or(FsError::NotFound)?;
+        let find = || {
+            self.registry()
+                .list()
+                .into_iter()
+                .filter(|c| cgroup.starts_with(&c.cgroup))
+                .max_by_key(|c| c.cgroup.components().count())
+        };
+        let container = find()
+            .or_else(|| {
+                self.refresh();
+                find()
+            })
+            .ok_or(FsError::NotFound)?;
+        Ok(container.name.clone())
+    }
+
     /// Renders the file and returns a handle to its snapshot.
     pub fn open(&self, ino: u64, write: bool) -> Result<u64> {
         let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
-        if node.is_dir() {
+        if node.kind() == Kind::Dir {
             return Err(FsError::IsDir);
         }
         if write {
@@ -196,7 +289,10 @@ impl Model {
     pub fn opendir(&self, ino: u64) -> Result<u64> {
         let entries = match Node::from_ino(ino).ok_or(FsError::NotFound)? {
             Node::Root => self.list_root(),
-            Node::Dir(slot) => self.list_container(&*self.container(slot)?),
+            Node::Dir(owner) => {
+                let dir = self.owner(owner)?;
+                self.list_dir(owner, &dir)
+            }
             _ => return Err(FsError::NotDir),
         };
         Ok(self.insert(Handle::Dir(Arc::new(entries))))
@@ -211,28 +307,36 @@ impl Model {
     }
 
     fn list_root(&self) -> Vec<DirEntry> {
-        self.sampler.refresh();
+        self.refresh();
         let mut entries = dots(ROOT_INO);
         entries.extend(RootFile::ALL.map(|f| entry(Node::RootFile(f), f.name())));
+        entries.push(entry(Node::SelfLink, SELF_NAME));
+        entries.push(entry(Node::Dir(Owner::Cgroup(0)), CGROUP_NAME));
         entries.extend(
             self.registry()
                 .list()
                 .iter()
-                .map(|c| entry(Node::Dir(c.slot), &c.name)),
+                .map(|c| entry(Node::Dir(Owner::Container(c.slot)), &c.name)),
         );
         entries
     }
 
-    fn list_container(&self, container: &Container) -> Vec<DirEntry> {
-        let slot = container.slot;
-        let mut entries = dots(Node::Dir(slot).ino());
-        entries.extend(Meta::ALL.map(|m| entry(Node::File(slot, Entry::Meta(m)), m.name())));
+    fn list_dir(&self, owner: Owner, dir: &Container) -> Vec<DirEntry> {
+        let mut entries = dots(Node::Dir(owner).ino());
+        entries.extend(Meta::ALL.map(|m| entry(Node::File(owner, Entry::Meta(m)), m.name())));
         entries.extend(
             self.sampler
-                .available(container)
+                .available(dir)
                 .iter()
-                .map(|id| entry(Node::File(slot, Entry::Metric(*id)), id.def().file)),
+                .map(|id| entry(Node::File(owner, Entry::Metric(*id)), id.def().file)),
         );
+        if let Owner::Cgroup(_) = owner {
+            for name in self.tree().children(dir) {
+                if let Some((node, _)) = self.tree().node(&dir.cgroup.join(&name)) {
+                    entries.push(entry(Node::Dir(Owner::Cgroup(node)), &name));
+                }
+            }
+        }
         entries
     }
 
@@ -245,6 +349,7 @@ impl Model {
     fn render(&self, node: Node) -> Result<String> {
         match node {
             Node::Root | Node::Dir(_) => Err(FsError::IsDir),
+            Node::SelfLink => Err(FsError::NotFound),
             Node::RootFile(RootFile::Metric) => {
                 let mut out = String::new();
                 for (container, sample) in self.sample_all() {
@@ -256,29 +361,29 @@ impl Model {
                 &self.sample_all(),
                 self.sampler.health(),
             )),
-            Node::File(slot, entry) => {
-                let container = self.container(slot)?;
-                self.render_container_file(&container, entry)
-                    .inspect_err(|e| self.note_failure(&container, e))
+            Node::File(owner, entry) => {
+                let dir = self.owner(owner)?;
+                self.render_file(&dir, entry)
+                    .inspect_err(|e| self.note_failure(owner, &dir, e))
             }
         }
     }
 
-    fn render_container_file(&self, container: &Container, entry: Entry) -> Result<String> {
+    fn render_file(&self, dir: &Container, entry: Entry) -> Result<String> {
         match entry {
-            Entry::Meta(Meta::Name) => Ok(format!("{}\n", container.name)),
-            Entry::Meta(Meta::Id) => Ok(format!("{}\n", container.id)),
-            Entry::Meta(Meta::Cgroup) => Ok(format!("/{}\n", container.cgroup.display())),
-            Entry::Meta(Meta::Runtime) => Ok(format!("{}\n", container.runtime)),
+            Entry::Meta(Meta::Name) => Ok(format!("{}\n", dir.name)),
+            Entry::Meta(Meta::Id) => Ok(format!("{}\n", dir.id)),
+            Entry::Meta(Meta::Cgroup) => Ok(format!("/{}\n", dir.cgroup.display())),
+            Entry::Meta(Meta::Runtime) => Ok(format!("{}\n", dir.runtime)),
             Entry::Meta(Meta::Metrics) => {
-                let sample = self.sampler.sample(container).map_err(FsError::Source)?;
+                let sample = self.sampler.sample(dir).map_err(FsError::Source)?;
                 Ok(render::container_metrics(&sample))
             }
             Entry::Metric(id) => {
-                self.check_available(container, id)?;
+                self.check_available(dir, id)?;
                 let mut sample = Sample::default();
                 self.sampler
-                    .read(container, id.def().group, &mut sample)
+                    .read(dir, id.def().group, &mut sample)
                     .map_err(FsError::Source)?;
                 sample
                     .get(id)
@@ -288,11 +393,16 @@ impl Model {
         }
     }
 
-    /// Logs what a reader cannot see, and drops containers found gone.
-    fn note_failure(&self, container: &Container, error: &FsError) {
-        match error {
-            FsError::Source(SourceError::Vanished(_)) => self.registry().forget(container.slot),
-            FsError::Source(e) => log::warn!("container {}: {e}", container.name),
+    /// Logs what a reader cannot see, and drops what was found gone.
+    fn note_failure(&self, owner: Owner, dir: &Container, error: &FsError) {
+        match (error, owner) {
+            (FsError::Source(SourceError::Vanished(_)), Owner::Container(slot)) => {
+                self.registry().forget(slot)
+            }
+            (FsError::Source(SourceError::Vanished(_)), Owner::Cgroup(node)) => {
+                self.tree().forget(node)
+            }
+            (FsError::Source(e), _) => log::warn!("{} {}: {e}", dir.runtime, dir.name),
             _ => {}
         }
     }
@@ -300,7 +410,7 @@ impl Model {
     /// A sample of every container, after a fresh discovery; containers that
     /// vanish meanwhile are left out.
     fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
-        self.sampler.refresh();
+        self.refresh();
         self.registry()
             .list()
             .into_iter()
@@ -315,10 +425,32 @@ impl Model {
     }
 }
 
+/// The cgroup of process `pid`, relative to the hierarchy roots: its v2
+/// path, or on a v1-only host the memory controller's.
+fn own_cgroup(pid: u32) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path_of = |line: &str| line.splitn(3, ':').nth(2).map(str::to_string);
+    let v2 = text
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .and_then(path_of);
+    let v1 = || {
+        text.lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+            })
+            .and_then(path_of)
+    };
+    let path = v2.filter(|p| p != "/").or_else(v1)?;
+    Some(Path::new(path.trim_start_matches('/')).to_path_buf())
+}
+
 fn entry(node: Node, name: &str) -> DirEntry {
     DirEntry {
         ino: node.ino(),
-        is_dir: node.is_dir(),
+        kind: node.kind(),
         name: name.to_string(),
     }
 }
@@ -327,12 +459,12 @@ fn dots(ino: u64) -> Vec<DirEntry> {
     vec![
         DirEntry {
             ino,
-            is_dir: true,
+            kind: Kind::Dir,
             name: ".".into(),
         },
         DirEntry {
             ino: ROOT_INO,
-            is_dir: true,
+            kind: Kind::Dir,
             name: "..".into(),
         },
     ]
@@ -355,7 +487,7 @@ mod tests {
         let registry = Arc::new(Registry::new(
             layout,
             Discovery::new(globs, None),
-            RootFile::NAMES,
+            crate::fs::inode::RESERVED_NAMES,
         ));
         registry.refresh();
         Model::new(Sampler::new(registry, Duration::from_millis(20), None))
@@ -406,6 +538,8 @@ mod tests {
                 "..",
                 "metric",
                 "metrics.prom",
+                "self",
+                "cgroup",
                 "alpha",
                 "beta",
                 "broken"
@@ -429,9 +563,71 @@ mod tests {
     }
 
     #[test]
+    fn the_cgroup_tree_mirrors_every_cgroup() {
+        let m = model("v2");
+        let root = ls(&m, "cgroup");
+        assert!(root.contains(&"tenants".to_string()), "{root:?}");
+        assert!(
+            root.contains(&"cgroup".to_string()),
+            "the root cgroup's own meta file"
+        );
+        let tenants = ls(&m, "cgroup/tenants");
+        for child in ["alpha", "beta", "broken", "metrics", "name"] {
+            assert!(tenants.contains(&child.to_string()), "{child}: {tenants:?}");
+        }
+        assert_eq!(
+            cat(&m, "cgroup/tenants/alpha/memory_rss").unwrap(),
+            "67108864\n"
+        );
+        assert_eq!(
+            cat(&m, "cgroup/tenants/alpha/cgroup").unwrap(),
+            "/tenants/alpha\n"
+        );
+        assert_eq!(cat(&m, "cgroup/tenants/name").unwrap(), "tenants\n");
+        // The same cgroup keeps its inode; an absent one is not there.
+        let ino = |m: &Model| {
+            let c = m.lookup(ROOT_INO, "cgroup").unwrap().ino;
+            let t = m.lookup(c, "tenants").unwrap().ino;
+            m.lookup(t, "alpha").unwrap().ino
+        };
+        assert_eq!(ino(&m), ino(&m));
+        let c = m.lookup(ROOT_INO, "cgroup").unwrap().ino;
+        assert_eq!(m.lookup(c, "nope").unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(m.lookup(c, "..").unwrap_err().errno(), libc::ENOENT);
+    }
+
+    #[test]
+    fn self_is_a_symlink_that_resolves_per_reader() {
+        let m = model("v2");
+        let attr = m.lookup(ROOT_INO, "self").unwrap();
+        assert_eq!(attr.kind, Kind::Symlink);
+        // pid 0: the reader's pid namespace cannot see the daemon's.
+        assert_eq!(m.readlink(attr.ino, 0).unwrap_err().errno(), libc::ENOENT);
+        // This test process is in no fixture container.
+        assert_eq!(
+            m.readlink(attr.ino, std::process::id())
+                .unwrap_err()
+                .errno(),
+            libc::ENOENT
+        );
+        assert_eq!(m.readlink(ROOT_INO, 1).unwrap_err().errno(), libc::EINVAL);
+    }
+
+    #[test]
     fn tree_of_a_v1_host() {
         let m = model("v1");
-        assert_eq!(ls(&m, ""), [".", "..", "metric", "metrics.prom", "alpha"]);
+        assert_eq!(
+            ls(&m, ""),
+            [
+                ".",
+                "..",
+                "metric",
+                "metrics.prom",
+                "self",
+                "cgroup",
+                "alpha"
+            ]
+        );
         assert_eq!(cat(&m, "alpha/memory_pgpgin").unwrap(), "20000\n");
         assert_eq!(cat(&m, "alpha/cpu_usage_usec").unwrap(), "2500000\n");
         assert_eq!(cat(&m, "alpha/memory_limit").unwrap(), "max\n");

@@ -12,6 +12,9 @@ use cgmetric::metrics::METRICS;
 use crate::require;
 use crate::support::{Cgroup, Daemon};
 
+/// The root of a tree with no containers, sorted.
+const ROOT: [&str; 4] = ["cgroup", "metric", "metrics.prom", "self"];
+
 fn listing(daemon: &Daemon, dir: &str) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(daemon.path(dir))
         .unwrap()
@@ -123,19 +126,22 @@ fn containers_appear_and_vanish_with_their_cgroups() {
     let parent = Cgroup::parent("live");
     let glob = format!("{}/*", parent.relative);
     let daemon = Daemon::start(&["--cgroup", &glob]);
-    assert_eq!(listing(&daemon, ""), ["metric", "metrics.prom"]);
+    assert_eq!(listing(&daemon, ""), ROOT);
 
     let mut late = parent.child("late");
     // Resolved at lookup: no waiting for a poll.
     assert_eq!(daemon.read("late/pids_current"), "0\n");
-    assert_eq!(listing(&daemon, ""), ["late", "metric", "metrics.prom"]);
+    assert_eq!(
+        listing(&daemon, ""),
+        ["cgroup", "late", "metric", "metrics.prom", "self"]
+    );
     let odd = parent.child("odd name\twith \"quotes\"");
     assert!(listing(&daemon, "").contains(&"odd name_with \"quotes\"".to_string()));
 
     let held = daemon.path("late/pids_current");
     late.remove();
     drop(odd);
-    assert_eq!(listing(&daemon, ""), ["metric", "metrics.prom"]);
+    assert_eq!(listing(&daemon, ""), ROOT);
     let err = fs::read_to_string(&held).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
     assert!(!daemon.read("metric").contains("late_"));
