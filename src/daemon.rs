@@ -106,6 +106,10 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         containerd_state: options.containerd_state.clone(),
         containers_storage: options.containers_storage.clone(),
     };
+    let watch_root = layout
+        .unified
+        .clone()
+        .unwrap_or_else(|| layout.hierarchies()[0].to_path_buf());
     let registry = Arc::new(Registry::new(
         layout,
         Discovery::new(globs, Some(runtimes)),
@@ -133,6 +137,11 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         })?;
     let mut unmounter = session.unmount_callable();
     model.set_invalidator(invalidator(session.notifier()));
+    // Containers come and go with their cgroups, the moment they do.
+    let watched = model.clone();
+    if let Err(e) = crate::watch::spawn(watch_root, move || watched.refresh()) {
+        log::warn!("cannot watch cgroups ({e}); new containers appear at lookup only");
+    }
     std::thread::spawn(move || {
         let _ = events.send(Event::SessionEnded(session.run()));
     });

@@ -19,3 +19,4 @@ pub mod registry;
 pub mod render;
 pub mod runtime;
 pub mod sample;
+pub mod watch;

@@ -135,7 +135,7 @@ impl Model {
     }
 
     /// Discovery; the kernel forgets the names of vanished containers.
-    fn refresh(&self) {
+    pub fn refresh(&self) {
         let removed = self.sampler.refresh();
         if let Some(invalidate) = self.invalidate.get() {
             removed.iter().for_each(|name| invalidate(name));

@@ -103,6 +103,11 @@ impl Cgroup {
         Cgroup::create(format!("{}/{name}", self.relative))
     }
 
+    /// A top-level cgroup with exactly this name (make it unique).
+    pub fn top(name: &str) -> Cgroup {
+        Cgroup::create(name.to_string())
+    }
+
     fn create(relative: String) -> Cgroup {
         let layout = host_layout();
         let mut dirs = Vec::new();
@@ -267,6 +272,46 @@ impl Drop for BpfDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// A chain of nested cgroups below a parent, removed deepest first.
+pub struct Nest(Vec<Cgroup>);
+
+impl Nest {
+    /// Creates `path` (slash-separated) below `parent`, one level at a time.
+    pub fn new(parent: &Cgroup, path: &str) -> Nest {
+        let mut chain: Vec<Cgroup> = Vec::new();
+        for part in path.split('/') {
+            let next = chain.last().unwrap_or(parent).child(part);
+            chain.push(next);
+        }
+        Nest(chain)
+    }
+
+    pub fn leaf(&mut self) -> &mut Cgroup {
+        self.0.last_mut().unwrap()
+    }
+}
+
+impl Drop for Nest {
+    fn drop(&mut self) {
+        while let Some(cgroup) = self.0.pop() {
+            drop(cgroup);
+        }
+    }
+}
+
+/// A 64-character hex id no other test uses, as runtimes name containers.
+pub fn hex_id() -> String {
+    use std::hash::{Hash, Hasher};
+    let seed = unique("id");
+    (0..4u8)
+        .map(|round| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (round, &seed).hash(&mut hasher);
+            format!("{:016x}", hasher.finish())
+        })
+        .collect()
 }
 
 /// A running `cgmetric` on its own temporary mountpoint.
