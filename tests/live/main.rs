@@ -11,6 +11,7 @@ mod discovery;
 mod fixtures;
 mod lifecycle;
 mod memory;
+mod mount;
 mod net;
 mod prometheus;
 mod tree;

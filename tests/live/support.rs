@@ -329,6 +329,24 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cgmetric")
 }
 
+/// Builds a workspace binary once per test run (`cargo test --test live`
+/// alone does not build other packages) and returns its path.
+pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "-p", package]);
+    if profile_dir.ends_with("release") {
+        cargo.arg("--release");
+    }
+    let status = cargo
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building {package} failed");
+    profile_dir.join(binary)
+}
+
 /// The `tcp_peer` example, built once per test run: `cargo test --test
 /// live` alone does not rebuild examples, and a stale peer lies.
 pub fn tcp_peer() -> PathBuf {
