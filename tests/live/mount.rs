@@ -47,8 +47,7 @@ fn daemon_running(mountpoint: &Path) -> bool {
                     .split(|b| *b == 0)
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect();
-                args.first().is_some_and(|a| a.ends_with("/cgmetric"))
-                    && args.iter().any(|a| *a == needle)
+                args.first().is_some_and(|a| a.ends_with("/cgmetric")) && args.contains(&needle)
             })
             .unwrap_or(false)
     })
