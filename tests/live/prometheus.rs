@@ -1,4 +1,5 @@
-//! `metrics.prom` against the real exposition-format linter.
+//! `metrics.prom` against the real exposition-format linter, and through
+//! node_exporter's textfile collector.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -65,5 +66,64 @@ fn promtool_accepts_metrics_prom() {
     assert!(
         text.contains("cgmetric_ebpf_uncounted_total{reason=\"traffic_map_full\"} 0\n"),
         "{text}"
+    );
+}
+
+/// node_exporter's textfile collector pointed at the mountpoint, with no
+/// glue: every container's series, and no scrape error.
+#[test]
+fn node_exporter_exports_every_container_from_the_mountpoint() {
+    require!("prometheus-node-exporter");
+    let parent = Cgroup::parent("nodeexp");
+    let _a = parent.child("alpha");
+    let _b = parent.child("beta");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut exporter = Command::new("prometheus-node-exporter")
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg(format!(
+            "--collector.textfile.directory={}",
+            daemon.mountpoint.display()
+        ))
+        .args(["--collector.disable-defaults", "--collector.textfile"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let scrape = || -> Option<String> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut body).ok()?;
+        Some(body)
+    };
+    let mut body = None;
+    assert!(
+        crate::support::eventually(std::time::Duration::from_secs(10), || {
+            body = scrape();
+            body.is_some()
+        }),
+        "node_exporter did not answer"
+    );
+    let _ = exporter.kill();
+    let _ = exporter.wait();
+    let body = body.unwrap();
+    assert!(body.contains("node_textfile_scrape_error 0"), "{body}");
+    for container in ["alpha", "beta"] {
+        assert!(
+            body.lines().any(|l| l.starts_with("cgmetric_pids{")
+                && l.contains(&format!("container=\"{container}\""))),
+            "{container} missing:\n{body}"
+        );
+    }
+    assert!(
+        body.contains("cgmetric_network_transmit_bytes_total{"),
+        "{body}"
     );
 }
