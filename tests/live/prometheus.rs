@@ -127,3 +127,19 @@ fn node_exporter_exports_every_container_from_the_mountpoint() {
         "{body}"
     );
 }
+
+#[test]
+fn the_example_alert_rules_are_valid() {
+    require!("promtool");
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("contrib/prometheus/cgmetric-alerts.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("SUCCESS: 6 rules found"), "{said}");
+}
