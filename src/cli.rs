@@ -52,6 +52,12 @@ pub struct Options {
     #[arg(long)]
     pub no_ebpf: bool,
 
+    /// Make each container's directory owned by the owner of its cgroup and
+    /// readable by that owner only (delegated and rootless containers); the
+    /// files about all containers become root's.
+    #[arg(long)]
+    pub private: bool,
+
     /// The window over which *_millicores and *_bps rates are measured (1s, 500ms, 2m).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_window)]
     pub window: Duration,

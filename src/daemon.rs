@@ -117,7 +117,10 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     ));
     registry.refresh();
     log::info!("{} containers found", registry.list().len());
-    let model = Arc::new(Model::new(Sampler::new(registry, options.window, net)));
+    let model = Arc::new(Model::new(
+        Sampler::new(registry, options.window, net),
+        options.private,
+    ));
     let fs = FuseFs::new(model.clone());
 
     let (events, next_event) = mpsc::channel();

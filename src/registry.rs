@@ -32,6 +32,8 @@ pub struct Container {
     /// Path relative to the hierarchy roots.
     pub cgroup: PathBuf,
     pub runtime: &'static str,
+    /// The owner (uid, gid) of the cgroup directory when it was found.
+    pub owner: (u32, u32),
     pub dirs: CgroupDirs,
     available: OnceLock<Vec<MetricId>>,
 }
@@ -51,6 +53,7 @@ impl Container {
             id,
             cgroup,
             runtime,
+            owner: dirs.owner().unwrap_or((0, 0)),
             dirs,
             available: OnceLock::new(),
         }

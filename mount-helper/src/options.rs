@@ -59,6 +59,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("bpf_dir", true),
     ("window", true),
     ("no_ebpf", false),
+    ("private", false),
 ];
 
 /// Words mount(8) and fstab pass that concern the mount, not cgmetric.

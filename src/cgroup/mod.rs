@@ -45,6 +45,17 @@ impl CgroupDirs {
             .any(|p| p.is_dir())
     }
 
+    /// Who owns the cgroup's directory (uid, gid): for a delegated or
+    /// rootless container, the user it belongs to.
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self
+            .v2
+            .as_deref()
+            .or(self.v1.first().map(|(_, p)| p.as_path()))?;
+        std::fs::metadata(dir).ok().map(|m| (m.uid(), m.gid()))
+    }
+
     /// The cgroup's id: the inode of its directory, in the v2 tree when it has
     /// one (the number eBPF's `bpf_skb_cgroup_id` reports), else in the first
     /// v1 hierarchy.

@@ -70,20 +70,24 @@ pub struct Attr {
     pub ino: u64,
     pub kind: Kind,
     pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl Attr {
+    /// Owned by root and readable by everybody; nobody writes.
     fn of(node: Node) -> Attr {
         let kind = node.kind();
         Attr {
             ino: node.ino(),
             kind,
-            // Readable by everybody; nobody writes.
             perm: match kind {
                 Kind::Dir => 0o555,
                 Kind::File => 0o444,
                 Kind::Symlink => 0o777,
             },
+            uid: 0,
+            gid: 0,
         }
     }
 }
@@ -105,15 +109,19 @@ pub type Invalidator = Box<dyn Fn(&str) + Send + Sync>;
 
 pub struct Model {
     sampler: Sampler,
+    /// `--private`: a directory of metrics belongs to its cgroup's owner and
+    /// only they read it; the all-containers files only root.
+    private: bool,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     invalidate: std::sync::OnceLock<Invalidator>,
 }
 
 impl Model {
-    pub fn new(sampler: Sampler) -> Model {
+    pub fn new(sampler: Sampler, private: bool) -> Model {
         Model {
             sampler,
+            private,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             invalidate: std::sync::OnceLock::new(),
@@ -159,7 +167,24 @@ impl Model {
             }
             _ => return Err(FsError::NotDir),
         };
-        Ok(Attr::of(node))
+        self.attr(node)
+    }
+
+    /// The node's attributes, ownership and modes as `--private` says.
+    fn attr(&self, node: Node) -> Result<Attr> {
+        let mut attr = Attr::of(node);
+        if !self.private {
+            return Ok(attr);
+        }
+        match node {
+            Node::RootFile(_) => attr.perm = 0o400,
+            Node::Dir(owner) | Node::File(owner, _) => {
+                (attr.uid, attr.gid) = self.owner(owner)?.owner;
+                attr.perm = if attr.kind == Kind::Dir { 0o500 } else { 0o400 };
+            }
+            Node::Root | Node::SelfLink => {}
+        }
+        Ok(attr)
     }
 
     fn root_child(&self, name: &str) -> Result<Node> {
@@ -227,7 +252,7 @@ impl Model {
                 self.check_available(&*self.owner(owner)?, id)?
             }
         }
-        Ok(Attr::of(node))
+        self.attr(node)
     }
 
     /// Where `self` points for the process `pid`: its container's directory.
@@ -490,7 +515,10 @@ mod tests {
             crate::fs::inode::RESERVED_NAMES,
         ));
         registry.refresh();
-        Model::new(Sampler::new(registry, Duration::from_millis(20), None))
+        Model::new(
+            Sampler::new(registry, Duration::from_millis(20), None),
+            false,
+        )
     }
 
     fn cat(model: &Model, path: &str) -> Result<String> {
@@ -594,6 +622,19 @@ mod tests {
         let c = m.lookup(ROOT_INO, "cgroup").unwrap().ino;
         assert_eq!(m.lookup(c, "nope").unwrap_err().errno(), libc::ENOENT);
         assert_eq!(m.lookup(c, "..").unwrap_err().errno(), libc::ENOENT);
+    }
+
+    #[test]
+    fn private_trees_belong_to_cgroup_owners() {
+        let mut m = model("v2");
+        m.private = true;
+        let dir = m.lookup(ROOT_INO, "alpha").unwrap();
+        assert_eq!((dir.perm, dir.kind), (0o500, Kind::Dir));
+        assert_eq!(m.getattr(dir.ino).unwrap().perm, 0o500);
+        let file = m.lookup(dir.ino, "memory_rss").unwrap();
+        assert_eq!(file.perm, 0o400);
+        assert_eq!(m.lookup(ROOT_INO, "metric").unwrap().perm, 0o400);
+        assert_eq!(m.getattr(ROOT_INO).unwrap().perm, 0o555);
     }
 
     #[test]

@@ -131,6 +131,14 @@ impl Cgroup {
         }
     }
 
+    /// Hands the cgroup to a user, as delegation does.
+    pub fn chown(&self, uid: u32, gid: u32) {
+        for dir in &self.dirs {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("chown {}: {e}", dir.display()));
+        }
+    }
+
     /// The directory holding `controller`'s files: its v1 hierarchy when
     /// mounted, else the v2 tree.
     pub fn dir(&self, controller: Controller) -> PathBuf {
@@ -271,6 +279,62 @@ impl BpfDir {
 impl Drop for BpfDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A system user created for one test and deleted after it.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl TestUser {
+    pub fn new() -> TestUser {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "cgmt{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let status = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "useradd {name}");
+        let id = |flag: &str| -> u32 {
+            let out = Command::new("id").args([flag, &name]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        };
+        let (uid, gid) = (id("-u"), id("-g"));
+        TestUser { name, uid, gid }
+    }
+
+    /// Runs `program args` as this user; its output, or the error it printed.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("setpriv")
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .args(["--clear-groups", program])
+            .args(args)
+            .output()
+            .unwrap();
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
     }
 }
 

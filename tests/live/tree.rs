@@ -256,3 +256,48 @@ fn files_are_readable_by_everyone() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
 }
+
+#[test]
+fn private_directories_belong_to_their_cgroups_owner() {
+    require!("useradd", "userdel", "setpriv");
+    let user = crate::support::TestUser::new();
+    let parent = Cgroup::parent("private");
+    let mine = parent.child("mine");
+    let _theirs = parent.child("theirs");
+    mine.chown(user.uid, user.gid);
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--private"]);
+    let path = |p: &str| daemon.path(p).to_str().unwrap().to_string();
+
+    let meta = fs::metadata(daemon.path("mine")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (user.uid, user.gid, 0o500)
+    );
+    assert_eq!(
+        fs::metadata(daemon.path("mine/pids_current"))
+            .unwrap()
+            .mode()
+            & 0o777,
+        0o400
+    );
+
+    // The tenant reads its own numbers, and nobody else's.
+    assert_eq!(
+        user.run("cat", &[&path("mine/pids_current")]).unwrap(),
+        "0\n"
+    );
+    assert!(user
+        .run("ls", &[&path("mine")])
+        .unwrap()
+        .contains("memory_usage"));
+    let refused = user
+        .run("cat", &[&path("theirs/pids_current")])
+        .unwrap_err();
+    assert!(refused.contains("Permission denied"), "{refused}");
+    let refused = user.run("cat", &[&path("metric")]).unwrap_err();
+    assert!(refused.contains("Permission denied"), "{refused}");
+    // Root still reads everything.
+    assert_eq!(daemon.read("theirs/pids_current"), "0\n");
+}
