@@ -3,15 +3,24 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub const DEFAULT_MOUNTPOINT: &str = "/run/cgmetric";
 
-/// Per-container metrics (CPU, memory, I/O, processes) as a procfs-style FUSE
-/// filesystem. Runs in the foreground; SIGTERM or SIGINT unmounts and exits.
+/// Per-container metrics (network, CPU, memory, I/O, processes) as a
+/// procfs-style FUSE filesystem. Without a subcommand it runs the daemon in
+/// the foreground; SIGTERM or SIGINT unmounts and exits.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "cgmetric", version, about)]
+#[command(
+    name = "cgmetric",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Options {
+    #[command(subcommand)]
+    pub report: Option<Report>,
+
     /// Where to mount the tree. The default is created when missing; any
     /// other mountpoint must exist.
     #[arg(default_value = DEFAULT_MOUNTPOINT)]
@@ -63,6 +72,63 @@ pub struct Options {
     pub window: Duration,
 }
 
+/// Reports for people, read from a mounted tree.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Report {
+    /// A live table of every container, refreshed, sorted by a column.
+    Top(TopOptions),
+    /// Network egress and ingress per container, in GB, and what they cost.
+    Billing(BillingOptions),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopOptions {
+    /// The mounted cgmetric tree.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_MOUNTPOINT)]
+    pub mount: PathBuf,
+    /// The column to sort by, largest first (names A to Z).
+    #[arg(long, value_enum, default_value_t = SortBy::Cpu)]
+    pub sort: SortBy,
+    /// Time between refreshes.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_window)]
+    pub interval: Duration,
+    /// Print the table once and exit (for scripts).
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortBy {
+    Name,
+    Cpu,
+    Memory,
+    Tx,
+    Rx,
+    Connections,
+    Pids,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BillingOptions {
+    /// The mounted cgmetric tree.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_MOUNTPOINT)]
+    pub mount: PathBuf,
+    /// The price of one GB (10^9 bytes) of egress.
+    #[arg(long, value_name = "PRICE")]
+    pub price_per_gb: f64,
+    /// Bill ingress at the same price too.
+    #[arg(long)]
+    pub include_ingress: bool,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Csv,
+}
+
 fn parse_window(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
         Ok(d) if d >= Duration::from_millis(10) => Ok(d),
@@ -96,5 +162,40 @@ mod tests {
         assert_eq!(o.mountpoint, PathBuf::from("/mnt"));
         assert!(Options::try_parse_from(["cgmetric", "--window", "0s"]).is_err());
         assert!(Options::try_parse_from(["cgmetric", "--window", "soon"]).is_err());
+    }
+
+    #[test]
+    fn reports_are_subcommands() {
+        let o = Options::try_parse_from(["cgmetric", "top", "--sort", "memory", "--once"]).unwrap();
+        assert!(matches!(
+            o.report,
+            Some(Report::Top(TopOptions {
+                sort: SortBy::Memory,
+                once: true,
+                ..
+            }))
+        ));
+        let o = Options::try_parse_from([
+            "cgmetric",
+            "billing",
+            "--price-per-gb",
+            "0.09",
+            "--format",
+            "csv",
+        ])
+        .unwrap();
+        assert!(matches!(
+            o.report,
+            Some(Report::Billing(BillingOptions {
+                format: Format::Csv,
+                ..
+            }))
+        ));
+        assert!(
+            Options::try_parse_from(["cgmetric", "billing"]).is_err(),
+            "a price is required"
+        );
+        let o = Options::try_parse_from(["cgmetric", "/mnt"]).unwrap();
+        assert!(o.report.is_none());
     }
 }

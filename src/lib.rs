@@ -17,6 +17,7 @@ pub mod net;
 pub mod rate;
 pub mod registry;
 pub mod render;
+pub mod report;
 pub mod runtime;
 pub mod sample;
 pub mod watch;

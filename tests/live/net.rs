@@ -578,3 +578,87 @@ fn a_full_traffic_map_is_counted_and_reported() {
         pair.daemon.stderr()
     );
 }
+
+#[test]
+fn top_and_billing_read_the_mounted_tree() {
+    require!();
+    let _turn = heavy_turn();
+    let pair = Pair::new("reports", &[]);
+    let (server, addr) = pair.serve("127.0.0.1", 1);
+    let payload: u64 = 2_000_000;
+    finish(pair.client.start(Command::new(tcp_peer()).args([
+        "client",
+        &addr,
+        "1",
+        &payload.to_string(),
+        "0",
+    ])));
+    finish(server);
+    settle();
+    let mount = pair.daemon.mountpoint.to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(crate::support::binary())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let top = run(&["top", "--once", "--sort", "tx", "--mount", &mount]);
+    let lines: Vec<&str> = top.lines().collect();
+    assert!(
+        lines[0].starts_with("CONTAINER") && lines[0].contains("TX/s"),
+        "{top}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("client ")), "{top}");
+    assert!(lines.iter().any(|l| l.starts_with("server ")), "{top}");
+
+    let csv = run(&[
+        "billing",
+        "--price-per-gb",
+        "10",
+        "--format",
+        "csv",
+        "--mount",
+        &mount,
+    ]);
+    let client = csv
+        .lines()
+        .find(|l| l.starts_with("client,"))
+        .unwrap_or_else(|| panic!("{csv}"));
+    let fields: Vec<f64> = client
+        .split(',')
+        .skip(1)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    let tx = pair.number("client", "net_bytes_tx") as f64;
+    assert!((fields[0] - tx / 1e9).abs() < 1e-6, "{client} vs {tx}");
+    assert!(fields[0] >= payload as f64 / 1e9);
+    assert!(
+        (fields[2] - fields[0] * 10.0).abs() < 1e-6,
+        "cost is egress × price: {client}"
+    );
+    let table = run(&["billing", "--price-per-gb", "10", "--mount", &mount]);
+    assert!(
+        table.lines().last().unwrap().starts_with("TOTAL"),
+        "{table}"
+    );
+
+    // Not mounted: one clear line, a failure.
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(crate::support::binary())
+        .args(["top", "--once", "--mount", empty.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not a mounted cgmetric tree"),
+        "{stderr}"
+    );
+}
