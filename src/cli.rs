@@ -165,6 +165,12 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Options::command().debug_assert();
+    }
+
+    #[test]
     fn reports_are_subcommands() {
         let o = Options::try_parse_from(["cgmetric", "top", "--sort", "memory", "--once"]).unwrap();
         assert!(matches!(
