@@ -66,10 +66,12 @@ impl Discovery {
             walk(root, Path::new(""), None, &mut cgroups);
         }
         let mut found = Vec::new();
-        // Sorted paths: a container comes before the cgroups inside it.
+        // Sorted paths: a container comes before the cgroups inside it, and
+        // they follow it without a gap, so the last container is the only
+        // one a path can be inside of.
         let mut containers: Vec<PathBuf> = Vec::new();
         for cgroup in cgroups {
-            if containers.iter().any(|c| cgroup.starts_with(c)) {
+            if containers.last().is_some_and(|c| cgroup.starts_with(c)) {
                 continue;
             }
             if self.globs.set.is_match(&cgroup) {

@@ -1,0 +1,450 @@
+//! What reading cgmetric costs, side by side with the alternatives, from one
+//! run: `cargo bench --bench reads` (as root; lxcfs installed).
+//!
+//! - one file's open/read/close, p50 and p99: the raw cgroupfs file it comes
+//!   from, cgmetric, lxcfs; reader and daemon on the same CPU and on
+//!   different CPUs; one reader and 8 in parallel;
+//! - `metric` and `metrics.prom` for 200, 1,000 and 10,000 containers, vs a
+//!   Rust reader of the same cgroup files;
+//! - the daemon idle for 30 s with 1,000 containers: CPU and RSS, and after
+//!   1,000 reads of each container;
+//! - time from a cgroup's creation to its directory being visible.
+//!
+//! Absolute times on shared machines are noise; the ratios carry over.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cgmetric::cgroup::{Controller, Layout};
+
+const SINGLE_READS: usize = 20_000;
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("reads benchmark: needs root (it creates cgroups and mounts)");
+        std::process::exit(1);
+    }
+    let layout = Layout::detect(Path::new("/sys/fs/cgroup")).expect("cgroup layout");
+    let base = format!("cgmetric-bench-{}", std::process::id());
+    let mut cleanup = Cleanup::default();
+    mkcgroup(&layout, &base, &mut cleanup);
+
+    println!(
+        "cgmetric read benchmark — {} CPUs, Linux {}\n",
+        cpus(),
+        kernel()
+    );
+    single_file_reads(&layout, &base, &mut cleanup);
+    let daemon_1000 = aggregates(&layout, &base, &mut cleanup);
+    idle_cost(daemon_1000, &base);
+    visibility(&layout, &base, &mut cleanup);
+}
+
+/// Everything the benchmark created, removed when it ends (also on panic).
+#[derive(Default)]
+struct Cleanup {
+    cgroups: Vec<(Vec<PathBuf>, PathBuf)>,
+    processes: Vec<Child>,
+    mounts: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for child in &mut self.processes {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+        for mount in &self.mounts {
+            let _ = Command::new("umount").arg("-l").arg(mount).status();
+        }
+        // Deepest first.
+        for (roots, relative) in self.cgroups.iter().rev() {
+            for root in roots {
+                let _ = fs::remove_dir(root.join(relative));
+            }
+        }
+    }
+}
+
+fn mkcgroup(layout: &Layout, relative: &str, cleanup: &mut Cleanup) {
+    let roots: Vec<PathBuf> = layout
+        .hierarchies()
+        .iter()
+        .map(|p| p.to_path_buf())
+        .collect();
+    for root in &roots {
+        fs::create_dir_all(root.join(relative)).unwrap();
+    }
+    cleanup.cgroups.push((roots, PathBuf::from(relative)));
+}
+
+/// Starts cgmetric pinned to `cpu` and waits for its mount.
+fn daemon(glob: &str, cpu: usize, cleanup: &mut Cleanup) -> (PathBuf, u32) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let child = Command::new("taskset")
+        .args([
+            "-c",
+            &cpu.to_string(),
+            env!("CARGO_BIN_EXE_cgmetric"),
+            "--no-ebpf",
+            "--cgroup",
+            glob,
+        ])
+        .arg(&dir)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("taskset (util-linux) and cgmetric");
+    let pid = child.id();
+    cleanup.processes.push(child);
+    cleanup.mounts.push(dir.clone());
+    wait_for(|| cgmetric::daemon::statfs(&dir).is_ok() && is_fuse(&dir));
+    (dir, pid)
+}
+
+fn is_fuse(dir: &Path) -> bool {
+    let mounts = cgmetric::mounts::read_mount_table().unwrap();
+    cgmetric::mounts::mount_at(&mounts, dir).is_some_and(|m| m.fs_type.starts_with("fuse"))
+}
+
+fn wait_for(check: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < Duration::from_secs(60), "timed out");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; the calls only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// `reads` open/read/close cycles of `path`, each timed.
+fn time_reads(path: &Path, reads: usize) -> Vec<Duration> {
+    let mut buf = [0u8; 8192];
+    let mut times = Vec::with_capacity(reads);
+    for _ in 0..reads {
+        let started = Instant::now();
+        let mut file = fs::File::open(path).unwrap();
+        while file.read(&mut buf).unwrap() > 0 {}
+        drop(file);
+        times.push(started.elapsed());
+    }
+    times
+}
+
+fn percentile(times: &mut [Duration], p: f64) -> Duration {
+    times.sort();
+    times[((times.len() - 1) as f64 * p) as usize]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
+    mkcgroup(layout, &format!("{base}/single"), cleanup);
+    mkcgroup(layout, &format!("{base}/single/box"), cleanup);
+    let raw = match layout.v1(Controller::Memory) {
+        Some(root) => root.join(format!("{base}/single/box/memory.usage_in_bytes")),
+        None => layout
+            .unified
+            .as_ref()
+            .unwrap()
+            .join(format!("{base}/single/box/memory.current")),
+    };
+    let lxcfs = tempfile::tempdir().unwrap().keep();
+    let lxcfs_child = Command::new("lxcfs")
+        .args(["-f", "-p"])
+        .arg(lxcfs.join("../lxcfs-bench.pid"))
+        .arg(&lxcfs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let lxcfs_ready = match lxcfs_child {
+        Ok(child) => {
+            cleanup.processes.push(child);
+            cleanup.mounts.push(lxcfs.clone());
+            wait_for(|| lxcfs.join("proc/uptime").exists());
+            true
+        }
+        Err(e) => {
+            println!("(lxcfs not available: {e}; its rows are left out)");
+            false
+        }
+    };
+    let other_cpu = usize::from(cpus() > 1);
+    println!("One file: open, read, close ({SINGLE_READS} times, µs)\n");
+    println!(
+        "{:<34} {:>9} {:>9} {:>12} {:>12}",
+        "", "p50", "p99", "p50 / raw", "p50 / lxcfs"
+    );
+    for (placement, daemon_cpu) in [
+        ("reader and daemon on one CPU", 0),
+        ("reader and daemon on two CPUs", other_cpu),
+    ] {
+        let (mnt, _) = daemon(&format!("{base}/single/*"), daemon_cpu, cleanup);
+        pin_to(0);
+        let ours = mnt.join("box/memory_usage");
+        let _ = time_reads(&ours, 1000);
+        let mut raw_t = time_reads(&raw, SINGLE_READS);
+        let mut ours_t = time_reads(&ours, SINGLE_READS);
+        let raw_p50 = percentile(&mut raw_t, 0.5);
+        let ours_p50 = percentile(&mut ours_t, 0.5);
+        let lxcfs_p50 = lxcfs_ready.then(|| {
+            let mut t = time_reads(&lxcfs.join("proc/meminfo"), SINGLE_READS);
+            (percentile(&mut t, 0.5), percentile(&mut t, 0.99))
+        });
+        println!("{placement}:");
+        println!(
+            "  {:<32} {:>9.1} {:>9.1}",
+            "raw cgroupfs file",
+            micros(raw_p50),
+            micros(percentile(&mut raw_t, 0.99))
+        );
+        if let Some((p50, p99)) = lxcfs_p50 {
+            println!(
+                "  {:<32} {:>9.1} {:>9.1}",
+                "lxcfs proc/meminfo",
+                micros(p50),
+                micros(p99)
+            );
+        }
+        println!(
+            "  {:<32} {:>9.1} {:>9.1} {:>12.2} {:>12}",
+            "cgmetric memory_usage",
+            micros(ours_p50),
+            micros(percentile(&mut ours_t, 0.99)),
+            micros(ours_p50) / micros(raw_p50),
+            lxcfs_p50.map_or("-".into(), |(l, _)| format!(
+                "{:.2}",
+                micros(ours_p50) / micros(l)
+            )),
+        );
+        // Eight readers at once.
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let path = ours.clone();
+                std::thread::spawn(move || {
+                    pin_to(i % cpus());
+                    time_reads(&path, SINGLE_READS / 8)
+                })
+            })
+            .collect();
+        let mut all: Vec<Duration> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        println!(
+            "  {:<32} {:>9.1} {:>9.1}",
+            "cgmetric, 8 parallel readers",
+            micros(percentile(&mut all, 0.5)),
+            micros(percentile(&mut all, 0.99))
+        );
+    }
+    println!();
+}
+
+/// The cgroup files a full sample of one container reads on this layout.
+fn source_files(layout: &Layout, relative: &str) -> Vec<PathBuf> {
+    let v1 = |c: Controller, files: &[&str]| -> Vec<PathBuf> {
+        layout
+            .v1(c)
+            .map(|root| files.iter().map(|f| root.join(relative).join(f)).collect())
+            .unwrap_or_default()
+    };
+    let mut files = Vec::new();
+    if layout.v1(Controller::Memory).is_some() {
+        files.extend(v1(Controller::Cpuacct, &["cpuacct.usage", "cpuacct.stat"]));
+        files.extend(v1(
+            Controller::Cpu,
+            &["cpu.stat", "cpu.cfs_quota_us", "cpu.cfs_period_us"],
+        ));
+        files.extend(v1(
+            Controller::Memory,
+            &[
+                "memory.usage_in_bytes",
+                "memory.stat",
+                "memory.limit_in_bytes",
+                "memory.oom_control",
+            ],
+        ));
+        files.extend(v1(
+            Controller::Blkio,
+            &[
+                "blkio.throttle.io_service_bytes_recursive",
+                "blkio.throttle.io_serviced_recursive",
+            ],
+        ));
+        files.extend(v1(Controller::Pids, &["pids.current", "pids.max"]));
+    } else {
+        let dir = layout.unified.as_ref().unwrap().join(relative);
+        for f in [
+            "cpu.stat",
+            "cpu.max",
+            "memory.current",
+            "memory.stat",
+            "memory.max",
+            "memory.events",
+            "io.stat",
+            "pids.current",
+            "pids.max",
+        ] {
+            files.push(dir.join(f));
+        }
+    }
+    files.into_iter().filter(|f| f.exists()).collect()
+}
+
+fn median_time(mut f: impl FnMut(), runs: usize) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let started = Instant::now();
+            f();
+            started.elapsed()
+        })
+        .collect();
+    percentile(&mut times, 0.5)
+}
+
+/// Returns the daemon serving 1,000 containers, for the idle measurement.
+fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) -> (PathBuf, u32) {
+    println!("Everything at once: one read of the aggregate file (ms, median of 10)\n");
+    println!(
+        "{:<12} {:>14} {:>12} {:>12} {:>16} {:>16}",
+        "containers", "direct reads", "metric", "metrics.prom", "metric / direct", "prom / direct"
+    );
+    let mut kept = None;
+    for count in [200, 1000, 10_000] {
+        let group = format!("{base}/agg{count}");
+        mkcgroup(layout, &group, cleanup);
+        for i in 0..count {
+            mkcgroup(layout, &format!("{group}/c{i}"), cleanup);
+        }
+        let files: Vec<PathBuf> = (0..count)
+            .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
+            .collect();
+        let (mnt, pid) = daemon(&format!("{group}/*"), 1 % cpus(), cleanup);
+        pin_to(0);
+        // Warm up: the first read measures CPU rates over one window.
+        let _ = fs::read_to_string(mnt.join("metric")).unwrap();
+        let direct = median_time(
+            || {
+                for f in &files {
+                    let _ = fs::read(f);
+                }
+            },
+            10,
+        );
+        let metric = median_time(|| drop(fs::read(mnt.join("metric")).unwrap()), 10);
+        let prom = median_time(|| drop(fs::read(mnt.join("metrics.prom")).unwrap()), 10);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "{count:<12} {:>14.2} {:>12.2} {:>12.2} {:>16.2} {:>16.2}",
+            ms(direct),
+            ms(metric),
+            ms(prom),
+            ms(metric) / ms(direct),
+            ms(prom) / ms(direct)
+        );
+        if count == 1000 {
+            kept = Some((mnt, pid));
+        }
+    }
+    println!();
+    kept.unwrap()
+}
+
+/// CPU time (user + system, in clock ticks) and RSS (KiB) of a process.
+fn usage(pid: u32) -> (u64, u64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0);
+    (ticks, rss)
+}
+
+fn idle_cost((mnt, pid): (PathBuf, u32), _base: &str) {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    println!("The daemon with 1,000 containers\n");
+    // Let the rate sampler (started by the reads above) time out? It stops
+    // 5 minutes after the last rate read; the idle figure below includes it.
+    let (t0, _) = usage(pid);
+    std::thread::sleep(Duration::from_secs(30));
+    let (t1, rss) = usage(pid);
+    println!(
+        "  idle 30 s (rate sampler running):  {:>6.3}% of a core, RSS {:.1} MiB",
+        (t1 - t0) as f64 / hz / 30.0 * 100.0,
+        rss as f64 / 1024.0
+    );
+    let started = Instant::now();
+    for _ in 0..1000 {
+        for i in 0..1000 {
+            let _ = fs::read(mnt.join(format!("c{i}/memory_usage")));
+        }
+    }
+    let elapsed = started.elapsed();
+    let (_, rss) = usage(pid);
+    println!(
+        "  after 1,000 reads of each (1M reads in {:.1} s, {:.1} µs each): RSS {:.1} MiB",
+        elapsed.as_secs_f64(),
+        micros(elapsed) / 1e6,
+        rss as f64 / 1024.0
+    );
+    println!();
+}
+
+fn visibility(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
+    mkcgroup(layout, &format!("{base}/vis"), cleanup);
+    let (mnt, _) = daemon(&format!("{base}/vis/*"), 1 % cpus(), cleanup);
+    let mut times = Vec::new();
+    for i in 0..20 {
+        let relative = format!("{base}/vis/new{i}");
+        let started = Instant::now();
+        mkcgroup(layout, &relative, cleanup);
+        let dir = mnt.join(format!("new{i}"));
+        while fs::metadata(&dir).is_err() {
+            std::hint::spin_loop();
+        }
+        times.push(started.elapsed());
+    }
+    println!(
+        "Creation to visible (20 cgroups): median {:.0} µs, max {:.0} µs",
+        micros(percentile(&mut times, 0.5)),
+        micros(*times.iter().max().unwrap())
+    );
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn kernel() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
