@@ -393,13 +393,14 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cgmetric")
 }
 
-/// Builds a workspace binary once per test run (`cargo test --test live`
-/// alone does not build other packages) and returns its path.
-pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
+/// Runs `cargo build ARGS` in this test's profile and returns the profile's
+/// target directory. `cargo test --test live` alone builds neither examples
+/// nor other packages, and a stale helper lies.
+fn cargo_build(args: &[&str]) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     let mut cargo = Command::new(env!("CARGO"));
-    cargo.args(["build", "--quiet", "-p", package]);
+    cargo.args(["build", "--quiet"]).args(args);
     if profile_dir.ends_with("release") {
         cargo.arg("--release");
     }
@@ -407,30 +408,20 @@ pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .unwrap();
-    assert!(status.success(), "building {package} failed");
-    profile_dir.join(binary)
+    assert!(status.success(), "cargo build {args:?} failed");
+    profile_dir
 }
 
-/// The `tcp_peer` example, built once per test run: `cargo test --test
-/// live` alone does not rebuild examples, and a stale peer lies.
+/// A binary of another workspace package, freshly built.
+pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
+    cargo_build(&["-p", package]).join(binary)
+}
+
+/// The `tcp_peer` example, built once per test run.
 pub fn tcp_peer() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap();
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo.args(["build", "--quiet", "--example", "tcp_peer"]);
-            if profile_dir.ends_with("release") {
-                cargo.arg("--release");
-            }
-            let status = cargo
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .unwrap();
-            assert!(status.success(), "building the tcp_peer example failed");
-            profile_dir.join("examples/tcp_peer")
-        })
+        .get_or_init(|| cargo_build(&["--example", "tcp_peer"]).join("examples/tcp_peer"))
         .clone()
 }
 
