@@ -64,10 +64,6 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
         })
     }
 
-    pub fn window(&self) -> Duration {
-        self.window
-    }
-
     /// The counter's increase per second over the last window. `read_now`
     /// reads its current value; `None` from it (the source vanished) is
     /// passed on.

@@ -261,11 +261,6 @@ impl CgroupTree {
         }
     }
 
-    /// The node a container's slot belongs to, if it is a tree node.
-    pub fn node_of(slot: Slot) -> Option<u64> {
-        slot.checked_sub(CGROUP_SLOTS)
-    }
-
     /// The names of the cgroups directly below `node`, in any hierarchy.
     pub fn children(&self, node: &Container) -> Vec<String> {
         let mut names = std::collections::BTreeSet::new();

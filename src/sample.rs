@@ -3,7 +3,6 @@
 //! never knows where they come from.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -240,17 +239,14 @@ fn cpu_usage_usec(registry: &Registry, container: &Container) -> Option<u64> {
 }
 
 fn net_totals(net: Option<&Net>, container: &Container) -> Option<Totals> {
-    net?.totals(
-        container
-            .dirs
-            .v2
-            .as_deref()
-            .filter(|d: &&Path| d.is_dir())?,
-    )
+    // A vanished directory has no subtree: totals() says None.
+    net?.totals(container.dirs.v2.as_deref()?)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::cgroup::Layout;
     use crate::discovery::{Discovery, Globs};

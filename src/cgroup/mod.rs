@@ -37,14 +37,6 @@ impl CgroupDirs {
             .map(|(_, p)| p.as_path())
     }
 
-    /// Whether the cgroup is still there in any hierarchy.
-    pub fn exists(&self) -> bool {
-        self.v2
-            .iter()
-            .chain(self.v1.iter().map(|(_, p)| p))
-            .any(|p| p.is_dir())
-    }
-
     /// Who owns the cgroup's directory (uid, gid): for a delegated or
     /// rootless container, the user it belongs to.
     pub fn owner(&self) -> Option<(u32, u32)> {

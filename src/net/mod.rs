@@ -150,7 +150,6 @@ impl Net {
             let (net, conn) = read_entry(&maps, id);
             totals.add(&net, &conn);
         }
-        self.report_health();
         Some(totals)
     }
 
@@ -194,20 +193,15 @@ impl Net {
         }
     }
 
-    /// The health counters, summed over CPUs, by [`health`] index.
+    /// The health counters, summed over CPUs, by [`health`] index; each
+    /// that grew since the last call is logged once.
     pub fn health(&self) -> [u64; health::COUNT as usize] {
-        let mut out = [0; health::COUNT as usize];
-        for (index, slot) in out.iter_mut().enumerate() {
+        let mut now = [0; health::COUNT as usize];
+        for (index, slot) in now.iter_mut().enumerate() {
             if let Ok(values) = self.health.get(&(index as u32), 0) {
                 *slot = values.iter().sum();
             }
         }
-        out
-    }
-
-    /// Logs once for every health counter that grew since last time.
-    fn report_health(&self) {
-        let now = self.health();
         let mut reported = self.reported.lock();
         for (index, (now, before)) in now.iter().zip(reported.iter()).enumerate() {
             if now > before {
@@ -222,6 +216,7 @@ impl Net {
             }
         }
         *reported = now;
+        now
     }
 }
 

@@ -130,13 +130,17 @@ fn connections_open_and_close_on_both_sides() {
     let mut command = Command::new(tcp_peer());
     command.args(["client", &addr, &n.to_string(), "1000", "stdin"]);
     let mut client = pair.client.start(command.stdin(Stdio::piped()));
-    let both_open = || {
+    // Both peers' containers read `value` in `file`.
+    let on_both_sides = |file: &str, value: u64| {
         ["client", "server"]
             .iter()
-            .all(|side| pair.number(side, "net_connections_active") == n as u64)
+            .all(|side| pair.number(side, file) == value)
     };
     assert!(
-        eventually(Duration::from_secs(10), both_open),
+        eventually(Duration::from_secs(10), || on_both_sides(
+            "net_connections_active",
+            n as u64
+        )),
         "connections never all open"
     );
     for side in ["client", "server"] {
@@ -150,13 +154,11 @@ fn connections_open_and_close_on_both_sides() {
     drop(client.stdin.take());
     finish(client);
     finish(server);
-    let all_closed = || {
-        ["client", "server"]
-            .iter()
-            .all(|side| pair.number(side, "net_connections_closed") == n as u64)
-    };
     assert!(
-        eventually(Duration::from_secs(10), all_closed),
+        eventually(Duration::from_secs(10), || on_both_sides(
+            "net_connections_closed",
+            n as u64
+        )),
         "connections never all closed"
     );
     for side in ["client", "server"] {
