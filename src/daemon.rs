@@ -64,6 +64,8 @@ pub enum DaemonError {
     Signals(io::Error),
     #[error("the FUSE session failed: {0}")]
     Session(io::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
 }
 
 enum Event {
@@ -106,15 +108,17 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         containerd_state: options.containerd_state.clone(),
         containers_storage: options.containers_storage.clone(),
     };
-    let watch_root = layout
-        .unified
-        .clone()
-        .unwrap_or_else(|| layout.hierarchies()[0].to_path_buf());
     let registry = Arc::new(Registry::new(
         layout,
         Discovery::new(globs, Some(runtimes)),
         RESERVED_NAMES,
     ));
+    // Watching starts before the first walk, so nothing created during it
+    // is missed.
+    let changes = registry.discovery().watch();
+    if let Err(e) = &changes {
+        log::warn!("cannot watch cgroups ({e}); they are walked on every read instead");
+    }
     registry.refresh();
     log::info!("{} containers found", registry.list().len());
     let model = Arc::new(Model::new(
@@ -141,9 +145,18 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let mut unmounter = session.unmount_callable();
     model.set_invalidator(invalidator(session.notifier()));
     // Containers come and go with their cgroups, the moment they do.
-    let watched = model.clone();
-    if let Err(e) = crate::watch::spawn(watch_root, move || watched.refresh()) {
-        log::warn!("cannot watch cgroups ({e}); new containers appear at lookup only");
+    if let Ok(fd) = changes {
+        let watched = model.clone();
+        std::thread::Builder::new()
+            .name("cgroup-watch".into())
+            .spawn(move || loop {
+                if let Err(e) = crate::watch::wait_readable(fd) {
+                    log::error!("waiting for cgroup changes failed ({e}); they now show at lookup");
+                    return;
+                }
+                watched.refresh();
+            })
+            .map_err(DaemonError::Thread)?;
     }
     std::thread::spawn(move || {
         let _ = events.send(Event::SessionEnded(session.run()));

@@ -6,7 +6,8 @@
 //! named by its last path component. Every hierarchy is walked (on a hybrid
 //! host a container may exist only in the v1 controllers).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -14,6 +15,7 @@ use parking_lot::Mutex;
 
 use crate::cgroup::Layout;
 use crate::runtime::{classify, MetadataRoots, Resolution};
+use crate::watch::{Change, Watcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -38,13 +40,71 @@ pub struct Found {
     pub runtime: &'static str,
 }
 
-/// Every source of containers.
+/// What the registry must do to match the cgroups, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Added(Found),
+    /// The container of this cgroup path was created or removed in one of
+    /// the hierarchies (runtimes make them one after the other): its
+    /// directories are not what they were.
+    Changed(PathBuf),
+    /// The container of this cgroup path vanished.
+    Removed(PathBuf),
+}
+
+/// Every source of containers, and what is known of the hierarchies: one
+/// walk at start, then only the changes inotify reports. Walking on every
+/// read instead costs seconds per lookup on a host with 10,000 cgroups.
 pub struct Discovery {
     globs: Globs,
     /// `None` when only `--cgroup` patterns are wanted (fixture trees).
     runtimes: Option<MetadataRoots>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every cgroup discovery looked at: containers, and the cgroups that
+    /// may hold containers. Nothing below a container (containers do not
+    /// nest), so neither is watched.
+    known: BTreeMap<PathBuf, Known>,
+    watcher: Option<Watcher>,
+    /// Whether `known` is complete and the watches cover it; when not (at
+    /// start, after lost events, at the watch limit) the next refresh walks.
+    complete: bool,
+    /// Whether the watch limit was already reported.
+    limit_reported: bool,
     /// Containers whose missing metadata was already reported.
-    reported: Mutex<HashSet<String>>,
+    reported: HashSet<String>,
+}
+
+/// What one walk found.
+#[derive(Default)]
+struct Walked {
+    /// What cgroups were before a rewalk, so none is resolved twice.
+    remembered: BTreeMap<PathBuf, Class>,
+    /// Containers new to discovery.
+    added: Vec<Found>,
+    /// Known containers found in one more hierarchy.
+    grown: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+struct Known {
+    /// Which hierarchies (by index in `Layout::hierarchies`) hold it; it is
+    /// gone when none does.
+    hierarchies: u64,
+    class: Class,
+}
+
+#[derive(Debug, Clone)]
+enum Class {
+    /// May hold containers: walked and watched.
+    Plain,
+    Container(Found),
+    /// A sandbox, or deeper than any pattern reaches: neither listed nor
+    /// walked.
+    Skipped,
 }
 
 impl Discovery {
@@ -52,64 +112,267 @@ impl Discovery {
         Discovery {
             globs,
             runtimes,
-            reported: Mutex::new(HashSet::new()),
+            state: Mutex::new(State::default()),
         }
     }
 
-    /// Every container of `layout`.
-    pub fn discover(&self, layout: &Layout) -> Vec<Found> {
-        let Some(roots) = &self.runtimes else {
-            return self.globs.discover(layout);
-        };
-        let mut cgroups = BTreeSet::new();
-        for root in layout.hierarchies() {
-            walk(root, Path::new(""), None, &mut cgroups);
-        }
-        let mut found = Vec::new();
-        // Sorted paths: a container comes before the cgroups inside it, and
-        // they follow it without a gap, so the last container is the only
-        // one a path can be inside of.
-        let mut containers: Vec<PathBuf> = Vec::new();
-        for cgroup in cgroups {
-            if containers.last().is_some_and(|c| cgroup.starts_with(c)) {
-                continue;
-            }
-            if self.globs.set.is_match(&cgroup) {
-                containers.push(cgroup.clone());
-                found.push(Found {
-                    name: display_name(&cgroup),
-                    cgroup,
-                    id: None,
-                    runtime: "cgroup",
-                });
-                continue;
-            }
-            let Some((runtime, id)) = classify(&cgroup) else {
-                continue;
+    /// From now on, learn of cgroups from inotify instead of walking. Returns
+    /// the fd that becomes readable when changes are waiting.
+    pub fn watch(&self) -> std::io::Result<RawFd> {
+        let watcher = Watcher::new()?;
+        let fd = watcher.fd();
+        let mut state = self.state.lock();
+        state.watcher = Some(watcher);
+        state.complete = false;
+        Ok(fd)
+    }
+
+    /// What changed since the last call: everything on the first.
+    pub fn changes(&self, layout: &Layout) -> Vec<Event> {
+        let mut state = self.state.lock();
+        let mut events = Vec::new();
+        if state.complete {
+            let pending = match state.watcher.as_mut().map(Watcher::changes) {
+                Some(Ok(changes)) => changes,
+                Some(Err(e)) => {
+                    log::warn!("reading cgroup changes failed ({e}); walking instead");
+                    vec![Change::Lost]
+                }
+                None => vec![Change::Lost],
             };
-            let (name, runtime) = match roots.resolve(runtime, &id) {
-                Resolution::Named(name, runtime) => (sanitize(&name), runtime),
-                Resolution::Sandbox => continue,
-                Resolution::Unknown(why) => {
-                    if self.reported.lock().insert(id.clone()) {
-                        log::warn!(
-                            "{} container {}: no name ({why}); using its short id",
-                            runtime.name(),
-                            &id[..12]
-                        );
+            let roots = layout.hierarchies();
+            for change in pending {
+                match change {
+                    Change::Created { hierarchy, path } => {
+                        let Some(root) = roots.get(hierarchy) else {
+                            continue;
+                        };
+                        self.scan(&mut state, hierarchy, root, &path, &mut events);
                     }
-                    (id[..12].to_string(), runtime)
+                    Change::Removed { hierarchy, path } => {
+                        remove(&mut state, hierarchy, &path, &mut events)
+                    }
+                    Change::Lost => {
+                        state.complete = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if !state.complete {
+            self.rescan(&mut state, layout, &mut events);
+        }
+        events
+    }
+
+    /// Walks every hierarchy afresh and reports the difference.
+    fn rescan(&self, state: &mut State, layout: &Layout, events: &mut Vec<Event>) {
+        let old = std::mem::take(&mut state.known);
+        // Names already resolved stay resolved: no metadata re-read, no
+        // second "no name" line.
+        let mut walked = Walked {
+            remembered: old
+                .iter()
+                .map(|(p, k)| (p.clone(), k.class.clone()))
+                .collect(),
+            ..Walked::default()
+        };
+        state.complete = state.watcher.is_some();
+        for (hierarchy, root) in layout.hierarchies().into_iter().enumerate() {
+            self.walk(state, hierarchy, root, Path::new(""), &mut walked);
+        }
+        // What the walk saw grow is the same cgroup in several hierarchies;
+        // changes are what differs from before.
+        for (path, known) in &old {
+            if !matches!(known.class, Class::Container(_)) {
+                continue;
+            }
+            match state.known.get(path) {
+                None => events.push(Event::Removed(path.clone())),
+                Some(now) if now.hierarchies != known.hierarchies => {
+                    events.push(Event::Changed(path.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        walked.added.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        for found in walked.added {
+            if !matches!(
+                old.get(&found.cgroup),
+                Some(Known {
+                    class: Class::Container(_),
+                    ..
+                })
+            ) {
+                events.push(Event::Added(found));
+            }
+        }
+    }
+
+    /// Learns of `path` (new in `hierarchy`) and everything below it.
+    fn scan(
+        &self,
+        state: &mut State,
+        hierarchy: usize,
+        root: &Path,
+        path: &Path,
+        events: &mut Vec<Event>,
+    ) {
+        // Only cgroups that may hold containers are watched, so the parent
+        // is one of them (or was, and its removal is queued).
+        let mut walked = Walked::default();
+        self.walk(state, hierarchy, root, path, &mut walked);
+        walked.added.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        events.extend(walked.grown.into_iter().map(Event::Changed));
+        events.extend(walked.added.into_iter().map(Event::Added));
+    }
+
+    /// Records `path` in `hierarchy`, then watches and walks it if it may
+    /// hold containers.
+    fn walk(
+        &self,
+        state: &mut State,
+        hierarchy: usize,
+        root: &Path,
+        path: &Path,
+        walked: &mut Walked,
+    ) {
+        if !path.as_os_str().is_empty() {
+            // A cgroup removed meanwhile is simply not found.
+            if !root.join(path).is_dir() {
+                return;
+            }
+            let class = match state.known.get_mut(path) {
+                Some(known) => {
+                    let bit = 1 << hierarchy;
+                    if known.hierarchies & bit == 0 {
+                        known.hierarchies |= bit;
+                        if let Class::Container(found) = &known.class {
+                            walked.grown.push(found.cgroup.clone());
+                        }
+                    }
+                    known.class.clone()
+                }
+                None => {
+                    let class = walked
+                        .remembered
+                        .remove(path)
+                        .unwrap_or_else(|| self.classify(path, &mut state.reported));
+                    if let Class::Container(found) = &class {
+                        walked.added.push(found.clone());
+                    }
+                    let known = Known {
+                        hierarchies: 1 << hierarchy,
+                        class: class.clone(),
+                    };
+                    state.known.insert(path.to_path_buf(), known);
+                    class
                 }
             };
-            containers.push(cgroup.clone());
-            found.push(Found {
-                cgroup,
-                name,
-                id: Some(id),
-                runtime: runtime.name(),
+            if !matches!(class, Class::Plain) {
+                return;
+            }
+        }
+        if let Some(watcher) = state.watcher.as_mut() {
+            if let Err(e) = watcher.watch(hierarchy, root, path) {
+                // The watch limit: correct still, by walking on every read.
+                state.complete = false;
+                if !std::mem::replace(&mut state.limit_reported, true) {
+                    log::warn!(
+                        "cannot watch {} ({e}); cgroups are walked on every read instead \
+                         (raise fs.inotify.max_user_watches)",
+                        root.join(path).display()
+                    );
+                }
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(root.join(path)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let child = path.join(entry.file_name());
+                self.walk(state, hierarchy, root, &child, walked);
+            }
+        }
+    }
+
+    /// What `cgroup` is, from its path and the runtimes' files.
+    fn classify(&self, cgroup: &Path, reported: &mut HashSet<String>) -> Class {
+        if self.globs.set.is_match(cgroup) {
+            return Class::Container(Found {
+                name: display_name(cgroup),
+                cgroup: cgroup.to_path_buf(),
+                id: None,
+                runtime: "cgroup",
             });
         }
-        found
+        let Some(roots) = &self.runtimes else {
+            let depth = cgroup.components().count();
+            return match self.globs.max_depth {
+                Some(max) if depth >= max => Class::Skipped,
+                _ => Class::Plain,
+            };
+        };
+        let Some((runtime, id)) = classify(cgroup) else {
+            return Class::Plain;
+        };
+        let (name, runtime) = match roots.resolve(runtime, &id) {
+            Resolution::Named(name, runtime) => (sanitize(&name), runtime),
+            Resolution::Sandbox => return Class::Skipped,
+            Resolution::Unknown(why) => {
+                if reported.insert(id.clone()) {
+                    log::warn!(
+                        "{} container {}: no name ({why}); using its short id",
+                        runtime.name(),
+                        &id[..12]
+                    );
+                }
+                (id[..12].to_string(), runtime)
+            }
+        };
+        Class::Container(Found {
+            cgroup: cgroup.to_path_buf(),
+            name,
+            id: Some(id),
+            runtime: runtime.name(),
+        })
+    }
+}
+
+/// `path` is gone from `hierarchy`, and so is everything below it.
+fn remove(state: &mut State, hierarchy: usize, path: &Path, events: &mut Vec<Event>) {
+    let below: Vec<PathBuf> = state
+        .known
+        .range(path.to_path_buf()..)
+        .take_while(|(p, _)| p.starts_with(path))
+        .map(|(p, _)| p.clone())
+        .collect();
+    for cgroup in below {
+        let Some(known) = state.known.get_mut(&cgroup) else {
+            continue;
+        };
+        let bit = 1 << hierarchy;
+        if known.hierarchies & bit == 0 {
+            continue;
+        }
+        known.hierarchies &= !bit;
+        if known.hierarchies != 0 {
+            if matches!(known.class, Class::Container(_)) {
+                events.push(Event::Changed(cgroup));
+            }
+            continue;
+        }
+        if let Some(Known {
+            class: Class::Container(found),
+            ..
+        }) = state.known.remove(&cgroup)
+        {
+            if let Some(id) = &found.id {
+                state.reported.remove(id);
+            }
+            events.push(Event::Removed(cgroup));
+        }
     }
 }
 
@@ -150,46 +413,6 @@ impl Globs {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty()
     }
-
-    /// Every cgroup of `layout` that a pattern matches.
-    pub fn discover(&self, layout: &Layout) -> Vec<Found> {
-        if self.is_empty() {
-            return Vec::new();
-        }
-        let mut cgroups = BTreeSet::new();
-        for root in layout.hierarchies() {
-            walk(root, Path::new(""), self.max_depth, &mut cgroups);
-        }
-        cgroups
-            .into_iter()
-            .filter(|cgroup| self.set.is_match(cgroup))
-            .map(|cgroup: PathBuf| Found {
-                name: display_name(&cgroup),
-                cgroup,
-                id: None,
-                runtime: "cgroup",
-            })
-            .collect()
-    }
-}
-
-/// Collects every cgroup below `root` (as paths relative to it), at most
-/// `depth` levels deep.
-fn walk(root: &Path, relative: &Path, depth: Option<usize>, out: &mut BTreeSet<PathBuf>) {
-    if depth == Some(0) {
-        return;
-    }
-    // A cgroup removed during the walk is simply not found.
-    let Ok(entries) = std::fs::read_dir(root.join(relative)) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            let child = relative.join(entry.file_name());
-            walk(root, &child, depth.map(|d| d - 1), out);
-            out.insert(child);
-        }
-    }
 }
 
 /// The name a cgroup asks for: its last path component, with characters
@@ -226,10 +449,16 @@ mod tests {
             .join(tree);
         let layout = Layout::from_tree(&root).unwrap();
         let globs = Globs::new(&globs.iter().map(|g| g.to_string()).collect::<Vec<_>>()).unwrap();
-        globs
-            .discover(&layout)
+        let discovery = Discovery::new(globs, None);
+        let events = discovery.changes(&layout);
+        // Unwatched, every call walks again; nothing changed meanwhile.
+        assert_eq!(discovery.changes(&layout), []);
+        events
             .into_iter()
-            .map(|f| format!("{}={}", f.cgroup.display(), f.name))
+            .map(|e| match e {
+                Event::Added(f) => format!("{}={}", f.cgroup.display(), f.name),
+                other => panic!("{other:?}"),
+            })
             .collect()
     }
 
@@ -254,6 +483,43 @@ mod tests {
         assert_eq!(found(&["tenants/*"], "v1"), ["tenants/alpha=alpha"]);
         // hybrid: found in the v1 controllers and the v2 tree alike.
         assert_eq!(found(&["tenants/*"], "hybrid"), ["tenants/alpha=alpha"]);
+    }
+
+    #[test]
+    fn a_watched_tree_is_walked_once_then_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let tree = root.path();
+        std::fs::write(tree.join("cgroup.controllers"), "").unwrap();
+        std::fs::create_dir_all(tree.join("tenants/alpha/inner")).unwrap();
+        let layout = Layout::from_tree(tree).unwrap();
+        let globs = Globs::new(&["tenants/*".to_string()]).unwrap();
+        let discovery = Discovery::new(globs, None);
+        discovery.watch().unwrap();
+        let added = |e: &[Event]| -> Vec<String> {
+            e.iter()
+                .map(|e| match e {
+                    Event::Added(f) => format!("+{}", f.name),
+                    Event::Removed(p) => format!("-{}", p.display()),
+                    Event::Changed(p) => format!("~{}", p.display()),
+                })
+                .collect()
+        };
+        assert_eq!(added(&discovery.changes(&layout)), ["+alpha"]);
+        assert_eq!(discovery.changes(&layout), []);
+        // A tree made at once (mkdir -p) is found whole; a container's
+        // insides are not containers.
+        std::fs::create_dir_all(tree.join("tenants/beta/inner")).unwrap();
+        std::fs::create_dir(tree.join("other")).unwrap();
+        assert_eq!(added(&discovery.changes(&layout)), ["+beta"]);
+        std::fs::remove_dir(tree.join("tenants/alpha/inner")).unwrap();
+        std::fs::remove_dir(tree.join("tenants/alpha")).unwrap();
+        assert_eq!(added(&discovery.changes(&layout)), ["-tenants/alpha"]);
+        // A rename is a rewalk, and comes out as what it is.
+        std::fs::rename(tree.join("tenants/beta"), tree.join("tenants/gamma")).unwrap();
+        assert_eq!(
+            added(&discovery.changes(&layout)),
+            ["-tenants/beta", "+gamma"]
+        );
     }
 
     #[test]

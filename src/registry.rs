@@ -8,14 +8,14 @@
 //! of a name keeps it while it lives; among containers found in the same
 //! pass, the smaller cgroup path comes first.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::cgroup::{CgroupDirs, Layout};
-use crate::discovery::{Discovery, Found};
+use crate::discovery::{Discovery, Event, Found};
 use crate::metrics::MetricId;
 
 pub type Slot = u64;
@@ -80,6 +80,7 @@ pub struct Registry {
     /// Names the daemon's own root entries use.
     reserved: &'static [&'static str],
     inner: RwLock<Inner>,
+    refreshing: Mutex<()>,
 }
 
 impl Registry {
@@ -93,6 +94,7 @@ impl Registry {
             discovery,
             reserved,
             inner: RwLock::default(),
+            refreshing: Mutex::new(()),
         }
     }
 
@@ -100,51 +102,94 @@ impl Registry {
         &self.layout
     }
 
-    /// Runs discovery and brings the registry in line: new containers are
-    /// added, vanished ones dropped. Returns whether any vanished.
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
+    }
+
+    /// Brings the registry in line with what discovery learnt since the
+    /// last call. Returns the names of the containers that vanished.
     pub fn refresh(&self) -> Vec<String> {
-        let found = self.discovery.discover(&self.layout);
-        self.reconcile(found)
+        // One refresh at a time, so none sees discovery's changes before
+        // they are applied.
+        let _serial = self.refreshing.lock();
+        let events = self.discovery.changes(&self.layout);
+        self.apply(events)
     }
 
     /// Returns the names of the containers that vanished.
-    fn reconcile(&self, found: Vec<Found>) -> Vec<String> {
+    fn apply(&self, events: Vec<Event>) -> Vec<String> {
+        if events.is_empty() {
+            return Vec::new();
+        }
         let mut inner = self.inner.write();
-        let live: HashSet<&PathBuf> = found.iter().map(|f| &f.cgroup).collect();
-        let gone: Vec<Slot> = inner
-            .by_cgroup
-            .iter()
-            .filter(|(cgroup, _)| !live.contains(cgroup))
-            .map(|(_, slot)| *slot)
-            .collect();
-        let removed: Vec<String> = gone
-            .into_iter()
-            .filter_map(|slot| remove(&mut inner, slot).map(|c| c.name.clone()))
-            .collect();
-        for found in found {
-            if inner.by_cgroup.contains_key(&found.cgroup) {
-                continue;
+        let mut removed = Vec::new();
+        for event in events {
+            match event {
+                Event::Removed(cgroup) => {
+                    let slot = inner.by_cgroup.get(&cgroup).copied();
+                    if let Some(container) = slot.and_then(|slot| remove(&mut inner, slot)) {
+                        removed.push(container.name.clone());
+                    }
+                }
+                Event::Added(found) => self.add(&mut inner, found),
+                Event::Changed(cgroup) => self.reresolve(&mut inner, &cgroup),
             }
-            let dirs = CgroupDirs::resolve(&self.layout, &found.cgroup);
-            // Gone between the walk and now: nothing to add.
-            let Some(cgroup_id) = dirs.id() else { continue };
-            let id = found.id.clone().unwrap_or_else(|| cgroup_id.to_string());
-            let name = self.unique_name(&inner, &found.name, &id);
-            let slot = inner.next_slot;
-            inner.next_slot += 1;
-            let container = Arc::new(Container::new(
-                slot,
-                name.clone(),
-                id,
-                found.cgroup.clone(),
-                found.runtime,
-                dirs,
-            ));
-            inner.by_cgroup.insert(found.cgroup, slot);
-            inner.by_slot.insert(slot, container.clone());
-            inner.by_name.insert(name, container);
         }
         removed
+    }
+
+    fn add(&self, inner: &mut Inner, found: Found) {
+        if inner.by_cgroup.contains_key(&found.cgroup) {
+            return;
+        }
+        let dirs = CgroupDirs::resolve(&self.layout, &found.cgroup);
+        // Gone between the walk and now: nothing to add.
+        let Some(cgroup_id) = dirs.id() else { return };
+        let id = found.id.clone().unwrap_or_else(|| cgroup_id.to_string());
+        let name = self.unique_name(inner, &found.name, &id);
+        let slot = inner.next_slot;
+        inner.next_slot += 1;
+        let container = Arc::new(Container::new(
+            slot,
+            name.clone(),
+            id,
+            found.cgroup.clone(),
+            found.runtime,
+            dirs,
+        ));
+        inner.by_cgroup.insert(found.cgroup, slot);
+        inner.by_slot.insert(slot, container.clone());
+        inner.by_name.insert(name, container);
+    }
+
+    /// The container at `cgroup` in the hierarchies that hold it now; its
+    /// slot and name stay, what files it has is found again.
+    fn reresolve(&self, inner: &mut Inner, cgroup: &Path) {
+        let Some(old) = inner
+            .by_cgroup
+            .get(cgroup)
+            .and_then(|s| inner.by_slot.get(s))
+        else {
+            return;
+        };
+        let dirs = CgroupDirs::resolve(&self.layout, cgroup);
+        let Some(cgroup_id) = dirs.id() else { return };
+        // A `--cgroup` container is known by its cgroup's id, which is the
+        // v2 directory's once it exists.
+        let id = match old.runtime {
+            "cgroup" => cgroup_id.to_string(),
+            _ => old.id.clone(),
+        };
+        let container = Arc::new(Container::new(
+            old.slot,
+            old.name.clone(),
+            id,
+            old.cgroup.clone(),
+            old.runtime,
+            dirs,
+        ));
+        inner.by_slot.insert(container.slot, container.clone());
+        inner.by_name.insert(container.name.clone(), container);
     }
 
     fn unique_name(&self, inner: &Inner, wanted: &str, id: &str) -> String {
@@ -160,11 +205,6 @@ impl Registry {
             }
         }
         unreachable!("the suffix sequence is endless")
-    }
-
-    /// Drops a container whose cgroup was found gone.
-    pub fn forget(&self, slot: Slot) {
-        remove(&mut self.inner.write(), slot);
     }
 
     pub fn get(&self, slot: Slot) -> Option<Arc<Container>> {
@@ -305,13 +345,13 @@ mod tests {
         Registry::new(layout, discovery, &["metric", "metrics.prom"])
     }
 
-    fn found(cgroup: &str, name: &str) -> Found {
-        Found {
+    fn found(cgroup: &str, name: &str) -> Event {
+        Event::Added(Found {
             cgroup: cgroup.into(),
             name: name.into(),
             id: None,
             runtime: "cgroup",
-        }
+        })
     }
 
     fn names(registry: &Registry) -> Vec<String> {
@@ -321,7 +361,7 @@ mod tests {
     #[test]
     fn collisions_and_reserved_names_get_the_id_suffix() {
         let r = registry();
-        r.reconcile(vec![
+        r.apply(vec![
             found("tenants/alpha", "web"),
             found("tenants/beta", "web"),
             found("tenants/broken", "metric"),
@@ -353,16 +393,14 @@ mod tests {
     #[test]
     fn an_owner_keeps_its_name_and_slot() {
         let r = registry();
-        r.reconcile(vec![found("tenants/beta", "web")]);
+        r.apply(vec![found("tenants/beta", "web")]);
         let slot = r.by_name("web").unwrap().slot;
         // A newcomer that sorts first does not take the name.
-        r.reconcile(vec![
-            found("tenants/alpha", "web"),
-            found("tenants/beta", "web"),
-        ]);
+        r.apply(vec![found("tenants/alpha", "web")]);
         assert_eq!(r.by_name("web").unwrap().slot, slot);
         // Removal frees the name and the slot is never reused.
-        r.reconcile(vec![found("tenants/alpha", "web")]);
+        let removed = r.apply(vec![Event::Removed("tenants/beta".into())]);
+        assert_eq!(removed, ["web"]);
         assert_eq!(r.list().len(), 1);
         assert!(r.get(slot).is_none());
         assert!(r.by_name("web").is_none());
@@ -372,7 +410,7 @@ mod tests {
     fn long_names_stay_within_name_max() {
         let r = registry();
         let long = "x".repeat(300);
-        r.reconcile(vec![
+        r.apply(vec![
             found("tenants/alpha", &long),
             found("tenants/beta", &long),
         ]);

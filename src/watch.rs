@@ -1,91 +1,151 @@
-//! Live discovery: inotify on every directory of one cgroup hierarchy. A
-//! cgroup created or removed anywhere re-runs discovery at once, so a new
-//! container's directory is there, and a removed one gone (and dropped from
-//! the kernel's cache), within milliseconds, with no polling.
+//! inotify on the cgroup directories discovery walks: it turns "a cgroup was
+//! created or removed" into a [`Change`], so that discovery never walks the
+//! hierarchies again after its first pass. The fd is non-blocking: a reader
+//! that misses a name drains pending changes itself, so a container is there
+//! the moment its `mkdir` returned, whatever the watcher thread is doing.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-/// Watches `root` and its subtree; calls `changed` after every batch of
-/// cgroup creations or removals.
-pub fn spawn(root: PathBuf, changed: impl Fn() + Send + 'static) -> io::Result<()> {
-    let mut inotify = Inotify::init()?;
-    let mut dirs = HashMap::new();
-    watch_tree(&mut inotify, &root, &mut dirs);
-    std::thread::Builder::new()
-        .name("cgroup-watch".into())
-        .spawn(move || run(inotify, root, dirs, changed))?;
-    Ok(())
+/// What happened to a cgroup directory of one hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `path` (relative to the root of hierarchy `hierarchy`) now exists;
+    /// cgroups below it may have been created before it was watched.
+    Created {
+        hierarchy: usize,
+        path: PathBuf,
+    },
+    Removed {
+        hierarchy: usize,
+        path: PathBuf,
+    },
+    /// The kernel's queue overflowed (events were lost), or a cgroup was
+    /// renamed: only a walk tells what exists.
+    Lost,
 }
 
-fn run(
-    mut inotify: Inotify,
-    root: PathBuf,
-    mut dirs: HashMap<WatchDescriptor, PathBuf>,
-    changed: impl Fn(),
-) {
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let events = match inotify.read_events_blocking(&mut buffer) {
-            Ok(events) => events,
-            Err(e) => {
-                log::error!(
-                    "watching cgroups stopped ({e}); new containers now appear at lookup only"
-                );
-                return;
+pub struct Watcher {
+    inotify: Inotify,
+    /// The hierarchy and relative path of every watched directory.
+    dirs: HashMap<WatchDescriptor, (usize, PathBuf)>,
+    buffer: Vec<u8>,
+}
+
+impl Watcher {
+    pub fn new() -> io::Result<Watcher> {
+        Ok(Watcher {
+            inotify: Inotify::init()?,
+            dirs: HashMap::new(),
+            buffer: vec![0u8; 64 * 1024],
+        })
+    }
+
+    /// Watches the directory `root/path` for cgroups created or removed in
+    /// it. A directory that is gone already is no error (its removal is
+    /// queued); the watch limit is.
+    pub fn watch(&mut self, hierarchy: usize, root: &Path, path: &Path) -> io::Result<()> {
+        let mask = WatchMask::CREATE
+            | WatchMask::DELETE
+            | WatchMask::MOVED_FROM
+            | WatchMask::MOVED_TO
+            | WatchMask::ONLYDIR;
+        match self.inotify.watches().add(root.join(path), mask) {
+            Ok(wd) => {
+                self.dirs.insert(wd, (hierarchy, path.to_path_buf()));
+                Ok(())
             }
-        };
-        let mut any = false;
-        let mut created = Vec::new();
-        for event in events {
-            if event.mask.contains(EventMask::Q_OVERFLOW) {
-                // Events were lost: watch whatever exists now.
-                created.push(root.clone());
-                any = true;
-            } else if event.mask.contains(EventMask::IGNORED) {
-                dirs.remove(&event.wd);
-            } else if event.mask.contains(EventMask::ISDIR) {
-                any = true;
-                if event.mask.contains(EventMask::CREATE) {
-                    if let (Some(parent), Some(name)) = (dirs.get(&event.wd), event.name) {
-                        created.push(parent.join(name));
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every change queued so far, without waiting.
+    pub fn changes(&mut self) -> io::Result<Vec<Change>> {
+        let mut changes = Vec::new();
+        loop {
+            let events = match self.inotify.read_events(&mut self.buffer) {
+                Ok(events) => events,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(changes),
+                Err(e) => return Err(e),
+            };
+            let mut read = 0;
+            for event in events {
+                read += 1;
+                if event.mask.contains(EventMask::Q_OVERFLOW) {
+                    changes.push(Change::Lost);
+                } else if event.mask.contains(EventMask::IGNORED) {
+                    self.dirs.remove(&event.wd);
+                } else if event.mask.contains(EventMask::ISDIR) {
+                    if let Some(change) = change(&self.dirs, &event.wd, event.mask, event.name) {
+                        changes.push(change);
                     }
                 }
             }
+            if read == 0 {
+                return Ok(changes);
+            }
         }
-        for dir in created {
-            watch_tree(&mut inotify, &dir, &mut dirs);
+    }
+
+    /// The fd to wait on for changes.
+    pub fn fd(&self) -> RawFd {
+        self.inotify.as_raw_fd()
+    }
+
+    /// How many directories are watched.
+    pub fn len(&self) -> usize {
+        self.dirs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+}
+
+/// Blocks until `fd` is readable.
+pub fn wait_readable(fd: RawFd) -> io::Result<()> {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, -1) };
+        if ready >= 0 {
+            return Ok(());
         }
-        if any {
-            changed();
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
 
-/// Watches `dir` and every directory below it (cgroups created before the
-/// watch was in place included).
-fn watch_tree(inotify: &mut Inotify, dir: &Path, dirs: &mut HashMap<WatchDescriptor, PathBuf>) {
-    let mask = WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR;
-    match inotify.watches().add(dir, mask) {
-        Ok(wd) => {
-            dirs.insert(wd, dir.to_path_buf());
-        }
-        // Gone already, or the watch limit: the rest still resolves at lookup.
-        Err(e) => {
-            if e.kind() != io::ErrorKind::NotFound {
-                log::warn!("cannot watch {}: {e}", dir.display());
-            }
-            return;
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                watch_tree(inotify, &entry.path(), dirs);
-            }
-        }
+/// The change an event on a watched directory's entry means.
+fn change(
+    dirs: &HashMap<WatchDescriptor, (usize, PathBuf)>,
+    wd: &WatchDescriptor,
+    mask: EventMask,
+    name: Option<&OsStr>,
+) -> Option<Change> {
+    let (hierarchy, parent) = dirs.get(wd)?;
+    let (hierarchy, path) = (*hierarchy, parent.join(name?));
+    if mask.intersects(EventMask::MOVED_FROM | EventMask::MOVED_TO) {
+        // A renamed cgroup (v1 allows it) renames every watch below it:
+        // rare enough to rewalk.
+        Some(Change::Lost)
+    } else if mask.contains(EventMask::CREATE) {
+        Some(Change::Created { hierarchy, path })
+    } else if mask.contains(EventMask::DELETE) {
+        Some(Change::Removed { hierarchy, path })
+    } else {
+        None
     }
 }

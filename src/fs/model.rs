@@ -421,9 +421,9 @@ impl Model {
     /// Logs what a reader cannot see, and drops what was found gone.
     fn note_failure(&self, owner: Owner, dir: &Container, error: &FsError) {
         match (error, owner) {
-            (FsError::Source(SourceError::Vanished(_)), Owner::Container(slot)) => {
-                self.registry().forget(slot)
-            }
+            // Its removal is queued (or a walk finds it): refreshing drops
+            // it the same way as every other removal.
+            (FsError::Source(SourceError::Vanished(_)), Owner::Container(_)) => self.refresh(),
             (FsError::Source(SourceError::Vanished(_)), Owner::Cgroup(node)) => {
                 self.tree().forget(node)
             }
@@ -439,13 +439,7 @@ impl Model {
         self.registry()
             .list()
             .into_iter()
-            .filter_map(|c| match self.sampler.sample(&c) {
-                Ok(sample) => Some((c, sample)),
-                Err(_) => {
-                    self.registry().forget(c.slot);
-                    None
-                }
-            })
+            .filter_map(|c| self.sampler.sample(&c).ok().map(|sample| (c, sample)))
             .collect()
     }
 }

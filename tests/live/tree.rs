@@ -15,10 +15,15 @@ use crate::support::{Cgroup, Daemon};
 /// The root of a tree with no containers, sorted.
 const ROOT: [&str; 4] = ["cgroup", "metric", "metrics.prom", "self"];
 
+/// The entries of `dir`, sorted, without other tests' runtime containers:
+/// the discovery tests create `docker/<id>` cgroups that every daemon finds
+/// and, lacking their metadata, names by their 12-digit short id.
 fn listing(daemon: &Daemon, dir: &str) -> Vec<String> {
+    let foreign = |name: &str| name.len() == 12 && name.bytes().all(|b| b.is_ascii_hexdigit());
     let mut names: Vec<String> = fs::read_dir(daemon.path(dir))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| !foreign(name))
         .collect();
     names.sort();
     names
@@ -145,6 +150,69 @@ fn containers_appear_and_vanish_with_their_cgroups() {
     let err = fs::read_to_string(&held).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
     assert!(!daemon.read("metric").contains("late_"));
+}
+
+/// Directories removed in reverse order on drop, whatever happens.
+struct Dirs(Vec<std::path::PathBuf>);
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        for dir in self.0.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+#[test]
+fn a_container_made_one_hierarchy_at_a_time_gains_every_file() {
+    require!();
+    use std::os::unix::fs::MetadataExt;
+    let parent = Cgroup::parent("staged");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    let layout = crate::support::host_layout();
+    let roots = layout.hierarchies();
+    let relative = format!("{}/staged", parent.relative);
+    let mut made = Dirs(Vec::new());
+    // Runtimes create a container's cgroup hierarchy by hierarchy; a
+    // reader may look in between. The last hierarchy first, the v2 tree
+    // (whose inode is the container's id) last.
+    let (first, rest) = roots.split_last().unwrap();
+    let mkdir = |made: &mut Dirs, root: &std::path::Path| {
+        let dir = root.join(&relative);
+        fs::create_dir(&dir).unwrap();
+        made.0.push(dir);
+    };
+    mkdir(&mut made, first);
+    let first_id = fs::metadata(first.join(&relative)).unwrap().ino();
+    assert_eq!(daemon.read("staged/id"), format!("{first_id}\n"));
+    let before = listing(&daemon, "staged");
+    for root in rest.iter().rev() {
+        mkdir(&mut made, root);
+    }
+    let v2_id = fs::metadata(roots[0].join(&relative)).unwrap().ino();
+    let waited = std::time::Instant::now();
+    while daemon.read("staged/id") != format!("{v2_id}\n") {
+        assert!(
+            waited.elapsed().as_secs() < 5,
+            "{}",
+            daemon.read("staged/id")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Every file the whole cgroup provides, as a daemon started now sees it.
+    let fresh = Daemon::start(&["--cgroup", &glob]);
+    assert_eq!(listing(&daemon, "staged"), listing(&fresh, "staged"));
+    if roots.len() > 1 {
+        assert_ne!(before, listing(&daemon, "staged"), "files were gained");
+    }
+    assert_eq!(daemon.read("staged/pids_current"), "0\n");
+    drop(made);
+    let waited = std::time::Instant::now();
+    while daemon.path("staged").exists() {
+        assert!(waited.elapsed().as_secs() < 5, "never vanished");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 #[test]
