@@ -38,16 +38,32 @@ fn main() {
         cpus(),
         kernel()
     );
-    single_file_reads(&layout, &base, &mut cleanup);
-    let daemon_1000 = aggregates(&layout, &base, &mut cleanup);
-    idle_cost(daemon_1000, &base);
-    visibility(&layout, &base, &mut cleanup);
+    // `cargo bench --bench reads -- aggregates` runs one section (cargo
+    // itself passes `--bench`).
+    let wanted: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let run = |section: &str| wanted.is_empty() || wanted.iter().any(|w| w == section);
+    if run("single") {
+        single_file_reads(&layout, &base, &mut cleanup);
+    }
+    if run("aggregates") || run("idle") {
+        aggregates(&layout, &base, &mut cleanup, run("aggregates"));
+    }
+    if run("idle") {
+        idle_cost(&base);
+    }
+    if run("visibility") {
+        visibility(&layout, &base, &mut cleanup);
+    }
 }
 
 /// Everything the benchmark created, removed when it ends (also on panic).
 #[derive(Default)]
 struct Cleanup {
     cgroups: Vec<(Vec<PathBuf>, PathBuf)>,
+    /// lxcfs.
     processes: Vec<Child>,
     mounts: Vec<PathBuf>,
 }
@@ -83,28 +99,56 @@ fn mkcgroup(layout: &Layout, relative: &str, cleanup: &mut Cleanup) {
     cleanup.cgroups.push((roots, PathBuf::from(relative)));
 }
 
-/// Starts cgmetric pinned to `cpu` and waits for its mount.
-fn daemon(glob: &str, cpu: usize, cleanup: &mut Cleanup) -> (PathBuf, u32) {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let child = Command::new("taskset")
-        .args([
-            "-c",
-            &cpu.to_string(),
-            env!("CARGO_BIN_EXE_cgmetric"),
-            "--no-ebpf",
-            "--cgroup",
-            glob,
-        ])
-        .arg(&dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("taskset (util-linux) and cgmetric");
-    let pid = child.id();
-    cleanup.processes.push(child);
-    cleanup.mounts.push(dir.clone());
-    wait_for(|| cgmetric::daemon::statfs(&dir).is_ok() && is_fuse(&dir));
-    (dir, pid)
+/// A running cgmetric, stopped (and its mount gone) when dropped, so that no
+/// daemon outlives its measurement: each watches every cgroup the others
+/// create, and inotify watches are limited per user.
+struct Daemon {
+    mnt: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts cgmetric pinned to `cpu` (or free on all) and waits for its
+    /// mount.
+    fn start(glob: &str, cpu: Option<usize>) -> Daemon {
+        let mnt = tempfile::tempdir().unwrap().keep();
+        let mut command = Command::new("taskset");
+        match cpu {
+            Some(cpu) => command.args(["-c", &cpu.to_string()]),
+            None => command.args(["-a", "-c", &format!("0-{}", cpus() - 1)]),
+        };
+        let child = command
+            .args([
+                env!("CARGO_BIN_EXE_cgmetric"),
+                "--no-ebpf",
+                "--cgroup",
+                glob,
+            ])
+            .arg(&mnt)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("taskset (util-linux) and cgmetric");
+        let daemon = Daemon { mnt, child };
+        wait_for(|| cgmetric::daemon::statfs(&daemon.mnt).is_ok() && is_fuse(&daemon.mnt));
+        daemon
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if is_fuse(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = fs::remove_dir(&self.mnt);
+    }
 }
 
 fn is_fuse(dir: &Path) -> bool {
@@ -193,9 +237,9 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         ("reader and daemon on one CPU", 0),
         ("reader and daemon on two CPUs", other_cpu),
     ] {
-        let (mnt, _) = daemon(&format!("{base}/single/*"), daemon_cpu, cleanup);
+        let daemon = Daemon::start(&format!("{base}/single/*"), Some(daemon_cpu));
         pin_to(0);
-        let ours = mnt.join("box/memory_usage");
+        let ours = daemon.mnt.join("box/memory_usage");
         let _ = time_reads(&ours, 1000);
         let mut raw_t = time_reads(&raw, SINGLE_READS);
         let mut ours_t = time_reads(&ours, SINGLE_READS);
@@ -317,24 +361,28 @@ fn median_time(mut f: impl FnMut(), runs: usize) -> Duration {
     percentile(&mut times, 0.5)
 }
 
-/// Returns the daemon serving 1,000 containers, for the idle measurement.
-fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) -> (PathBuf, u32) {
+/// Creates the containers (kept for [`idle_cost`]); measures when `measure`.
+fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup, measure: bool) {
     println!("Everything at once: one read of the aggregate file (ms, median of 10)\n");
     println!(
         "{:<12} {:>14} {:>12} {:>12} {:>16} {:>16}",
         "containers", "direct reads", "metric", "metrics.prom", "metric / direct", "prom / direct"
     );
-    let mut kept = None;
     for count in [200, 1000, 10_000] {
         let group = format!("{base}/agg{count}");
         mkcgroup(layout, &group, cleanup);
         for i in 0..count {
             mkcgroup(layout, &format!("{group}/c{i}"), cleanup);
         }
+        if !measure {
+            continue;
+        }
         let files: Vec<PathBuf> = (0..count)
             .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
             .collect();
-        let (mnt, pid) = daemon(&format!("{group}/*"), 1 % cpus(), cleanup);
+        // Not pinned: the daemon may use every CPU, as it does in service.
+        let daemon = Daemon::start(&format!("{group}/*"), None);
+        let mnt = &daemon.mnt;
         pin_to(0);
         // Warm up: the first read measures CPU rates over one window.
         let _ = fs::read_to_string(mnt.join("metric")).unwrap();
@@ -357,12 +405,8 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) -> (PathBuf, u
             ms(metric) / ms(direct),
             ms(prom) / ms(direct)
         );
-        if count == 1000 {
-            kept = Some((mnt, pid));
-        }
     }
     println!();
-    kept.unwrap()
 }
 
 /// CPU time (user + system, in clock ticks) and RSS (KiB) of a process.
@@ -384,40 +428,56 @@ fn usage(pid: u32) -> (u64, u64) {
     (ticks, rss)
 }
 
-fn idle_cost((mnt, pid): (PathBuf, u32), _base: &str) {
+/// CPU share of `pid` over `seconds`, and its RSS (MiB) at the end.
+fn cost_over(pid: u32, seconds: u64) -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    println!("The daemon with 1,000 containers\n");
-    // Let the rate sampler (started by the reads above) time out? It stops
-    // 5 minutes after the last rate read; the idle figure below includes it.
     let (t0, _) = usage(pid);
-    std::thread::sleep(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(seconds));
     let (t1, rss) = usage(pid);
-    println!(
-        "  idle 30 s (rate sampler running):  {:>6.3}% of a core, RSS {:.1} MiB",
-        (t1 - t0) as f64 / hz / 30.0 * 100.0,
-        rss as f64 / 1024.0
-    );
+    (
+        (t1 - t0) as f64 / hz / seconds as f64 * 100.0,
+        rss as f64 / 1024.0,
+    )
+}
+
+/// The 1,000 containers of [`aggregates`], served by a fresh daemon.
+fn idle_cost(base: &str) {
+    println!("The daemon with 1,000 containers (CPU over 30 s, RSS after)\n");
+    let daemon = Daemon::start(&format!("{base}/agg1000/*"), None);
+    let pid = daemon.pid();
+    let (cpu, rss) = cost_over(pid, 30);
+    println!("  {:<44} {cpu:>6.3}% of a core, RSS {rss:.1} MiB", "idle");
     let started = Instant::now();
     for _ in 0..1000 {
         for i in 0..1000 {
-            let _ = fs::read(mnt.join(format!("c{i}/memory_usage")));
+            let _ = fs::read(daemon.mnt.join(format!("c{i}/memory_usage")));
         }
     }
     let elapsed = started.elapsed();
-    let (_, rss) = usage(pid);
+    let (cpu, rss) = cost_over(pid, 30);
     println!(
-        "  after 1,000 reads of each (1M reads in {:.1} s, {:.1} µs each): RSS {:.1} MiB",
-        elapsed.as_secs_f64(),
-        micros(elapsed) / 1e6,
-        rss as f64 / 1024.0
+        "  {:<44} {cpu:>6.3}% of a core, RSS {rss:.1} MiB",
+        format!(
+            "idle after 1,000 reads of each ({:.1} µs each)",
+            micros(elapsed) / 1e6
+        )
+    );
+    // A rate read starts the sampler, which runs until 5 minutes pass
+    // without one.
+    let _ = fs::read(daemon.mnt.join("metric"));
+    let (cpu, rss) = cost_over(pid, 30);
+    println!(
+        "  {:<44} {cpu:>6.3}% of a core, RSS {rss:.1} MiB",
+        "after a rate read (sampler running)"
     );
     println!();
 }
 
 fn visibility(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     mkcgroup(layout, &format!("{base}/vis"), cleanup);
-    let (mnt, _) = daemon(&format!("{base}/vis/*"), 1 % cpus(), cleanup);
+    let daemon = Daemon::start(&format!("{base}/vis/*"), None);
+    let mnt = &daemon.mnt;
     let mut times = Vec::new();
     for i in 0..20 {
         let relative = format!("{base}/vis/new{i}");

@@ -150,7 +150,8 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         std::thread::Builder::new()
             .name("cgroup-watch".into())
             .spawn(move || loop {
-                if let Err(e) = crate::watch::wait_readable(fd) {
+                let rewalk = watched.rewalk_interval();
+                if let Err(e) = crate::watch::wait_readable(fd, rewalk) {
                     log::error!("waiting for cgroup changes failed ({e}); they now show at lookup");
                     return;
                 }

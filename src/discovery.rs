@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use parking_lot::Mutex;
@@ -40,6 +41,9 @@ pub struct Found {
     pub runtime: &'static str,
 }
 
+/// How often cgroups are walked when inotify cannot follow them all.
+const REWALK: Duration = Duration::from_secs(1);
+
 /// What the registry must do to match the cgroups, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -69,9 +73,11 @@ struct State {
     /// nest), so neither is watched.
     known: BTreeMap<PathBuf, Known>,
     watcher: Option<Watcher>,
-    /// Whether `known` is complete and the watches cover it; when not (at
-    /// start, after lost events, at the watch limit) the next refresh walks.
-    complete: bool,
+    /// Whether `known` was walked and no change was lost since.
+    walked: bool,
+    /// When the last walk was, if it could not watch everything it saw (no
+    /// inotify, or its limit): changes there show at the next walk.
+    unwatched: Option<Instant>,
     /// Whether the watch limit was already reported.
     limit_reported: bool,
     /// Containers whose missing metadata was already reported.
@@ -123,15 +129,21 @@ impl Discovery {
         let fd = watcher.fd();
         let mut state = self.state.lock();
         state.watcher = Some(watcher);
-        state.complete = false;
+        state.walked = false;
         Ok(fd)
+    }
+
+    /// How often the hierarchies must be walked because not all of them are
+    /// watched; `None` when inotify reports every change.
+    pub fn rewalk_interval(&self) -> Option<Duration> {
+        self.state.lock().unwatched.map(|_| REWALK)
     }
 
     /// What changed since the last call: everything on the first.
     pub fn changes(&self, layout: &Layout) -> Vec<Event> {
         let mut state = self.state.lock();
         let mut events = Vec::new();
-        if state.complete {
+        if state.walked {
             let pending = match state.watcher.as_mut().map(Watcher::changes) {
                 Some(Ok(changes)) => changes,
                 Some(Err(e)) => {
@@ -153,13 +165,14 @@ impl Discovery {
                         remove(&mut state, hierarchy, &path, &mut events)
                     }
                     Change::Lost => {
-                        state.complete = false;
+                        state.walked = false;
                         break;
                     }
                 }
             }
         }
-        if !state.complete {
+        let due = state.unwatched.is_some_and(|last| last.elapsed() >= REWALK);
+        if !state.walked || due {
             self.rescan(&mut state, layout, &mut events);
         }
         events
@@ -177,7 +190,8 @@ impl Discovery {
                 .collect(),
             ..Walked::default()
         };
-        state.complete = state.watcher.is_some();
+        state.walked = true;
+        state.unwatched = state.watcher.is_none().then(Instant::now);
         for (hierarchy, root) in layout.hierarchies().into_iter().enumerate() {
             self.walk(state, hierarchy, root, Path::new(""), &mut walked);
         }
@@ -275,13 +289,14 @@ impl Discovery {
         }
         if let Some(watcher) = state.watcher.as_mut() {
             if let Err(e) = watcher.watch(hierarchy, root, path) {
-                // The watch limit: correct still, by walking on every read.
-                state.complete = false;
+                // The watch limit: still correct, within a walk's interval.
+                state.unwatched = Some(Instant::now());
                 if !std::mem::replace(&mut state.limit_reported, true) {
                     log::warn!(
-                        "cannot watch {} ({e}); cgroups are walked on every read instead \
-                         (raise fs.inotify.max_user_watches)",
-                        root.join(path).display()
+                        "cannot watch {} ({e}); new and removed cgroups show within {} s \
+                         instead of at once (raise fs.inotify.max_user_watches)",
+                        root.join(path).display(),
+                        REWALK.as_secs()
                     );
                 }
             }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::cgroup::read::{read_group, SourceError};
+use crate::cgroup::read::{read_group, Files, SourceError};
 use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
 use crate::net::{Net, Totals};
 use crate::rate::RateTracker;
@@ -93,11 +93,12 @@ impl Sampler {
     pub fn available<'c>(&self, container: &'c Container) -> &'c [MetricId] {
         container.available_with(|| {
             let mut sample = Sample::default();
+            let mut files = Files::default();
             let mut broken: HashSet<Group> = HashSet::new();
             let groups = groups_of(METRICS.iter().map(|m| m.id));
             for group in groups.into_iter().filter(|g| g.is_cgroupfs()) {
-                if let Err(e) =
-                    read_group(self.registry.layout(), &container.dirs, group, &mut sample)
+                let layout = self.registry.layout();
+                if let Err(e) = read_group(layout, &container.dirs, group, &mut sample, &mut files)
                 {
                     if !matches!(e, SourceError::Vanished(_)) {
                         log::warn!("container {}: {e}", container.name);
@@ -126,7 +127,7 @@ impl Sampler {
         group: Group,
         out: &mut Sample,
     ) -> Result<(), SourceError> {
-        self.read_cached(container, group, out, &mut None)
+        self.read_cached(container, group, out, &mut Scratch::default())
     }
 
     /// Every available metric of one container. A malformed source is
@@ -134,9 +135,9 @@ impl Sampler {
     pub fn sample(&self, container: &Container) -> Result<Sample, SourceError> {
         let groups = groups_of(self.available(container).iter().copied());
         let mut out = Sample::default();
-        let mut totals = None;
+        let mut scratch = Scratch::default();
         for group in groups {
-            match self.read_cached(container, group, &mut out, &mut totals) {
+            match self.read_cached(container, group, &mut out, &mut scratch) {
                 Ok(()) => {}
                 Err(e @ SourceError::Vanished(_)) => return Err(e),
                 Err(e) => log::warn!("container {}: {e}", container.name),
@@ -145,14 +146,14 @@ impl Sampler {
         Ok(out)
     }
 
-    /// `totals` keeps one eBPF read for both network groups of a sample.
     fn read_cached(
         &self,
         c: &Container,
         group: Group,
         out: &mut Sample,
-        totals: &mut Option<Totals>,
+        scratch: &mut Scratch,
     ) -> Result<(), SourceError> {
+        let totals = &mut scratch.totals;
         let vanished =
             || SourceError::Vanished(c.dirs.v2.clone().unwrap_or_else(|| c.cgroup.clone()));
         match group {
@@ -207,7 +208,13 @@ impl Sampler {
                     out.set(M::NetTcpRetransmits, Some(conn.retransmits));
                 }
             }
-            group => read_group(self.registry.layout(), &c.dirs, group, out)?,
+            group => read_group(
+                self.registry.layout(),
+                &c.dirs,
+                group,
+                out,
+                &mut scratch.files,
+            )?,
         }
         Ok(())
     }
@@ -216,6 +223,14 @@ impl Sampler {
     pub fn health(&self) -> Option<[u64; cgmetric_common::health::COUNT as usize]> {
         self.net.as_ref().map(|n| n.health())
     }
+}
+
+/// What one sample has read so far: each source (a cgroup file, the eBPF
+/// totals) is read once however many groups use it.
+#[derive(Default)]
+struct Scratch {
+    totals: Option<Totals>,
+    files: Files,
 }
 
 fn tx(t: &Totals) -> u64 {
@@ -227,15 +242,9 @@ fn rx(t: &Totals) -> u64 {
 }
 
 fn cpu_usage_usec(registry: &Registry, container: &Container) -> Option<u64> {
-    let mut sample = Sample::default();
-    read_group(
-        registry.layout(),
-        &container.dirs,
-        Group::CpuUsage,
-        &mut sample,
-    )
-    .ok()?;
-    sample.count(M::CpuUsageUsec)
+    crate::cgroup::read::cpu_usage_usec(registry.layout(), &container.dirs)
+        .ok()
+        .flatten()
 }
 
 fn net_totals(net: Option<&Net>, container: &Container) -> Option<Totals> {

@@ -4,7 +4,7 @@
 //! that misses a name drains pending changes itself, so a container is there
 //! the moment its `mkdir` returned, whatever the watcher thread is doing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -34,6 +34,8 @@ pub struct Watcher {
     inotify: Inotify,
     /// The hierarchy and relative path of every watched directory.
     dirs: HashMap<WatchDescriptor, (usize, PathBuf)>,
+    /// The same, the other way: a rewalk adds no watch twice.
+    watched: HashSet<(usize, PathBuf)>,
     buffer: Vec<u8>,
 }
 
@@ -42,6 +44,7 @@ impl Watcher {
         Ok(Watcher {
             inotify: Inotify::init()?,
             dirs: HashMap::new(),
+            watched: HashSet::new(),
             buffer: vec![0u8; 64 * 1024],
         })
     }
@@ -50,6 +53,10 @@ impl Watcher {
     /// it. A directory that is gone already is no error (its removal is
     /// queued); the watch limit is.
     pub fn watch(&mut self, hierarchy: usize, root: &Path, path: &Path) -> io::Result<()> {
+        let key = (hierarchy, path.to_path_buf());
+        if self.watched.contains(&key) {
+            return Ok(());
+        }
         let mask = WatchMask::CREATE
             | WatchMask::DELETE
             | WatchMask::MOVED_FROM
@@ -57,7 +64,11 @@ impl Watcher {
             | WatchMask::ONLYDIR;
         match self.inotify.watches().add(root.join(path), mask) {
             Ok(wd) => {
-                self.dirs.insert(wd, (hierarchy, path.to_path_buf()));
+                if let Some(old) = self.dirs.insert(wd, key.clone()) {
+                    // The same directory under another name: renamed.
+                    self.watched.remove(&old);
+                }
+                self.watched.insert(key);
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -80,7 +91,9 @@ impl Watcher {
                 if event.mask.contains(EventMask::Q_OVERFLOW) {
                     changes.push(Change::Lost);
                 } else if event.mask.contains(EventMask::IGNORED) {
-                    self.dirs.remove(&event.wd);
+                    if let Some(key) = self.dirs.remove(&event.wd) {
+                        self.watched.remove(&key);
+                    }
                 } else if event.mask.contains(EventMask::ISDIR) {
                     if let Some(change) = change(&self.dirs, &event.wd, event.mask, event.name) {
                         changes.push(change);
@@ -108,8 +121,9 @@ impl Watcher {
     }
 }
 
-/// Blocks until `fd` is readable.
-pub fn wait_readable(fd: RawFd) -> io::Result<()> {
+/// Blocks until `fd` is readable, or `timeout` passed.
+pub fn wait_readable(fd: RawFd, timeout: Option<std::time::Duration>) -> io::Result<()> {
+    let timeout = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
     let mut poll = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -117,7 +131,7 @@ pub fn wait_readable(fd: RawFd) -> io::Result<()> {
     };
     loop {
         // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut poll, 1, -1) };
+        let ready = unsafe { libc::poll(&mut poll, 1, timeout) };
         if ready >= 0 {
             return Ok(());
         }

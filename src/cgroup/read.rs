@@ -40,27 +40,17 @@ struct Source<'a> {
 
 impl Source<'_> {
     /// The file's text, or `None` when the cgroup exists but has no such file.
-    fn text(&self) -> Result<Option<String>> {
-        let path = self.dir.join(self.file);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(text)),
-            Err(e) if is_gone(&e) => {
-                if self.dir.is_dir() {
-                    Ok(None)
-                } else {
-                    Err(SourceError::Vanished(self.dir.to_path_buf()))
-                }
-            }
-            Err(source) => Err(SourceError::Io { path, source }),
-        }
+    fn text(&self, files: &mut Files) -> Result<Option<String>> {
+        files.text(self.dir, self.file)
     }
 
     /// Parses the file with `parse`, keeping the path for the error.
     fn parse<T>(
         &self,
+        files: &mut Files,
         parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>,
     ) -> Result<Option<T>> {
-        self.text()?
+        self.text(files)?
             .map(|text| {
                 parse(&text).map_err(|source| SourceError::Malformed {
                     path: self.dir.join(self.file),
@@ -71,8 +61,8 @@ impl Source<'_> {
     }
 
     /// A flat keyed file: `apply` gets the parsed keys.
-    fn keyed(&self, apply: impl FnOnce(&parse::Keyed<'_>)) -> Result<()> {
-        if let Some(text) = self.text()? {
+    fn keyed(&self, files: &mut Files, apply: impl FnOnce(&parse::Keyed<'_>)) -> Result<()> {
+        if let Some(text) = self.text(files)? {
             let keys = parse::keyed(&text).map_err(|source| SourceError::Malformed {
                 path: self.dir.join(self.file),
                 source,
@@ -81,6 +71,52 @@ impl Source<'_> {
         }
         Ok(())
     }
+}
+
+/// The cgroup files one sample has read: a file several groups need (v1
+/// `memory.stat`, v2 `cpu.stat`) is read once per sample.
+#[derive(Default)]
+pub struct Files {
+    texts: Vec<(PathBuf, Option<String>)>,
+}
+
+impl Files {
+    fn text(&mut self, dir: &Path, file: &str) -> Result<Option<String>> {
+        let path = dir.join(file);
+        if let Some((_, text)) = self.texts.iter().find(|(p, _)| *p == path) {
+            return Ok(text.clone());
+        }
+        let text = match std::fs::File::open(&path).and_then(read_text) {
+            Ok(text) => Some(text),
+            Err(e) if is_gone(&e) => {
+                if !dir.is_dir() {
+                    return Err(SourceError::Vanished(dir.to_path_buf()));
+                }
+                None
+            }
+            Err(source) => return Err(SourceError::Io { path, source }),
+        };
+        self.texts.push((path, text.clone()));
+        Ok(text)
+    }
+}
+
+/// A cgroup file's whole text. Plain `read`s into a stack buffer: std's
+/// `read_to_string` sizes its buffer with a `statx` and an `lseek` first,
+/// two syscalls per file that cgroupfs answers with a meaningless 4096.
+fn read_text(mut file: std::fs::File) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut chunk = [0u8; 4096];
+    let mut bytes = Vec::new();
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// ENOENT, or ENODEV from a cgroup removed while its file was being read.
@@ -128,6 +164,7 @@ pub fn read_group(
     dirs: &CgroupDirs,
     group: Group,
     out: &mut Sample,
+    files: &mut Files,
 ) -> Result<()> {
     let controller = match group {
         Group::CpuUsage => Controller::Cpuacct,
@@ -145,35 +182,52 @@ pub fn read_group(
         return Ok(());
     };
     match backend {
-        Backend::V1(dir) => read_v1(dir, group, out),
-        Backend::V2(dir) => read_v2(dir, group, out),
+        Backend::V1(dir) => read_v1(dir, group, out, files),
+        Backend::V2(dir) => read_v2(dir, group, out, files),
     }
 }
 
-fn read_v2(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
+/// CPU time used, in µs, from the one file that has it: what the rate
+/// sampler reads for every container twice a window, so nothing more.
+pub fn cpu_usage_usec(layout: &Layout, dirs: &CgroupDirs) -> Result<Option<u64>> {
+    let files = &mut Files::default();
+    match backend(layout, dirs, Controller::Cpuacct) {
+        None => Ok(None),
+        Some(Backend::V1(dir)) => Ok(src(dir, "cpuacct.usage")
+            .parse(files, parse::single)?
+            .map(|ns| ns / 1000)),
+        Some(Backend::V2(dir)) => {
+            let mut usage = None;
+            src(dir, "cpu.stat").keyed(files, |k| usage = k.get("usage_usec"))?;
+            Ok(usage)
+        }
+    }
+}
+
+fn read_v2(dir: &Path, group: Group, out: &mut Sample, files: &mut Files) -> Result<()> {
     match group {
-        Group::CpuUsage => src(dir, "cpu.stat").keyed(|k| {
+        Group::CpuUsage => src(dir, "cpu.stat").keyed(files, |k| {
             out.set(M::CpuUsageUsec, k.get("usage_usec"));
             out.set(M::CpuUserUsec, k.get("user_usec"));
             out.set(M::CpuSystemUsec, k.get("system_usec"));
         })?,
-        Group::CpuThrottle => src(dir, "cpu.stat").keyed(|k| {
+        Group::CpuThrottle => src(dir, "cpu.stat").keyed(files, |k| {
             out.set(M::CpuNrPeriods, k.get("nr_periods"));
             out.set(M::CpuNrThrottled, k.get("nr_throttled"));
             out.set(M::CpuThrottledUsec, k.get("throttled_usec"));
         })?,
         Group::CpuLimit => {
-            if let Some(limit) = src(dir, "cpu.max").parse(parse::cpu_max)? {
+            if let Some(limit) = src(dir, "cpu.max").parse(files, parse::cpu_max)? {
                 out.set_value(M::CpuLimitMillicores, limit.into());
             }
         }
         Group::MemoryUsage => out.set(
             M::MemoryUsage,
-            src(dir, "memory.current").parse(parse::single)?,
+            src(dir, "memory.current").parse(files, parse::single)?,
         ),
         Group::MemoryStat => {
-            let usage = src(dir, "memory.current").parse(parse::single)?;
-            src(dir, "memory.stat").keyed(|k| {
+            let usage = src(dir, "memory.current").parse(files, parse::single)?;
+            src(dir, "memory.stat").keyed(files, |k| {
                 out.set(M::MemoryRss, k.get("anon"));
                 out.set(M::MemoryCache, k.get("file"));
                 out.set(M::MemoryRssHuge, k.get("anon_thp"));
@@ -191,18 +245,17 @@ fn read_v2(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
         }
         Group::MemorySwap => out.set(
             M::MemorySwap,
-            src(dir, "memory.swap.current").parse(parse::single)?,
+            src(dir, "memory.swap.current").parse(files, parse::single)?,
         ),
         Group::MemoryLimit => {
-            if let Some(limit) = src(dir, "memory.max").parse(parse::limit)? {
+            if let Some(limit) = src(dir, "memory.max").parse(files, parse::limit)? {
                 out.set_value(M::MemoryLimit, limit.into());
             }
         }
-        Group::MemoryOom => {
-            src(dir, "memory.events").keyed(|k| out.set(M::MemoryOomKills, k.get("oom_kill")))?
-        }
+        Group::MemoryOom => src(dir, "memory.events")
+            .keyed(files, |k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
         Group::Io => {
-            if let Some(io) = src(dir, "io.stat").parse(parse::io_stat)? {
+            if let Some(io) = src(dir, "io.stat").parse(files, parse::io_stat)? {
                 out.set(M::IoReadBytes, Some(io.read_bytes));
                 out.set(M::IoWriteBytes, Some(io.write_bytes));
                 out.set(M::IoReadOps, Some(io.read_ops));
@@ -211,10 +264,10 @@ fn read_v2(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
         }
         Group::PidsCurrent => out.set(
             M::PidsCurrent,
-            src(dir, "pids.current").parse(parse::single)?,
+            src(dir, "pids.current").parse(files, parse::single)?,
         ),
         Group::PidsLimit => {
-            if let Some(limit) = src(dir, "pids.max").parse(parse::limit)? {
+            if let Some(limit) = src(dir, "pids.max").parse(files, parse::limit)? {
                 out.set_value(M::PidsLimit, limit.into());
             }
         }
@@ -223,18 +276,18 @@ fn read_v2(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
     Ok(())
 }
 
-fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
+fn read_v1(dir: &Path, group: Group, out: &mut Sample, files: &mut Files) -> Result<()> {
     match group {
         Group::CpuUsage => {
-            let usage_ns = src(dir, "cpuacct.usage").parse(parse::single)?;
+            let usage_ns = src(dir, "cpuacct.usage").parse(files, parse::single)?;
             out.set(M::CpuUsageUsec, usage_ns.map(|ns| ns / 1000));
             let to_usec = |ticks: u64| ticks.saturating_mul(1_000_000) / user_hz();
-            src(dir, "cpuacct.stat").keyed(|k| {
+            src(dir, "cpuacct.stat").keyed(files, |k| {
                 out.set(M::CpuUserUsec, k.get("user").map(to_usec));
                 out.set(M::CpuSystemUsec, k.get("system").map(to_usec));
             })?
         }
-        Group::CpuThrottle => src(dir, "cpu.stat").keyed(|k| {
+        Group::CpuThrottle => src(dir, "cpu.stat").keyed(files, |k| {
             out.set(M::CpuNrPeriods, k.get("nr_periods"));
             out.set(M::CpuNrThrottled, k.get("nr_throttled"));
             out.set(
@@ -244,8 +297,8 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
         })?,
         Group::CpuLimit => {
             let (quota, period) = (
-                src(dir, "cpu.cfs_quota_us").text()?,
-                src(dir, "cpu.cfs_period_us").text()?,
+                src(dir, "cpu.cfs_quota_us").text(files)?,
+                src(dir, "cpu.cfs_period_us").text(files)?,
             );
             if let (Some(quota), Some(period)) = (quota, period) {
                 let limit =
@@ -258,11 +311,11 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
         }
         Group::MemoryUsage => out.set(
             M::MemoryUsage,
-            src(dir, "memory.usage_in_bytes").parse(parse::single)?,
+            src(dir, "memory.usage_in_bytes").parse(files, parse::single)?,
         ),
         Group::MemoryStat => {
-            let usage = src(dir, "memory.usage_in_bytes").parse(parse::single)?;
-            src(dir, "memory.stat").keyed(|k| {
+            let usage = src(dir, "memory.usage_in_bytes").parse(files, parse::single)?;
+            src(dir, "memory.stat").keyed(files, |k| {
                 out.set(M::MemoryRss, k.get("total_rss"));
                 out.set(M::MemoryCache, k.get("total_cache"));
                 out.set(M::MemoryRssHuge, k.get("total_rss_huge"));
@@ -281,15 +334,15 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
             })?
         }
         Group::MemorySwap => {
-            src(dir, "memory.stat").keyed(|k| out.set(M::MemorySwap, k.get("total_swap")))?
+            src(dir, "memory.stat").keyed(files, |k| out.set(M::MemorySwap, k.get("total_swap")))?
         }
         Group::MemoryLimit => {
-            if let Some(limit) = src(dir, "memory.limit_in_bytes").parse(parse::limit)? {
+            if let Some(limit) = src(dir, "memory.limit_in_bytes").parse(files, parse::limit)? {
                 out.set_value(M::MemoryLimit, limit.into());
             }
         }
         Group::MemoryOom => src(dir, "memory.oom_control")
-            .keyed(|k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
+            .keyed(files, |k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
         Group::Io => {
             // The _recursive files include descendants; old kernels lack them.
             let bytes = first_present(
@@ -298,6 +351,7 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
                     "blkio.throttle.io_service_bytes_recursive",
                     "blkio.throttle.io_service_bytes",
                 ],
+                files,
             )?;
             let ops = first_present(
                 dir,
@@ -305,11 +359,14 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
                     "blkio.throttle.io_serviced_recursive",
                     "blkio.throttle.io_serviced",
                 ],
+                files,
             )?;
             if let (Some(bytes), Some(ops)) = (bytes, ops) {
-                let (read_bytes, write_bytes) =
-                    bytes.parse(parse::blkio_throttle)?.unwrap_or_default();
-                let (read_ops, write_ops) = ops.parse(parse::blkio_throttle)?.unwrap_or_default();
+                let (read_bytes, write_bytes) = bytes
+                    .parse(files, parse::blkio_throttle)?
+                    .unwrap_or_default();
+                let (read_ops, write_ops) =
+                    ops.parse(files, parse::blkio_throttle)?.unwrap_or_default();
                 out.set(M::IoReadBytes, Some(read_bytes));
                 out.set(M::IoWriteBytes, Some(write_bytes));
                 out.set(M::IoReadOps, Some(read_ops));
@@ -318,10 +375,10 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
         }
         Group::PidsCurrent => out.set(
             M::PidsCurrent,
-            src(dir, "pids.current").parse(parse::single)?,
+            src(dir, "pids.current").parse(files, parse::single)?,
         ),
         Group::PidsLimit => {
-            if let Some(limit) = src(dir, "pids.max").parse(parse::limit)? {
+            if let Some(limit) = src(dir, "pids.max").parse(files, parse::limit)? {
                 out.set_value(M::PidsLimit, limit.into());
             }
         }
@@ -330,17 +387,18 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample) -> Result<()> {
     Ok(())
 }
 
-fn first_present<'a>(dir: &'a Path, files: [&'static str; 2]) -> Result<Option<Source<'a>>> {
-    for file in files {
-        if dir.join(file).is_file() {
+/// The first of `files` the cgroup has.
+fn first_present<'a>(
+    dir: &'a Path,
+    candidates: [&'static str; 2],
+    files: &mut Files,
+) -> Result<Option<Source<'a>>> {
+    for file in candidates {
+        if files.text(dir, file)?.is_some() {
             return Ok(Some(src(dir, file)));
         }
     }
-    if dir.is_dir() {
-        Ok(None)
-    } else {
-        Err(SourceError::Vanished(dir.to_path_buf()))
-    }
+    Ok(None)
 }
 
 /// Usage minus inactive file cache, floored at zero (the kubelet's definition).
@@ -380,7 +438,7 @@ mod tests {
         let (layout, dirs) = fixture(tree, cgroup);
         let mut sample = Sample::default();
         for group in ALL_GROUPS {
-            read_group(&layout, &dirs, group, &mut sample).unwrap();
+            read_group(&layout, &dirs, group, &mut sample, &mut Files::default()).unwrap();
         }
         sample
     }
@@ -479,7 +537,14 @@ mod tests {
             (Group::PidsLimit, "pids.max", "not a number"),
         ];
         for (group, file, reason) in cases {
-            let err = read_group(&layout, &dirs, group, &mut Sample::default()).unwrap_err();
+            let err = read_group(
+                &layout,
+                &dirs,
+                group,
+                &mut Sample::default(),
+                &mut Files::default(),
+            )
+            .unwrap_err();
             let text = err.to_string();
             assert!(
                 matches!(err, SourceError::Malformed { .. }),
@@ -492,7 +557,14 @@ mod tests {
         }
         // A good file beside bad ones still reads.
         let mut s = Sample::default();
-        read_group(&layout, &dirs, Group::PidsCurrent, &mut s).unwrap();
+        read_group(
+            &layout,
+            &dirs,
+            Group::PidsCurrent,
+            &mut s,
+            &mut Files::default(),
+        )
+        .unwrap();
         assert_eq!(s.get(M::PidsCurrent), Some(Count(5)));
     }
 
@@ -505,7 +577,14 @@ mod tests {
         let dirs = CgroupDirs::resolve(&layout, Path::new("gone"));
         std::fs::remove_dir(tmp.path().join("gone")).unwrap();
         for group in ALL_GROUPS {
-            let err = read_group(&layout, &dirs, group, &mut Sample::default()).unwrap_err();
+            let err = read_group(
+                &layout,
+                &dirs,
+                group,
+                &mut Sample::default(),
+                &mut Files::default(),
+            )
+            .unwrap_err();
             assert!(matches!(err, SourceError::Vanished(_)), "{group:?}");
         }
     }

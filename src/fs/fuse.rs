@@ -18,7 +18,18 @@ use super::model::{Attr, FsError, Model};
 /// How long the kernel may cache names and attributes. Values are never
 /// cached (direct I/O); a name may outlive its container by this much, after
 /// which it is looked up again, and opening it meanwhile fails cleanly.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may keep a name and its attributes without asking.
+/// Container directories and their files never change while they live, and
+/// a vanished container is invalidated at once, so their names are kept
+/// long: a script polling a file costs open and read only. The `cgroup/`
+/// tree is not followed by inotify, so its names expire quickly.
+fn ttl(attr: &Attr) -> Duration {
+    if attr.lasting {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(1)
+    }
+}
 
 pub struct FuseFs {
     model: Arc<Model>,
@@ -77,7 +88,7 @@ fn name(name: &OsStr) -> Result<&str, FsError> {
 impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, child: &OsStr, reply: ReplyEntry) {
         match name(child).and_then(|n| self.model.lookup(parent.0, n)) {
-            Ok(attr) => reply.entry(&TTL, &self.attr(attr), Generation(0)),
+            Ok(attr) => reply.entry(&ttl(&attr), &self.attr(attr), Generation(0)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -91,7 +102,7 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.model.getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &self.attr(attr)),
+            Ok(attr) => reply.attr(&ttl(&attr), &self.attr(attr)),
             Err(e) => reply.error(errno(e)),
         }
     }

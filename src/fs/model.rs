@@ -72,6 +72,9 @@ pub struct Attr {
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
+    /// Whether the node stays what it is until the daemon says otherwise
+    /// (everything but the `cgroup/` tree, whose removals nobody reports).
+    pub lasting: bool,
 }
 
 impl Attr {
@@ -88,6 +91,10 @@ impl Attr {
             },
             uid: 0,
             gid: 0,
+            lasting: !matches!(
+                node,
+                Node::Dir(Owner::Cgroup(_)) | Node::File(Owner::Cgroup(_), _)
+            ),
         }
     }
 }
@@ -148,6 +155,11 @@ impl Model {
         if let Some(invalidate) = self.invalidate.get() {
             removed.iter().for_each(|name| invalidate(name));
         }
+    }
+
+    /// How often discovery must be refreshed without being told to.
+    pub fn rewalk_interval(&self) -> Option<std::time::Duration> {
+        self.registry().discovery().rewalk_interval()
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
@@ -436,12 +448,43 @@ impl Model {
     /// vanish meanwhile are left out.
     fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
         self.refresh();
-        self.registry()
-            .list()
-            .into_iter()
-            .filter_map(|c| self.sampler.sample(&c).ok().map(|sample| (c, sample)))
-            .collect()
+        let containers = self.registry().list();
+        let sample = |chunk: &[Arc<Container>]| -> Vec<(Arc<Container>, Sample)> {
+            chunk
+                .iter()
+                .filter_map(|c| Some((c.clone(), self.sampler.sample(c).ok()?)))
+                .collect()
+        };
+        // Reading cgroup files is all syscalls: spread over the CPUs, it
+        // takes a fraction of the time. A thread costs tens of µs, so small
+        // sets stay on this one.
+        let threads = cpus().min(containers.len() / CONTAINERS_PER_THREAD).max(1);
+        if threads == 1 {
+            return sample(&containers);
+        }
+        let chunk = containers.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let mut parts = containers.chunks(chunk);
+            let first = parts.next().unwrap_or_default();
+            let others: Vec<_> = parts
+                .map(|part| scope.spawn(move || sample(part)))
+                .collect();
+            let mut all = sample(first);
+            for other in others {
+                all.extend(other.join().expect("sampling threads do not panic"));
+            }
+            all
+        })
     }
+}
+
+/// Below this many containers per CPU, an aggregate is sampled on one thread.
+const CONTAINERS_PER_THREAD: usize = 32;
+
+/// The CPUs this process may run on, once (the answer reads cgroup files).
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// The cgroup of process `pid`, relative to the hierarchy roots: its v2
