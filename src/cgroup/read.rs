@@ -409,6 +409,11 @@ fn working_set(usage: Option<u64>, inactive_file: Option<u64>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One group, read on its own.
+    fn read(layout: &Layout, dirs: &CgroupDirs, group: Group, out: &mut Sample) -> Result<()> {
+        read_group(layout, dirs, group, out, &mut Files::default())
+    }
     use crate::metrics::{Value::*, METRICS};
 
     const ALL_GROUPS: [Group; 11] = [
@@ -438,7 +443,7 @@ mod tests {
         let (layout, dirs) = fixture(tree, cgroup);
         let mut sample = Sample::default();
         for group in ALL_GROUPS {
-            read_group(&layout, &dirs, group, &mut sample, &mut Files::default()).unwrap();
+            read(&layout, &dirs, group, &mut sample).unwrap();
         }
         sample
     }
@@ -537,14 +542,7 @@ mod tests {
             (Group::PidsLimit, "pids.max", "not a number"),
         ];
         for (group, file, reason) in cases {
-            let err = read_group(
-                &layout,
-                &dirs,
-                group,
-                &mut Sample::default(),
-                &mut Files::default(),
-            )
-            .unwrap_err();
+            let err = read(&layout, &dirs, group, &mut Sample::default()).unwrap_err();
             let text = err.to_string();
             assert!(
                 matches!(err, SourceError::Malformed { .. }),
@@ -557,14 +555,7 @@ mod tests {
         }
         // A good file beside bad ones still reads.
         let mut s = Sample::default();
-        read_group(
-            &layout,
-            &dirs,
-            Group::PidsCurrent,
-            &mut s,
-            &mut Files::default(),
-        )
-        .unwrap();
+        read(&layout, &dirs, Group::PidsCurrent, &mut s).unwrap();
         assert_eq!(s.get(M::PidsCurrent), Some(Count(5)));
     }
 
@@ -577,14 +568,7 @@ mod tests {
         let dirs = CgroupDirs::resolve(&layout, Path::new("gone"));
         std::fs::remove_dir(tmp.path().join("gone")).unwrap();
         for group in ALL_GROUPS {
-            let err = read_group(
-                &layout,
-                &dirs,
-                group,
-                &mut Sample::default(),
-                &mut Files::default(),
-            )
-            .unwrap_err();
+            let err = read(&layout, &dirs, group, &mut Sample::default()).unwrap_err();
             assert!(matches!(err, SourceError::Vanished(_)), "{group:?}");
         }
     }
