@@ -150,7 +150,8 @@ impl Discovery {
                     log::warn!("reading cgroup changes failed ({e}); walking instead");
                     vec![Change::Lost]
                 }
-                None => vec![Change::Lost],
+                // Unwatched: the rewalk below, when due, finds the changes.
+                None => Vec::new(),
             };
             let roots = layout.hierarchies();
             for change in pending {
