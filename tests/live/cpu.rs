@@ -25,13 +25,6 @@ fn one_busy_loop_is_one_core() {
     let daemon = Daemon::start(&["--cgroup", &glob]);
     std::thread::sleep(WARM_UP);
 
-    let millicores = daemon.number("burner/cpu_millicores");
-    assert!(
-        within(millicores, 1000, 10),
-        "cpu_millicores {millicores}, expected 1000 ±10%"
-    );
-
-    // The counter agrees with the kernel's, read just before and after.
     let kernel_usec = |cg: &Cgroup| match cg.is_v1(Controller::Cpuacct) {
         true => {
             cg.read(Controller::Cpuacct, "cpuacct.usage")
@@ -42,6 +35,23 @@ fn one_busy_loop_is_one_core() {
         }
         false => cg.stat(Controller::Cpu, "cpu.stat", "usage_usec"),
     };
+    // The first rate read waits one window and measures over it; the
+    // kernel's own rate over a span enclosing that window is the truth. (On
+    // bare metal that is one core; a VM's vCPU loses time to its host.)
+    let (started, usec_before) = (std::time::Instant::now(), kernel_usec(&burner));
+    let millicores = daemon.number("burner/cpu_millicores");
+    let kernel_millicores =
+        (kernel_usec(&burner) - usec_before) * 1000 / started.elapsed().as_micros() as u64;
+    assert!(
+        kernel_millicores >= 800,
+        "the busy loop ran only {kernel_millicores} millicores"
+    );
+    assert!(
+        within(millicores, kernel_millicores, 10),
+        "cpu_millicores {millicores}, the kernel's {kernel_millicores} ±10%"
+    );
+
+    // The counter agrees with the kernel's, read just before and after.
     let before = kernel_usec(&burner);
     let ours = daemon.number("burner/cpu_usage_usec");
     let after = kernel_usec(&burner);

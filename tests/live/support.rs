@@ -70,6 +70,14 @@ macro_rules! require {
     };
 }
 
+/// Enables, where it can, every controller cgmetric reads for the children
+/// of a v2 cgroup. Failure is left to show in the test: a controller the
+/// kernel lacks, or processes in `dir` (v2 allows none where children have
+/// controllers).
+fn enable_controllers(dir: &Path) {
+    let _ = fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
+}
+
 /// A name no other test, run or process uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -117,10 +125,19 @@ impl Cgroup {
             dirs.push(dir);
         }
         if layout.kind == LayoutKind::Unified {
-            // Pure v2: the controllers must be enabled for the children.
-            let v2 = layout.unified.clone().unwrap();
-            for dir in [v2.clone(), v2.join(&relative)] {
-                let _ = fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
+            // Pure v2: a cgroup has the controllers its parent enables. Only
+            // ancestors enable them: a cgroup that does cannot hold
+            // processes ("no internal processes"), and tests put theirs in
+            // the cgroups they create.
+            let mut dir = layout.unified.clone().unwrap();
+            enable_controllers(&dir);
+            for part in Path::new(&relative)
+                .parent()
+                .into_iter()
+                .flat_map(|p| p.iter())
+            {
+                dir.push(part);
+                enable_controllers(&dir);
             }
         }
         Cgroup {
@@ -128,6 +145,15 @@ impl Cgroup {
             layout,
             dirs,
             children: Vec::new(),
+        }
+    }
+
+    /// Pure v2: gives the cgroups made below this one, by hand, the
+    /// controllers (a no-op elsewhere). This cgroup can then hold no
+    /// processes.
+    pub fn enable_controllers_below(&self) {
+        if self.layout.kind == LayoutKind::Unified {
+            enable_controllers(&self.layout.unified.as_ref().unwrap().join(&self.relative));
         }
     }
 
@@ -393,12 +419,19 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cgmetric")
 }
 
+/// Set where there is no cargo (the VM matrix, `tests/vm/run`): the binaries
+/// of the profile were built beforehand and are used as they are.
+pub const PREBUILT_ENV: &str = "CGMETRIC_TEST_PREBUILT";
+
 /// Runs `cargo build ARGS` in this test's profile and returns the profile's
 /// target directory. `cargo test --test live` alone builds neither examples
 /// nor other packages, and a stale helper lies.
 fn cargo_build(args: &[&str]) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    if std::env::var_os(PREBUILT_ENV).is_some() {
+        return profile_dir;
+    }
     let mut cargo = Command::new(env!("CARGO"));
     cargo.args(["build", "--quiet"]).args(args);
     if profile_dir.ends_with("release") {

@@ -168,6 +168,7 @@ fn a_container_made_one_hierarchy_at_a_time_gains_every_file() {
     require!();
     use std::os::unix::fs::MetadataExt;
     let parent = Cgroup::parent("staged");
+    parent.enable_controllers_below();
     let glob = format!("{}/*", parent.relative);
     let daemon = Daemon::start(&["--cgroup", &glob]);
     let layout = crate::support::host_layout();
