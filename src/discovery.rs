@@ -441,18 +441,25 @@ pub fn display_name(cgroup: &Path) -> String {
     sanitize(&last)
 }
 
-/// Replaces control characters and whitespace other than a plain space with
-/// `_`: a name is one line in `metric`, one path component on disk.
+/// Replaces control characters, whitespace other than a plain space, and `/`
+/// with `_`, and turns `.` and `..` into `_` and `__`: a name is one line in
+/// `metric` and one path component of the tree, never a way out of it.
+/// (Runtime metadata is not trusted: any tenant can name a container.)
 pub fn sanitize(name: &str) -> String {
-    name.chars()
+    let name: String = name
+        .chars()
         .map(|c| {
-            if c.is_control() || (c.is_whitespace() && c != ' ') {
+            if c.is_control() || (c.is_whitespace() && c != ' ') || c == '/' {
                 '_'
             } else {
                 c
             }
         })
-        .collect()
+        .collect();
+    match name.as_str() {
+        "." | ".." => "_".repeat(name.len()),
+        _ => name,
+    }
 }
 
 #[cfg(test)]
@@ -552,6 +559,10 @@ mod tests {
     #[test]
     fn names_lose_control_characters() {
         assert_eq!(sanitize("web\n1\t\"x\""), "web_1_\"x\"");
+        assert_eq!(sanitize("../../etc/passwd"), ".._.._etc_passwd");
+        assert_eq!(sanitize(".."), "__");
+        assert_eq!(sanitize("."), "_");
+        assert_eq!(sanitize("a\0b\\c"), "a_b\\c");
         assert_eq!(display_name(Path::new("a/b c")), "b c");
     }
 }

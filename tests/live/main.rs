@@ -7,6 +7,7 @@
 mod support;
 
 mod cpu;
+mod crash;
 mod discovery;
 mod fixtures;
 mod lifecycle;

@@ -78,6 +78,41 @@ fn enable_controllers(dir: &Path) {
     let _ = fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
 }
 
+/// A small deterministic generator for tests that pick random moments. The
+/// seed comes from CGMETRIC_TEST_SEED or the clock; failures print it.
+pub struct Rng {
+    pub seed: u64,
+    state: u64,
+}
+
+impl Rng {
+    pub fn seeded(test: &str) -> Rng {
+        let seed = std::env::var("CGMETRIC_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{test}: CGMETRIC_TEST_SEED={seed}");
+        Rng {
+            seed,
+            state: seed | 1,
+        }
+    }
+
+    /// A number below `bound` (xorshift64*).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.state.wrapping_mul(0x2545_f491_4f6c_dd1d) % bound.max(1)
+    }
+}
+
 /// A name no other test, run or process uses.
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -413,6 +448,7 @@ pub struct Daemon {
     _log_dir: tempfile::TempDir,
     /// The daemon's own pins, unless the test passed --bpf-dir or --no-ebpf.
     _bpf_dir: Option<BpfDir>,
+    leave_mount: bool,
 }
 
 pub fn binary() -> &'static str {
@@ -500,6 +536,7 @@ impl Daemon {
             log,
             _log_dir: log_dir,
             _bpf_dir: own_bpf_dir,
+            leave_mount: false,
         }
     }
 
@@ -577,6 +614,13 @@ impl Daemon {
         self.wait(Duration::from_secs(5))
             .expect("SIGKILL ends the daemon");
     }
+
+    /// Kills the daemon with SIGKILL and leaves its stale mount for the next
+    /// daemon on the same mountpoint to clear.
+    pub fn crash_and_leave_the_mount(mut self) {
+        self.crash();
+        self.leave_mount = true;
+    }
 }
 
 impl Drop for Daemon {
@@ -588,7 +632,7 @@ impl Drop for Daemon {
                 let _ = self.wait(Duration::from_secs(5));
             }
         }
-        if is_mounted(&self.mountpoint) {
+        if !self.leave_mount && is_mounted(&self.mountpoint) {
             detach(&self.mountpoint);
         }
     }
