@@ -4,6 +4,7 @@ use cgmetric::cli::{Options, Report};
 use clap::Parser;
 
 fn main() -> ExitCode {
+    one_malloc_arena();
     let options = Options::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match &options.report {
@@ -21,5 +22,18 @@ fn main() -> ExitCode {
             log::error!("{message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// glibc gives threads their own malloc arenas (up to 8 per CPU), and each
+/// keeps what it freed: the short-lived threads that sample aggregates grew
+/// the daemon's RSS by a quarter over 10,000 containers of churn (the churn
+/// test). One arena keeps the footprint flat; the threads allocate little.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator tunable; called before any
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }

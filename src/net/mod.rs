@@ -191,6 +191,14 @@ impl Net {
             let _ = maps.connections.remove(&id);
             let _ = maps.retired.remove(&id);
         }
+        // Ids seen under containers that are gone fold into nothing: forget
+        // them, or every container that ever lived stays in memory.
+        let mut alive = HashMap::new();
+        owners.retain(|_, owner| {
+            *alive
+                .entry(*owner)
+                .or_insert_with(|| sys::cgroup_exists(root, *owner))
+        });
     }
 
     /// The health counters, summed over CPUs, by [`health`] index; each

@@ -6,6 +6,7 @@
 
 mod support;
 
+mod churn;
 mod cpu;
 mod crash;
 mod discovery;

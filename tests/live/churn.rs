@@ -1,0 +1,271 @@
+//! Churn: 10,000 containers created and removed while 8 readers loop over
+//! the tree. Readers get whole values or ENOENT, never EIO or a torn value;
+//! the daemon's memory, descriptors and eBPF map entries end where they
+//! started.
+
+use std::collections::HashSet;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::require;
+use crate::support::{eventually, heavy_turn, tcp_peer, BpfDir, Cgroup, Daemon, Rng};
+
+const CONTAINERS: usize = 10_000;
+const BATCH: usize = 100;
+const READERS: usize = 8;
+/// One container in this many sends traffic, so the maps churn too.
+const TALKER_EVERY: usize = 25;
+
+/// What a reader saw, summed over readers.
+#[derive(Default)]
+struct Seen {
+    values: AtomicU64,
+    vanished: AtomicU64,
+    bad: Mutex<Vec<String>>,
+}
+
+impl Seen {
+    fn bad(&self, what: String) {
+        let mut bad = self.bad.lock().unwrap();
+        if bad.len() < 20 {
+            bad.push(what);
+        }
+    }
+
+    /// A read's outcome: a whole value passes `valid`, a vanished container
+    /// is ENOENT, anything else is a failure.
+    fn check(&self, path: &Path, result: std::io::Result<String>, valid: impl Fn(&str) -> bool) {
+        match result {
+            Ok(text) if valid(&text) => {
+                self.values.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(text) => self.bad(format!("{}: torn or malformed {text:?}", path.display())),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                self.vanished.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.bad(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// One number (or `max`) and a newline.
+fn whole_number(text: &str) -> bool {
+    text.strip_suffix('\n')
+        .is_some_and(|v| v == "max" || (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())))
+}
+
+/// Every line complete: a comment, or `name{labels} value`.
+fn whole_exposition(text: &str) -> bool {
+    text.ends_with('\n')
+        && text.lines().all(|l| {
+            l.starts_with('#')
+                || l.rsplit_once(' ').is_some_and(|(series, value)| {
+                    series.starts_with("cgmetric_")
+                        && (value.parse::<f64>().is_ok() || value == "+Inf")
+                })
+        })
+}
+
+fn reader(mountpoint: &Path, stop: &AtomicBool, seen: &Seen, seed: u64) {
+    let mut rng = seed;
+    let mut round = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        round += 1;
+        let names: Vec<String> = match std::fs::read_dir(mountpoint) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('k'))
+                .collect(),
+            Err(e) => {
+                seen.bad(format!("readdir: {e}"));
+                continue;
+            }
+        };
+        for name in names.iter().take(4) {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let dir = mountpoint.join(name);
+            for file in [
+                "pids_current",
+                "memory_usage",
+                "cpu_usage_usec",
+                "net_bytes_tx",
+            ] {
+                let path = dir.join(file);
+                seen.check(&path, std::fs::read_to_string(&path), whole_number);
+            }
+            let path = dir.join("name");
+            seen.check(&path, std::fs::read_to_string(&path), |t| {
+                t == format!("{name}\n")
+            });
+        }
+        if round % 20 == (seed % 20) {
+            let path = mountpoint.join("metrics.prom");
+            seen.check(&path, std::fs::read_to_string(&path), whole_exposition);
+        }
+    }
+}
+
+/// Resident memory (KiB) and open descriptors of a process.
+fn footprint(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (rss, fds)
+}
+
+fn map_ids(bpf: &BpfDir, name: &str) -> HashSet<u64> {
+    let map = aya::maps::MapData::from_pin(bpf.0.join(name)).unwrap();
+    let keys: Vec<u64> = match name {
+        cgmetric_common::NET_COUNTERS_MAP => {
+            aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::NetCounters>::try_from(
+                aya::maps::Map::PerCpuHashMap(map),
+            )
+            .unwrap()
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
+        }
+        _ => aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::ConnCounters>::try_from(
+            aya::maps::Map::PerCpuHashMap(map),
+        )
+        .unwrap()
+        .keys()
+        .filter_map(Result::ok)
+        .collect(),
+    };
+    keys.into_iter().collect()
+}
+
+fn v2_id(cg: &Cgroup) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dir: PathBuf = crate::support::host_layout()
+        .unified
+        .unwrap()
+        .join(&cg.relative);
+    std::fs::metadata(dir).unwrap().ino()
+}
+
+#[test]
+fn ten_thousand_containers_come_and_go_under_eight_readers() {
+    require!();
+    let _turn = heavy_turn();
+    let mut rng = Rng::seeded("ten_thousand_containers_come_and_go_under_eight_readers");
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("churn");
+    let server_cg = parent.child("server");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--bpf-dir", bpf.arg()]);
+    let pid = daemon.pid();
+
+    let talkers = CONTAINERS / TALKER_EVERY;
+    let port_dir = tempfile::tempdir().unwrap();
+    let port_file = port_dir.path().join("port");
+    let server = server_cg.start(Command::new(tcp_peer()).args([
+        "server",
+        "127.0.0.1:0",
+        port_file.to_str().unwrap(),
+        &talkers.to_string(),
+    ]));
+    assert!(eventually(Duration::from_secs(10), || port_file.exists()));
+    let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap());
+
+    let stop = AtomicBool::new(false);
+    let seen = Seen::default();
+    let mut baseline = None;
+    let mut talker_ids = Vec::new();
+    std::thread::scope(|scope| {
+        for r in 0..READERS {
+            let (stop, seen, mountpoint) = (&stop, &seen, &daemon.mountpoint);
+            let seed = rng.below(u64::MAX) ^ r as u64;
+            scope.spawn(move || reader(mountpoint, stop, seen, seed));
+        }
+        for batch in 0..CONTAINERS / BATCH {
+            let batch_cgroups: Vec<Cgroup> = (0..BATCH)
+                .map(|i| parent.child(&format!("k{batch}x{i}")))
+                .collect();
+            let clients: Vec<_> = batch_cgroups
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % TALKER_EVERY == 0)
+                .map(|(_, cg)| {
+                    talker_ids.push(v2_id(cg));
+                    cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "1000", "0"]))
+                })
+                .collect();
+            for client in clients {
+                assert!(client.wait_with_output().unwrap().status.success());
+            }
+            // Let the readers see this batch before it goes.
+            std::thread::sleep(Duration::from_millis(rng.below(20)));
+            drop(batch_cgroups);
+            if batch == 0 {
+                // Where the daemon stands once it has seen churn and readers.
+                std::thread::sleep(Duration::from_secs(1));
+                baseline = Some(footprint(pid));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(server.wait_with_output().unwrap().status.success());
+
+    let bad = seen.bad.lock().unwrap();
+    assert!(bad.is_empty(), "readers saw:\n{}", bad.join("\n"));
+    let (values, vanished) = (
+        seen.values.load(Ordering::Relaxed),
+        seen.vanished.load(Ordering::Relaxed),
+    );
+    assert!(values > 1000, "readers read only {values} values");
+
+    // Every churned container is gone from the tree and from the maps.
+    assert!(eventually(Duration::from_secs(10), || {
+        std::fs::read_dir(&daemon.mountpoint)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .all(|e| !e.file_name().to_string_lossy().starts_with('k'))
+    }));
+    let listed_once = std::fs::read_dir(&daemon.mountpoint).unwrap().count();
+    let talkers: HashSet<u64> = talker_ids.into_iter().collect();
+    let left: Vec<u64> = [
+        cgmetric_common::NET_COUNTERS_MAP,
+        cgmetric_common::CONN_COUNTERS_MAP,
+    ]
+    .iter()
+    .flat_map(|m| map_ids(&bpf, m))
+    .filter(|id| talkers.contains(id))
+    .collect();
+    assert!(
+        left.is_empty(),
+        "{} of {} removed talkers still in the maps",
+        left.len(),
+        talkers.len()
+    );
+
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss0, fds0) = baseline.unwrap();
+    let (rss, fds) = footprint(pid);
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "churn: {values} values and {vanished} ENOENT read; daemon RSS {rss0} -> {rss} KiB, \
+         fds {fds0} -> {fds}; root lists {listed_once}"
+    );
+    assert!(rss * 10 <= rss0 * 11, "RSS grew from {rss0} to {rss} KiB");
+    assert!(
+        fds * 10 <= fds0 * 11,
+        "descriptors grew from {fds0} to {fds}"
+    );
+    assert!(daemon.stderr().lines().all(|l| !l.contains("ERROR")));
+}
