@@ -16,5 +16,6 @@ mod memory;
 mod mount;
 mod net;
 mod overload;
+mod privilege;
 mod prometheus;
 mod tree;

@@ -509,11 +509,34 @@ impl Daemon {
     /// Starts the daemon on `mountpoint` without waiting. Unless `args`
     /// choose otherwise, it pins its eBPF objects in a directory of its own.
     pub fn spawn_at(mountpoint: &Path, args: &[&str]) -> Daemon {
+        Daemon::spawn_under(&[], mountpoint, args)
+    }
+
+    /// Starts the daemon through `wrapper` (a program that execs the rest
+    /// of its command line, such as setpriv) and waits until it is mounted.
+    pub fn start_under(wrapper: &[&str], args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mountpoint = dir.path().join("mnt");
+        fs::create_dir(&mountpoint).unwrap();
+        let mut daemon = Daemon::spawn_under(wrapper, &mountpoint, args);
+        daemon._dir = Some(dir);
+        daemon.wait_mounted();
+        daemon
+    }
+
+    fn spawn_under(wrapper: &[&str], mountpoint: &Path, args: &[&str]) -> Daemon {
         let log_dir = tempfile::tempdir().unwrap();
         let log = log_dir.path().join("stderr");
         let own_bpf_dir =
             (!args.iter().any(|a| *a == "--bpf-dir" || *a == "--no-ebpf")).then(BpfDir::new);
-        let mut command = Command::new(binary());
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
         command.args(args);
         if let Some(dir) = &own_bpf_dir {
             command.args(["--bpf-dir", dir.arg()]);
