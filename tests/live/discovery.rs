@@ -341,3 +341,84 @@ fn the_cgroup_tree_agrees_with_the_kernel() {
     .exists()));
     drop(b);
 }
+
+#[test]
+fn hostile_names_stay_inside_the_tree_and_escape_in_prometheus() {
+    require!("promtool");
+    let meta = Metadata::new();
+    // Any tenant can name a container: path syntax, quoting, length.
+    let long_ascii = "x".repeat(300);
+    let long_wide = "ü".repeat(200); // 400 bytes
+    let named = [
+        ("../../etc", ".._.._etc".to_string()),
+        ("..", "__".to_string()),
+        (".", "_".to_string()),
+        ("a/b", "a_b".to_string()),
+        (r#"q"uote\back"#, r#"q"uote\back"#.to_string()),
+        (long_ascii.as_str(), "x".repeat(255)),
+        (long_wide.as_str(), "ü".repeat(127)),
+    ];
+    let ids: Vec<String> = named.iter().map(|_| hex_id()).collect();
+    for ((name, _), id) in named.iter().zip(&ids) {
+        meta.docker(id, name);
+    }
+    let parent = Cgroup::parent("hostile");
+    let docker = parent.child("docker");
+    let _cgroups: Vec<Cgroup> = ids.iter().map(|id| docker.child(id)).collect();
+    let daemon = start(&meta, &[]);
+
+    let listing: Vec<String> = fs::read_dir(&daemon.mountpoint)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for ((given, expected), id) in named.iter().zip(&ids) {
+        assert!(expected.len() <= 255);
+        assert!(
+            listing.contains(expected),
+            "{given:?} is not listed as {expected:?}: {listing:?}"
+        );
+        // Each is a directory of the tree itself, reached by its own name.
+        assert_eq!(daemon.read(&format!("{expected}/id")), format!("{id}\n"));
+        let canonical = fs::canonicalize(daemon.path(expected)).unwrap();
+        assert_eq!(canonical.parent().unwrap(), daemon.mountpoint);
+    }
+
+    // Label values escaped: promtool parses the whole exposition, and the
+    // quote and backslash name is there as the format spells it.
+    let text = daemon.read("metrics.prom");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !said.contains("error"), "{said}");
+    assert!(
+        text.contains(r#"container="q\"uote\\back""#),
+        "{}",
+        text.lines()
+            .find(|l| l.contains("uote"))
+            .unwrap_or("no such series")
+    );
+    // The plain format: one line per value, each `<name>_<file> <value>`.
+    let metric = daemon.read("metric");
+    assert!(metric.lines().all(|l| l.rsplit_once(' ').is_some()));
+    assert_eq!(
+        metric
+            .lines()
+            .filter(|l| l.contains("_pids_current "))
+            .count(),
+        named.len()
+    );
+}
