@@ -11,6 +11,7 @@ mod cpu;
 mod crash;
 mod discovery;
 mod fixtures;
+mod input;
 mod lifecycle;
 mod memory;
 mod mount;
