@@ -197,13 +197,11 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
         "{cpu_per_read} µs of daemon CPU a read"
     );
     assert_eq!(fds_during, fds_before, "the daemon's descriptors");
-    // Found by this test and not yet explained: under 64 in-process reader
-    // threads with aggregate scrapes, anonymous memory grows about 70 bytes
-    // a read (14 -> 92 MiB in a minute on the 2-vCPU host); 64 reader
-    // processes at a lower rate leave it flat. The bound catches a runaway;
-    // the README and issue 7 carry the open finding.
+    // Snapshots live from open to release; the kernel must let releases
+    // through as fast as opens (see MAX_BACKGROUND in src/fs/fuse.rs: with
+    // the kernel's default this grew 78 MiB in this minute).
     assert!(
-        rss_during < 192 * 1024,
+        rss_during < rss_before + 16 * 1024,
         "RSS {rss_before} -> {rss_during} KiB"
     );
 }
