@@ -297,6 +297,31 @@ fn nothing_can_be_written() {
             Err(std::io::Error::last_os_error())
         },
     );
+    let os_result = |rc: i32| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let c_dir = std::ffi::CString::new(dir.join("node").to_str().unwrap()).unwrap();
+    // SAFETY: valid NUL-terminated path.
+    let rc = unsafe { libc::mknod(c_dir.as_ptr(), libc::S_IFIFO | 0o644, 0) };
+    refused("mknod", os_result(rc));
+    // SAFETY: valid NUL-terminated path and name.
+    let rc = unsafe { libc::removexattr(c_path.as_ptr(), c"user.x".as_ptr()) };
+    let err = os_result(rc).expect_err("removexattr");
+    assert!(
+        [
+            libc::EROFS,
+            libc::EACCES,
+            libc::EPERM,
+            libc::ENODATA,
+            libc::ENOTSUP
+        ]
+        .contains(&err.raw_os_error().unwrap()),
+        "removexattr: {err}"
+    );
     // Still intact.
     assert_eq!(daemon.read("box1/name"), "box1\n");
 }
