@@ -86,6 +86,7 @@ fn reader(mountpoint: &Path, stop: &AtomicBool, seen: &Seen, seed: u64) {
                 continue;
             }
         };
+        let _reading = crate::support::reading();
         for name in names.iter().take(4) {
             rng = rng
                 .wrapping_mul(6364136223846793005)

@@ -112,6 +112,7 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
                             format!("box{container}/{file}")
                         };
                         let path = daemon.path(&relative);
+                        let _reading = crate::support::reading();
                         let began = Instant::now();
                         buf.clear();
                         let result =

@@ -78,6 +78,18 @@ fn enable_controllers(dir: &Path) {
     let _ = fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
 }
 
+/// `pre_exec` makes std fork() instead of vfork(). A fork while another
+/// thread's direct-I/O read is in flight can land the data in the page the
+/// child now owns (the read's buffer was pinned without FOLL_PIN: kernels
+/// before the fuse switch to pinned pages; seen on 6.1): the reader sees its
+/// buffer's previous bytes with the new length. Tests that read from many
+/// threads hold [`reading`] around each read; spawning waits for them.
+static FORKING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub fn reading() -> std::sync::RwLockReadGuard<'static, ()> {
+    FORKING.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A small deterministic generator for tests that pick random moments. The
 /// seed comes from CGMETRIC_TEST_SEED or the clock; failures print it.
 pub struct Rng {
@@ -236,6 +248,7 @@ impl Cgroup {
     /// is the caller's to choose.
     pub fn start(&self, command: &mut Command) -> Child {
         self.enter_on_exec(command);
+        let _forking = FORKING.write().unwrap_or_else(|e| e.into_inner());
         command
             .stdout(Stdio::piped())
             .spawn()
@@ -246,6 +259,7 @@ impl Cgroup {
     /// executes anything.
     pub fn spawn(&mut self, command: &mut Command) -> u32 {
         self.enter_on_exec(command);
+        let _forking = FORKING.write().unwrap_or_else(|e| e.into_inner());
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -587,6 +601,7 @@ impl Daemon {
 
     pub fn read(&self, relative: &str) -> String {
         let path = self.path(relative);
+        let _reading = reading();
         fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), self.stderr()))
     }
