@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
 use crate::cgroup::read::SourceError;
-use crate::metrics::{MetricId, Sample};
+use crate::metrics::{MetricId, Sample, METRICS};
 use crate::registry::{CgroupTree, Container, Registry};
 use crate::render;
 use crate::sample::Sampler;
@@ -172,6 +172,14 @@ impl Model {
                     Err(e) => match owner {
                         Owner::Cgroup(_) => {
                             Node::Dir(Owner::Cgroup(self.cgroup_child(&dir, name)?))
+                        }
+                        // A catalogue file the container lacks may belong to
+                        // a hierarchy whose mkdir event is still queued: take
+                        // the pending changes, then look once more.
+                        Owner::Container(_) if METRICS.iter().any(|m| m.file == name) => {
+                            self.refresh();
+                            let dir = self.owner(owner)?;
+                            Node::File(owner, self.entry(&dir, name)?)
                         }
                         Owner::Container(_) => return Err(e),
                     },

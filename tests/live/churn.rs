@@ -17,6 +17,8 @@ use crate::support::{eventually, heavy_turn, tcp_peer, BpfDir, Cgroup, Daemon, R
 const CONTAINERS: usize = 10_000;
 const BATCH: usize = 100;
 const READERS: usize = 8;
+/// Batches (of 100 containers) before the baseline footprint is taken.
+const WARM_UP_BATCHES: usize = 10;
 /// One container in this many sends traffic, so the maps churn too.
 const TALKER_EVERY: usize = 25;
 
@@ -212,8 +214,9 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
             // Let the readers see this batch before it goes.
             std::thread::sleep(Duration::from_millis(rng.below(20)));
             drop(batch_cgroups);
-            if batch == 0 {
-                // Where the daemon stands once it has seen churn and readers.
+            if batch == WARM_UP_BATCHES - 1 {
+                // Where the daemon stands once it has seen churn and readers
+                // (its tables, buffers and the allocator at working size).
                 std::thread::sleep(Duration::from_secs(1));
                 baseline = Some(footprint(pid));
             }
