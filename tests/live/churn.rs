@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::require;
-use crate::support::{eventually, heavy_turn, tcp_peer, BpfDir, Cgroup, Daemon, Rng};
+use crate::support::{eventually, heavy_turn, map_ids, tcp_peer, BpfDir, Cgroup, Daemon, Rng};
 
 const CONTAINERS: usize = 10_000;
 const BATCH: usize = 100;
@@ -129,29 +129,6 @@ fn footprint(pid: u32) -> (u64, usize) {
     (rss, fds)
 }
 
-fn map_ids(bpf: &BpfDir, name: &str) -> HashSet<u64> {
-    let map = aya::maps::MapData::from_pin(bpf.0.join(name)).unwrap();
-    let keys: Vec<u64> = match name {
-        cgmetric_common::NET_COUNTERS_MAP => {
-            aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::NetCounters>::try_from(
-                aya::maps::Map::PerCpuHashMap(map),
-            )
-            .unwrap()
-            .keys()
-            .filter_map(Result::ok)
-            .collect()
-        }
-        _ => aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::ConnCounters>::try_from(
-            aya::maps::Map::PerCpuHashMap(map),
-        )
-        .unwrap()
-        .keys()
-        .filter_map(Result::ok)
-        .collect(),
-    };
-    keys.into_iter().collect()
-}
-
 fn v2_id(cg: &Cgroup) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let dir: PathBuf = crate::support::host_layout()
@@ -174,16 +151,7 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
     let pid = daemon.pid();
 
     let talkers = CONTAINERS / TALKER_EVERY;
-    let port_dir = tempfile::tempdir().unwrap();
-    let port_file = port_dir.path().join("port");
-    let server = server_cg.start(Command::new(tcp_peer()).args([
-        "server",
-        "127.0.0.1:0",
-        port_file.to_str().unwrap(),
-        &talkers.to_string(),
-    ]));
-    assert!(eventually(Duration::from_secs(10), || port_file.exists()));
-    let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap());
+    let (server, addr) = server_cg.serve(talkers);
 
     let stop = AtomicBool::new(false);
     let seen = Seen::default();

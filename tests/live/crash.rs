@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::require;
-use crate::support::{eventually, heavy_turn, tcp_peer, BpfDir, Cgroup, Daemon, Rng};
+use crate::support::{heavy_turn, tcp_peer, BpfDir, Cgroup, Daemon, Rng};
 
 const KILLS: usize = 20;
 
@@ -29,15 +29,7 @@ fn twenty_kills_during_traffic_lose_nothing() {
     let mut daemon = Daemon::spawn_at(&mountpoint, &args);
     daemon.wait_mounted();
 
-    let port_file = dir.path().join("port");
-    let server = server_cg.start(Command::new(tcp_peer()).args([
-        "server",
-        "127.0.0.1:0",
-        port_file.to_str().unwrap(),
-        "1",
-    ]));
-    assert!(eventually(Duration::from_secs(10), || port_file.exists()));
-    let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap());
+    let (server, addr) = server_cg.serve(1);
     // 48 MiB in 64 KiB writes 10 ms apart: about 8 s, across the kills.
     let payload: u64 = 48 << 20;
     let client = client_cg.start(Command::new(tcp_peer()).args([

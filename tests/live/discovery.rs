@@ -386,24 +386,8 @@ fn hostile_names_stay_inside_the_tree_and_escape_in_prometheus() {
     // Label values escaped: promtool parses the whole exposition, and the
     // quote and backslash name is there as the format spells it.
     let text = daemon.read("metrics.prom");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    let said =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !said.contains("error"), "{said}");
+    let (passed, said) = crate::support::promtool_check(&text);
+    assert!(passed && !said.contains("error"), "{said}");
     assert!(
         text.contains(r#"container="q\"uote\\back""#),
         "{}",

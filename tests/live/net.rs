@@ -94,17 +94,27 @@ fn client_and_server_traffic_is_exact() {
     let tx = pair.number("client", "net_bytes_tx");
     let rx = pair.number("server", "net_bytes_rx");
     let packets = pair.number("client", "net_packets_tx");
-    // At least the payload, plus one header per packet and no more.
-    assert!(
-        tx >= payload && tx <= payload + packets * (HEADER + 8),
-        "tx {tx} for {payload} in {packets} packets"
-    );
-    // The server received what the client sent: only a TIME_WAIT ACK, sent by
-    // the kernel on the closed socket's behalf, is unattributable.
-    assert!(
-        rx.abs_diff(tx) <= HEADER,
-        "server rx {rx} vs client tx {tx}"
-    );
+    if pair.number("client", "net_tcp_retransmits") > 0 {
+        // Loopback dropped under load: resent segments count again on the
+        // sender, and what the receiver had already seen is not resent.
+        assert!(
+            tx >= payload && tx < payload + payload / 50 && rx >= payload && rx <= tx + HEADER,
+            "with retransmits: tx {tx}, rx {rx} for {payload}"
+        );
+    } else {
+        // At least the payload, plus one header per packet and no more.
+        assert!(
+            tx >= payload && tx <= payload + packets * (HEADER + 8),
+            "tx {tx} for {payload} in {packets} packets"
+        );
+        // The server received what the client sent: only a TIME_WAIT ACK,
+        // sent by the kernel on the closed socket's behalf, is
+        // unattributable.
+        assert!(
+            rx.abs_diff(tx) <= HEADER,
+            "server rx {rx} vs client tx {tx}"
+        );
+    }
     let (back_tx, back_rx) = (
         pair.number("server", "net_bytes_tx"),
         pair.number("client", "net_bytes_rx"),

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::require;
-use crate::support::{eventually, tcp_peer, BpfDir, Cgroup, Daemon};
+use crate::support::{eventually, map_ids, tcp_peer, BpfDir, Cgroup, Daemon};
 
 /// CAP_DAC_READ_SEARCH (2), CAP_NET_ADMIN (12), CAP_SYS_ADMIN (21), CAP_BPF (39).
 const DOCUMENTED: u64 = 1 << 2 | 1 << 12 | 1 << 21 | 1 << 39;
@@ -19,17 +19,6 @@ fn effective_caps(pid: u32) -> u64 {
         .unwrap()
         .trim();
     u64::from_str_radix(hex, 16).unwrap()
-}
-
-fn map_ids(bpf: &BpfDir) -> Vec<u64> {
-    let map = aya::maps::MapData::from_pin(bpf.0.join(cgmetric_common::NET_COUNTERS_MAP)).unwrap();
-    aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::NetCounters>::try_from(
-        aya::maps::Map::PerCpuHashMap(map),
-    )
-    .unwrap()
-    .keys()
-    .filter_map(Result::ok)
-    .collect()
 }
 
 #[test]
@@ -59,16 +48,7 @@ fn the_documented_capabilities_are_enough() {
     );
 
     // Traffic is counted.
-    let ports = tempfile::tempdir().unwrap();
-    let port_file = ports.path().join("port");
-    let listener = server.start(Command::new(tcp_peer()).args([
-        "server",
-        "127.0.0.1:0",
-        port_file.to_str().unwrap(),
-        "1",
-    ]));
-    assert!(eventually(Duration::from_secs(10), || port_file.exists()));
-    let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap());
+    let (listener, addr) = server.serve(1);
     let sent = client
         .start(Command::new(tcp_peer()).args(["client", &addr, "1", "100000", "0"]))
         .wait_with_output()
@@ -95,12 +75,12 @@ fn the_documented_capabilities_are_enough() {
     )
     .unwrap()
     .ino();
-    assert!(map_ids(&bpf).contains(&client_id));
+    assert!(map_ids(&bpf, cgmetric_common::NET_COUNTERS_MAP).contains(&client_id));
     client.remove();
     assert!(
         eventually(Duration::from_secs(5), || {
             let _ = std::fs::read_dir(&daemon.mountpoint).map(|d| d.count());
-            !map_ids(&bpf).contains(&client_id)
+            !map_ids(&bpf, cgmetric_common::NET_COUNTERS_MAP).contains(&client_id)
         }),
         "the removed cgroup's entry stayed"
     );

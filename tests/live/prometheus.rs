@@ -18,27 +18,9 @@ fn promtool_accepts_metrics_prom() {
     let daemon = Daemon::start(&["--cgroup", &glob]);
     let text = daemon.read("metrics.prom");
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    let complaints = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (passed, complaints) = crate::support::promtool_check(&text);
     assert!(
-        out.status.success() && complaints.trim().is_empty(),
+        passed && complaints.trim().is_empty(),
         "promtool: {complaints}\n{text}"
     );
 

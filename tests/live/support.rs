@@ -78,6 +78,49 @@ fn enable_controllers(dir: &Path) {
     let _ = fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
 }
 
+/// The cgroup ids in one of a daemon's pinned counter maps
+/// (`NET_COUNTERS_MAP` or `CONN_COUNTERS_MAP`).
+pub fn map_ids(bpf: &BpfDir, name: &str) -> std::collections::HashSet<u64> {
+    use aya::maps::{Map, MapData, PerCpuHashMap};
+    use cgmetric_common::{ConnCounters, NetCounters, NET_COUNTERS_MAP};
+    let map = Map::PerCpuHashMap(MapData::from_pin(bpf.0.join(name)).unwrap());
+    match name {
+        NET_COUNTERS_MAP => PerCpuHashMap::<_, u64, NetCounters>::try_from(map)
+            .unwrap()
+            .keys()
+            .filter_map(Result::ok)
+            .collect(),
+        _ => PerCpuHashMap::<_, u64, ConnCounters>::try_from(map)
+            .unwrap()
+            .keys()
+            .filter_map(Result::ok)
+            .collect(),
+    }
+}
+
+/// `promtool check metrics` on an exposition: whether it passed, and what
+/// it said.
+pub fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said)
+}
+
 /// `pre_exec` makes std fork() instead of vfork(). A fork while another
 /// thread's direct-I/O read is in flight can land the data in the page the
 /// child now owns (the read's buffer was pinned without FOLL_PIN: kernels
@@ -253,6 +296,25 @@ impl Cgroup {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"))
+    }
+
+    /// Starts a `tcp_peer` server in this cgroup on loopback for
+    /// `connections`, and returns it with the address it listens on.
+    pub fn serve(&self, connections: usize) -> (Child, String) {
+        let ports = tempfile::tempdir().unwrap();
+        let port_file = ports.path().join("port");
+        let server = self.start(Command::new(tcp_peer()).args([
+            "server",
+            "127.0.0.1:0",
+            port_file.to_str().unwrap(),
+            &connections.to_string(),
+        ]));
+        assert!(
+            eventually(Duration::from_secs(10), || port_file.exists()),
+            "server did not start"
+        );
+        let port = fs::read_to_string(&port_file).unwrap();
+        (server, format!("127.0.0.1:{port}"))
     }
 
     /// Starts `command` inside this cgroup, in every hierarchy, before it
