@@ -5,14 +5,16 @@
 
 use std::collections::HashSet;
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::require;
-use crate::support::{eventually, heavy_turn, map_ids, tcp_peer, BpfDir, Cgroup, Daemon, Rng};
+use crate::support::{
+    eventually, heavy_turn, map_ids, open_fds, rss_kib, tcp_peer, BpfDir, Cgroup, Daemon, Rng,
+};
 
 const CONTAINERS: usize = 10_000;
 const BATCH: usize = 100;
@@ -115,29 +117,6 @@ fn reader(mountpoint: &Path, stop: &AtomicBool, seen: &Seen, seed: u64) {
     }
 }
 
-/// Resident memory (KiB) and open descriptors of a process.
-fn footprint(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    (rss, fds)
-}
-
-fn v2_id(cg: &Cgroup) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let dir: PathBuf = crate::support::host_layout()
-        .unified
-        .unwrap()
-        .join(&cg.relative);
-    std::fs::metadata(dir).unwrap().ino()
-}
-
 #[test]
 fn ten_thousand_containers_come_and_go_under_eight_readers() {
     require!();
@@ -151,7 +130,7 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
     let pid = daemon.pid();
 
     let talkers = CONTAINERS / TALKER_EVERY;
-    let (server, addr) = server_cg.serve(talkers);
+    let (server, addr) = server_cg.serve("127.0.0.1", talkers);
 
     let stop = AtomicBool::new(false);
     let seen = Seen::default();
@@ -172,7 +151,7 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
                 .enumerate()
                 .filter(|(i, _)| i % TALKER_EVERY == 0)
                 .map(|(_, cg)| {
-                    talker_ids.push(v2_id(cg));
+                    talker_ids.push(cg.v2_id());
                     cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "1000", "0"]))
                 })
                 .collect();
@@ -186,7 +165,7 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
                 // Where the daemon stands once it has seen churn and readers
                 // (its tables, buffers and the allocator at working size).
                 std::thread::sleep(Duration::from_secs(1));
-                baseline = Some(footprint(pid));
+                baseline = Some((rss_kib(pid), open_fds(pid)));
             }
         }
         stop.store(true, Ordering::Relaxed);
@@ -227,7 +206,7 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
 
     std::thread::sleep(Duration::from_millis(500));
     let (rss0, fds0) = baseline.unwrap();
-    let (rss, fds) = footprint(pid);
+    let (rss, fds) = (rss_kib(pid), open_fds(pid));
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),

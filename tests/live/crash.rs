@@ -29,7 +29,7 @@ fn twenty_kills_during_traffic_lose_nothing() {
     let mut daemon = Daemon::spawn_at(&mountpoint, &args);
     daemon.wait_mounted();
 
-    let (server, addr) = server_cg.serve(1);
+    let (server, addr) = server_cg.serve("127.0.0.1", 1);
     // 48 MiB in 64 KiB writes 10 ms apart: about 8 s, across the kills.
     let payload: u64 = 48 << 20;
     let client = client_cg.start(Command::new(tcp_peer()).args([

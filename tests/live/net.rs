@@ -2,7 +2,6 @@
 //! cgroups (on loopback, and across a veth pair into a network namespace),
 //! compared with what the peers moved and what the kernel's devices count.
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,6 @@ struct Pair {
     server: Cgroup,
     client: Cgroup,
     _parent: Cgroup,
-    port_file: tempfile::TempDir,
 }
 
 impl Pair {
@@ -35,25 +33,12 @@ impl Pair {
             server,
             client,
             _parent: parent,
-            port_file: tempfile::tempdir().unwrap(),
         }
     }
 
     /// Starts the server for `connections` and returns it with its address.
     fn serve(&self, bind: &str, connections: usize) -> (Child, String) {
-        let port_file = self.port_file.path().join(unique("port"));
-        let server = self.server.start(Command::new(tcp_peer()).args([
-            "server",
-            &format!("{bind}:0"),
-            port_file.to_str().unwrap(),
-            &connections.to_string(),
-        ]));
-        assert!(
-            eventually(Duration::from_secs(10), || port_file.exists()),
-            "server did not start"
-        );
-        let port = std::fs::read_to_string(&port_file).unwrap();
-        (server, format!("{bind}:{port}"))
+        self.server.serve(bind, connections)
     }
 
     fn number(&self, container: &str, file: &str) -> u64 {
@@ -413,16 +398,7 @@ fn a_daemon_killed_during_traffic_loses_nothing() {
     };
     let attachment = link_id();
 
-    let port_dir = tempfile::tempdir().unwrap();
-    let port_file = port_dir.path().join("port");
-    let server = server_cg.start(Command::new(tcp_peer()).args([
-        "server",
-        "127.0.0.1:0",
-        port_file.to_str().unwrap(),
-        "1",
-    ]));
-    assert!(eventually(Duration::from_secs(10), || port_file.exists()));
-    let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap());
+    let (server, addr) = server_cg.serve("127.0.0.1", 1);
     // 20 MiB in 64 KiB writes 10 ms apart: about 3 s of traffic.
     let payload: u64 = 20 << 20;
     let client = client_cg.start(Command::new(tcp_peer()).args([
@@ -478,22 +454,13 @@ fn removed_cgroups_leave_the_maps_and_their_container_keeps_their_counts() {
     let glob = format!("{}/*", parent.relative);
     let daemon = Daemon::start(&["--cgroup", &glob, "--bpf-dir", bpf.arg()]);
 
-    let port_dir = tempfile::tempdir().unwrap();
-    let send_from = |cg: &Cgroup, name: &str| {
-        let port_file = port_dir.path().join(name);
-        let server = server_cg.start(Command::new(tcp_peer()).args([
-            "server",
-            "127.0.0.1:0",
-            port_file.to_str().unwrap(),
-            "1",
-        ]));
-        assert!(eventually(Duration::from_secs(10), || port_file.exists()));
-        let addr = format!("127.0.0.1:{}", std::fs::read_to_string(&port_file).unwrap());
+    let send_from = |cg: &Cgroup| {
+        let (server, addr) = server_cg.serve("127.0.0.1", 1);
         finish(cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "100000", "0"])));
         finish(server);
     };
-    send_from(&job, "job");
-    send_from(&gone, "gone");
+    send_from(&job);
+    send_from(&gone);
     settle();
     let box_tx = daemon.number("box/net_bytes_tx");
     assert!(
@@ -509,8 +476,8 @@ fn removed_cgroups_leave_the_maps_and_their_container_keeps_their_counts() {
         .unwrap();
         map.keys().map(Result::unwrap).collect()
     };
-    let job_id = inode(&cgroup_v2_dir(&job));
-    let gone_id = inode(&cgroup_v2_dir(&gone));
+    let job_id = job.v2_id();
+    let gone_id = gone.v2_id();
     assert!(ids_in_map().contains(&job_id) && ids_in_map().contains(&gone_id));
 
     job.remove();
@@ -524,18 +491,6 @@ fn removed_cgroups_leave_the_maps_and_their_container_keeps_their_counts() {
         "the container's total went down"
     );
     drop(daemon);
-}
-
-fn cgroup_v2_dir(cg: &Cgroup) -> PathBuf {
-    crate::support::host_layout()
-        .unified
-        .unwrap()
-        .join(&cg.relative)
-}
-
-fn inode(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).unwrap().ino()
 }
 
 #[test]

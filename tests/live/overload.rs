@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::require;
-use crate::support::{heavy_turn, Cgroup, Daemon, Rng};
+use crate::support::{heavy_turn, open_fds, rss_kib, Cgroup, Daemon, Rng};
 
 const READERS: usize = 64;
 const DURATION: Duration = Duration::from_secs(60);
@@ -38,21 +38,6 @@ fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_micros(ticks * 1_000_000 / hz)
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// Lets this process hold the hoard: the soft descriptor limit up to the
@@ -87,7 +72,7 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
     let pid = daemon.pid();
     let hoard_size = HOARD.min(raise_nofile() as usize / 2);
 
-    let (fds_before, rss_before, cpu_before) = (fds(pid), rss_kib(pid), cpu_time(pid));
+    let (fds_before, rss_before, cpu_before) = (open_fds(pid), rss_kib(pid), cpu_time(pid));
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let (latencies, failures, hoard) = std::thread::scope(|scope| {
@@ -155,7 +140,7 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
         (latencies, failures, hoard)
     });
     let elapsed = started.elapsed();
-    let (fds_during, rss_during, cpu) = (fds(pid), rss_kib(pid), cpu_time(pid) - cpu_before);
+    let (fds_during, rss_during, cpu) = (open_fds(pid), rss_kib(pid), cpu_time(pid) - cpu_before);
     // Every held handle still reads its snapshot.
     for mut f in hoard.iter().take(100) {
         let mut text = String::new();

@@ -48,7 +48,7 @@ fn the_documented_capabilities_are_enough() {
     );
 
     // Traffic is counted.
-    let (listener, addr) = server.serve(1);
+    let (listener, addr) = server.serve("127.0.0.1", 1);
     let sent = client
         .start(Command::new(tcp_peer()).args(["client", &addr, "1", "100000", "0"]))
         .wait_with_output()
@@ -66,15 +66,7 @@ fn the_documented_capabilities_are_enough() {
 
     // A removed cgroup is swept from the maps: resolving ids by handle
     // (CAP_DAC_READ_SEARCH) works.
-    use std::os::unix::fs::MetadataExt;
-    let client_id = std::fs::metadata(
-        crate::support::host_layout()
-            .unified
-            .unwrap()
-            .join(&client.relative),
-    )
-    .unwrap()
-    .ino();
+    let client_id = client.v2_id();
     assert!(map_ids(&bpf, cgmetric_common::NET_COUNTERS_MAP).contains(&client_id));
     client.remove();
     assert!(

@@ -78,6 +78,21 @@ fn enable_controllers(dir: &Path) {
     let _ = fs::write(dir.join("cgroup.subtree_control"), "+cpu +memory +pids +io");
 }
 
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// How many descriptors a process has open.
+pub fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
 /// The cgroup ids in one of a daemon's pinned counter maps
 /// (`NET_COUNTERS_MAP` or `CONN_COUNTERS_MAP`).
 pub fn map_ids(bpf: &BpfDir, name: &str) -> std::collections::HashSet<u64> {
@@ -298,14 +313,15 @@ impl Cgroup {
             .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"))
     }
 
-    /// Starts a `tcp_peer` server in this cgroup on loopback for
-    /// `connections`, and returns it with the address it listens on.
-    pub fn serve(&self, connections: usize) -> (Child, String) {
+    /// Starts a `tcp_peer` server in this cgroup on `bind` (an IPv4
+    /// address) for `connections`, and returns it with the address it
+    /// listens on.
+    pub fn serve(&self, bind: &str, connections: usize) -> (Child, String) {
         let ports = tempfile::tempdir().unwrap();
         let port_file = ports.path().join("port");
         let server = self.start(Command::new(tcp_peer()).args([
             "server",
-            "127.0.0.1:0",
+            &format!("{bind}:0"),
             port_file.to_str().unwrap(),
             &connections.to_string(),
         ]));
@@ -314,7 +330,14 @@ impl Cgroup {
             "server did not start"
         );
         let port = fs::read_to_string(&port_file).unwrap();
-        (server, format!("127.0.0.1:{port}"))
+        (server, format!("{bind}:{port}"))
+    }
+
+    /// Its cgroup id: the inode of its v2 directory (what eBPF reports).
+    pub fn v2_id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.layout.unified.as_ref().unwrap().join(&self.relative);
+        fs::metadata(dir).unwrap().ino()
     }
 
     /// Starts `command` inside this cgroup, in every hierarchy, before it
