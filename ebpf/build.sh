@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds cgmetric's eBPF object and puts it where the daemon embeds it
-# (ebpf/prebuilt/cgmetric.bpf.o). Needs the nightly toolchain with rust-src
-# and bpf-linker (see .ci/install-ebpf-toolchain). `--check` builds into a
+# (ebpf/prebuilt/cgmetric.bpf.o). Needs the nightly pinned in
+# rust-toolchain.toml, with rust-src, and bpf-linker (see
+# .ci/install-ebpf-toolchain). `--check` builds into a
 # temporary directory and fails if the committed object differs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,10 +16,11 @@ target_dir=$(mktemp -d)
 trap 'rm -rf "$target_dir" "$stage"' EXIT
 rm -rf "$stage" && mkdir -p "$stage"
 repo=$(dirname "$here")
+nightly=$("$repo/.ci/nightly")
 cp -r "$repo/common" "$stage/common"
 mkdir "$stage/ebpf" && cp -r "$here/Cargo.toml" "$here/Cargo.lock" "$here/src" "$stage/ebpf/"
-export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf --remap-path-prefix=$stage=cgmetric --remap-path-prefix=$HOME/.cargo=cargo --remap-path-prefix=$(rustc +nightly --print sysroot)=rust"
-(cd "$stage/ebpf" && cargo +nightly build --release --locked \
+export RUSTFLAGS="-C debuginfo=2 -C link-arg=--btf --remap-path-prefix=$stage=cgmetric --remap-path-prefix=$HOME/.cargo=cargo --remap-path-prefix=$(rustc +"$nightly" --print sysroot)=rust"
+(cd "$stage/ebpf" && cargo +"$nightly" build --release --locked \
     --target bpfel-unknown-none -Z build-std=core \
     --target-dir "$target_dir" -q)
 built="$target_dir/bpfel-unknown-none/release/cgmetric-ebpf"
