@@ -130,7 +130,7 @@ impl Daemon {
             .spawn()
             .expect("taskset (util-linux) and cgmetric");
         let daemon = Daemon { mnt, child };
-        wait_for(|| cgmetric::daemon::statfs(&daemon.mnt).is_ok() && is_fuse(&daemon.mnt));
+        wait_for(|| cgmetric::daemon::is_served(&daemon.mnt));
         daemon
     }
 

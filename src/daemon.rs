@@ -296,15 +296,23 @@ fn is_stale_cgmetric(mount: &MountEntry, path: &Path) -> bool {
 /// Asks the filesystem at `path` for its statistics. FUSE forwards every
 /// statfs to the daemon (a `stat` may be answered from the kernel's
 /// attribute cache), so this tells a live mount from a dead one.
-pub fn statfs(path: &Path) -> io::Result<()> {
+pub fn statfs(path: &Path) -> io::Result<libc::statfs> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: c_path is NUL-terminated and buf is large enough for statfs.
     match unsafe { libc::statfs(c_path.as_ptr(), buf.as_mut_ptr()) } {
-        0 => Ok(()),
+        // SAFETY: statfs filled buf when it returned 0.
+        0 => Ok(unsafe { buf.assume_init() }),
         _ => Err(io::Error::last_os_error()),
     }
+}
+
+/// Whether a live FUSE filesystem answers at `path`. A mount seen in the
+/// mount table is not enough: a starting daemon may detach it (a stale one)
+/// before the statfs, which then succeeds on the directory underneath.
+pub fn is_served(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.f_type == libc::FUSE_SUPER_MAGIC)
 }
 
 /// The absolute form of `path` with its parent's symlinks resolved, without

@@ -158,5 +158,5 @@ fn is_live_cgmetric(mountpoint: &Path) -> bool {
     let mounts = cgmetric::mounts::read_mount_table().unwrap_or_default();
     cgmetric::mounts::mount_at(&mounts, mountpoint)
         .is_some_and(|m| m.fs_type == cgmetric::daemon::FS_TYPE)
-        && cgmetric::daemon::statfs(mountpoint).is_ok()
+        && cgmetric::daemon::is_served(mountpoint)
 }

@@ -764,7 +764,7 @@ impl Drop for Daemon {
 /// Whether a cgmetric daemon serves `path`: mounted and answering (a stale
 /// mount left by a killed daemon answers ENOTCONN).
 pub fn is_live(path: &Path) -> bool {
-    is_mounted(path) && cgmetric::daemon::statfs(path).is_ok()
+    is_mounted(path) && cgmetric::daemon::is_served(path)
 }
 
 /// Whether a cgmetric filesystem, live or stale, is mounted at `path`.
