@@ -165,10 +165,18 @@ fn wait_for(check: impl Fn() -> bool) {
 }
 
 fn pin_to(cpu: usize) {
+    pin_to_any(&[cpu]);
+}
+
+/// Lets this thread run on any of `cpus` (all of them: the scheduler's
+/// choice).
+fn pin_to_any(cpus: &[usize]) {
     // SAFETY: a zeroed cpu_set_t is valid; the calls only read it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
@@ -233,12 +241,19 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         "{:<34} {:>9} {:>9} {:>12} {:>12}",
         "", "p50", "p99", "p50 / raw", "p50 / lxcfs"
     );
+    let all_cpus: Vec<usize> = (0..cpus()).collect();
+    // Pinned, the two cases a wake-up can take; unpinned, what the
+    // scheduler makes of it (what users get).
     for (placement, daemon_cpu) in [
-        ("reader and daemon on one CPU", 0),
-        ("reader and daemon on two CPUs", other_cpu),
+        ("reader and daemon on one CPU", Some(0)),
+        ("reader and daemon on two CPUs", Some(other_cpu)),
+        ("unpinned (the scheduler's choice)", None),
     ] {
-        let daemon = Daemon::start(&format!("{base}/single/*"), Some(daemon_cpu));
-        pin_to(0);
+        let daemon = Daemon::start(&format!("{base}/single/*"), daemon_cpu);
+        match daemon_cpu {
+            Some(_) => pin_to(0),
+            None => pin_to_any(&all_cpus),
+        }
         let ours = daemon.mnt.join("box/memory_usage");
         let _ = time_reads(&ours, 1000);
         let mut raw_t = time_reads(&raw, SINGLE_READS);

@@ -16,9 +16,6 @@ use fuser::{
 use super::inode::Kind;
 use super::model::{Attr, FsError, Model};
 
-/// How long the kernel may cache names and attributes. Values are never
-/// cached (direct I/O); a name may outlive its container by this much, after
-/// which it is looked up again, and opening it meanwhile fails cleanly.
 /// How long the kernel may keep a name and its attributes without asking.
 /// Container directories and their files never change while they live, and
 /// a vanished container is invalidated at once, so their names are kept

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::require;
+use cgmetric::cgroup::Controller;
+
 use crate::support::{heavy_turn, open_fds, rss_kib, Cgroup, Daemon, Rng};
 
 const READERS: usize = 64;
@@ -38,6 +40,53 @@ fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// CPU time this thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// CPU time of one open/read/close of `path` by this thread, over many.
+fn raw_read_cpu(path: &std::path::Path) -> Duration {
+    const READS: u32 = 2000;
+    let began = thread_cpu();
+    for _ in 0..READS {
+        std::fs::read(path).unwrap();
+    }
+    (thread_cpu() - began) / READS
+}
+
+/// CPU time, both sides together, of one wake-up round trip between two
+/// threads over pipes: what every FUSE request costs at least (the reader
+/// sleeps, a daemon thread wakes, replies and wakes the reader).
+fn round_trip_cpu() -> Duration {
+    use std::io::Write;
+    const TRIPS: u32 = 2000;
+    let (mut ping_rx, mut ping_tx) = std::io::pipe().unwrap();
+    let (mut pong_rx, mut pong_tx) = std::io::pipe().unwrap();
+    let echo = std::thread::spawn(move || {
+        let began = thread_cpu();
+        let mut byte = [0u8];
+        for _ in 0..TRIPS {
+            ping_rx.read_exact(&mut byte).unwrap();
+            pong_tx.write_all(&byte).unwrap();
+        }
+        thread_cpu() - began
+    });
+    let began = thread_cpu();
+    let mut byte = [0u8];
+    for _ in 0..TRIPS {
+        ping_tx.write_all(&byte).unwrap();
+        pong_rx.read_exact(&mut byte).unwrap();
+    }
+    (thread_cpu() - began + echo.join().unwrap()) / TRIPS
 }
 
 /// Lets this process hold the hoard: the soft descriptor limit up to the
@@ -71,6 +120,11 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
     let daemon = Daemon::start(&["--cgroup", &glob]);
     let pid = daemon.pid();
     let hoard_size = HOARD.min(raise_nofile() as usize / 2);
+    let raw_cpu = raw_read_cpu(&boxes[0].dir(Controller::Pids).join("pids.current"));
+    // What a read cannot cost less than: the cgroupfs read behind it and a
+    // wake-up round trip for each of its FUSE requests (open, read, the read
+    // that finds the end, release).
+    let floor_cpu = raw_cpu + 4 * round_trip_cpu();
 
     let (fds_before, rss_before, cpu_before) = (open_fds(pid), rss_kib(pid), cpu_time(pid));
     let stop = AtomicBool::new(false);
@@ -159,12 +213,14 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
     sorted.sort_unstable();
     let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
     let reads = sorted.len() as u64;
-    let cpu_per_read = cpu.as_micros() as u64 / reads.max(1);
+    let cpu_per_read = cpu / reads.max(1) as u32;
+    let cpu_ratio = cpu_per_read.as_secs_f64() / floor_cpu.as_secs_f64();
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),
         "overload: {reads} reads by {READERS} readers in {:.0} s ({:.0}/s); latency p50 {} µs, \
-         p99 {} µs, max {} µs; daemon CPU {:.1} s ({cpu_per_read} µs a read, {:.0}% of a core); \
+         p99 {} µs, max {} µs; daemon CPU {:.1} s ({:.1} µs a read, {cpu_ratio:.2}× the floor of \
+         {:.1} µs: a raw cgroupfs read and 4 wake-up round trips; {:.0}% of a core); \
          hoarder held {hoard_size} files: daemon fds {fds_before} -> {fds_during}, RSS {rss_before} -> {rss_during} KiB",
         elapsed.as_secs_f64(),
         reads as f64 / elapsed.as_secs_f64(),
@@ -172,15 +228,19 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
         at(0.99),
         sorted.last().unwrap(),
         cpu.as_secs_f64(),
+        cpu_per_read.as_secs_f64() * 1e6,
+        floor_cpu.as_secs_f64() * 1e6,
         cpu.as_secs_f64() * 100.0 / elapsed.as_secs_f64(),
     );
     assert!(reads > 10_000, "only {reads} reads in a minute");
     // Bounds with room for a loaded CI machine or an emulated VM: 64 readers
     // queue on two CPUs, so a read waits for the others' turns.
     assert!(at(0.99) < 1_000_000, "p99 {} µs", at(0.99));
+    // Measured: 0.6× on this 2-CPU host, 6× under qemu's TCG, where the
+    // daemon's threads and 64 readers contend for two emulated CPUs.
     assert!(
-        cpu_per_read < 1_000,
-        "{cpu_per_read} µs of daemon CPU a read"
+        cpu_ratio < 10.0,
+        "daemon CPU a read is {cpu_ratio:.1}× the floor"
     );
     assert_eq!(fds_during, fds_before, "the daemon's descriptors");
     // Snapshots live from open to release; the kernel must let releases
