@@ -236,10 +236,12 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
     // Bounds with room for a loaded CI machine or an emulated VM: 64 readers
     // queue on two CPUs, so a read waits for the others' turns.
     assert!(at(0.99) < 1_000_000, "p99 {} µs", at(0.99));
-    // Measured: 0.6× on this 2-CPU host, 6× under qemu's TCG, where the
-    // daemon's threads and 64 readers contend for two emulated CPUs.
+    // Measured: 0.6× on this 2-CPU host; 5.7× and 8.2× in the 6.1 and 6.12
+    // guests under qemu's TCG, where the daemon's threads and 64 readers
+    // contend for two emulated CPUs and a context switch costs far more
+    // than the floor's round trip shows.
     assert!(
-        cpu_ratio < 10.0,
+        cpu_ratio < 16.0,
         "daemon CPU a read is {cpu_ratio:.1}× the floor"
     );
     assert_eq!(fds_during, fds_before, "the daemon's descriptors");
