@@ -64,13 +64,13 @@ fn raw_read_cpu(path: &std::path::Path) -> Duration {
 }
 
 /// CPU time, both sides together, of one wake-up round trip between two
-/// threads over pipes: what every FUSE request costs at least (the reader
+/// threads over sockets: what every FUSE request costs at least (the reader
 /// sleeps, a daemon thread wakes, replies and wakes the reader).
 fn round_trip_cpu() -> Duration {
     use std::io::Write;
     const TRIPS: u32 = 2000;
-    let (mut ping_rx, mut ping_tx) = std::io::pipe().unwrap();
-    let (mut pong_rx, mut pong_tx) = std::io::pipe().unwrap();
+    let (mut ping_rx, mut ping_tx) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (mut pong_rx, mut pong_tx) = std::os::unix::net::UnixStream::pair().unwrap();
     let echo = std::thread::spawn(move || {
         let began = thread_cpu();
         let mut byte = [0u8];
@@ -236,8 +236,9 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
     // Bounds with room for a loaded CI machine or an emulated VM: 64 readers
     // queue on two CPUs, so a read waits for the others' turns.
     assert!(at(0.99) < 1_000_000, "p99 {} µs", at(0.99));
-    // Measured: 0.6× on this 2-CPU host; 5.7× and 8.2× in the 6.1 and 6.12
-    // guests under qemu's TCG, where the daemon's threads and 64 readers
+    // Measured: 0.4× on this 2-CPU host; 5.7× and 8.2× in the 6.1 and 6.12
+    // guests under qemu's TCG (with a pipe round trip, cheaper than this
+    // socket one), where the daemon's threads and 64 readers
     // contend for two emulated CPUs and a context switch costs far more
     // than the floor's round trip shows.
     assert!(
