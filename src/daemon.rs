@@ -315,6 +315,13 @@ pub fn is_served(path: &Path) -> bool {
     statfs(path).is_ok_and(|s| s.f_type == libc::FUSE_SUPER_MAGIC)
 }
 
+/// Whether a live cgmetric daemon serves `path`: a cgmetric mount there that
+/// answers (a stale one, left by a killed daemon, answers ENOTCONN).
+pub fn is_live_cgmetric(path: &Path) -> bool {
+    let mounts = read_mount_table().unwrap_or_default();
+    mount_at(&mounts, path).is_some_and(|m| m.fs_type == FS_TYPE) && is_served(path)
+}
+
 /// The absolute form of `path` with its parent's symlinks resolved, without
 /// touching `path` itself (a stale mount answers every access with ENOTCONN).
 fn absolute(path: &Path) -> io::Result<PathBuf> {

@@ -49,10 +49,7 @@ pub fn parse_metric(text: &str) -> Snapshot {
 }
 
 fn read_snapshot(mount: &Path) -> Result<Snapshot, ReportError> {
-    let mounts = crate::mounts::read_mount_table().unwrap_or_default();
-    let mounted = crate::mounts::mount_at(&mounts, mount)
-        .is_some_and(|m| m.fs_type == crate::daemon::FS_TYPE);
-    if !mounted || !crate::daemon::is_served(mount) {
+    if !crate::daemon::is_live_cgmetric(mount) {
         return Err(ReportError::NotMounted(mount.to_path_buf()));
     }
     let path = mount.join("metric");

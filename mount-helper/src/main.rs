@@ -94,7 +94,7 @@ fn mount(request: &options::Request) -> Result<(), String> {
         .map_err(|e| format!("cannot start {}: {e}", daemon.display()))?;
     let started = Instant::now();
     loop {
-        if is_live_cgmetric(&mountpoint) {
+        if cgmetric::daemon::is_live_cgmetric(&mountpoint) {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -151,12 +151,4 @@ fn daemon_output(log: &Path, from: u64) -> String {
         true => text.trim().to_string(),
         false => errors.join("\n"),
     }
-}
-
-/// Mounted by cgmetric and answering (a stale mount of a dead one is not).
-fn is_live_cgmetric(mountpoint: &Path) -> bool {
-    let mounts = cgmetric::mounts::read_mount_table().unwrap_or_default();
-    cgmetric::mounts::mount_at(&mounts, mountpoint)
-        .is_some_and(|m| m.fs_type == cgmetric::daemon::FS_TYPE)
-        && cgmetric::daemon::is_served(mountpoint)
 }

@@ -7,9 +7,9 @@ use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::require;
 use cgmetric::cgroup::Controller;
 
+use crate::require;
 use crate::support::{heavy_turn, open_fds, rss_kib, Cgroup, Daemon, Rng};
 
 const READERS: usize = 64;
@@ -237,10 +237,10 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
     // queue on two CPUs, so a read waits for the others' turns.
     assert!(at(0.99) < 1_000_000, "p99 {} µs", at(0.99));
     // Measured: 0.4× on this 2-CPU host; 5.7× and 8.2× in the 6.1 and 6.12
-    // guests under qemu's TCG (with a pipe round trip, cheaper than this
-    // socket one), where the daemon's threads and 64 readers
-    // contend for two emulated CPUs and a context switch costs far more
-    // than the floor's round trip shows.
+    // guests under qemu's TCG (against a pipe round trip, cheaper than this
+    // socket one). There 64 readers and the daemon's threads contend for
+    // two emulated CPUs, and a context switch costs far more than the
+    // floor's round trip shows.
     assert!(
         cpu_ratio < 16.0,
         "daemon CPU a read is {cpu_ratio:.1}× the floor"

@@ -761,11 +761,7 @@ impl Drop for Daemon {
     }
 }
 
-/// Whether a cgmetric daemon serves `path`: mounted and answering (a stale
-/// mount left by a killed daemon answers ENOTCONN).
-pub fn is_live(path: &Path) -> bool {
-    is_mounted(path) && cgmetric::daemon::is_served(path)
-}
+pub use cgmetric::daemon::is_live_cgmetric as is_live;
 
 /// Whether a cgmetric filesystem, live or stale, is mounted at `path`.
 pub fn is_mounted(path: &Path) -> bool {
