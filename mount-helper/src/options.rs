@@ -58,6 +58,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("cgroup_root", true),
     ("bpf_dir", true),
     ("window", true),
+    ("fuse_spin", true),
     ("no_ebpf", false),
     ("private", false),
 ];
