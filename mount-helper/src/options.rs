@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn words_mirror_the_long_options() {
-        let r = parse(&args("cgmetric /run/cgmetric -o rw,cgroup=tenants/*,bpf_dir=/sys/fs/bpf/x,no_ebpf,window=2s,cgroup=b")).unwrap();
+        let r = parse(&args("cgmetric /run/cgmetric -o rw,cgroup=tenants/*,bpf_dir=/sys/fs/bpf/x,no_ebpf,window=2s,fuse_spin=0,cgroup=b")).unwrap();
         assert_eq!(r.mountpoint, "/run/cgmetric");
         assert_eq!(
             r.daemon_args,
@@ -175,6 +175,8 @@ mod tests {
                 "--no-ebpf",
                 "--window",
                 "2s",
+                "--fuse-spin",
+                "0",
                 "--cgroup",
                 "b"
             ]
