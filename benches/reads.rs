@@ -337,7 +337,7 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         let unspun_p50 = percentile(&mut unspun_t, 0.5);
         println!(
             "  {:<32} {:>9.1} {:>9.1} {:>12.2} {:>12}",
-            "the same, --fuse-spin 0",
+            "cgmetric, --fuse-spin 0",
             micros(unspun_p50),
             micros(percentile(&mut unspun_t, 0.99)),
             micros(unspun_p50) / micros(raw_p50),
