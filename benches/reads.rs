@@ -268,7 +268,6 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         let mut raw_t = time_reads(&raw, SINGLE_READS);
         let mut ours_t = time_reads(&ours, SINGLE_READS);
         let raw_p50 = percentile(&mut raw_t, 0.5);
-        let ours_p50 = percentile(&mut ours_t, 0.5);
         let lxcfs_p50 = lxcfs_ready.then(|| {
             let mut t = time_reads(&lxcfs.join("proc/meminfo"), SINGLE_READS);
             (percentile(&mut t, 0.5), percentile(&mut t, 0.99))
@@ -288,17 +287,22 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
                 micros(p99)
             );
         }
-        println!(
-            "  {:<32} {:>9.1} {:>9.1} {:>12.2} {:>12}",
-            "cgmetric memory_usage",
-            micros(ours_p50),
-            micros(percentile(&mut ours_t, 0.99)),
-            micros(ours_p50) / micros(raw_p50),
-            lxcfs_p50.map_or("-".into(), |(l, _)| format!(
-                "{:.2}",
-                micros(ours_p50) / micros(l)
-            )),
-        );
+        // A cgmetric row: p50, p99 and the p50's ratios to raw and lxcfs.
+        let compared = |label: &str, times: &mut [Duration]| {
+            let p50 = percentile(times, 0.5);
+            println!(
+                "  {:<32} {:>9.1} {:>9.1} {:>12.2} {:>12}",
+                label,
+                micros(p50),
+                micros(percentile(times, 0.99)),
+                micros(p50) / micros(raw_p50),
+                lxcfs_p50.map_or("-".into(), |(l, _)| format!(
+                    "{:.2}",
+                    micros(p50) / micros(l)
+                )),
+            );
+        };
+        compared("cgmetric memory_usage", &mut ours_t);
         // Eight readers at once.
         let threads: Vec<_> = (0..8)
             .map(|i| {
@@ -319,8 +323,7 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             micros(percentile(&mut all, 0.5)),
             micros(percentile(&mut all, 0.99))
         );
-        // Alone, like the first: a second daemon's idle threads change
-        // where the scheduler puts things.
+        // Measured alone, as the first was.
         drop(daemon);
         // The same daemon whose FUSE threads sleep as soon as the queue is
         // empty: what the spin before sleeping gains.
@@ -334,18 +337,7 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             let _ = time_reads(&path, 1000);
             time_reads(&path, SINGLE_READS)
         };
-        let unspun_p50 = percentile(&mut unspun_t, 0.5);
-        println!(
-            "  {:<32} {:>9.1} {:>9.1} {:>12.2} {:>12}",
-            "cgmetric, --fuse-spin 0",
-            micros(unspun_p50),
-            micros(percentile(&mut unspun_t, 0.99)),
-            micros(unspun_p50) / micros(raw_p50),
-            lxcfs_p50.map_or("-".into(), |(l, _)| format!(
-                "{:.2}",
-                micros(unspun_p50) / micros(l)
-            )),
-        );
+        compared("cgmetric, --fuse-spin 0", &mut unspun_t);
     }
     println!();
 }
