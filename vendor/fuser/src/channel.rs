@@ -56,39 +56,39 @@ impl Channel {
     /// asking for `spin` before sleeping in a blocking read. A request that
     /// arrives meanwhile is taken without a wake-up, which costs tens of
     /// microseconds when the requester runs on another CPU and this one would
-    /// have gone idle. A zero `spin` is exactly `receive_retrying`.
+    /// have gone idle.
     ///
     /// Before spinning, the thread yields once: a reader that the last reply
     /// woke on this CPU runs first (without it, a reader sharing the CPU waits
     /// out the whole spin). A queued request is taken before that yield, so a
     /// busy thread never yields.
     ///
-    /// The fd is non-blocking while spinning only: in a blocking read a
-    /// request wakes one waiting thread, while in poll it would wake them all.
-    /// Each clone has its own fd, so the flag is this thread's alone.
+    /// The fd must be non-blocking (`set_nonblocking`), and is left so: it is
+    /// made blocking only around the sleep, so a busy thread makes no extra
+    /// system calls. The sleep is a blocking read because a request wakes one
+    /// such reader, while it would wake every thread in poll. Each clone has
+    /// its own fd, so the flag is this thread's alone.
     pub(crate) fn receive_spinning(
         &self,
         buffer: &mut [u8],
         spin: Duration,
     ) -> nix::Result<usize> {
-        if spin.is_zero() || self.set_nonblocking(true).is_err() {
-            return self.receive_retrying(buffer);
+        if let Some(result) = self.receive_queued(buffer) {
+            return result;
         }
-        let mut received = self.receive_queued(buffer);
-        if received.is_none() {
-            // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
-            unsafe { libc::sched_yield() };
-            let start = Instant::now();
-            while received.is_none() && start.elapsed() < spin {
-                std::hint::spin_loop();
-                received = self.receive_queued(buffer);
+        // SAFETY: sched_yield takes no arguments and cannot fail on Linux.
+        unsafe { libc::sched_yield() };
+        let start = Instant::now();
+        while start.elapsed() < spin {
+            std::hint::spin_loop();
+            if let Some(result) = self.receive_queued(buffer) {
+                return result;
             }
         }
         self.set_nonblocking(false)?;
-        match received {
-            Some(result) => result,
-            None => self.receive_retrying(buffer),
-        }
+        let received = self.receive_retrying(buffer);
+        self.set_nonblocking(true)?;
+        received
     }
 
     /// A request already queued, or None: on a non-blocking fd only.
@@ -102,7 +102,7 @@ impl Channel {
         }
     }
 
-    fn set_nonblocking(&self, on: bool) -> nix::Result<()> {
+    pub(crate) fn set_nonblocking(&self, on: bool) -> nix::Result<()> {
         let flags = OFlag::from_bits_retain(fcntl(&self.0, FcntlArg::F_GETFL)?);
         let flags = if on {
             flags | OFlag::O_NONBLOCK

@@ -529,10 +529,18 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
+        // cgmetric: spinning needs this thread's fd non-blocking; if it cannot
+        // be, the thread simply sleeps as upstream's does.
+        let spin = !self.receive_spin.is_zero() && self.ch.set_nonblocking(true).is_ok();
         loop {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
-            match self.ch.receive_spinning(buf, self.receive_spin) {
+            let received = if spin {
+                self.ch.receive_spinning(buf, self.receive_spin)
+            } else {
+                self.ch.receive_retrying(buf)
+            };
+            match received {
                 Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
