@@ -77,7 +77,19 @@ pub struct Options {
     /// and 0 on one, where a spin only delays the reader.
     #[arg(long, value_name = "DURATION", value_parser = parse_spin)]
     pub fuse_spin: Option<Duration>,
+
+    /// How many cgroup files may stay open between reads (0 keeps none).
+    /// A kept file is read with one pread instead of open + read + close,
+    /// about twice as fast, and pins about 5 KiB of kernel memory. Each
+    /// container has 9 to 13 files; files beyond the limit are opened on
+    /// every read.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_OPEN_FILES)]
+    pub open_files: usize,
 }
+
+/// Enough for 300 containers on a v1 host and 450 on a v2 one, about 20 MiB
+/// of kernel memory at most.
+pub const DEFAULT_OPEN_FILES: usize = 4096;
 
 /// Reports for people, read from a mounted tree.
 #[derive(Debug, Clone, Subcommand)]
@@ -190,6 +202,15 @@ mod tests {
             None
         );
         assert!(Options::try_parse_from(["cgmetric", "--fuse-spin", "1s"]).is_err());
+    }
+
+    #[test]
+    fn open_files() {
+        let o = Options::try_parse_from(["cgmetric", "--open-files", "0"]).unwrap();
+        assert_eq!(o.open_files, 0);
+        let o = Options::try_parse_from(["cgmetric"]).unwrap();
+        assert_eq!(o.open_files, DEFAULT_OPEN_FILES);
+        assert!(Options::try_parse_from(["cgmetric", "--open-files", "-1"]).is_err());
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     )?;
     let layout = Layout::detect(&options.cgroup_root)?;
     log::info!("cgroup layout: {}", layout.kind);
+    keep_open_files(options.open_files);
 
     let net = match (&layout.unified, options.no_ebpf) {
         (_, true) => None,
@@ -233,6 +234,42 @@ fn invalidator(notifier: fuser::Notifier) -> crate::fs::model::Invalidator {
     Box::new(move |name| {
         let _ = names.lock().send(name.to_string());
     })
+}
+
+/// Descriptors kept free for everything but kept cgroup files: FUSE, the
+/// watches, eBPF maps and the files of reads in flight.
+const RESERVED_FDS: u64 = 256;
+
+/// Lets up to `requested` cgroup files stay open, within the descriptor
+/// limit, raised to its hard maximum first (the soft default of 1024 is for
+/// select(2), which cgmetric does not use).
+fn keep_open_files(requested: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                ..limit
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let available = limit.rlim_cur.saturating_sub(RESERVED_FDS);
+    let kept = (requested as u64).min(available) as usize;
+    if kept < requested {
+        log::warn!(
+            "--open-files {requested}: the descriptor limit is {}, so at most {kept} are kept",
+            limit.rlim_cur
+        );
+    }
+    crate::cgroup::kept::BUDGET.set_limit(kept);
 }
 
 /// The spin to use: on a machine with one online CPU the reader cannot run

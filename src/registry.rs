@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::cgroup::kept::KeptFiles;
 use crate::cgroup::{CgroupDirs, Layout};
 use crate::discovery::{Discovery, Event, Found};
 use crate::metrics::MetricId;
@@ -35,6 +36,8 @@ pub struct Container {
     /// The owner (uid, gid) of the cgroup directory when it was found.
     pub owner: (u32, u32),
     pub dirs: CgroupDirs,
+    /// Its cgroup files kept open between reads; closed when it goes.
+    pub kept: KeptFiles,
     available: OnceLock<Vec<MetricId>>,
 }
 
@@ -55,6 +58,7 @@ impl Container {
             runtime,
             owner: dirs.owner().unwrap_or((0, 0)),
             dirs,
+            kept: KeptFiles::default(),
             available: OnceLock::new(),
         }
     }

@@ -93,7 +93,7 @@ impl Sampler {
     pub fn available<'c>(&self, container: &'c Container) -> &'c [MetricId] {
         container.available_with(|| {
             let mut sample = Sample::default();
-            let mut files = Files::default();
+            let mut files = Files::new(&container.kept);
             let mut broken: HashSet<Group> = HashSet::new();
             let groups = groups_of(METRICS.iter().map(|m| m.id));
             for group in groups.into_iter().filter(|g| g.is_cgroupfs()) {
@@ -127,17 +127,40 @@ impl Sampler {
         group: Group,
         out: &mut Sample,
     ) -> Result<(), SourceError> {
-        self.read_cached(container, group, out, &mut Scratch::default())
+        self.read_cached(container, group, out, &mut Scratch::new(container))
     }
 
     /// Every available metric of one container. A malformed source is
     /// logged and left out; a vanished cgroup is an error.
     pub fn sample(&self, container: &Container) -> Result<Sample, SourceError> {
+        self.sample_with(container, &mut Scratch::new(container))
+    }
+
+    /// [`Sampler::sample`] of each container, leaving out those that vanish;
+    /// one buffer serves them all.
+    pub fn sample_each(&self, containers: &[Arc<Container>]) -> Vec<(Arc<Container>, Sample)> {
+        let Some(first) = containers.first() else {
+            return Vec::new();
+        };
+        let mut scratch = Scratch::new(first);
+        containers
+            .iter()
+            .filter_map(|c| {
+                scratch.reset(c);
+                Some((c.clone(), self.sample_with(c, &mut scratch).ok()?))
+            })
+            .collect()
+    }
+
+    fn sample_with<'c>(
+        &self,
+        container: &'c Container,
+        scratch: &mut Scratch<'c>,
+    ) -> Result<Sample, SourceError> {
         let groups = groups_of(self.available(container).iter().copied());
         let mut out = Sample::default();
-        let mut scratch = Scratch::default();
         for group in groups {
-            match self.read_cached(container, group, &mut out, &mut scratch) {
+            match self.read_cached(container, group, &mut out, scratch) {
                 Ok(()) => {}
                 Err(e @ SourceError::Vanished(_)) => return Err(e),
                 Err(e) => log::warn!("container {}: {e}", container.name),
@@ -146,12 +169,12 @@ impl Sampler {
         Ok(out)
     }
 
-    fn read_cached(
+    fn read_cached<'c>(
         &self,
-        c: &Container,
+        c: &'c Container,
         group: Group,
         out: &mut Sample,
-        scratch: &mut Scratch,
+        scratch: &mut Scratch<'c>,
     ) -> Result<(), SourceError> {
         let totals = &mut scratch.totals;
         let vanished =
@@ -227,10 +250,23 @@ impl Sampler {
 
 /// What one sample has read so far: each source (a cgroup file, the eBPF
 /// totals) is read once however many groups use it.
-#[derive(Default)]
-struct Scratch {
+struct Scratch<'c> {
     totals: Option<Totals>,
-    files: Files,
+    files: Files<'c>,
+}
+
+impl<'c> Scratch<'c> {
+    fn new(container: &'c Container) -> Scratch<'c> {
+        Scratch {
+            totals: None,
+            files: Files::new(&container.kept),
+        }
+    }
+
+    fn reset(&mut self, container: &'c Container) {
+        self.totals = None;
+        self.files.reset(&container.kept);
+    }
 }
 
 fn tx(t: &Totals) -> u64 {
@@ -242,7 +278,7 @@ fn rx(t: &Totals) -> u64 {
 }
 
 fn cpu_usage_usec(registry: &Registry, container: &Container) -> Option<u64> {
-    crate::cgroup::read::cpu_usage_usec(registry.layout(), &container.dirs)
+    crate::cgroup::read::cpu_usage_usec(registry.layout(), &container.dirs, &container.kept)
         .ok()
         .flatten()
 }

@@ -59,6 +59,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("bpf_dir", true),
     ("window", true),
     ("fuse_spin", true),
+    ("open_files", true),
     ("no_ebpf", false),
     ("private", false),
 ];
@@ -163,7 +164,7 @@ mod tests {
 
     #[test]
     fn words_mirror_the_long_options() {
-        let r = parse(&args("cgmetric /run/cgmetric -o rw,cgroup=tenants/*,bpf_dir=/sys/fs/bpf/x,no_ebpf,window=2s,fuse_spin=0,cgroup=b")).unwrap();
+        let r = parse(&args("cgmetric /run/cgmetric -o rw,cgroup=tenants/*,bpf_dir=/sys/fs/bpf/x,no_ebpf,window=2s,fuse_spin=0,open_files=0,cgroup=b")).unwrap();
         assert_eq!(r.mountpoint, "/run/cgmetric");
         assert_eq!(
             r.daemon_args,
@@ -176,6 +177,8 @@ mod tests {
                 "--window",
                 "2s",
                 "--fuse-spin",
+                "0",
+                "--open-files",
                 "0",
                 "--cgroup",
                 "b"

@@ -1,6 +1,8 @@
 //! Everything about cgroupfs: where the hierarchies are ([`layout`]), what
-//! their files say ([`parse`]) and reading a container's values ([`read`]).
+//! their files say ([`parse`]), reading a container's values ([`read`]) and
+//! the files kept open for it ([`kept`]).
 
+pub mod kept;
 pub mod layout;
 pub mod parse;
 pub mod read;

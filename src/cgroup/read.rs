@@ -6,9 +6,11 @@
 //! directory is read. A file that is absent while its cgroup exists means the
 //! host does not provide those metrics; they stay `None` and get no file.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use super::kept::KeptFiles;
 use super::parse::{self, ParseError};
 use super::{CgroupDirs, Controller, Layout};
 use crate::metrics::{Group, MetricId as M, Sample};
@@ -38,89 +40,154 @@ struct Source<'a> {
     file: &'static str,
 }
 
-impl Source<'_> {
-    /// The file's text, or `None` when the cgroup exists but has no such file.
-    fn text(&self, files: &mut Files) -> Result<Option<String>> {
-        files.text(self.dir, self.file)
+impl<'a> Source<'a> {
+    /// Where the file's text is in `files`, or `None` when the cgroup exists
+    /// but has no such file.
+    fn range(&self, files: &mut Files<'a>) -> Result<Option<Range<usize>>> {
+        files.range(self.dir, self.file)
     }
 
     /// Parses the file with `parse`, keeping the path for the error.
     fn parse<T>(
         &self,
-        files: &mut Files,
+        files: &mut Files<'a>,
         parse: impl FnOnce(&str) -> std::result::Result<T, ParseError>,
     ) -> Result<Option<T>> {
-        self.text(files)?
-            .map(|text| {
-                parse(&text).map_err(|source| SourceError::Malformed {
-                    path: self.dir.join(self.file),
-                    source,
-                })
-            })
+        self.range(files)?
+            .map(|range| parse(files.slice(range)).map_err(|source| self.malformed(source)))
             .transpose()
     }
 
     /// A flat keyed file: `apply` gets the parsed keys.
-    fn keyed(&self, files: &mut Files, apply: impl FnOnce(&parse::Keyed<'_>)) -> Result<()> {
-        if let Some(text) = self.text(files)? {
-            let keys = parse::keyed(&text).map_err(|source| SourceError::Malformed {
-                path: self.dir.join(self.file),
-                source,
-            })?;
+    fn keyed(&self, files: &mut Files<'a>, apply: impl FnOnce(&parse::Keyed<'_>)) -> Result<()> {
+        if let Some(range) = self.range(files)? {
+            let keys = parse::keyed(files.slice(range)).map_err(|source| self.malformed(source))?;
             apply(&keys);
         }
         Ok(())
     }
+
+    fn malformed(&self, source: ParseError) -> SourceError {
+        SourceError::Malformed {
+            path: self.dir.join(self.file),
+            source,
+        }
+    }
 }
 
 /// The cgroup files one sample has read: a file several groups need (v1
-/// `memory.stat`, v2 `cpu.stat`) is read once per sample.
+/// `memory.stat`, v2 `cpu.stat`) is read once per sample. With a cgroup's
+/// [`KeptFiles`], its files are read from descriptors kept open. The texts
+/// share one buffer, which [`Files::reset`] keeps for the next cgroup, so
+/// that sampling many cgroups allocates next to nothing.
 #[derive(Default)]
-pub struct Files {
-    texts: Vec<(PathBuf, Option<String>)>,
+pub struct Files<'a> {
+    kept: Option<&'a KeptFiles>,
+    read: Vec<(&'a Path, &'static str, Option<Range<usize>>)>,
+    texts: Vec<u8>,
 }
 
-impl Files {
-    fn text(&mut self, dir: &Path, file: &str) -> Result<Option<String>> {
-        let path = dir.join(file);
-        if let Some((_, text)) = self.texts.iter().find(|(p, _)| *p == path) {
-            return Ok(text.clone());
+impl<'a> Files<'a> {
+    pub fn new(kept: &'a KeptFiles) -> Files<'a> {
+        Files {
+            kept: Some(kept),
+            ..Files::default()
         }
-        let text = match std::fs::File::open(&path).and_then(read_text) {
-            Ok(text) => Some(text),
+    }
+
+    /// Starts over for another cgroup, keeping the memory.
+    pub fn reset(&mut self, kept: &'a KeptFiles) {
+        self.kept = Some(kept);
+        self.read.clear();
+        self.texts.clear();
+    }
+
+    fn slice(&self, range: Range<usize>) -> &str {
+        std::str::from_utf8(&self.texts[range]).expect("checked when read")
+    }
+
+    fn range(&mut self, dir: &'a Path, file: &'static str) -> Result<Option<Range<usize>>> {
+        let same = |(d, f, _): &&(&Path, &str, _)| *f == file && d.as_os_str() == dir.as_os_str();
+        if let Some((_, _, range)) = self.read.iter().find(same) {
+            return Ok(range.clone());
+        }
+        let start = self.texts.len();
+        let found = self
+            .fetch(dir, file)
+            .inspect_err(|_| self.texts.truncate(start))?;
+        let range = found.then_some(start..self.texts.len());
+        if let Some(range) = &range {
+            if let Err(e) = std::str::from_utf8(&self.texts[range.clone()]) {
+                self.texts.truncate(start);
+                return Err(SourceError::Io {
+                    path: dir.join(file),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                });
+            }
+        }
+        self.read.push((dir, file, range.clone()));
+        Ok(range)
+    }
+
+    /// Appends the file's text; false when the cgroup has no such file.
+    fn fetch(&mut self, dir: &Path, file: &'static str) -> Result<bool> {
+        let path = || dir.join(file);
+        if let Some(kept) = self.kept {
+            match kept.read_into(dir, file, &mut self.texts) {
+                Some(Ok(())) => return Ok(true),
+                Some(Err(source)) => {
+                    return Err(SourceError::Io {
+                        path: path(),
+                        source,
+                    })
+                }
+                None => {}
+            }
+        }
+        let start = self.texts.len();
+        let read = std::fs::File::open(path()).and_then(|mut fd| {
+            read_all(&mut fd, &mut self.texts)?;
+            Ok(fd)
+        });
+        match read {
+            Ok(fd) => {
+                if let Some(kept) = self.kept {
+                    kept.keep(dir, file, fd, self.texts.len() - start);
+                }
+                Ok(true)
+            }
             Err(e) if is_gone(&e) => {
                 if !dir.is_dir() {
                     return Err(SourceError::Vanished(dir.to_path_buf()));
                 }
-                None
+                Ok(false)
             }
-            Err(source) => return Err(SourceError::Io { path, source }),
-        };
-        self.texts.push((path, text.clone()));
-        Ok(text)
+            Err(source) => Err(SourceError::Io {
+                path: path(),
+                source,
+            }),
+        }
     }
 }
 
-/// A cgroup file's whole text. Plain `read`s into a stack buffer: std's
-/// `read_to_string` sizes its buffer with a `statx` and an `lseek` first,
-/// two syscalls per file that cgroupfs answers with a meaningless 4096.
-fn read_text(mut file: std::fs::File) -> std::io::Result<String> {
+/// Appends a cgroup file's whole text to `out`. Plain `read`s: std's
+/// `read_to_end` sizes its buffer with a `statx` and an `lseek` first, two
+/// syscalls per file that cgroupfs answers with a meaningless 4096.
+fn read_all(file: &mut std::fs::File, out: &mut Vec<u8>) -> std::io::Result<()> {
     use std::io::Read;
     let mut chunk = [0u8; 4096];
-    let mut bytes = Vec::new();
     loop {
         match file.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Ok(0) => return Ok(()),
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// ENOENT, or ENODEV from a cgroup removed while its file was being read.
-fn is_gone(e: &std::io::Error) -> bool {
+pub(super) fn is_gone(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
 
@@ -159,12 +226,12 @@ fn user_hz() -> u64 {
 
 /// Reads the files of `group` for one cgroup into `out`. Derived groups
 /// (rates) are not read here.
-pub fn read_group(
+pub fn read_group<'a>(
     layout: &Layout,
-    dirs: &CgroupDirs,
+    dirs: &'a CgroupDirs,
     group: Group,
     out: &mut Sample,
-    files: &mut Files,
+    files: &mut Files<'a>,
 ) -> Result<()> {
     let controller = match group {
         Group::CpuUsage => Controller::Cpuacct,
@@ -189,8 +256,8 @@ pub fn read_group(
 
 /// CPU time used, in µs, from the one file that has it: what the rate
 /// sampler reads for every container twice a window, so nothing more.
-pub fn cpu_usage_usec(layout: &Layout, dirs: &CgroupDirs) -> Result<Option<u64>> {
-    let files = &mut Files::default();
+pub fn cpu_usage_usec(layout: &Layout, dirs: &CgroupDirs, kept: &KeptFiles) -> Result<Option<u64>> {
+    let files = &mut Files::new(kept);
     match backend(layout, dirs, Controller::Cpuacct) {
         None => Ok(None),
         Some(Backend::V1(dir)) => Ok(src(dir, "cpuacct.usage")
@@ -204,7 +271,7 @@ pub fn cpu_usage_usec(layout: &Layout, dirs: &CgroupDirs) -> Result<Option<u64>>
     }
 }
 
-fn read_v2(dir: &Path, group: Group, out: &mut Sample, files: &mut Files) -> Result<()> {
+fn read_v2<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<'a>) -> Result<()> {
     match group {
         Group::CpuUsage => src(dir, "cpu.stat").keyed(files, |k| {
             out.set(M::CpuUsageUsec, k.get("usage_usec"));
@@ -276,7 +343,7 @@ fn read_v2(dir: &Path, group: Group, out: &mut Sample, files: &mut Files) -> Res
     Ok(())
 }
 
-fn read_v1(dir: &Path, group: Group, out: &mut Sample, files: &mut Files) -> Result<()> {
+fn read_v1<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<'a>) -> Result<()> {
     match group {
         Group::CpuUsage => {
             let usage_ns = src(dir, "cpuacct.usage").parse(files, parse::single)?;
@@ -296,16 +363,14 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample, files: &mut Files) -> Res
             );
         })?,
         Group::CpuLimit => {
-            let (quota, period) = (
-                src(dir, "cpu.cfs_quota_us").text(files)?,
-                src(dir, "cpu.cfs_period_us").text(files)?,
+            let quota = src(dir, "cpu.cfs_quota_us");
+            let (quota_text, period_text) = (
+                quota.range(files)?,
+                src(dir, "cpu.cfs_period_us").range(files)?,
             );
-            if let (Some(quota), Some(period)) = (quota, period) {
-                let limit =
-                    parse::cfs_quota(&quota, &period).map_err(|source| SourceError::Malformed {
-                        path: dir.join("cpu.cfs_quota_us"),
-                        source,
-                    })?;
+            if let (Some(q), Some(p)) = (quota_text, period_text) {
+                let limit = parse::cfs_quota(files.slice(q), files.slice(p))
+                    .map_err(|source| quota.malformed(source))?;
                 out.set_value(M::CpuLimitMillicores, limit.into());
             }
         }
@@ -391,10 +456,10 @@ fn read_v1(dir: &Path, group: Group, out: &mut Sample, files: &mut Files) -> Res
 fn first_present<'a>(
     dir: &'a Path,
     candidates: [&'static str; 2],
-    files: &mut Files,
+    files: &mut Files<'a>,
 ) -> Result<Option<Source<'a>>> {
     for file in candidates {
-        if files.text(dir, file)?.is_some() {
+        if files.range(dir, file)?.is_some() {
             return Ok(Some(src(dir, file)));
         }
     }

@@ -457,12 +457,7 @@ impl Model {
     fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
         self.refresh();
         let containers = self.registry().list();
-        let sample = |chunk: &[Arc<Container>]| -> Vec<(Arc<Container>, Sample)> {
-            chunk
-                .iter()
-                .filter_map(|c| Some((c.clone(), self.sampler.sample(c).ok()?)))
-                .collect()
-        };
+        let sample = |chunk: &[Arc<Container>]| self.sampler.sample_each(chunk);
         // Reading cgroup files is all syscalls: spread over the CPUs, it
         // takes a fraction of the time. A thread costs tens of µs, so small
         // sets stay on this one.

@@ -15,6 +15,8 @@ use crate::support::{heavy_turn, open_fds, rss_kib, Cgroup, Daemon, Rng};
 const READERS: usize = 64;
 const DURATION: Duration = Duration::from_secs(60);
 const CONTAINERS: usize = 16;
+/// The most cgroup files one container has (v1: 13).
+const FILES_PER_CONTAINER: usize = 13;
 /// Files the hoarder holds open at once.
 const HOARD: usize = 4000;
 const FILES: [&str; 6] = [
@@ -126,7 +128,17 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
     // that finds the end, release).
     let floor_cpu = raw_cpu + 4 * round_trip_cpu();
 
+    // One scrape keeps every container's cgroup files open (--open-files);
+    // after it the daemon's descriptors must not change, whatever the
+    // readers and the hoarder do.
+    let fds_idle = open_fds(pid);
+    std::fs::read(daemon.path("metrics.prom")).unwrap();
     let (fds_before, rss_before, cpu_before) = (open_fds(pid), rss_kib(pid), cpu_time(pid));
+    assert!(
+        fds_before <= fds_idle + CONTAINERS * FILES_PER_CONTAINER,
+        "one scrape kept {} descriptors for {CONTAINERS} containers",
+        fds_before - fds_idle
+    );
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let (latencies, failures, hoard) = std::thread::scope(|scope| {
@@ -221,7 +233,7 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
         "overload: {reads} reads by {READERS} readers in {:.0} s ({:.0}/s); latency p50 {} µs, \
          p99 {} µs, max {} µs; daemon CPU {:.1} s ({:.1} µs a read, {cpu_ratio:.2}× the floor of \
          {:.1} µs: a raw cgroupfs read and 4 wake-up round trips; {:.0}% of a core); \
-         hoarder held {hoard_size} files: daemon fds {fds_before} -> {fds_during}, RSS {rss_before} -> {rss_during} KiB",
+         hoarder held {hoard_size} files: daemon fds {fds_idle} idle, {fds_before} after one scrape -> {fds_during}, RSS {rss_before} -> {rss_during} KiB",
         elapsed.as_secs_f64(),
         reads as f64 / elapsed.as_secs_f64(),
         at(0.5),

@@ -152,6 +152,59 @@ fn containers_appear_and_vanish_with_their_cgroups() {
     assert!(!daemon.read("metric").contains("late_"));
 }
 
+/// The daemon's descriptors open on files below `cgroup`, by file name.
+fn kept_files(daemon: &Daemon, cgroup: &Cgroup) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains(&cgroup.relative))
+        .map(|target| target.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn kept_cgroup_files_stay_live_within_their_budget_and_close_with_their_container() {
+    require!();
+    let parent = Cgroup::parent("kept");
+    let mut box1 = parent.child("box1");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    assert!(
+        kept_files(&daemon, &parent).is_empty(),
+        "nothing before a read"
+    );
+
+    assert_eq!(daemon.read("box1/pids_current"), "0\n");
+    let kept = kept_files(&daemon, &parent);
+    assert!(kept.contains(&"pids.current".to_string()), "{kept:?}");
+    assert!(kept.len() <= 13, "at most a container's files: {kept:?}");
+    // Read again through the kept descriptor: the kernel renders it afresh.
+    box1.spawn(Command::new("sleep").arg("600"));
+    assert_eq!(daemon.read("box1/pids_current"), "1\n");
+    box1.spawn(Command::new("sleep").arg("600"));
+    assert!(daemon.read("metric").contains("box1_pids_current 2\n"));
+    assert_eq!(kept_files(&daemon, &parent), kept, "nothing more is opened");
+
+    // A budget of 3 keeps 3, and the rest are opened for every read.
+    let small = Daemon::start(&["--cgroup", &glob, "--open-files", "3"]);
+    let text = small.read("metric");
+    assert!(text.contains("box1_pids_current 2\n"), "{text}");
+    assert_eq!(small.read("box1/pids_current"), "2\n");
+    assert_eq!(kept_files(&small, &parent).len(), 3);
+    let none = Daemon::start(&["--cgroup", &glob, "--open-files", "0"]);
+    assert_eq!(none.read("box1/pids_current"), "2\n");
+    assert!(kept_files(&none, &parent).is_empty());
+
+    // A container's files close when it goes.
+    box1.remove();
+    assert!(crate::support::eventually(
+        std::time::Duration::from_secs(5),
+        || kept_files(&daemon, &parent).is_empty() && kept_files(&small, &parent).is_empty()
+    ));
+}
+
 /// Directories removed in reverse order on drop, whatever happens.
 struct Dirs(Vec<std::path::PathBuf>);
 
