@@ -404,12 +404,22 @@ fn median_time(mut f: impl FnMut(), runs: usize) -> Duration {
     percentile(&mut times, 0.5)
 }
 
-/// Creates 200, 1,000 and 10,000 containers and times reading them all.
+/// Creates 200, 1,000 and 10,000 containers and times reading them all: with
+/// the default `--open-files`, and where that does not cover every file,
+/// with every file kept open too.
 fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     println!("Everything at once: one read of the aggregate file (ms, median of 10)\n");
     println!(
-        "{:<12} {:>14} {:>12} {:>12} {:>16} {:>16}",
-        "containers", "direct reads", "metric", "metrics.prom", "metric / direct", "prom / direct"
+        "{:<12} {:<15} {:>9} {:>9} {:>9} {:>13} {:>8} {:>8} {:>10}",
+        "containers",
+        "--open-files",
+        "direct",
+        "metric",
+        "prom",
+        "files kept",
+        "metric/",
+        "prom/",
+        "slab"
     );
     for count in [200, 1000, 10_000] {
         let group = format!("{base}/agg{count}");
@@ -420,12 +430,7 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         let files: Vec<PathBuf> = (0..count)
             .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
             .collect();
-        // Not pinned: the daemon may use every CPU, as it does in service.
-        let daemon = Daemon::start(&format!("{group}/*"), None);
-        let mnt = &daemon.mnt;
         pin_to(0);
-        // Warm up: the first read measures CPU rates over one window.
-        let _ = fs::read_to_string(mnt.join("metric")).unwrap();
         let direct = median_time(
             || {
                 for f in &files {
@@ -434,19 +439,63 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             },
             10,
         );
-        let metric = median_time(|| drop(fs::read(mnt.join("metric")).unwrap()), 10);
-        let prom = median_time(|| drop(fs::read(mnt.join("metrics.prom")).unwrap()), 10);
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        println!(
-            "{count:<12} {:>14.2} {:>12.2} {:>12.2} {:>16.2} {:>16.2}",
-            ms(direct),
-            ms(metric),
-            ms(prom),
-            ms(metric) / ms(direct),
-            ms(prom) / ms(direct)
-        );
+        let default = cgmetric::cli::DEFAULT_OPEN_FILES;
+        let mut budgets = vec![default];
+        if files.len() > default {
+            budgets.push(files.len());
+        }
+        for budget in budgets {
+            let slab_before = slab_kib();
+            // Not pinned: the daemon may use every CPU, as it does in service.
+            let daemon = Daemon::start_with(
+                &format!("{group}/*"),
+                None,
+                &["--open-files", &budget.to_string()],
+            );
+            let mnt = &daemon.mnt;
+            let fds_before = open_fds(daemon.pid());
+            // Warm up: the first read measures CPU rates over one window.
+            let _ = fs::read_to_string(mnt.join("metric")).unwrap();
+            let metric = median_time(|| drop(fs::read(mnt.join("metric")).unwrap()), 10);
+            let prom = median_time(|| drop(fs::read(mnt.join("metrics.prom")).unwrap()), 10);
+            let kept = open_fds(daemon.pid()) - fds_before;
+            let slab = slab_kib().saturating_sub(slab_before) as f64 / 1024.0;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let label = if budget == default {
+                format!("{budget} (default)")
+            } else {
+                budget.to_string()
+            };
+            println!(
+                "{count:<12} {label:<15} {:>9.2} {:>9.2} {:>9.2} {:>13} {:>8.2} {:>8.2} {:>6.1} MiB",
+                ms(direct),
+                ms(metric),
+                ms(prom),
+                format!("{kept}/{}", files.len()),
+                ms(metric) / ms(direct),
+                ms(prom) / ms(direct),
+                slab
+            );
+        }
     }
-    println!();
+    println!(
+        "\n(direct: one thread reading the same cgroup files; slab: the kernel's slab growth \
+         while the daemon ran, mostly the kept files' buffers)\n"
+    );
+}
+
+fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// The kernel's slab memory (KiB), from /proc/meminfo.
+fn slab_kib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
 }
 
 /// CPU time (user + system, in clock ticks) and RSS (KiB) of a process.
@@ -492,6 +541,7 @@ fn idle_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     }
     let daemon = Daemon::start(&format!("{group}/*"), None);
     let pid = daemon.pid();
+    let fds_idle = open_fds(pid);
     let (cpu, rss) = cost_over(pid, 30);
     println!("  {:<44} {cpu:>6.3}% of a core, RSS {rss:.1} MiB", "idle");
     let started = Instant::now();
@@ -503,11 +553,12 @@ fn idle_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     let elapsed = started.elapsed();
     let (cpu, rss) = cost_over(pid, 30);
     println!(
-        "  {:<44} {cpu:>6.3}% of a core, RSS {rss:.1} MiB",
+        "  {:<44} {cpu:>6.3}% of a core, RSS {rss:.1} MiB, {} cgroup files kept",
         format!(
             "idle after 1,000 reads of each ({:.1} µs each)",
             micros(elapsed) / 1e6
-        )
+        ),
+        open_fds(pid) - fds_idle
     );
     // A rate read starts the sampler, which runs until 5 minutes pass
     // without one.

@@ -240,29 +240,39 @@ fn invalidator(notifier: fuser::Notifier) -> crate::fs::model::Invalidator {
 /// watches, eBPF maps and the files of reads in flight.
 const RESERVED_FDS: u64 = 256;
 
-/// Lets up to `requested` cgroup files stay open, within the descriptor
-/// limit, raised to its hard maximum first (the soft default of 1024 is for
-/// select(2), which cgmetric does not use).
+/// Lets up to `requested` cgroup files stay open, raising the descriptor
+/// limit as far as that needs: the soft limit up to the hard one, and the
+/// hard one (root may) up to `fs.nr_open`. Whatever the limit allows in the
+/// end is kept, with a warning when it is less.
 fn keep_open_files(requested: usize) {
+    let want = (requested as u64).saturating_add(RESERVED_FDS);
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+    // SAFETY: getrlimit writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < want {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(limit.rlim_max);
+        // Without CAP_SYS_RESOURCE only the soft limit can move.
+        for most in [limit.rlim_max.max(nr_open.min(want)), limit.rlim_max] {
             let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                ..limit
+                rlim_cur: want.min(most),
+                rlim_max: most,
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            // SAFETY: setrlimit reads the struct we pass.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
                 limit = raised;
+                break;
             }
         }
     }
-    let available = limit.rlim_cur.saturating_sub(RESERVED_FDS);
-    let kept = (requested as u64).min(available) as usize;
+    let kept = (requested as u64).min(limit.rlim_cur.saturating_sub(RESERVED_FDS)) as usize;
     if kept < requested {
         log::warn!(
             "--open-files {requested}: the descriptor limit is {}, so at most {kept} are kept",

@@ -111,20 +111,20 @@ impl KeptFiles {
             .iter()
             .find(|k| k.file == file && k.dir.as_os_str() == dir.as_os_str())
             .map(|k| k.fd.clone())?;
-        let start = out.len();
-        out.resize(start + MAX_KEPT_LEN, 0);
+        let mut buf = [0u8; MAX_KEPT_LEN];
         let read = loop {
-            match fd.read_at(&mut out[start..], 0) {
+            match fd.read_at(&mut buf, 0) {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 result => break result,
             }
         };
-        out.truncate(start + *read.as_ref().unwrap_or(&0));
         match read {
-            Ok(n) if n < MAX_KEPT_LEN => Some(Ok(())),
+            Ok(n) if n < MAX_KEPT_LEN => {
+                out.extend_from_slice(&buf[..n]);
+                Some(Ok(()))
+            }
             // Grown past one read, or gone with its cgroup: forget it.
             Ok(_) => {
-                out.truncate(start);
                 self.forget(dir, file);
                 None
             }

@@ -77,13 +77,15 @@ pub fn keyed(text: &str) -> Result<Keyed<'_>> {
     if text.trim().is_empty() {
         return Err(ParseError::Empty);
     }
-    // Sized once: v2 memory.stat has about 60 lines.
-    let mut pairs = Vec::with_capacity(text.lines().count());
-    for line in text.lines().filter(|line| !line.trim().is_empty()) {
-        let mut fields = line.split_whitespace();
+    // Sized once (v2 memory.stat has about 60 lines): this runs for every
+    // container on every scrape.
+    let mut pairs = Vec::with_capacity(text.bytes().filter(|&b| b == b'\n').count() + 1);
+    for line in text.split('\n') {
+        let mut fields = line.split_ascii_whitespace();
         match (fields.next(), fields.next(), fields.next()) {
+            (None, _, _) => {}
             (Some(key), Some(value), None) => pairs.push((key, number(value)?)),
-            _ => return Err(ParseError::BadLine(line.to_string())),
+            _ => return Err(ParseError::BadLine(line.trim().to_string())),
         }
     }
     Ok(Keyed(pairs))
