@@ -33,26 +33,23 @@ pub fn metric_lines(out: &mut String, name: &str, sample: &Sample) {
 /// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
 /// label on every series, no timestamps.
 pub fn prometheus(samples: &[(Arc<Container>, Sample)], ebpf_health: Option<[u64; 3]>) -> String {
+    // Each container's labels are escaped once, not once a series.
+    let labels: Vec<String> = samples.iter().map(|(c, _)| label_set(c)).collect();
     let mut out = String::new();
     for def in METRICS {
         let mut series = samples
             .iter()
-            .filter_map(|(c, s)| Some((c, s.get(def.id)?)))
+            .zip(&labels)
+            .filter_map(|((_, s), labels)| Some((labels, s.get(def.id)?)))
             .peekable();
         if series.peek().is_none() {
             continue;
         }
         family_header(&mut out, def);
-        for (container, value) in series {
-            let _ = writeln!(
-                out,
-                "cgmetric_{}{{container=\"{}\",id=\"{}\",runtime=\"{}\"}} {}",
-                def.prom,
-                escape_label(&container.name),
-                escape_label(&container.id),
-                escape_label(container.runtime),
-                prom_value(value, def.scale)
-            );
+        for (labels, value) in series {
+            let _ = write!(out, "cgmetric_{}{{{labels}}} ", def.prom);
+            write_prom_value(&mut out, value, def.scale);
+            out.push('\n');
         }
     }
     if let Some(health) = ebpf_health {
@@ -90,20 +87,45 @@ fn family_header(out: &mut String, def: &MetricDef) {
     let _ = writeln!(out, "# TYPE cgmetric_{} {kind}", def.prom);
 }
 
-/// A value in the family's base unit, exact (no float rounding).
-pub fn prom_value(value: Value, scale: Scale) -> String {
-    match (value, scale) {
-        (Value::Max, _) => "+Inf".to_string(),
-        (Value::Count(n), Scale::One) => n.to_string(),
-        (Value::Count(n), Scale::Milli) => format!("{}.{:03}", n / 1000, n % 1000),
-        (Value::Count(n), Scale::Micro) => format!("{}.{:06}", n / 1_000_000, n % 1_000_000),
+/// `container="…",id="…",runtime="…"`, escaped.
+fn label_set(container: &Container) -> String {
+    let mut out = String::new();
+    for (name, value) in [
+        ("container", container.name.as_str()),
+        ("id", container.id.as_str()),
+        ("runtime", container.runtime),
+    ] {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push_str("=\"");
+        write_escaped(&mut out, value);
+        out.push('"');
     }
+    out
 }
 
-/// Escapes a label value as the exposition format requires: backslash,
-/// double quote and newline.
+/// A value in the family's base unit, exact (no float rounding).
+pub fn write_prom_value(out: &mut String, value: Value, scale: Scale) {
+    let _ = match (value, scale) {
+        (Value::Max, _) => write!(out, "+Inf"),
+        (Value::Count(n), Scale::One) => write!(out, "{n}"),
+        (Value::Count(n), Scale::Milli) => write!(out, "{}.{:03}", n / 1000, n % 1000),
+        (Value::Count(n), Scale::Micro) => write!(out, "{}.{:06}", n / 1_000_000, n % 1_000_000),
+    };
+}
+
+/// A label value escaped as the exposition format requires.
 pub fn escape_label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
+    write_escaped(&mut out, value);
+    out
+}
+
+/// Appends a label value escaped as the exposition format requires:
+/// backslash, double quote and newline.
+pub fn write_escaped(out: &mut String, value: &str) {
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -112,7 +134,6 @@ pub fn escape_label(value: &str) -> String {
             c => out.push(c),
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -144,6 +165,12 @@ mod tests {
         );
     }
 
+    fn prom_value(value: Value, scale: Scale) -> String {
+        let mut out = "x ".to_string();
+        write_prom_value(&mut out, value, scale);
+        out.split_off(2)
+    }
+
     #[test]
     fn prometheus_values_are_in_base_units() {
         assert_eq!(
@@ -158,5 +185,8 @@ mod tests {
     #[test]
     fn labels_are_escaped() {
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let mut out = "x=".to_string();
+        write_escaped(&mut out, "a\"b\\c\nd");
+        assert_eq!(out, "x=a\\\"b\\\\c\\nd");
     }
 }
