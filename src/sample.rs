@@ -139,10 +139,7 @@ impl Sampler {
     /// [`Sampler::sample`] of each container, leaving out those that vanish;
     /// one buffer serves them all.
     pub fn sample_each(&self, containers: &[Arc<Container>]) -> Vec<(Arc<Container>, Sample)> {
-        let Some(first) = containers.first() else {
-            return Vec::new();
-        };
-        let mut scratch = Scratch::new(first);
+        let mut scratch = Scratch::default();
         containers
             .iter()
             .filter_map(|c| {
@@ -250,6 +247,7 @@ impl Sampler {
 
 /// What one sample has read so far: each source (a cgroup file, the eBPF
 /// totals) is read once however many groups use it.
+#[derive(Default)]
 struct Scratch<'c> {
     totals: Option<Totals>,
     files: Files<'c>,

@@ -76,6 +76,12 @@ struct Kept {
     fd: Arc<File>,
 }
 
+impl Kept {
+    fn is(&self, dir: &Path, file: &str) -> bool {
+        self.file == file && self.dir.as_os_str() == dir.as_os_str()
+    }
+}
+
 impl Default for KeptFiles {
     fn default() -> Self {
         KeptFiles::with_budget(&BUDGET)
@@ -109,7 +115,7 @@ impl KeptFiles {
             .files
             .lock()
             .iter()
-            .find(|k| k.file == file && k.dir.as_os_str() == dir.as_os_str())
+            .find(|k| k.is(dir, file))
             .map(|k| k.fd.clone())?;
         let mut buf = [0u8; MAX_KEPT_LEN];
         let read = loop {
@@ -143,10 +149,7 @@ impl KeptFiles {
         }
         let mut files = self.files.lock();
         // Two threads may have opened it at once: keep one.
-        if files
-            .iter()
-            .any(|k| k.file == file && k.dir.as_os_str() == dir.as_os_str())
-        {
+        if files.iter().any(|k| k.is(dir, file)) {
             self.budget.give(1);
             return;
         }
@@ -160,7 +163,7 @@ impl KeptFiles {
     fn forget(&self, dir: &Path, file: &'static str) {
         let mut files = self.files.lock();
         let before = files.len();
-        files.retain(|k| !(k.file == file && k.dir.as_os_str() == dir.as_os_str()));
+        files.retain(|k| !k.is(dir, file));
         self.budget.give(before - files.len());
     }
 
