@@ -8,18 +8,17 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|text: &str| {
     let _ = parse::single(text);
     let _ = parse::limit(text);
-    if let Ok(keyed) = parse::keyed(text) {
-        for key in [
+    let _ = parse::keyed(
+        text,
+        [
             "anon",
             "file",
             "usage_usec",
             "nr_throttled",
             "rss",
             "oom_kill",
-        ] {
-            let _ = keyed.get(key);
-        }
-    }
+        ],
+    );
     let _ = parse::cpu_max(text);
     let (quota, period) = text.split_once('\n').unwrap_or((text, text));
     let _ = parse::cfs_quota(quota, period);

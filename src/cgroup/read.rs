@@ -58,11 +58,17 @@ impl<'a> Source<'a> {
             .transpose()
     }
 
-    /// A flat keyed file: `apply` gets the parsed keys.
-    fn keyed(&self, files: &mut Files<'a>, apply: impl FnOnce(&parse::Keyed<'_>)) -> Result<()> {
+    /// A flat keyed file: `apply` gets the values of `keys`, in their order.
+    fn keyed<const N: usize>(
+        &self,
+        files: &mut Files<'a>,
+        keys: [&str; N],
+        apply: impl FnOnce([Option<u64>; N]),
+    ) -> Result<()> {
         if let Some(range) = self.range(files)? {
-            let keys = parse::keyed(files.slice(range)).map_err(|source| self.malformed(source))?;
-            apply(&keys);
+            let values =
+                parse::keyed(files.slice(range), keys).map_err(|source| self.malformed(source))?;
+            apply(values);
         }
         Ok(())
     }
@@ -265,7 +271,7 @@ pub fn cpu_usage_usec(layout: &Layout, dirs: &CgroupDirs, kept: &KeptFiles) -> R
             .map(|ns| ns / 1000)),
         Some(Backend::V2(dir)) => {
             let mut usage = None;
-            src(dir, "cpu.stat").keyed(files, |k| usage = k.get("usage_usec"))?;
+            src(dir, "cpu.stat").keyed(files, ["usage_usec"], |[u]| usage = u)?;
             Ok(usage)
         }
     }
@@ -273,16 +279,24 @@ pub fn cpu_usage_usec(layout: &Layout, dirs: &CgroupDirs, kept: &KeptFiles) -> R
 
 fn read_v2<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<'a>) -> Result<()> {
     match group {
-        Group::CpuUsage => src(dir, "cpu.stat").keyed(files, |k| {
-            out.set(M::CpuUsageUsec, k.get("usage_usec"));
-            out.set(M::CpuUserUsec, k.get("user_usec"));
-            out.set(M::CpuSystemUsec, k.get("system_usec"));
-        })?,
-        Group::CpuThrottle => src(dir, "cpu.stat").keyed(files, |k| {
-            out.set(M::CpuNrPeriods, k.get("nr_periods"));
-            out.set(M::CpuNrThrottled, k.get("nr_throttled"));
-            out.set(M::CpuThrottledUsec, k.get("throttled_usec"));
-        })?,
+        Group::CpuUsage => src(dir, "cpu.stat").keyed(
+            files,
+            ["usage_usec", "user_usec", "system_usec"],
+            |[usage, user, system]| {
+                out.set(M::CpuUsageUsec, usage);
+                out.set(M::CpuUserUsec, user);
+                out.set(M::CpuSystemUsec, system);
+            },
+        )?,
+        Group::CpuThrottle => src(dir, "cpu.stat").keyed(
+            files,
+            ["nr_periods", "nr_throttled", "throttled_usec"],
+            |[periods, throttled, throttled_usec]| {
+                out.set(M::CpuNrPeriods, periods);
+                out.set(M::CpuNrThrottled, throttled);
+                out.set(M::CpuThrottledUsec, throttled_usec);
+            },
+        )?,
         Group::CpuLimit => {
             if let Some(limit) = src(dir, "cpu.max").parse(files, parse::cpu_max)? {
                 out.set_value(M::CpuLimitMillicores, limit.into());
@@ -294,20 +308,40 @@ fn read_v2<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
         ),
         Group::MemoryStat => {
             let usage = src(dir, "memory.current").parse(files, parse::single)?;
-            src(dir, "memory.stat").keyed(files, |k| {
-                out.set(M::MemoryRss, k.get("anon"));
-                out.set(M::MemoryCache, k.get("file"));
-                out.set(M::MemoryRssHuge, k.get("anon_thp"));
-                out.set(M::MemoryShmem, k.get("shmem"));
-                out.set(M::MemoryMappedFile, k.get("file_mapped"));
-                out.set(M::MemoryDirty, k.get("file_dirty"));
-                out.set(M::MemoryWriteback, k.get("file_writeback"));
-                out.set(M::MemoryPgfault, k.get("pgfault"));
-                out.set(M::MemoryPgmajfault, k.get("pgmajfault"));
-                out.set(
-                    M::MemoryWorkingSet,
-                    working_set(usage, k.get("inactive_file")),
-                );
+            let keys = [
+                "anon",
+                "file",
+                "anon_thp",
+                "shmem",
+                "file_mapped",
+                "file_dirty",
+                "file_writeback",
+                "pgfault",
+                "pgmajfault",
+                "inactive_file",
+            ];
+            src(dir, "memory.stat").keyed(files, keys, |[
+                anon,
+                file,
+                anon_thp,
+                shmem,
+                mapped,
+                dirty,
+                writeback,
+                pgfault,
+                pgmajfault,
+                inactive_file,
+            ]| {
+                out.set(M::MemoryRss, anon);
+                out.set(M::MemoryCache, file);
+                out.set(M::MemoryRssHuge, anon_thp);
+                out.set(M::MemoryShmem, shmem);
+                out.set(M::MemoryMappedFile, mapped);
+                out.set(M::MemoryDirty, dirty);
+                out.set(M::MemoryWriteback, writeback);
+                out.set(M::MemoryPgfault, pgfault);
+                out.set(M::MemoryPgmajfault, pgmajfault);
+                out.set(M::MemoryWorkingSet, working_set(usage, inactive_file));
             })?
         }
         Group::MemorySwap => out.set(
@@ -319,8 +353,9 @@ fn read_v2<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
                 out.set_value(M::MemoryLimit, limit.into());
             }
         }
-        Group::MemoryOom => src(dir, "memory.events")
-            .keyed(files, |k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
+        Group::MemoryOom => src(dir, "memory.events").keyed(files, ["oom_kill"], |[kills]| {
+            out.set(M::MemoryOomKills, kills)
+        })?,
         Group::Io => {
             if let Some(io) = src(dir, "io.stat").parse(files, parse::io_stat)? {
                 out.set(M::IoReadBytes, Some(io.read_bytes));
@@ -349,19 +384,20 @@ fn read_v1<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
             let usage_ns = src(dir, "cpuacct.usage").parse(files, parse::single)?;
             out.set(M::CpuUsageUsec, usage_ns.map(|ns| ns / 1000));
             let to_usec = |ticks: u64| ticks.saturating_mul(1_000_000) / user_hz();
-            src(dir, "cpuacct.stat").keyed(files, |k| {
-                out.set(M::CpuUserUsec, k.get("user").map(to_usec));
-                out.set(M::CpuSystemUsec, k.get("system").map(to_usec));
+            src(dir, "cpuacct.stat").keyed(files, ["user", "system"], |[user, system]| {
+                out.set(M::CpuUserUsec, user.map(to_usec));
+                out.set(M::CpuSystemUsec, system.map(to_usec));
             })?
         }
-        Group::CpuThrottle => src(dir, "cpu.stat").keyed(files, |k| {
-            out.set(M::CpuNrPeriods, k.get("nr_periods"));
-            out.set(M::CpuNrThrottled, k.get("nr_throttled"));
-            out.set(
-                M::CpuThrottledUsec,
-                k.get("throttled_time").map(|ns| ns / 1000),
-            );
-        })?,
+        Group::CpuThrottle => src(dir, "cpu.stat").keyed(
+            files,
+            ["nr_periods", "nr_throttled", "throttled_time"],
+            |[periods, throttled, throttled_ns]| {
+                out.set(M::CpuNrPeriods, periods);
+                out.set(M::CpuNrThrottled, throttled);
+                out.set(M::CpuThrottledUsec, throttled_ns.map(|ns| ns / 1000));
+            },
+        )?,
         Group::CpuLimit => {
             let quota = src(dir, "cpu.cfs_quota_us");
             let (quota_text, period_text) = (
@@ -380,34 +416,61 @@ fn read_v1<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
         ),
         Group::MemoryStat => {
             let usage = src(dir, "memory.usage_in_bytes").parse(files, parse::single)?;
-            src(dir, "memory.stat").keyed(files, |k| {
-                out.set(M::MemoryRss, k.get("total_rss"));
-                out.set(M::MemoryCache, k.get("total_cache"));
-                out.set(M::MemoryRssHuge, k.get("total_rss_huge"));
-                out.set(M::MemoryShmem, k.get("total_shmem"));
-                out.set(M::MemoryMappedFile, k.get("total_mapped_file"));
-                out.set(M::MemoryDirty, k.get("total_dirty"));
-                out.set(M::MemoryWriteback, k.get("total_writeback"));
-                out.set(M::MemoryPgfault, k.get("total_pgfault"));
-                out.set(M::MemoryPgmajfault, k.get("total_pgmajfault"));
-                out.set(M::MemoryPgpgin, k.get("total_pgpgin"));
-                out.set(M::MemoryPgpgout, k.get("total_pgpgout"));
-                out.set(
-                    M::MemoryWorkingSet,
-                    working_set(usage, k.get("total_inactive_file")),
-                );
+            // The total_ lines include every descendant.
+            let keys = [
+                "total_rss",
+                "total_cache",
+                "total_rss_huge",
+                "total_shmem",
+                "total_mapped_file",
+                "total_dirty",
+                "total_writeback",
+                "total_pgfault",
+                "total_pgmajfault",
+                "total_pgpgin",
+                "total_pgpgout",
+                "total_inactive_file",
+            ];
+            src(dir, "memory.stat").keyed(files, keys, |[
+                rss,
+                cache,
+                rss_huge,
+                shmem,
+                mapped,
+                dirty,
+                writeback,
+                pgfault,
+                pgmajfault,
+                pgpgin,
+                pgpgout,
+                inactive_file,
+            ]| {
+                out.set(M::MemoryRss, rss);
+                out.set(M::MemoryCache, cache);
+                out.set(M::MemoryRssHuge, rss_huge);
+                out.set(M::MemoryShmem, shmem);
+                out.set(M::MemoryMappedFile, mapped);
+                out.set(M::MemoryDirty, dirty);
+                out.set(M::MemoryWriteback, writeback);
+                out.set(M::MemoryPgfault, pgfault);
+                out.set(M::MemoryPgmajfault, pgmajfault);
+                out.set(M::MemoryPgpgin, pgpgin);
+                out.set(M::MemoryPgpgout, pgpgout);
+                out.set(M::MemoryWorkingSet, working_set(usage, inactive_file));
             })?
         }
-        Group::MemorySwap => {
-            src(dir, "memory.stat").keyed(files, |k| out.set(M::MemorySwap, k.get("total_swap")))?
-        }
+        Group::MemorySwap => src(dir, "memory.stat")
+            .keyed(files, ["total_swap"], |[swap]| out.set(M::MemorySwap, swap))?,
         Group::MemoryLimit => {
             if let Some(limit) = src(dir, "memory.limit_in_bytes").parse(files, parse::limit)? {
                 out.set_value(M::MemoryLimit, limit.into());
             }
         }
-        Group::MemoryOom => src(dir, "memory.oom_control")
-            .keyed(files, |k| out.set(M::MemoryOomKills, k.get("oom_kill")))?,
+        Group::MemoryOom => {
+            src(dir, "memory.oom_control").keyed(files, ["oom_kill"], |[kills]| {
+                out.set(M::MemoryOomKills, kills)
+            })?
+        }
         Group::Io => {
             // The _recursive files include descendants; old kernels lack them.
             let bytes = first_present(
