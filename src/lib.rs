@@ -11,6 +11,7 @@ pub mod cli;
 pub mod daemon;
 pub mod discovery;
 pub mod fs;
+pub mod helpers;
 pub mod metrics;
 pub mod mounts;
 pub mod net;

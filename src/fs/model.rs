@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 
 use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
 use crate::cgroup::read::SourceError;
+use crate::helpers::Helpers;
 use crate::metrics::{MetricId, Sample, METRICS};
 use crate::registry::{CgroupTree, Container, Registry};
 use crate::render;
@@ -107,15 +108,34 @@ pub struct DirEntry {
 }
 
 enum Handle {
-    File(Arc<[u8]>),
+    /// The text rendered at open. Not `Arc<[u8]>`: that would copy it, and
+    /// an aggregate file is megabytes.
+    File(Arc<Vec<u8>>),
     Dir(Arc<Vec<DirEntry>>),
+}
+
+/// Part of an open file's snapshot, shared with its handle.
+#[derive(Debug)]
+pub struct Chunk {
+    content: Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.content[self.range.clone()]
+    }
 }
 
 /// Tells the kernel to forget a root entry; set once mounted.
 pub type Invalidator = Box<dyn Fn(&str) + Send + Sync>;
 
 pub struct Model {
-    sampler: Sampler,
+    /// Shared with the helper threads that sample part of an aggregate.
+    sampler: Arc<Sampler>,
+    helpers: Helpers,
     /// `--private`: a directory of metrics belongs to its cgroup's owner and
     /// only they read it; the all-containers files only root.
     private: bool,
@@ -127,7 +147,8 @@ pub struct Model {
 impl Model {
     pub fn new(sampler: Sampler, private: bool) -> Model {
         Model {
-            sampler,
+            sampler: Arc::new(sampler),
+            helpers: Helpers::default(),
             private,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -311,18 +332,21 @@ impl Model {
             return Err(FsError::ReadOnly);
         }
         let content = self.render(node)?;
-        Ok(self.insert(Handle::File(content.into_bytes().into())))
+        Ok(self.insert(Handle::File(Arc::new(content.into_bytes()))))
     }
 
-    /// Up to `size` bytes of the snapshot from `offset`.
-    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// Up to `size` bytes of the snapshot from `offset`, not copied.
+    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Chunk> {
         let content = match self.handles.lock().get(&handle) {
             Some(Handle::File(content)) => content.clone(),
             _ => return Err(FsError::BadHandle),
         };
         let start = (offset as usize).min(content.len());
         let end = start.saturating_add(size as usize).min(content.len());
-        Ok(content[start..end].to_vec())
+        Ok(Chunk {
+            content,
+            range: start..end,
+        })
     }
 
     pub fn release(&self, handle: u64) {
@@ -457,27 +481,33 @@ impl Model {
     fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
         self.refresh();
         let containers = self.registry().list();
-        let sample = |chunk: &[Arc<Container>]| self.sampler.sample_each(chunk);
         // Reading cgroup files is all syscalls: spread over the CPUs, it
-        // takes a fraction of the time. A thread costs tens of µs, so small
-        // sets stay on this one.
+        // takes a fraction of the time. Handing work over costs a wake-up,
+        // so small sets stay on this thread.
         let threads = cpus().min(containers.len() / CONTAINERS_PER_THREAD).max(1);
-        if threads == 1 {
-            return sample(&containers);
-        }
-        let chunk = containers.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let mut parts = containers.chunks(chunk);
-            let first = parts.next().unwrap_or_default();
-            let others: Vec<_> = parts
-                .map(|part| scope.spawn(move || sample(part)))
-                .collect();
-            let mut all = sample(first);
-            for other in others {
-                all.extend(other.join().expect("sampling threads do not panic"));
+        let chunk = containers.len().div_ceil(threads).max(1);
+        let mut parts = containers.chunks(chunk);
+        let first = parts.next().unwrap_or_default();
+        let others: Vec<_> = parts
+            .enumerate()
+            .map(|(helper, part)| {
+                let (sampler, owned) = (Arc::clone(&self.sampler), part.to_vec());
+                (
+                    self.helpers
+                        .run(helper, move || sampler.sample_each(&owned)),
+                    part,
+                )
+            })
+            .collect();
+        let mut all = self.sampler.sample_each(first);
+        for (pending, part) in others {
+            match pending.recv() {
+                Ok(samples) => all.extend(samples),
+                // The helper failed (logged): do its share here.
+                Err(_) => all.extend(self.sampler.sample_each(part)),
             }
-            all
-        })
+        }
+        all
     }
 }
 
@@ -574,7 +604,7 @@ mod tests {
             if chunk.is_empty() {
                 break;
             }
-            out.extend(chunk);
+            out.extend_from_slice(&chunk);
         }
         model.release(handle);
         Ok(String::from_utf8(out).unwrap())
