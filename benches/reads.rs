@@ -33,6 +33,7 @@ fn main() {
     let mut cleanup = Cleanup::default();
     mkcgroup(&layout, &base, &mut cleanup);
 
+    // Counted before any pinning (see `cpus`).
     println!(
         "cgmetric read benchmark — {} CPUs, Linux {}\n",
         cpus(),
@@ -303,14 +304,12 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             );
         };
         compared("cgmetric memory_usage", &mut ours_t);
-        // Eight readers at once.
+        // Eight readers at once, placed as this row's reader is (threads
+        // inherit this one's CPUs).
         let threads: Vec<_> = (0..8)
-            .map(|i| {
+            .map(|_| {
                 let path = ours.clone();
-                std::thread::spawn(move || {
-                    pin_to(i % cpus());
-                    time_reads(&path, SINGLE_READS / 8)
-                })
+                std::thread::spawn(move || time_reads(&path, SINGLE_READS / 8))
             })
             .collect();
         let mut all: Vec<Duration> = threads
@@ -593,10 +592,16 @@ fn visibility(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     );
 }
 
+/// The CPUs this benchmark may use, as it started: it pins itself to one
+/// CPU later, and a count taken then would pin the daemons it starts
+/// unpinned to that CPU too.
 fn cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
 }
 
 fn kernel() -> String {
