@@ -66,21 +66,29 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
 
     /// The counter's increase per second over the last window. `read_now`
     /// reads its current value; `None` from it (the source vanished) is
-    /// passed on.
-    pub fn per_second(self: &Arc<Self>, key: K, read_now: impl Fn() -> Option<u64>) -> Option<f64> {
-        self.wake();
+    /// passed on. Its argument says whether the value must be read anew:
+    /// `false` lets the caller pass one it read moments ago (the same
+    /// sample's), `true` comes after this read waited or sampled, when such
+    /// a value would be stale.
+    pub fn per_second(
+        self: &Arc<Self>,
+        key: K,
+        mut read_now: impl FnMut(bool) -> Option<u64>,
+    ) -> Option<f64> {
+        let mut stale = self.wake();
         loop {
             match self.reference(key) {
                 Reference::Ready(then, old) => {
-                    let value = read_now()?;
+                    let value = read_now(stale)?;
                     let elapsed = then.elapsed().as_secs_f64();
                     return Some(value.saturating_sub(old) as f64 / elapsed);
                 }
                 Reference::WaitUntil(deadline) => {
-                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()))
+                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                    stale = true;
                 }
                 Reference::NoSample => {
-                    let value = read_now()?;
+                    let value = read_now(stale)?;
                     self.record(key, Instant::now(), value);
                 }
             }
@@ -89,11 +97,12 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
 
     /// Notes a read; starts the sampler if it is not running, taking its
     /// first sample here so every counter has one before any read waits.
-    fn wake(self: &Arc<Self>) {
+    /// True when it sampled.
+    fn wake(self: &Arc<Self>) -> bool {
         let mut state = self.state.lock();
         state.last_read = Instant::now();
         if state.sampling {
-            return;
+            return false;
         }
         state.sampling = true;
         drop(state);
@@ -103,6 +112,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
             .name("rate-sampler".into())
             .spawn(move || tracker.run_sampler())
             .expect("spawning the rate sampler thread");
+        true
     }
 
     fn run_sampler(&self) {
@@ -197,13 +207,13 @@ mod tests {
         );
         let t = Instant::now();
         let rate = tracker
-            .per_second(1, || Some(clock_counter(start)))
+            .per_second(1, |_| Some(clock_counter(start)))
             .unwrap();
         assert!(t.elapsed() >= Duration::from_millis(200));
         assert!((rate - 1000.0).abs() < 100.0, "{rate}");
         let t = Instant::now();
         let rate = tracker
-            .per_second(1, || Some(clock_counter(start)))
+            .per_second(1, |_| Some(clock_counter(start)))
             .unwrap();
         assert!(
             t.elapsed() < Duration::from_millis(100),
@@ -215,12 +225,40 @@ mod tests {
     }
 
     #[test]
+    fn a_value_held_from_before_a_wait_is_not_used() {
+        let start = Instant::now();
+        let tracker = RateTracker::new(
+            Duration::from_millis(100),
+            Box::new(move || vec![(1u32, clock_counter(start))]),
+        );
+        // The value the caller holds (0) is older than every sample: used
+        // after the wait, it would make the rate 0.
+        let held = |stale: bool| Some(if stale { clock_counter(start) } else { 0 });
+        let mut asked = Vec::new();
+        let rate = tracker.per_second(1, |stale| {
+            asked.push(stale);
+            held(stale)
+        });
+        // This read started the sampler and waited a window: each value it
+        // asked for had to be read anew.
+        assert_eq!(asked, [true]);
+        assert!((rate.unwrap() - 1000.0).abs() < 150.0, "{rate:?}");
+        // The sampler is running now: no wait, the held value is welcome.
+        asked.clear();
+        tracker.per_second(1, |stale| {
+            asked.push(stale);
+            held(stale)
+        });
+        assert_eq!(asked, [false]);
+    }
+
+    #[test]
     fn untracked_keys_sample_themselves() {
         let start = Instant::now();
         let tracker =
             RateTracker::new(Duration::from_millis(100), Box::new(Vec::<(u32, u64)>::new));
         let rate = tracker
-            .per_second(7, || Some(clock_counter(start)))
+            .per_second(7, |_| Some(clock_counter(start)))
             .unwrap();
         assert!((rate - 1000.0).abs() < 150.0, "{rate}");
     }
@@ -231,8 +269,8 @@ mod tests {
             Duration::from_millis(50),
             Box::new(|| vec![(1u32, 1000u64)]),
         );
-        assert_eq!(tracker.per_second(2, || None), None);
-        assert_eq!(tracker.per_second(1, || Some(10)), Some(0.0));
+        assert_eq!(tracker.per_second(2, |_| None), None);
+        assert_eq!(tracker.per_second(1, |_| Some(10)), Some(0.0));
     }
 
     #[test]
@@ -247,7 +285,7 @@ mod tests {
                 vec![(1u32, 0u64)]
             }),
         );
-        tracker.per_second(1, || Some(0));
+        tracker.per_second(1, |_| Some(0));
         std::thread::sleep(Duration::from_millis(200));
         let after_idle = samples.load(Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(200));

@@ -44,7 +44,7 @@ impl Sampler {
             Box::new(move || {
                 let mut samples = Vec::new();
                 for c in tracked.list().into_iter().chain(tracked_tree.list()) {
-                    if let Some(usage) = cpu_usage_usec(&tracked, &c) {
+                    if let Some(usage) = cpu_usage_usec(&tracked, &c, &mut Files::new(&c.kept)) {
                         samples.push(((c.slot, RateCounter::CpuUsage), usage));
                     }
                     if let Some(totals) = net_totals(tracked_net.as_deref(), &c) {
@@ -173,15 +173,20 @@ impl Sampler {
         out: &mut Sample,
         scratch: &mut Scratch<'c>,
     ) -> Result<(), SourceError> {
-        let totals = &mut scratch.totals;
         let vanished =
             || SourceError::Vanished(c.dirs.v2.clone().unwrap_or_else(|| c.cgroup.clone()));
+        // A rate reuses what this sample read (CPU usage, the eBPF totals)
+        // unless it had to wait, which makes that value stale.
         match group {
             Group::CpuRate => {
+                let files = &mut scratch.files;
                 let usec_per_second = self
                     .rates
-                    .per_second((c.slot, RateCounter::CpuUsage), || {
-                        cpu_usage_usec(&self.registry, c)
+                    .per_second((c.slot, RateCounter::CpuUsage), |stale| {
+                        if stale {
+                            files.forget();
+                        }
+                        cpu_usage_usec(&self.registry, c, files)
                     })
                     .ok_or_else(vanished)?;
                 out.set(
@@ -194,16 +199,21 @@ impl Sampler {
                     (M::NetTxBps, RateCounter::NetTx, tx as fn(&Totals) -> u64),
                     (M::NetRxBps, RateCounter::NetRx, rx),
                 ] {
+                    let totals = &mut scratch.totals;
                     let per_second = self
                         .rates
-                        .per_second((c.slot, counter), || {
-                            net_totals(self.net.as_deref(), c).map(|t| pick(&t))
+                        .per_second((c.slot, counter), |stale| {
+                            if stale || totals.is_none() {
+                                *totals = net_totals(self.net.as_deref(), c);
+                            }
+                            totals.as_ref().map(pick)
                         })
                         .ok_or_else(vanished)?;
                     out.set(id, Some(per_second.round() as u64));
                 }
             }
             Group::NetTraffic | Group::NetConn => {
+                let totals = &mut scratch.totals;
                 let t = match totals {
                     Some(t) => *t,
                     None => {
@@ -275,8 +285,12 @@ fn rx(t: &Totals) -> u64 {
     t.net.rx_bytes
 }
 
-fn cpu_usage_usec(registry: &Registry, container: &Container) -> Option<u64> {
-    crate::cgroup::read::cpu_usage_usec(registry.layout(), &container.dirs, &container.kept)
+fn cpu_usage_usec<'c>(
+    registry: &Registry,
+    container: &'c Container,
+    files: &mut Files<'c>,
+) -> Option<u64> {
+    crate::cgroup::read::cpu_usage_usec(registry.layout(), &container.dirs, files)
         .ok()
         .flatten()
 }

@@ -104,6 +104,12 @@ impl<'a> Files<'a> {
     /// Starts over for another cgroup, keeping the memory.
     pub fn reset(&mut self, kept: &'a KeptFiles) {
         self.kept = Some(kept);
+        self.forget();
+    }
+
+    /// Forgets every text read, so that each file is read again when next
+    /// asked for (what was read has gone stale).
+    pub fn forget(&mut self) {
         self.read.clear();
         self.texts.clear();
     }
@@ -261,9 +267,13 @@ pub fn read_group<'a>(
 }
 
 /// CPU time used, in µs, from the one file that has it: what the rate
-/// sampler reads for every container twice a window, so nothing more.
-pub fn cpu_usage_usec(layout: &Layout, dirs: &CgroupDirs, kept: &KeptFiles) -> Result<Option<u64>> {
-    let files = &mut Files::new(kept);
+/// sampler reads for every container twice a window, so nothing more. A
+/// file `files` already holds is not read again.
+pub fn cpu_usage_usec<'a>(
+    layout: &Layout,
+    dirs: &'a CgroupDirs,
+    files: &mut Files<'a>,
+) -> Result<Option<u64>> {
     match backend(layout, dirs, Controller::Cpuacct) {
         None => Ok(None),
         Some(Backend::V1(dir)) => Ok(src(dir, "cpuacct.usage")
