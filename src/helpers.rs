@@ -1,13 +1,17 @@
-//! Long-lived helper threads that take a share of an aggregate read.
+//! Long-lived helper threads that take a share of an aggregate read, and
+//! the work they share.
 //!
 //! A thread spawned for each read started on its parent's CPU nearly every
 //! time (22 of 23 spawns on a 2-CPU VM, `perf record -e
 //! sched:sched_wakeup_new`), so the two halves of a sample ran one after the
 //! other and an aggregate read took either 3.2 or 5 ms. A helper that sleeps
-//! on a channel is placed when it is woken, on an idle CPU when there is one.
+//! on a channel is placed when it is woken, on an idle CPU when there is one;
+//! when it is not, [`Chunks`] lets the reading thread do the work itself
+//! rather than wait for it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
 
 use parking_lot::Mutex;
 
@@ -20,34 +24,64 @@ pub struct Helpers {
 }
 
 impl Helpers {
-    /// Runs `job` on helper `index`, starting helpers up to it if need be.
-    /// The result comes through the receiver; it reports a disconnection
-    /// instead when the job panicked or no helper could be started, and the
-    /// caller then does the work itself.
-    pub fn run<T: Send + 'static>(
-        &self,
-        index: usize,
-        job: impl FnOnce() -> T + Send + 'static,
-    ) -> Receiver<T> {
-        let (result, receiver) = mpsc::channel();
-        let job: Job = Box::new(move || {
-            let _ = result.send(job());
-        });
+    /// Queues `job` for helper `index`, starting helpers up to it if need
+    /// be. A job that panics, or finds no helper (one could not be started),
+    /// is dropped: whatever it captured, a result channel say, sees that.
+    pub fn submit(&self, index: usize, job: impl FnOnce() + Send + 'static) {
         let mut queues = self.queues.lock();
         while queues.len() <= index {
             match start(queues.len()) {
                 Some(queue) => queues.push(queue),
-                // Dropping the job drops its result sender.
-                None => return receiver,
+                None => return,
             }
         }
-        let _ = queues[index].send(job);
-        receiver
+        let _ = queues[index].send(Box::new(job));
     }
 
     /// How many helpers are running.
     pub fn started(&self) -> usize {
         self.queues.lock().len()
+    }
+}
+
+/// Items handed out a chunk at a time to whichever thread asks next.
+pub struct Chunks<T> {
+    items: Vec<T>,
+    size: usize,
+    next: AtomicUsize,
+}
+
+impl<T> Chunks<T> {
+    pub fn new(items: Vec<T>, size: usize) -> Chunks<T> {
+        Chunks {
+            items,
+            size: size.max(1),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.items.len().div_ceil(self.size)
+    }
+
+    /// The items of chunk `index`.
+    pub fn get(&self, index: usize) -> &[T] {
+        let start = (index * self.size).min(self.items.len());
+        &self.items[start..(start + self.size).min(self.items.len())]
+    }
+
+    /// Takes chunks until none is left, giving each to `work` with its
+    /// index; returns how many this caller took.
+    pub fn take_all(&self, mut work: impl FnMut(usize, &[T])) -> usize {
+        let mut taken = 0;
+        loop {
+            let index = self.next.fetch_add(1, Ordering::Relaxed);
+            if index >= self.count() {
+                return taken;
+            }
+            work(index, self.get(index));
+            taken += 1;
+        }
     }
 }
 
@@ -71,21 +105,58 @@ fn start(index: usize) -> Option<Sender<Job>> {
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+
     #[test]
-    fn results_come_back_and_helpers_are_reused() {
+    fn jobs_run_and_helpers_are_reused() {
         let helpers = Helpers::default();
-        let pending: Vec<_> = (0..8).map(|i| helpers.run(i % 2, move || i * 10)).collect();
-        let results: Vec<usize> = pending.into_iter().map(|r| r.recv().unwrap()).collect();
+        let (done, results) = mpsc::channel();
+        for i in 0..8 {
+            let done = done.clone();
+            helpers.submit(i % 2, move || done.send(i * 10).unwrap());
+        }
+        drop(done);
+        let mut results: Vec<usize> = results.iter().collect();
+        results.sort();
         assert_eq!(results, [0, 10, 20, 30, 40, 50, 60, 70]);
         assert_eq!(helpers.started(), 2);
     }
 
     #[test]
-    fn a_panicking_job_disconnects_and_the_helper_survives() {
+    fn a_panicking_job_is_dropped_and_the_helper_survives() {
         let helpers = Helpers::default();
-        let failed = helpers.run(0, || -> u32 { panic!("bad job") });
-        assert!(failed.recv().is_err());
-        assert_eq!(helpers.run(0, || 7).recv().unwrap(), 7);
+        let (done, result) = mpsc::channel::<u32>();
+        helpers.submit(0, move || {
+            let _keep = done;
+            panic!("bad job")
+        });
+        assert!(result.recv().is_err());
+        let (done, result) = mpsc::channel();
+        helpers.submit(0, move || done.send(7).unwrap());
+        assert_eq!(result.recv().unwrap(), 7);
         assert_eq!(helpers.started(), 1);
+    }
+
+    #[test]
+    fn chunks_are_each_taken_once_by_whoever_asks() {
+        let chunks = Arc::new(Chunks::new((0..100).collect::<Vec<u32>>(), 16));
+        assert_eq!(chunks.count(), 7);
+        assert_eq!(chunks.get(6), [96, 97, 98, 99]);
+        let other = Arc::clone(&chunks);
+        let helper = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            other.take_all(|i, items| seen.push((i, items.to_vec())));
+            seen
+        });
+        let mut seen = Vec::new();
+        let mine = chunks.take_all(|i, items| seen.push((i, items.to_vec())));
+        let theirs = helper.join().unwrap();
+        assert_eq!(mine + theirs.len(), 7);
+        seen.extend(theirs);
+        seen.sort();
+        let items: Vec<u32> = seen.into_iter().flat_map(|(_, items)| items).collect();
+        assert_eq!(items, (0..100).collect::<Vec<u32>>());
+        assert_eq!(chunks.take_all(|_, _| unreachable!()), 0);
+        assert!(Chunks::<u32>::new(Vec::new(), 16).get(0).is_empty());
     }
 }

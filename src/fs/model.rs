@@ -11,13 +11,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use parking_lot::Mutex;
 
 use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
 use crate::cgroup::read::SourceError;
-use crate::helpers::Helpers;
+use crate::helpers::{Chunks, Helpers};
 use crate::metrics::{MetricId, Sample, METRICS};
 use crate::registry::{CgroupTree, Container, Registry};
 use crate::render;
@@ -484,35 +484,49 @@ impl Model {
         // Reading cgroup files is all syscalls: spread over the CPUs, it
         // takes a fraction of the time. Handing work over costs a wake-up,
         // so small sets stay on this thread.
-        let threads = cpus().min(containers.len() / CONTAINERS_PER_THREAD).max(1);
-        let chunk = containers.len().div_ceil(threads).max(1);
-        let mut parts = containers.chunks(chunk);
-        let first = parts.next().unwrap_or_default();
-        let others: Vec<_> = parts
-            .enumerate()
-            .map(|(helper, part)| {
-                let (sampler, owned) = (Arc::clone(&self.sampler), part.to_vec());
-                (
-                    self.helpers
-                        .run(helper, move || sampler.sample_each(&owned)),
-                    part,
-                )
-            })
-            .collect();
-        let mut all = self.sampler.sample_each(first);
-        for (pending, part) in others {
-            match pending.recv() {
-                Ok(samples) => all.extend(samples),
-                // The helper failed (logged): do its share here.
-                Err(_) => all.extend(self.sampler.sample_each(part)),
-            }
+        let helpers = cpus().min(containers.len() / CONTAINERS_PER_THREAD).max(1) - 1;
+        if helpers == 0 {
+            return self.sampler.sample_each(&containers);
         }
-        all
+        // Chunks taken in turn rather than halves: a helper the scheduler
+        // starts late takes fewer, and this thread never waits for one that
+        // has not begun.
+        let work = Arc::new(Chunks::new(containers, CHUNK));
+        let (done, finished) = mpsc::channel();
+        for helper in 0..helpers {
+            let (sampler, work, done) =
+                (Arc::clone(&self.sampler), Arc::clone(&work), done.clone());
+            self.helpers.submit(helper, move || {
+                work.take_all(|chunk, part| {
+                    let _ = done.send((chunk, sampler.sample_each(part)));
+                });
+            });
+        }
+        drop(done);
+        let mut parts: Vec<Option<_>> = (0..work.count()).map(|_| None).collect();
+        let mine = work.take_all(|chunk, part| parts[chunk] = Some(self.sampler.sample_each(part)));
+        for _ in mine..work.count() {
+            // Disconnected: a helper panicked; its chunk is done below.
+            let Ok((chunk, samples)) = finished.recv() else {
+                break;
+            };
+            parts[chunk] = Some(samples);
+        }
+        parts
+            .into_iter()
+            .enumerate()
+            .flat_map(|(chunk, part)| {
+                part.unwrap_or_else(|| self.sampler.sample_each(work.get(chunk)))
+            })
+            .collect()
     }
 }
 
 /// Below this many containers per CPU, an aggregate is sampled on one thread.
 const CONTAINERS_PER_THREAD: usize = 32;
+
+/// Containers a sampling thread takes at a time: about 0.3 ms of work.
+const CHUNK: usize = 16;
 
 /// The CPUs this process may run on, once (the answer reads cgroup files).
 fn cpus() -> usize {
