@@ -205,27 +205,6 @@ fn time_reads(path: &Path, reads: usize) -> Vec<Duration> {
     times
 }
 
-/// Eight readers at once, placed as the calling thread is (threads inherit
-/// its CPUs): p50 and p99 of their reads.
-fn parallel_reads(label: &str, path: &Path) {
-    let threads: Vec<_> = (0..8)
-        .map(|_| {
-            let path = path.to_path_buf();
-            std::thread::spawn(move || time_reads(&path, SINGLE_READS / 8))
-        })
-        .collect();
-    let mut all: Vec<Duration> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
-    println!(
-        "  {:<32} {:>9.1} {:>9.1}",
-        label,
-        micros(percentile(&mut all, 0.5)),
-        micros(percentile(&mut all, 0.99))
-    );
-}
-
 fn percentile(times: &mut [Duration], p: f64) -> Duration {
     times.sort();
     times[((times.len() - 1) as f64 * p) as usize]
@@ -325,23 +304,39 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             );
         };
         compared("cgmetric memory_usage", &mut ours_t);
-        parallel_reads("cgmetric, 8 parallel readers", &ours);
+        // Eight readers at once, placed as this row's reader is (threads
+        // inherit this one's CPUs).
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let path = ours.clone();
+                std::thread::spawn(move || time_reads(&path, SINGLE_READS / 8))
+            })
+            .collect();
+        let mut all: Vec<Duration> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        println!(
+            "  {:<32} {:>9.1} {:>9.1}",
+            "cgmetric, 8 parallel readers",
+            micros(percentile(&mut all, 0.5)),
+            micros(percentile(&mut all, 0.99))
+        );
         // Measured alone, as the first was.
         drop(daemon);
-        // The same daemon with FUSE threads that poll for the next request
-        // for 50 µs before they sleep: what a spin gains or costs here.
-        let spun = Daemon::start_with(
-            &format!("{base}/single/*"),
-            daemon_cpu,
-            &["--fuse-spin", "50us"],
-        );
-        let path = spun.mnt.join("box/memory_usage");
-        let _ = time_reads(&path, 1000);
-        compared(
-            "cgmetric, --fuse-spin 50us",
-            &mut time_reads(&path, SINGLE_READS),
-        );
-        parallel_reads("  the same, 8 parallel readers", &path);
+        // The same daemon whose FUSE threads sleep as soon as the queue is
+        // empty: what the spin before sleeping gains.
+        let mut unspun_t = {
+            let unspun = Daemon::start_with(
+                &format!("{base}/single/*"),
+                daemon_cpu,
+                &["--fuse-spin", "0"],
+            );
+            let path = unspun.mnt.join("box/memory_usage");
+            let _ = time_reads(&path, 1000);
+            time_reads(&path, SINGLE_READS)
+        };
+        compared("cgmetric, --fuse-spin 0", &mut unspun_t);
     }
     println!();
 }

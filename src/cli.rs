@@ -72,12 +72,11 @@ pub struct Options {
     pub window: Duration,
 
     /// How long a FUSE thread keeps polling for the next request before it
-    /// sleeps; default 0, never. Catching a reader's next request this way
-    /// saves waking an idle CPU when the daemon is pinned to CPUs apart from
-    /// its readers (50us suits that); unpinned, a spinning daemon keeps the
-    /// scheduler from putting it beside its reader, and reads are slower.
-    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_spin)]
-    pub fuse_spin: Duration,
+    /// sleeps (0 never spins). Catching a reader's next request this way saves
+    /// waking an idle CPU; the default is 50us when two or more CPUs are online
+    /// and 0 on one, where a spin only delays the reader.
+    #[arg(long, value_name = "DURATION", value_parser = parse_spin)]
+    pub fuse_spin: Option<Duration>,
 
     /// How many cgroup files may stay open between reads (0 keeps none).
     /// A kept file is read with one pread instead of open + read + close,
@@ -195,12 +194,12 @@ mod tests {
     #[test]
     fn fuse_spin() {
         let o = Options::try_parse_from(["cgmetric", "--fuse-spin", "20us"]).unwrap();
-        assert_eq!(o.fuse_spin, Duration::from_micros(20));
-        let o = Options::try_parse_from(["cgmetric", "--fuse-spin", "50us"]).unwrap();
-        assert_eq!(o.fuse_spin, Duration::from_micros(50));
+        assert_eq!(o.fuse_spin, Some(Duration::from_micros(20)));
+        let o = Options::try_parse_from(["cgmetric", "--fuse-spin", "0"]).unwrap();
+        assert_eq!(o.fuse_spin, Some(Duration::ZERO));
         assert_eq!(
             Options::try_parse_from(["cgmetric"]).unwrap().fuse_spin,
-            Duration::ZERO
+            None
         );
         assert!(Options::try_parse_from(["cgmetric", "--fuse-spin", "1s"]).is_err());
     }
