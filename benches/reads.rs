@@ -205,6 +205,27 @@ fn time_reads(path: &Path, reads: usize) -> Vec<Duration> {
     times
 }
 
+/// Eight readers at once, placed as the calling thread is (threads inherit
+/// its CPUs): p50 and p99 of their reads.
+fn parallel_reads(label: &str, path: &Path) {
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.to_path_buf();
+            std::thread::spawn(move || time_reads(&path, SINGLE_READS / 8))
+        })
+        .collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    println!(
+        "  {:<32} {:>9.1} {:>9.1}",
+        label,
+        micros(percentile(&mut all, 0.5)),
+        micros(percentile(&mut all, 0.99))
+    );
+}
+
 fn percentile(times: &mut [Duration], p: f64) -> Duration {
     times.sort();
     times[((times.len() - 1) as f64 * p) as usize]
@@ -304,39 +325,23 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             );
         };
         compared("cgmetric memory_usage", &mut ours_t);
-        // Eight readers at once, placed as this row's reader is (threads
-        // inherit this one's CPUs).
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let path = ours.clone();
-                std::thread::spawn(move || time_reads(&path, SINGLE_READS / 8))
-            })
-            .collect();
-        let mut all: Vec<Duration> = threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
-        println!(
-            "  {:<32} {:>9.1} {:>9.1}",
-            "cgmetric, 8 parallel readers",
-            micros(percentile(&mut all, 0.5)),
-            micros(percentile(&mut all, 0.99))
-        );
+        parallel_reads("cgmetric, 8 parallel readers", &ours);
         // Measured alone, as the first was.
         drop(daemon);
         // The same daemon whose FUSE threads sleep as soon as the queue is
-        // empty: what the spin before sleeping gains.
-        let mut unspun_t = {
-            let unspun = Daemon::start_with(
-                &format!("{base}/single/*"),
-                daemon_cpu,
-                &["--fuse-spin", "0"],
-            );
-            let path = unspun.mnt.join("box/memory_usage");
-            let _ = time_reads(&path, 1000);
-            time_reads(&path, SINGLE_READS)
-        };
-        compared("cgmetric, --fuse-spin 0", &mut unspun_t);
+        // empty: what the spin before sleeping gains or costs here.
+        let unspun = Daemon::start_with(
+            &format!("{base}/single/*"),
+            daemon_cpu,
+            &["--fuse-spin", "0"],
+        );
+        let path = unspun.mnt.join("box/memory_usage");
+        let _ = time_reads(&path, 1000);
+        compared(
+            "cgmetric, --fuse-spin 0",
+            &mut time_reads(&path, SINGLE_READS),
+        );
+        parallel_reads("  the same, 8 parallel readers", &path);
     }
     println!();
 }
@@ -407,7 +412,9 @@ fn median_time(mut f: impl FnMut(), runs: usize) -> Duration {
 /// the default `--open-files`, and where that does not cover every file,
 /// with every file kept open too.
 fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
-    println!("Everything at once: one read of the aggregate file (ms, median of 10)\n");
+    println!(
+        "Everything at once: one read of the aggregate file (ms, median of 30; of 10 for 10,000)\n"
+    );
     println!(
         "{:<12} {:<15} {:>9} {:>9} {:>9} {:>13} {:>8} {:>8} {:>10}",
         "containers",
@@ -429,6 +436,10 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         let files: Vec<PathBuf> = (0..count)
             .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
             .collect();
+        // A read can land in either of two modes (both sampling threads on
+        // one CPU or not), so small sets are read often enough for a steady
+        // median.
+        let runs = if count > 1000 { 10 } else { 30 };
         pin_to(0);
         let direct = median_time(
             || {
@@ -436,7 +447,7 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
                     let _ = fs::read(f);
                 }
             },
-            10,
+            runs,
         );
         let default = cgmetric::cli::DEFAULT_OPEN_FILES;
         let mut budgets = vec![default];
@@ -455,8 +466,8 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             let fds_before = open_fds(daemon.pid());
             // Warm up: the first read measures CPU rates over one window.
             let _ = fs::read_to_string(mnt.join("metric")).unwrap();
-            let metric = median_time(|| drop(fs::read(mnt.join("metric")).unwrap()), 10);
-            let prom = median_time(|| drop(fs::read(mnt.join("metrics.prom")).unwrap()), 10);
+            let metric = median_time(|| drop(fs::read(mnt.join("metric")).unwrap()), runs);
+            let prom = median_time(|| drop(fs::read(mnt.join("metrics.prom")).unwrap()), runs);
             let kept = open_fds(daemon.pid()) - fds_before;
             let slab = slab_kib().saturating_sub(slab_before) as f64 / 1024.0;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
