@@ -26,9 +26,9 @@ fn main() -> ExitCode {
 }
 
 /// glibc gives threads their own malloc arenas (up to 8 per CPU), and each
-/// keeps what it freed: the short-lived threads that sample aggregates grew
-/// the daemon's RSS by a quarter over 10,000 containers of churn (the churn
-/// test). One arena keeps the footprint flat; the threads allocate little.
+/// keeps what it freed: the threads that sampled aggregates, then spawned
+/// for each read, grew the daemon's RSS by a quarter over 10,000 containers
+/// of churn (the churn test). One arena keeps the footprint flat; the threads allocate little.
 /// A fixed mmap threshold keeps big transient buffers (an aggregate file's
 /// rendering) out of the heap: glibc's sliding threshold otherwise moves
 /// them into it, where they fragment what stays.
