@@ -318,41 +318,8 @@ fn read_v2<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
         ),
         Group::MemoryStat => {
             let usage = src(dir, "memory.current").parse(files, parse::single)?;
-            let keys = [
-                "anon",
-                "file",
-                "anon_thp",
-                "shmem",
-                "file_mapped",
-                "file_dirty",
-                "file_writeback",
-                "pgfault",
-                "pgmajfault",
-                "inactive_file",
-            ];
-            src(dir, "memory.stat").keyed(files, keys, |[
-                anon,
-                file,
-                anon_thp,
-                shmem,
-                mapped,
-                dirty,
-                writeback,
-                pgfault,
-                pgmajfault,
-                inactive_file,
-            ]| {
-                out.set(M::MemoryRss, anon);
-                out.set(M::MemoryCache, file);
-                out.set(M::MemoryRssHuge, anon_thp);
-                out.set(M::MemoryShmem, shmem);
-                out.set(M::MemoryMappedFile, mapped);
-                out.set(M::MemoryDirty, dirty);
-                out.set(M::MemoryWriteback, writeback);
-                out.set(M::MemoryPgfault, pgfault);
-                out.set(M::MemoryPgmajfault, pgmajfault);
-                out.set(M::MemoryWorkingSet, working_set(usage, inactive_file));
-            })?
+            let keys = MEMORY_STAT.map(|(_, v2, _)| v2);
+            memory_stat(dir, keys, usage, out, files)?
         }
         Group::MemorySwap => out.set(
             M::MemorySwap,
@@ -426,48 +393,8 @@ fn read_v1<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
         ),
         Group::MemoryStat => {
             let usage = src(dir, "memory.usage_in_bytes").parse(files, parse::single)?;
-            // The total_ lines include every descendant.
-            let keys = [
-                "total_rss",
-                "total_cache",
-                "total_rss_huge",
-                "total_shmem",
-                "total_mapped_file",
-                "total_dirty",
-                "total_writeback",
-                "total_pgfault",
-                "total_pgmajfault",
-                "total_pgpgin",
-                "total_pgpgout",
-                "total_inactive_file",
-            ];
-            src(dir, "memory.stat").keyed(files, keys, |[
-                rss,
-                cache,
-                rss_huge,
-                shmem,
-                mapped,
-                dirty,
-                writeback,
-                pgfault,
-                pgmajfault,
-                pgpgin,
-                pgpgout,
-                inactive_file,
-            ]| {
-                out.set(M::MemoryRss, rss);
-                out.set(M::MemoryCache, cache);
-                out.set(M::MemoryRssHuge, rss_huge);
-                out.set(M::MemoryShmem, shmem);
-                out.set(M::MemoryMappedFile, mapped);
-                out.set(M::MemoryDirty, dirty);
-                out.set(M::MemoryWriteback, writeback);
-                out.set(M::MemoryPgfault, pgfault);
-                out.set(M::MemoryPgmajfault, pgmajfault);
-                out.set(M::MemoryPgpgin, pgpgin);
-                out.set(M::MemoryPgpgout, pgpgout);
-                out.set(M::MemoryWorkingSet, working_set(usage, inactive_file));
-            })?
+            let keys = MEMORY_STAT.map(|(_, _, v1)| v1);
+            memory_stat(dir, keys, usage, out, files)?
         }
         Group::MemorySwap => src(dir, "memory.stat")
             .keyed(files, ["total_swap"], |[swap]| out.set(M::MemorySwap, swap))?,
@@ -540,6 +467,51 @@ fn first_present<'a>(
 }
 
 /// Usage minus inactive file cache, floored at zero (the kubelet's definition).
+/// The `memory.stat` lines cgmetric reads: the metric, the v2 key and the
+/// v1 key (v1's total_ lines include every descendant). v2 has no pgpgin or
+/// pgpgout, so those have no file there.
+const MEMORY_STAT: [(Option<M>, &str, &str); 12] = [
+    (Some(M::MemoryRss), "anon", "total_rss"),
+    (Some(M::MemoryCache), "file", "total_cache"),
+    (Some(M::MemoryRssHuge), "anon_thp", "total_rss_huge"),
+    (Some(M::MemoryShmem), "shmem", "total_shmem"),
+    (
+        Some(M::MemoryMappedFile),
+        "file_mapped",
+        "total_mapped_file",
+    ),
+    (Some(M::MemoryDirty), "file_dirty", "total_dirty"),
+    (
+        Some(M::MemoryWriteback),
+        "file_writeback",
+        "total_writeback",
+    ),
+    (Some(M::MemoryPgfault), "pgfault", "total_pgfault"),
+    (Some(M::MemoryPgmajfault), "pgmajfault", "total_pgmajfault"),
+    (Some(M::MemoryPgpgin), "pgpgin", "total_pgpgin"),
+    (Some(M::MemoryPgpgout), "pgpgout", "total_pgpgout"),
+    // No metric of its own: the working set is usage minus it.
+    (None, "inactive_file", "total_inactive_file"),
+];
+
+/// `memory.stat` read with `keys`, [`MEMORY_STAT`]'s names for this version.
+fn memory_stat<'a>(
+    dir: &'a Path,
+    keys: [&str; MEMORY_STAT.len()],
+    usage: Option<u64>,
+    out: &mut Sample,
+    files: &mut Files<'a>,
+) -> Result<()> {
+    src(dir, "memory.stat").keyed(files, keys, |values| {
+        for ((id, _, _), value) in MEMORY_STAT.iter().zip(values) {
+            match id {
+                Some(id) => out.set(*id, value),
+                None => out.set(M::MemoryWorkingSet, working_set(usage, value)),
+            }
+        }
+    })
+}
+
 fn working_set(usage: Option<u64>, inactive_file: Option<u64>) -> Option<u64> {
     Some(usage?.saturating_sub(inactive_file.unwrap_or(0)))
 }
