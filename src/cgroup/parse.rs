@@ -67,7 +67,7 @@ pub fn limit(text: &str) -> Result<Limit> {
 /// provide.
 ///
 /// One pass, converting only the values asked for: this runs for every
-/// container on every scrape, and v1 `memory.stat` has 70 lines of which 12
+/// container on every scrape, and v1 `memory.stat` has 42 lines of which 12
 /// are used. Every line must still be a key and a number, so that a file in
 /// another format is an error rather than a row of missing values.
 pub fn keyed<const N: usize>(text: &str, keys: [&str; N]) -> Result<[Option<u64>; N]> {
