@@ -43,11 +43,19 @@ impl Sampler {
             window,
             Box::new(move || {
                 let mut samples = Vec::new();
-                for c in tracked.list().into_iter().chain(tracked_tree.list()) {
-                    if let Some(usage) = cpu_usage_usec(&tracked, &c, &mut Files::new(&c.kept)) {
+                let all: Vec<_> = tracked
+                    .list()
+                    .into_iter()
+                    .chain(tracked_tree.list())
+                    .collect();
+                // One buffer for every container's file, as in a scrape.
+                let mut files = Files::default();
+                for c in &all {
+                    files.reset(&c.kept);
+                    if let Some(usage) = cpu_usage_usec(&tracked, c, &mut files) {
                         samples.push(((c.slot, RateCounter::CpuUsage), usage));
                     }
-                    if let Some(totals) = net_totals(tracked_net.as_deref(), &c) {
+                    if let Some(totals) = net_totals(tracked_net.as_deref(), c) {
                         samples.push(((c.slot, RateCounter::NetTx), totals.net.tx_bytes));
                         samples.push(((c.slot, RateCounter::NetRx), totals.net.rx_bytes));
                     }
@@ -199,27 +207,22 @@ impl Sampler {
                     (M::NetTxBps, RateCounter::NetTx, tx as fn(&Totals) -> u64),
                     (M::NetRxBps, RateCounter::NetRx, rx),
                 ] {
-                    let totals = &mut scratch.totals;
                     let per_second = self
                         .rates
                         .per_second((c.slot, counter), |stale| {
-                            if stale || totals.is_none() {
-                                *totals = net_totals(self.net.as_deref(), c);
+                            if stale {
+                                scratch.totals = None;
                             }
-                            totals.as_ref().map(pick)
+                            scratch.totals(self.net.as_deref(), c).map(|t| pick(&t))
                         })
                         .ok_or_else(vanished)?;
                     out.set(id, Some(per_second.round() as u64));
                 }
             }
             Group::NetTraffic | Group::NetConn => {
-                let totals = &mut scratch.totals;
-                let t = match totals {
-                    Some(t) => *t,
-                    None => {
-                        *totals.insert(net_totals(self.net.as_deref(), c).ok_or_else(vanished)?)
-                    }
-                };
+                let t = scratch
+                    .totals(self.net.as_deref(), c)
+                    .ok_or_else(vanished)?;
                 if group == Group::NetTraffic {
                     out.set(M::NetBytesTx, Some(t.net.tx_bytes));
                     out.set(M::NetBytesRx, Some(t.net.rx_bytes));
@@ -274,6 +277,15 @@ impl<'c> Scratch<'c> {
     fn reset(&mut self, container: &'c Container) {
         self.totals = None;
         self.files.reset(&container.kept);
+    }
+
+    /// The container's eBPF totals, read once per sample; `None` when its
+    /// cgroup is gone.
+    fn totals(&mut self, net: Option<&Net>, container: &Container) -> Option<Totals> {
+        if self.totals.is_none() {
+            self.totals = net_totals(net, container);
+        }
+        self.totals
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cgmetric::cgroup::Controller;
 
 use crate::require;
-use crate::support::{heavy_turn, rss_kib, Cgroup, Daemon, Rng};
+use crate::support::{fd_targets, heavy_turn, rss_kib, Cgroup, Daemon, Rng};
 
 const READERS: usize = 64;
 const DURATION: Duration = Duration::from_secs(60);
@@ -28,19 +28,11 @@ const FILES: [&str; 6] = [
     "name",
 ];
 
-/// Where each of the process's descriptors points.
-fn fd_targets(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .map(|target| target.to_string_lossy().into_owned())
-        .collect()
-}
-
 /// Descriptors of the process on cgroup files whose path holds `part`.
 fn cgroup_fds(pid: u32, part: &str) -> usize {
     fd_targets(pid)
         .iter()
+        .map(|t| t.to_string_lossy())
         .filter(|t| t.starts_with("/sys/fs/cgroup/") && t.contains(part))
         .count()
 }
@@ -49,7 +41,7 @@ fn cgroup_fds(pid: u32, part: &str) -> usize {
 fn other_fds(pid: u32) -> usize {
     fd_targets(pid)
         .iter()
-        .filter(|t| !t.starts_with("/sys/fs/cgroup/"))
+        .filter(|t| !t.to_string_lossy().starts_with("/sys/fs/cgroup/"))
         .count()
 }
 

@@ -93,6 +93,14 @@ pub fn open_fds(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
+/// Where each of a process's descriptors points.
+pub fn fd_targets(pid: u32) -> Vec<PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+        .collect()
+}
+
 /// The cgroup ids in one of a daemon's pinned counter maps
 /// (`NET_COUNTERS_MAP` or `CONN_COUNTERS_MAP`).
 pub fn map_ids(bpf: &BpfDir, name: &str) -> std::collections::HashSet<u64> {

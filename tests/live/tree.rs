@@ -10,7 +10,7 @@ use cgmetric::cgroup::Controller;
 use cgmetric::metrics::METRICS;
 
 use crate::require;
-use crate::support::{Cgroup, Daemon};
+use crate::support::{fd_targets, Cgroup, Daemon};
 
 /// The root of a tree with no containers, sorted.
 const ROOT: [&str; 4] = ["cgroup", "metric", "metrics.prom", "self"];
@@ -154,9 +154,8 @@ fn containers_appear_and_vanish_with_their_cgroups() {
 
 /// The daemon's descriptors open on files below `cgroup`, by file name.
 fn kept_files(daemon: &Daemon, cgroup: &Cgroup) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
-        .unwrap()
-        .filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+    let mut names: Vec<String> = fd_targets(daemon.pid())
+        .into_iter()
         .filter(|target| target.to_string_lossy().contains(&cgroup.relative))
         .map(|target| target.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
