@@ -78,6 +78,12 @@ pub struct Options {
     #[arg(long, value_name = "DURATION", value_parser = parse_spin)]
     pub fuse_spin: Option<Duration>,
 
+    /// Serve FUSE over /dev/fuse only, even where the kernel offers io_uring
+    /// (Linux 6.14+ with fuse.enable_uring=1). Over io_uring each request is
+    /// served on the reader's own CPU, which saves a cross-CPU wake-up.
+    #[arg(long)]
+    pub no_fuse_uring: bool,
+
     /// How many cgroup files may stay open between reads (0 keeps none).
     /// A kept file is read with one pread instead of open + read + close,
     /// about twice as fast, and pins about 5 KiB of kernel memory. Each

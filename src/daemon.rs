@@ -132,7 +132,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         Sampler::new(registry, options.window, net),
         options.private,
     ));
-    let fs = FuseFs::new(model.clone());
+    let fs = FuseFs::new(model.clone(), !options.no_fuse_uring);
 
     let (events, next_event) = mpsc::channel();
     let mut signals =

@@ -61,6 +61,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("fuse_spin", true),
     ("open_files", true),
     ("no_ebpf", false),
+    ("no_fuse_uring", false),
     ("private", false),
 ];
 
@@ -164,7 +165,7 @@ mod tests {
 
     #[test]
     fn words_mirror_the_long_options() {
-        let r = parse(&args("cgmetric /run/cgmetric -o rw,cgroup=tenants/*,bpf_dir=/sys/fs/bpf/x,no_ebpf,window=2s,fuse_spin=0,open_files=0,cgroup=b")).unwrap();
+        let r = parse(&args("cgmetric /run/cgmetric -o rw,cgroup=tenants/*,bpf_dir=/sys/fs/bpf/x,no_ebpf,window=2s,fuse_spin=0,no_fuse_uring,open_files=0,cgroup=b")).unwrap();
         assert_eq!(r.mountpoint, "/run/cgmetric");
         assert_eq!(
             r.daemon_args,
@@ -178,6 +179,7 @@ mod tests {
                 "2s",
                 "--fuse-spin",
                 "0",
+                "--no-fuse-uring",
                 "--open-files",
                 "0",
                 "--cgroup",

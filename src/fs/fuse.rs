@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use super::inode::Kind;
@@ -33,13 +33,16 @@ pub struct FuseFs {
     model: Arc<Model>,
     /// Shown as every node's times: the tree exists since the daemon started.
     started: SystemTime,
+    /// Whether to take FUSE over io_uring when the kernel offers it.
+    uring: bool,
 }
 
 impl FuseFs {
-    pub fn new(model: Arc<Model>) -> FuseFs {
+    pub fn new(model: Arc<Model>, uring: bool) -> FuseFs {
         FuseFs {
             model,
             started: SystemTime::now(),
+            uring,
         }
     }
 
@@ -90,10 +93,45 @@ fn name(name: &OsStr) -> Result<&str, FsError> {
 /// pending, RSS +78 MiB a minute, found by the overload test).
 const MAX_BACKGROUND: u16 = 1024;
 
+/// The largest request or reply over io_uring: every ring entry has a
+/// buffer this size. Nothing is ever written to this filesystem, and reads
+/// are at most 256 pages (the kernel's own cap) either way.
+const URING_MAX_WRITE: u32 = 1 << 20;
+
+/// Takes FUSE over io_uring if the kernel offers it (it does only with
+/// `fuse.enable_uring=1`, Linux 6.14+) and this process may create rings.
+fn offer_uring(config: &mut KernelConfig) {
+    if !config
+        .capabilities()
+        .contains(InitFlags::FUSE_OVER_IO_URING)
+    {
+        log::info!("FUSE over io_uring: not offered by the kernel (fuse.enable_uring=0 or before Linux 6.14); using /dev/fuse");
+        return;
+    }
+    if !fuser::runs_on_every_cpu() {
+        log::info!("FUSE over io_uring: not used, as this daemon may not run on every CPU (taskset or cpuset) and would serve other CPUs' queues from afar; using /dev/fuse");
+        return;
+    }
+    if !fuser::io_uring_usable() {
+        log::warn!("FUSE over io_uring: offered, but this process cannot create an io_uring (kernel.io_uring_disabled?); using /dev/fuse");
+        return;
+    }
+    if config.set_max_write(URING_MAX_WRITE).is_ok()
+        && config
+            .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+            .is_ok()
+    {
+        log::info!("FUSE over io_uring: requested");
+    }
+}
+
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
+        if self.uring {
+            offer_uring(config);
+        }
         Ok(())
     }
 

@@ -20,3 +20,4 @@ mod overload;
 mod privilege;
 mod prometheus;
 mod tree;
+mod uring;

@@ -101,6 +101,12 @@ mod request;
 mod request_param;
 mod session;
 mod time;
+#[cfg(target_os = "linux")]
+mod uring;
+
+/// cgmetric: whether FUSE over io_uring can be served (see `uring.rs`).
+#[cfg(target_os = "linux")]
+pub use crate::uring::{io_uring_usable, runs_on_every_cpu};
 
 /// We generally support async reads
 #[cfg(not(target_os = "macos"))]

@@ -139,6 +139,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// cgmetric: the payload buffer each io_uring entry needs, when the
+    /// filesystem asked for FUSE_OVER_IO_URING and the kernel agreed.
+    pub(crate) uring_payload: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +189,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -214,6 +218,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring_payload: None,
         };
 
         session.handshake()?;
@@ -252,6 +257,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring_payload,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -289,6 +295,57 @@ impl<FS: Filesystem> Session<FS> {
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
+
+        // cgmetric: once io_uring is agreed, the kernel holds every request
+        // until each CPU's queue has an entry, so the rings come first; a
+        // ring that cannot be set up ends the session (unmounting) rather
+        // than leave it hung.
+        if let Some(payload_len) = uring_payload {
+            let queues = crate::uring::queue_count()?;
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            for qid in 0..queues {
+                for k in 0..crate::uring::THREADS_PER_QUEUE {
+                    let event_loop = SessionEventLoop {
+                        thread_name: format!("fuser-ring-{qid}-{k}"),
+                        filesystem: filesystem.clone(),
+                        ch: channels[0].clone(),
+                        allowed,
+                        session_owner,
+                        receive_spin: std::time::Duration::ZERO,
+                    };
+                    let ready = ready_tx.clone();
+                    threads.push(
+                        thread::Builder::new()
+                            .name(event_loop.thread_name.clone())
+                            .spawn(move || {
+                                let ch = event_loop.ch.clone();
+                                let served =
+                                    crate::uring::serve(&event_loop, &ch, qid as u16, payload_len, ready);
+                                if let Err(e) = served {
+                                    // This CPU's requests would now wait for an
+                                    // entry that never comes back: better that
+                                    // the connection ends (readers get ENOTCONN)
+                                    // and the daemon is restarted.
+                                    error!("FUSE over io_uring: queue {qid} failed: {e}; exiting");
+                                    std::process::exit(1);
+                                }
+                                Ok(())
+                            })?,
+                    );
+                }
+            }
+            drop(ready_tx);
+            for ready in ready_rx {
+                if let Err(e) = ready {
+                    error!("FUSE over io_uring: a queue could not be set up: {e}");
+                    return Err(e);
+                }
+            }
+            info!(
+                "FUSE over io_uring: {queues} queues, {} threads each",
+                crate::uring::THREADS_PER_QUEUE
+            );
+        }
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -469,6 +526,17 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_readahead,
                 config.max_write
             );
+
+            // cgmetric: io_uring needs a payload buffer per entry as large
+            // as the kernel's largest request or reply.
+            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
+                let pages = config.max_pages() as usize * page_size::get();
+                self.uring_payload = Some(
+                    abi::consts::FUSE_MIN_READ_BUFFER
+                        .max(config.max_write as usize)
+                        .max(pages),
+                );
+            }
 
             let response = init.reply(&config);
             <ReplyRaw as Reply>::new(request.unique(), ReplySender::Channel(self.ch.sender()))
