@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use cgmetric::cgroup::{Controller, Layout};
 
 const SINGLE_READS: usize = 20_000;
+const URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
 fn main() {
     // SAFETY: geteuid has no preconditions.
@@ -46,8 +47,19 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let run = |section: &str| wanted.is_empty() || wanted.iter().any(|w| w == section);
+    // Every daemon below that may run on every CPU takes io_uring if the
+    // kernel has it.
+    let uring = enable_uring(&mut cleanup);
+    println!(
+        "FUSE over io_uring: {}\n",
+        if uring {
+            "on for this run (fuse.enable_uring=Y); daemons free to run on every CPU use it"
+        } else {
+            "not in this kernel; every daemon uses /dev/fuse"
+        }
+    );
     if run("single") {
-        single_file_reads(&layout, &base, &mut cleanup);
+        single_file_reads(&layout, &base, uring, &mut cleanup);
     }
     // Idle first: with the aggregates' 11,200 cgroups also on the host, the
     // daemon would be measured walking those too.
@@ -69,6 +81,8 @@ struct Cleanup {
     /// lxcfs.
     processes: Vec<Child>,
     mounts: Vec<PathBuf>,
+    /// `fuse.enable_uring` as it was, if the benchmark changed it.
+    uring_param: Option<String>,
 }
 
 impl Drop for Cleanup {
@@ -81,6 +95,9 @@ impl Drop for Cleanup {
         // lxcfs unmounts itself when it ends; this is for one that could not.
         for mount in self.mounts.iter().filter(|m| is_fuse(m)) {
             let _ = Command::new("umount").arg("-l").arg(mount).status();
+        }
+        if let Some(before) = &self.uring_param {
+            let _ = fs::write(URING_PARAM, before);
         }
         // Deepest first.
         for (roots, relative) in self.cgroups.iter().rev() {
@@ -235,7 +252,7 @@ fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
+fn single_file_reads(layout: &Layout, base: &str, uring: bool, cleanup: &mut Cleanup) {
     mkcgroup(layout, &format!("{base}/single"), cleanup);
     mkcgroup(layout, &format!("{base}/single/box"), cleanup);
     let raw = match layout.v1(Controller::Memory) {
@@ -273,22 +290,31 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         "", "p50", "p99", "p50 / raw", "p50 / lxcfs"
     );
     let all_cpus: Vec<usize> = (0..cpus()).collect();
-    // Pinned, the two cases a wake-up can take; unpinned, what the
-    // scheduler makes of it (what users get).
-    for (placement, daemon_cpu) in [
-        ("reader and daemon on one CPU", Some(0)),
-        ("reader and daemon on two CPUs", Some(other_cpu)),
-        ("unpinned (the scheduler's choice)", None),
+    // Pinned, the two cases a wake-up can take; then the reader pinned and
+    // the daemon free (io_uring serves on the reader's CPU); unpinned, what
+    // the scheduler makes of it (what users get), idle and with every CPU
+    // busy (a noisy neighbour).
+    for (placement, daemon_cpu, reader_cpu, busy) in [
+        ("reader and daemon on one CPU", Some(0), Some(0), false),
+        (
+            "reader and daemon on two CPUs",
+            Some(other_cpu),
+            Some(0),
+            false,
+        ),
+        ("reader on one CPU, daemon free", None, Some(0), false),
+        ("unpinned (the scheduler's choice)", None, None, false),
+        ("unpinned, every CPU busy", None, None, true),
     ] {
-        let daemon = Daemon::start(&format!("{base}/single/*"), daemon_cpu);
-        match daemon_cpu {
-            Some(_) => pin_to(0),
+        match reader_cpu {
+            Some(cpu) => pin_to(cpu),
             None => pin_to_any(&all_cpus),
         }
-        let ours = daemon.mnt.join("box/memory_usage");
-        let _ = time_reads(&ours, 1000);
+        let burners: Vec<Child> = match busy {
+            true => (0..cpus()).map(|_| burn()).collect(),
+            false => Vec::new(),
+        };
         let mut raw_t = time_reads(&raw, SINGLE_READS);
-        let mut ours_t = time_reads(&ours, SINGLE_READS);
         let raw_p50 = percentile(&mut raw_t, 0.5);
         let lxcfs_p50 = lxcfs_ready.then(|| {
             let mut t = time_reads(&lxcfs.join("proc/meminfo"), SINGLE_READS);
@@ -324,26 +350,52 @@ fn single_file_reads(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
                 )),
             );
         };
-        compared("cgmetric memory_usage", &mut ours_t);
-        parallel_reads("cgmetric, 8 parallel readers", &ours);
-        // Measured alone, as the first was.
-        drop(daemon);
-        // The same daemon whose FUSE threads sleep as soon as the queue is
-        // empty: what the spin before sleeping gains or costs here.
-        let unspun = Daemon::start_with(
-            &format!("{base}/single/*"),
-            daemon_cpu,
-            &["--fuse-spin", "0"],
-        );
-        let path = unspun.mnt.join("box/memory_usage");
-        let _ = time_reads(&path, 1000);
-        compared(
-            "cgmetric, --fuse-spin 0",
-            &mut time_reads(&path, SINGLE_READS),
-        );
-        parallel_reads("  the same, 8 parallel readers", &path);
+        // The default, then what each transport choice gains or costs here:
+        // FUSE threads that sleep as soon as the queue is empty, and
+        // /dev/fuse where io_uring would be used. Each daemon is measured
+        // alone.
+        let mut variants: Vec<(&str, &[&str])> = vec![
+            ("cgmetric memory_usage", &[]),
+            ("cgmetric, --fuse-spin 0", &["--fuse-spin", "0"]),
+        ];
+        if uring && daemon_cpu.is_none() {
+            variants.push(("cgmetric, --no-fuse-uring", &["--no-fuse-uring"]));
+        }
+        for (label, options) in variants {
+            let daemon = Daemon::start_with(&format!("{base}/single/*"), daemon_cpu, options);
+            let path = daemon.mnt.join("box/memory_usage");
+            let _ = time_reads(&path, 1000);
+            compared(label, &mut time_reads(&path, SINGLE_READS));
+            parallel_reads("  the same, 8 parallel readers", &path);
+        }
+        for mut burner in burners {
+            let _ = burner.kill();
+            let _ = burner.wait();
+        }
     }
     println!();
+}
+
+/// A process that keeps one CPU busy until killed.
+fn burn() -> Child {
+    Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .spawn()
+        .expect("sh")
+}
+
+/// Turns on `fuse.enable_uring` for this run where the kernel has it
+/// (Linux 6.14+), to be restored when the benchmark ends. Returns whether
+/// it is on.
+fn enable_uring(cleanup: &mut Cleanup) -> bool {
+    let Ok(before) = fs::read_to_string(URING_PARAM) else {
+        return false;
+    };
+    if fs::write(URING_PARAM, "Y").is_err() {
+        return false;
+    }
+    cleanup.uring_param = Some(before.trim().to_string());
+    true
 }
 
 /// The cgroup files a full sample of one container reads on this layout.
