@@ -132,6 +132,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         Sampler::new(registry, options.window, net),
         options.private,
     ));
+    crate::helpers::remember_daemon_cpus();
     let fs = FuseFs::new(model.clone(), !options.no_fuse_uring);
 
     let (events, next_event) = mpsc::channel();

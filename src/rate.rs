@@ -108,9 +108,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
         drop(state);
         self.sample_all();
         let tracker = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("rate-sampler".into())
-            .spawn(move || tracker.run_sampler())
+        crate::helpers::spawn("rate-sampler".into(), move || tracker.run_sampler())
             .expect("spawning the rate sampler thread");
         true
     }

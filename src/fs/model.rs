@@ -528,10 +528,11 @@ const CONTAINERS_PER_THREAD: usize = 32;
 /// Containers a sampling thread takes at a time: about 0.3 ms of work.
 const CHUNK: usize = 16;
 
-/// The CPUs this process may run on, once (the answer reads cgroup files).
+/// The CPUs the daemon may run on, once (the answer reads cgroup files).
+/// Not the calling thread's: a FUSE thread may be bound to one CPU.
 fn cpus() -> usize {
     static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    *CPUS.get_or_init(crate::helpers::daemon_parallelism)
 }
 
 /// The cgroup of process `pid`, relative to the hierarchy roots: its v2

@@ -5,11 +5,12 @@
 
 use std::fs;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use cgmetric::cgroup::Controller;
 
 use crate::require;
-use crate::support::{Cgroup, Daemon};
+use crate::support::{eventually, Cgroup, Daemon};
 
 const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 const LIMIT: u64 = 64 << 20;
@@ -57,6 +58,18 @@ fn limited(test: &str) -> (Cgroup, Cgroup) {
         child.write(Controller::Memory, "memory.max", &LIMIT.to_string());
     }
     (parent, child)
+}
+
+/// The daemon's threads whose name starts with `prefix`.
+fn named(pid: u32, prefix: &str) -> Vec<u32> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .map(|task| task.file_name().to_str().unwrap().parse().unwrap())
+        .collect()
 }
 
 /// The daemon's io_uring serving threads: (queue, thread id).
@@ -165,7 +178,7 @@ fn serves_the_tree(daemon: &Daemon) {
 fn stops_cleanly(mut daemon: Daemon) {
     daemon.signal(libc::SIGTERM);
     let status = daemon
-        .wait(std::time::Duration::from_secs(5))
+        .wait(Duration::from_secs(5))
         .unwrap_or_else(|| panic!("the daemon did not stop:\n{}", daemon.stderr()));
     assert!(status.success(), "{status}:\n{}", daemon.stderr());
     assert!(!crate::support::is_mounted(&daemon.mountpoint));
@@ -230,6 +243,30 @@ fn reads_are_served_on_the_readers_cpu_where_the_kernel_offers_io_uring() {
         );
     }
     serves_the_tree(&daemon);
+    // Threads a request starts (sampling helpers, the rate sampler) run on
+    // every CPU the daemon may, not only on the CPU of the serving thread
+    // that started them: there they would take turns with it.
+    let boxes: Vec<Cgroup> = (0..64).map(|i| parent.child(&format!("b{i}"))).collect();
+    assert!(eventually(Duration::from_secs(10), || daemon
+        .read("metric")
+        .contains(&format!("b{}_", boxes.len() - 1))));
+    let _ = daemon.read("box/cpu_millicores");
+    let everywhere = status_field(daemon.pid(), daemon.pid(), "Cpus_allowed_list:");
+    let started: Vec<u32> = ["sample-helper", "rate-sampler"]
+        .iter()
+        .flat_map(|prefix| named(daemon.pid(), prefix))
+        .collect();
+    assert!(
+        started.len() >= 2,
+        "no helper or sampler thread: {started:?}"
+    );
+    for tid in started {
+        assert_eq!(
+            status_field(daemon.pid(), tid, "Cpus_allowed_list:"),
+            everywhere
+        );
+    }
+    drop(boxes);
     stops_cleanly(daemon);
 }
 
