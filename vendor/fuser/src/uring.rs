@@ -161,14 +161,25 @@ impl Buffers {
         })
     }
 
-    fn header(&self) -> &mut [u8] {
+    fn header(&self) -> &[u8] {
         // SAFETY: mapped with at least HEADER_SIZE bytes; see `Send`.
-        unsafe { std::slice::from_raw_parts_mut(self.header, HEADER_SIZE) }
+        unsafe { std::slice::from_raw_parts(self.header, HEADER_SIZE) }
     }
 
-    fn payload(&self) -> &mut [u8] {
+    fn payload(&self) -> &[u8] {
         // SAFETY: mapped with payload_len bytes; see `Send`.
-        unsafe { std::slice::from_raw_parts_mut(self.payload, self.payload_len) }
+        unsafe { std::slice::from_raw_parts(self.payload, self.payload_len) }
+    }
+
+    /// Both buffers, writable: two separate mappings.
+    fn parts_mut(&mut self) -> (&mut [u8], &mut [u8]) {
+        // SAFETY: as above; `&mut self` makes these the only references.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.header, HEADER_SIZE),
+                std::slice::from_raw_parts_mut(self.payload, self.payload_len),
+            )
+        }
     }
 
     fn read_u64(&self, at: usize) -> u64 {
@@ -179,13 +190,13 @@ impl Buffers {
         u32::from_ne_bytes(self.header()[at..at + 4].try_into().unwrap())
     }
 
-    fn write_u32(&self, at: usize, value: u32) {
-        self.header()[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+    fn write_u32(&mut self, at: usize, value: u32) {
+        self.parts_mut().0[at..at + 4].copy_from_slice(&value.to_ne_bytes());
     }
 
     /// Writes a reply given as fuser's iovecs: the out header goes to
     /// `in_out`, the rest to the payload.
-    fn write_reply(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
+    fn write_reply(&mut self, data: &[IoSlice<'_>]) -> io::Result<()> {
         let total: usize = data.iter().map(|d| d.len()).sum();
         let Some(payload_len) = total.checked_sub(OUT_HEADER_SIZE) else {
             return Err(io::Error::other("reply shorter than its header"));
@@ -196,8 +207,7 @@ impl Buffers {
                 self.payload_len
             )));
         }
-        let header = self.header();
-        let payload = self.payload();
+        let (header, payload) = self.parts_mut();
         let mut at = 0;
         for slice in data {
             let bytes: &[u8] = slice;
@@ -217,8 +227,8 @@ impl Buffers {
     }
 
     /// An error reply for `unique`, when the filesystem sent none.
-    fn write_error(&self, unique: u64, errno: i32) {
-        let header = self.header();
+    fn write_error(&mut self, unique: u64, errno: i32) {
+        let header = self.parts_mut().0;
         header[IN_OUT..IN_OUT + 4].copy_from_slice(&(OUT_HEADER_SIZE as u32).to_ne_bytes());
         header[IN_OUT + 4..IN_OUT + 8].copy_from_slice(&(-errno).to_ne_bytes());
         header[IN_OUT + 8..IN_OUT + 16].copy_from_slice(&unique.to_ne_bytes());
@@ -402,26 +412,25 @@ pub(crate) fn serve<FS: Filesystem>(
             state.open = true;
             state.replied = false;
             let buffers = &state.buffers;
-            let header = buffers.header();
             let payload_sz = buffers.read_u32(PAYLOAD_SZ) as usize;
             let commit_id = buffers.read_u64(COMMIT_ID);
-            let len = u32::from_ne_bytes(header[IN_OUT..IN_OUT + 4].try_into().unwrap()) as usize;
-            let unique = u64::from_ne_bytes(header[IN_OUT + 8..IN_OUT + 16].try_into().unwrap());
+            let len = buffers.read_u32(IN_OUT) as usize;
+            let unique = buffers.read_u64(IN_OUT + 8);
             // The operation header's size is what the request's length
             // leaves after the in header and the payload.
-            let op_len = len.checked_sub(IN_HEADER_SIZE + payload_sz);
+            let op_len = len
+                .checked_sub(IN_HEADER_SIZE + payload_sz)
+                .filter(|&op_len| op_len <= OP_IN_SIZE && payload_sz <= buffers.payload_len);
             request.clear();
-            match op_len {
-                Some(op_len) if op_len <= OP_IN_SIZE && payload_sz <= buffers.payload_len => {
-                    request.extend_from_slice(&header[IN_OUT..IN_OUT + IN_HEADER_SIZE]);
-                    request.extend_from_slice(&header[OP_IN..OP_IN + op_len]);
-                    request.extend_from_slice(&buffers.payload()[..payload_sz]);
-                }
-                _ => {
-                    error!("io_uring request {unique}: length {len} with payload {payload_sz}");
-                    buffers.write_error(unique, libc::EIO);
-                    state.open = false;
-                }
+            if let Some(op_len) = op_len {
+                let header = buffers.header();
+                request.extend_from_slice(&header[IN_OUT..IN_OUT + IN_HEADER_SIZE]);
+                request.extend_from_slice(&header[OP_IN..OP_IN + op_len]);
+                request.extend_from_slice(&buffers.payload()[..payload_sz]);
+            } else {
+                error!("io_uring request {unique}: length {len} with payload {payload_sz}");
+                state.buffers.write_error(unique, libc::EIO);
+                state.open = false;
             }
             (unique, commit_id)
         };
