@@ -184,6 +184,19 @@ fn stops_cleanly(mut daemon: Daemon) {
     assert!(!crate::support::is_mounted(&daemon.mountpoint));
 }
 
+/// A daemon that serves over /dev/fuse: it logs `reason` (or, told not to
+/// use io_uring, nothing about it), has no ring threads, and serves the tree.
+fn keeps_dev_fuse(daemon: Daemon, reason: Option<&str>) {
+    let log = daemon.stderr();
+    match reason {
+        Some(reason) => assert!(log.contains(reason), "{log}"),
+        None => assert!(!log.contains("FUSE over io_uring"), "{log}"),
+    }
+    assert!(ring_threads(daemon.pid()).is_empty());
+    serves_the_tree(&daemon);
+    stops_cleanly(daemon);
+}
+
 #[test]
 fn reads_are_served_on_the_readers_cpu_where_the_kernel_offers_io_uring() {
     require!();
@@ -193,14 +206,7 @@ fn reads_are_served_on_the_readers_cpu_where_the_kernel_offers_io_uring() {
         // This kernel has no FUSE over io_uring: the daemon says so and
         // serves over /dev/fuse.
         let daemon = Daemon::start(&["--no-ebpf", "--cgroup", &glob]);
-        assert!(
-            daemon.stderr().contains("not offered by the kernel"),
-            "{}",
-            daemon.stderr()
-        );
-        assert!(ring_threads(daemon.pid()).is_empty());
-        serves_the_tree(&daemon);
-        return stops_cleanly(daemon);
+        return keeps_dev_fuse(daemon, Some("not offered by the kernel"));
     };
     let daemon = Daemon::start(&["--no-ebpf", "--cgroup", &glob]);
     let threads = ring_threads(daemon.pid());
@@ -282,24 +288,10 @@ fn a_daemon_confined_to_one_cpu_or_told_not_to_keeps_dev_fuse() {
         let cpu = cpus[0].to_string();
         let daemon =
             Daemon::start_under(&["taskset", "-c", &cpu], &["--no-ebpf", "--cgroup", &glob]);
-        assert!(
-            daemon.stderr().contains("may not run on every CPU"),
-            "{}",
-            daemon.stderr()
-        );
-        assert!(ring_threads(daemon.pid()).is_empty());
-        serves_the_tree(&daemon);
-        stops_cleanly(daemon);
+        keeps_dev_fuse(daemon, Some("may not run on every CPU"));
     }
     let daemon = Daemon::start(&["--no-ebpf", "--no-fuse-uring", "--cgroup", &glob]);
-    assert!(
-        !daemon.stderr().contains("FUSE over io_uring"),
-        "{}",
-        daemon.stderr()
-    );
-    assert!(ring_threads(daemon.pid()).is_empty());
-    serves_the_tree(&daemon);
-    stops_cleanly(daemon);
+    keeps_dev_fuse(daemon, None);
 }
 
 #[test]
@@ -309,12 +301,5 @@ fn with_the_kernel_switch_off_the_daemon_keeps_dev_fuse() {
     let glob = format!("{}/*", parent.relative);
     let _param = Param::set(false);
     let daemon = Daemon::start(&["--no-ebpf", "--cgroup", &glob]);
-    assert!(
-        daemon.stderr().contains("not offered by the kernel"),
-        "{}",
-        daemon.stderr()
-    );
-    assert!(ring_threads(daemon.pid()).is_empty());
-    serves_the_tree(&daemon);
-    stops_cleanly(daemon);
+    keeps_dev_fuse(daemon, Some("not offered by the kernel"));
 }
