@@ -361,12 +361,22 @@ fn single_file_reads(layout: &Layout, base: &str, uring: bool, cleanup: &mut Cle
         if uring && daemon_cpu.is_none() {
             variants.push(("cgmetric, --no-fuse-uring", &["--no-fuse-uring"]));
         }
-        for (label, options) in variants {
+        for (i, (label, options)) in variants.into_iter().enumerate() {
             let daemon = Daemon::start_with(&format!("{base}/single/*"), daemon_cpu, options);
             let path = daemon.mnt.join("box/memory_usage");
             let _ = time_reads(&path, 1000);
             compared(label, &mut time_reads(&path, SINGLE_READS));
             parallel_reads("  the same, 8 parallel readers", &path);
+            if i == 0 {
+                // A file that reads nothing from the kernel: what the FUSE
+                // requests alone cost, the floor of any cgmetric read.
+                let name = daemon.mnt.join("box/name");
+                let _ = time_reads(&name, 1000);
+                compared(
+                    "  box/name (FUSE alone)",
+                    &mut time_reads(&name, SINGLE_READS),
+                );
+            }
         }
         for mut burner in burners {
             let _ = burner.kill();
