@@ -87,33 +87,38 @@ impl<T> Chunks<T> {
     }
 }
 
-/// The CPUs the daemon may run on, as it started, and how many threads
-/// can run at once (`available_parallelism`, which also heeds a CPU quota).
-static DAEMON_CPUS: OnceLock<(libc::cpu_set_t, usize)> = OnceLock::new();
+/// The CPUs the daemon may run on, as it started (`None` if unknown), and
+/// how many threads can run at once (`available_parallelism`, which also
+/// heeds a CPU quota and reads cgroup files, hence kept).
+static DAEMON_CPUS: OnceLock<(Option<libc::cpu_set_t>, usize)> = OnceLock::new();
 
-/// Remembers the daemon's CPUs, before any thread is bound to one. FUSE over
+/// The daemon's CPUs, taken on first use. The daemon takes them at startup
+/// (`remember_daemon_cpus`), before any thread is bound to one: FUSE over
 /// io_uring binds each serving thread to its CPU, and a thread inherits its
-/// creator's CPUs: a helper started from a request would share the reading
+/// creator's CPUs. A helper started from a request would share the reading
 /// thread's CPU, and a count taken there would say one CPU, leaving an
 /// aggregate read to one thread (`metric` for 1,000 containers took 58 ms
 /// instead of 38).
+fn daemon_cpus() -> &'static (Option<libc::cpu_set_t>, usize) {
+    DAEMON_CPUS.get_or_init(|| {
+        // SAFETY: a zeroed cpu_set_t is valid.
+        let mut cpus: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: writes only `cpus`, for the calling thread.
+        let known =
+            unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut cpus) } == 0;
+        let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (known.then_some(cpus), parallelism)
+    })
+}
+
+/// Takes the daemon's CPUs now, while the calling thread still has them all.
 pub fn remember_daemon_cpus() {
-    // SAFETY: a zeroed cpu_set_t is valid; the call writes only it.
-    let mut cpus: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above, for the calling thread.
-    if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut cpus) } == 0 {
-        let _ = DAEMON_CPUS.set((cpus, parallelism()));
-    }
+    daemon_cpus();
 }
 
-fn parallelism() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// How many threads of the daemon can run at once: as remembered, else as
-/// the calling thread sees it.
+/// How many threads of the daemon can run at once.
 pub fn daemon_parallelism() -> usize {
-    DAEMON_CPUS.get().map_or_else(parallelism, |(_, n)| *n)
+    daemon_cpus().1
 }
 
 /// Starts a thread that may run on every CPU the daemon may, whichever
@@ -123,7 +128,7 @@ pub fn spawn<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<JoinHandle<T>> {
     std::thread::Builder::new().name(name).spawn(move || {
-        if let Some((cpus, _)) = DAEMON_CPUS.get() {
+        if let (Some(cpus), _) = daemon_cpus() {
             // SAFETY: sets this thread's CPUs from a valid set. A failure
             // leaves the inherited ones, which still work.
             unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), cpus) };

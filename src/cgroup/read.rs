@@ -466,7 +466,6 @@ fn first_present<'a>(
     Ok(None)
 }
 
-/// Usage minus inactive file cache, floored at zero (the kubelet's definition).
 /// The `memory.stat` lines cgmetric reads: the metric, the v2 key and the
 /// v1 key (v1's total_ lines include every descendant). v2 has no pgpgin or
 /// pgpgout, so those have no file there.
@@ -512,6 +511,7 @@ fn memory_stat<'a>(
     })
 }
 
+/// Usage minus inactive file cache, floored at zero (the kubelet's definition).
 fn working_set(usage: Option<u64>, inactive_file: Option<u64>) -> Option<u64> {
     Some(usage?.saturating_sub(inactive_file.unwrap_or(0)))
 }

@@ -528,11 +528,10 @@ const CONTAINERS_PER_THREAD: usize = 32;
 /// Containers a sampling thread takes at a time: about 0.3 ms of work.
 const CHUNK: usize = 16;
 
-/// The CPUs the daemon may run on, once (the answer reads cgroup files).
-/// Not the calling thread's: a FUSE thread may be bound to one CPU.
+/// The CPUs the daemon may run on; not the calling thread's, as a FUSE
+/// thread may be bound to one CPU.
 fn cpus() -> usize {
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(crate::helpers::daemon_parallelism)
+    crate::helpers::daemon_parallelism()
 }
 
 /// The cgroup of process `pid`, relative to the hierarchy roots: its v2

@@ -318,9 +318,8 @@ impl<FS: Filesystem> Session<FS> {
                         thread::Builder::new()
                             .name(event_loop.thread_name.clone())
                             .spawn(move || {
-                                let ch = event_loop.ch.clone();
                                 let served =
-                                    crate::uring::serve(&event_loop, &ch, qid as u16, payload_len, ready);
+                                    crate::uring::serve(&event_loop, qid as u16, payload_len, ready);
                                 if let Err(e) = served {
                                     // This CPU's requests would now wait for an
                                     // entry that never comes back: better that

@@ -36,7 +36,6 @@ use log::warn;
 use parking_lot::Mutex;
 
 use crate::Filesystem;
-use crate::channel::Channel;
 use crate::ll::fuse_abi::fuse_in_header;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
@@ -328,13 +327,12 @@ fn bind_to(cpu: usize) {
 /// after that is returned.
 pub(crate) fn serve<FS: Filesystem>(
     event_loop: &SessionEventLoop<FS>,
-    ch: &Channel,
     qid: u16,
     payload_len: usize,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
     bind_to(qid as usize);
-    let fd = ch.as_fd().as_raw_fd();
+    let fd = event_loop.ch.as_fd().as_raw_fd();
     let setup = || -> io::Result<(IoUring<squeue::Entry128, cqueue::Entry>, RingSender)> {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(2)?;
         let slot = RingSender(Arc::new(Mutex::new(SlotState {
