@@ -26,7 +26,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::bindings::{
     BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
-    BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
 };
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id};
 use aya_ebpf::macros::{cgroup_skb, cgroup_sock, map, sock_ops};
@@ -167,11 +167,15 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
     // TCP calls this for many events; decide on the cheap fields before
     // touching socket storage.
     let event = match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => Event::Connecting,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             Event::Established
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => Event::Closed,
-        BPF_SOCK_OPS_RETRANS_CB => Event::Retransmit,
+        // The kernel calls this once per retransmitted skb, after adding
+        // its segments (the second argument) to TcpRetransSegs and the
+        // socket's total_retrans, whether or not the send then failed.
+        BPF_SOCK_OPS_RETRANS_CB => Event::Retransmit(ctx.arg(1)),
         _ => return 1,
     };
     // SAFETY: reading a context field; null for request and timewait sockets.
@@ -185,8 +189,16 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
         }
         return 1;
     };
-    if event == Event::Closed && state.established_ns == 0 {
-        return 1;
+    let flags = (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG) as i32;
+    match event {
+        // Before the SYN goes out, so that its retransmits count as the
+        // kernel counts them; nothing to add yet.
+        Event::Connecting => {
+            let _ = ctx.set_cb_flags(flags);
+            return 1;
+        }
+        Event::Closed if state.established_ns == 0 => return 1,
+        _ => {}
     }
     let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) else {
         return 1;
@@ -197,25 +209,28 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
         Event::Established => {
             add(&mut c.established, 1);
             state.established_ns = now.max(1);
-            // Ask for this socket's state-change and retransmit callbacks.
-            let _ = ctx
-                .set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG) as i32);
+            // Ask for this socket's state-change and retransmit callbacks
+            // (an accepted socket's first chance to).
+            let _ = ctx.set_cb_flags(flags);
         }
         Event::Closed => {
             add(&mut c.closed, 1);
             add(&mut c.lifetime_ns, now.saturating_sub(state.established_ns));
             state.established_ns = 0;
         }
-        Event::Retransmit => add(&mut c.retransmits, 1),
+        Event::Retransmit(segments) => add(&mut c.retransmits, u64::from(segments)),
+        Event::Connecting => {}
     }
     1
 }
 
 #[derive(PartialEq, Eq)]
 enum Event {
+    Connecting,
     Established,
     Closed,
-    Retransmit,
+    /// Segments retransmitted.
+    Retransmit(u32),
 }
 
 #[cfg(not(test))]
