@@ -10,10 +10,17 @@
 //!                                              until stdin closes (HOLD=stdin) or for HOLD
 //!                                              milliseconds, then close
 //! ```
-//! Each prints one line on stdout when done: the bytes it moved.
+//! Each prints one line on stdout when done: the bytes it moved. The client
+//! closes in order (it shuts down its side, then waits for the server's
+//! EOF, which acknowledges everything it sent) and prints a second line:
+//! what the kernel's TCP_INFO says it sent over all its connections,
+//! `bytes_sent=N bytes_retrans=N total_retrans=N segs_out=N` (data bytes
+//! including retransmits, retransmitted bytes, retransmitted segments, and
+//! all segments sent).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 fn main() {
@@ -88,6 +95,66 @@ fn client(addr: &str, connections: usize, bytes: usize, hold: &str, pace_ms: Opt
             ms.parse().unwrap_or_else(|_| usage()),
         )),
     }
-    drop(streams);
+    let mut sent = TcpInfo::default();
+    for mut stream in streams {
+        stream.shutdown(Shutdown::Write).expect("shutdown");
+        // The server sends nothing back; a hung peer fails the test.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut rest = Vec::new();
+        stream
+            .read_to_end(&mut rest)
+            .expect("waiting for the server's EOF");
+        sent.add(&TcpInfo::of(&stream));
+    }
     println!("{}", connections * bytes);
+    println!(
+        "bytes_sent={} bytes_retrans={} total_retrans={} segs_out={}",
+        sent.bytes_sent, sent.bytes_retrans, sent.total_retrans, sent.segs_out
+    );
+}
+
+/// What the tests compare with, from the kernel's `struct tcp_info`.
+#[derive(Default)]
+struct TcpInfo {
+    total_retrans: u64,
+    bytes_sent: u64,
+    bytes_retrans: u64,
+    segs_out: u64,
+}
+
+impl TcpInfo {
+    fn of(stream: &TcpStream) -> TcpInfo {
+        // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: info is writable for len bytes, and len is passed by pointer.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        // bytes_sent and bytes_retrans came with Linux 4.19.
+        let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_retrans) + 8;
+        assert!(len as usize >= needed, "TCP_INFO of {len} bytes");
+        TcpInfo {
+            total_retrans: info.tcpi_total_retrans.into(),
+            bytes_sent: info.tcpi_bytes_sent,
+            bytes_retrans: info.tcpi_bytes_retrans,
+            segs_out: info.tcpi_segs_out.into(),
+        }
+    }
+
+    fn add(&mut self, other: &TcpInfo) {
+        self.total_retrans += other.total_retrans;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_retrans += other.bytes_retrans;
+        self.segs_out += other.segs_out;
+    }
 }
