@@ -43,9 +43,22 @@ fn memory_toucher_rss_agrees_with_the_kernel() {
     let before = toucher.stat(Controller::Memory, stat, rss_key);
     let ours = daemon.number("toucher/memory_rss");
     let after = toucher.stat(Controller::Memory, stat, rss_key);
+    // memory.stat is exact only to within the updates the kernel has not
+    // flushed: a read flushes only once more than one batch
+    // (MEMCG_CHARGE_BATCH, 64 pages) per CPU is pending, and each CPU holds
+    // up to a batch it has not reported. So a read between two equal ones
+    // can still differ (seen once in the 6.1 guest: 55 pages below both).
+    // SAFETY: sysconf has no preconditions.
+    let (cpus, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_NPROCESSORS_ONLN) as u64,
+            libc::sysconf(libc::_SC_PAGESIZE) as u64,
+        )
+    };
+    let batch = 64 * page * (2 * cpus + 1);
     assert!(
-        before.min(after) <= ours && ours <= before.max(after),
-        "memory_rss {ours}, kernel {before}..{after}"
+        before.min(after).saturating_sub(batch) <= ours && ours <= before.max(after) + batch,
+        "memory_rss {ours}, kernel {before}..{after}, flush batch {batch}"
     );
     assert!(ours >= 64 * MIB);
     let usage = daemon.number("toucher/memory_usage");
