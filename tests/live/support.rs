@@ -93,6 +93,18 @@ pub fn open_fds(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
+/// The online CPUs, from the kernel's list ("0-3,8").
+pub fn online_cpus() -> Vec<usize> {
+    let text = fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    text.trim()
+        .split(',')
+        .flat_map(|range| {
+            let (a, b) = range.split_once('-').unwrap_or((range, range));
+            a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()
+        })
+        .collect()
+}
+
 /// Where each of a process's descriptors points.
 pub fn fd_targets(pid: u32) -> Vec<PathBuf> {
     fs::read_dir(format!("/proc/{pid}/fd"))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use cgmetric::cgroup::Controller;
 
 use crate::require;
-use crate::support::{eventually, Cgroup, Daemon};
+use crate::support::{eventually, online_cpus, Cgroup, Daemon};
 
 const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 const LIMIT: u64 = 64 << 20;
@@ -94,18 +94,6 @@ fn status_field(pid: u32, tid: u32, field: &str) -> String {
         .unwrap_or_else(|| panic!("no {field} in status"))
         .trim()
         .to_string()
-}
-
-/// The online CPUs, from the kernel's list ("0-3,8").
-fn online_cpus() -> Vec<usize> {
-    let text = fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
-    text.trim()
-        .split(',')
-        .flat_map(|range| {
-            let (a, b) = range.split_once('-').unwrap_or((range, range));
-            a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()
-        })
-        .collect()
 }
 
 /// Runs `f` with the calling thread bound to `cpu`, then lets it run
