@@ -145,13 +145,17 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         }
     });
 
-    let mut session = Session::new(fs, &mountpoint, &fuse_config(fuse_spin(options.fuse_spin)))
-        .map_err(|source| DaemonError::Mount {
-            path: mountpoint.clone(),
-            source,
-        })?;
+    let mut session = Session::new(
+        fs,
+        &mountpoint,
+        &fuse_config(fuse_spin(options.fuse_spin), options.private),
+    )
+    .map_err(|source| DaemonError::Mount {
+        path: mountpoint.clone(),
+        source,
+    })?;
     let mut unmounter = session.unmount_callable();
-    model.set_invalidator(invalidator(session.notifier()));
+    model.set_kernel(Box::new(KernelNotices::new(session.notifier())));
     // Containers come and go with their cgroups, the moment they do.
     if let Ok(fd) = changes {
         let watched = model.clone();
@@ -221,20 +225,48 @@ fn warn_about_net_cls() {
     }
 }
 
-/// Drops vanished containers' names from the kernel's cache. The kernel
-/// takes the directory's lock for that, so it is done from a thread of its
-/// own, never from within a request (a readdir holds that lock).
-fn invalidator(notifier: fuser::Notifier) -> crate::fs::model::Invalidator {
-    let (names, queued) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for name in queued {
-            let _ = notifier.inval_entry(fuser::INodeNo(ROOT_INO), std::ffi::OsStr::new(&name));
+/// The model's notices to the kernel, over the session's notification
+/// channel.
+struct KernelNotices {
+    notifier: fuser::Notifier,
+    /// Names to forget, sent from a thread of its own: the kernel takes the
+    /// directory's lock for that, and a readdir in a request holds it.
+    names: parking_lot::Mutex<mpsc::Sender<String>>,
+}
+
+impl KernelNotices {
+    fn new(notifier: fuser::Notifier) -> KernelNotices {
+        let (names, queued) = mpsc::channel::<String>();
+        let forgetter = notifier.clone();
+        std::thread::spawn(move || {
+            for name in queued {
+                let _ =
+                    forgetter.inval_entry(fuser::INodeNo(ROOT_INO), std::ffi::OsStr::new(&name));
+            }
+        });
+        KernelNotices {
+            notifier,
+            names: parking_lot::Mutex::new(names),
         }
-    });
-    let names = parking_lot::Mutex::new(names);
-    Box::new(move |name| {
-        let _ = names.lock().send(name.to_string());
-    })
+    }
+}
+
+impl crate::fs::model::Kernel for KernelNotices {
+    fn forget_name(&self, name: &str) {
+        let _ = self.names.lock().send(name.to_string());
+    }
+
+    /// Storing the last byte at its place grows the kernel's size to the
+    /// text's length (a store never shrinks it) and takes no lock that an
+    /// open in flight holds, so it is sent from within the open.
+    fn raise_size(&self, ino: u64, size: u64, last: u8) {
+        if let Err(e) = self.notifier.store(fuser::INodeNo(ino), size - 1, &[last]) {
+            // ENOENT: the kernel has no such inode cached, and will ask.
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                log::debug!("raising the size of inode {ino} to {size}: {e}");
+            }
+        }
+    }
 }
 
 /// Descriptors kept free for everything but kept cgroup files: FUSE, the
@@ -297,7 +329,7 @@ fn fuse_spin(requested: Option<Duration>) -> Duration {
     })
 }
 
-fn fuse_config(spin: Duration) -> fuser::Config {
+fn fuse_config(spin: Duration, private: bool) -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::FSName("cgmetric".into()),
@@ -306,9 +338,14 @@ fn fuse_config(spin: Duration) -> fuser::Config {
         MountOption::NoSuid,
         MountOption::NoDev,
         MountOption::NoExec,
-        MountOption::DefaultPermissions,
     ];
-    // Everybody reads: the files are 0444 and the kernel checks modes.
+    // Everybody reads: every file is 0444, every directory 0555, and the
+    // mount is read-only, so there is no mode to check. With `--private`
+    // there is, and the kernel checks it; that costs a GETATTR before every
+    // open, as a file's attributes (its size) are never cached.
+    if private {
+        config.mount_options.push(MountOption::DefaultPermissions);
+    }
     config.acl = SessionACL::All;
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;

@@ -16,16 +16,28 @@ use fuser::{
 use super::inode::Kind;
 use super::model::{Attr, FsError, Model};
 
-/// How long the kernel may keep a name and its attributes without asking.
-/// Container directories and their files never change while they live, and
-/// a vanished container is invalidated at once, so their names are kept
-/// long: a script polling a file costs open and read only. The `cgroup/`
-/// tree is not followed by inotify, so its names expire quickly.
-fn ttl(attr: &Attr) -> Duration {
+/// How long the kernel may keep a name without asking. Container
+/// directories and their files never change while they live, and a vanished
+/// container is invalidated at once, so their names are kept long: a script
+/// polling a file costs open and read only. The `cgroup/` tree is not
+/// followed by inotify, so its names expire quickly.
+fn entry_ttl(attr: &Attr) -> Duration {
     if attr.lasting {
         Duration::from_secs(60)
     } else {
         Duration::from_secs(1)
+    }
+}
+
+/// How long the kernel may keep a node's attributes. A file's size is the
+/// length of its text, which changes with its value, so every stat asks
+/// (and the open right after serves what that stat measured). Nothing
+/// reads a file's attributes on the way to an open here, as the kernel
+/// checks no modes unless `--private` asks it to.
+fn attr_ttl(attr: &Attr) -> Duration {
+    match attr.kind {
+        Kind::File => Duration::ZERO,
+        Kind::Dir | Kind::Symlink => entry_ttl(attr),
     }
 }
 
@@ -49,10 +61,8 @@ impl FuseFs {
     fn attr(&self, attr: Attr) -> FileAttr {
         FileAttr {
             ino: INodeNo(attr.ino),
-            // procfs style: the size is unknown until the file is rendered,
-            // and direct I/O means it never limits a read.
-            size: 0,
-            blocks: 0,
+            size: attr.size,
+            blocks: attr.size.div_ceil(512),
             atime: self.started,
             mtime: self.started,
             ctime: self.started,
@@ -137,9 +147,18 @@ impl Filesystem for FuseFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, child: &OsStr, reply: ReplyEntry) {
         match name(child).and_then(|n| self.model.lookup(parent.0, n)) {
-            Ok(attr) => reply.entry(&ttl(&attr), &self.attr(attr), Generation(0)),
+            Ok(attr) => reply.entry_with_ttls(
+                &attr_ttl(&attr),
+                &entry_ttl(&attr),
+                &self.attr(attr),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        self.model.forget(ino.0);
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -151,7 +170,7 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.model.getattr(ino.0) {
-            Ok(attr) => reply.attr(&ttl(&attr), &self.attr(attr)),
+            Ok(attr) => reply.attr(&attr_ttl(&attr), &self.attr(attr)),
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -1,8 +1,10 @@
 //! The filesystem as a model: lookups, listings and rendered file contents,
 //! with no FUSE in the loop (the adapter in [`super::fuse`] only translates).
 //!
-//! A file's content is rendered once, at open, and kept with its handle:
-//! every read of that handle, at any offset, comes from the same snapshot.
+//! A file's content is rendered once, at open (or at the stat just before
+//! it), and kept with its handle: every read of that handle, at any offset,
+//! comes from the same snapshot, and `stat` reports its exact length
+//! ([`super::snapshots`] says how the two agree).
 //!
 //! Directories of metrics belong to an [`Owner`]: a container (by registry
 //! slot) or a cgroup of the `cgroup/` tree (by node); both are served by the
@@ -16,6 +18,7 @@ use std::sync::{mpsc, Arc};
 use parking_lot::Mutex;
 
 use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
+use super::snapshots::{Snapshots, Text};
 use crate::cgroup::read::SourceError;
 use crate::helpers::{Chunks, Helpers};
 use crate::metrics::{MetricId, Sample, METRICS};
@@ -73,6 +76,9 @@ pub struct Attr {
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
+    /// A file's exact length: what a read from offset 0 returns if the file
+    /// is opened now. Zero for directories and `self`.
+    pub size: u64,
     /// Whether the node stays what it is until the daemon says otherwise
     /// (everything but the `cgroup/` tree, whose removals nobody reports).
     pub lasting: bool,
@@ -92,6 +98,7 @@ impl Attr {
             },
             uid: 0,
             gid: 0,
+            size: 0,
             lasting: !matches!(
                 node,
                 Node::Dir(Owner::Cgroup(_)) | Node::File(Owner::Cgroup(_), _)
@@ -108,9 +115,12 @@ pub struct DirEntry {
 }
 
 enum Handle {
-    /// The text rendered at open. Not `Arc<[u8]>`: that would copy it, and
-    /// an aggregate file is megabytes.
-    File(Arc<Vec<u8>>),
+    /// The text served by this open, and the file's inode. Not `Arc<[u8]>`:
+    /// that would copy it, and an aggregate file is megabytes.
+    File {
+        ino: u64,
+        text: Text,
+    },
     Dir(Arc<Vec<DirEntry>>),
 }
 
@@ -129,8 +139,15 @@ impl std::ops::Deref for Chunk {
     }
 }
 
-/// Tells the kernel to forget a root entry; set once mounted.
-pub type Invalidator = Box<dyn Fn(&str) + Send + Sync>;
+/// What the model tells the kernel without being asked; set once mounted.
+pub trait Kernel: Send + Sync {
+    /// Forget a name in the root. The kernel takes the directory's lock for
+    /// that, so this must not wait for it (a readdir holds it).
+    fn forget_name(&self, name: &str);
+    /// Raise the size the kernel holds for `ino` to at least `size`, whose
+    /// last byte is `last`, before a reader copies through the page cache.
+    fn raise_size(&self, ino: u64, size: u64, last: u8);
+}
 
 pub struct Model {
     /// Shared with the helper threads that sample part of an aggregate.
@@ -141,7 +158,8 @@ pub struct Model {
     private: bool,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
-    invalidate: std::sync::OnceLock<Invalidator>,
+    snapshots: Snapshots,
+    kernel: std::sync::OnceLock<Box<dyn Kernel>>,
 }
 
 impl Model {
@@ -152,14 +170,14 @@ impl Model {
             private,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            invalidate: std::sync::OnceLock::new(),
+            snapshots: Snapshots::default(),
+            kernel: std::sync::OnceLock::new(),
         }
     }
 
-    /// Registers how vanished containers are dropped from the kernel's
-    /// name cache (which must not be done from within a request).
-    pub fn set_invalidator(&self, invalidate: Invalidator) {
-        let _ = self.invalidate.set(invalidate);
+    /// Registers how the model reaches the kernel once mounted.
+    pub fn set_kernel(&self, kernel: Box<dyn Kernel>) {
+        let _ = self.kernel.set(kernel);
     }
 
     fn registry(&self) -> &Registry {
@@ -173,8 +191,8 @@ impl Model {
     /// Discovery; the kernel forgets the names of vanished containers.
     pub fn refresh(&self) {
         let removed = self.sampler.refresh();
-        if let Some(invalidate) = self.invalidate.get() {
-            removed.iter().for_each(|name| invalidate(name));
+        if let Some(kernel) = self.kernel.get() {
+            removed.iter().for_each(|name| kernel.forget_name(name));
         }
     }
 
@@ -211,9 +229,13 @@ impl Model {
         self.attr(node)
     }
 
-    /// The node's attributes, ownership and modes as `--private` says.
+    /// The node's attributes, ownership and modes as `--private` says, and
+    /// a file's size.
     fn attr(&self, node: Node) -> Result<Attr> {
         let mut attr = Attr::of(node);
+        if attr.kind == Kind::File {
+            attr.size = self.size(node);
+        }
         if !self.private {
             return Ok(attr);
         }
@@ -322,7 +344,17 @@ impl Model {
         Ok(container.name.clone())
     }
 
-    /// Renders the file and returns a handle to its snapshot.
+    /// The length of the text a stat stands for. A file that cannot be
+    /// rendered now shows 0: its open reports the error.
+    fn size(&self, node: Node) -> u64 {
+        let ino = node.ino();
+        self.snapshots
+            .for_stat(ino, || self.render(node).map(String::into_bytes))
+            .map_or(0, |text| text.len() as u64)
+    }
+
+    /// Renders the file (or takes the rendering a stat just measured) and
+    /// returns a handle to that snapshot.
     pub fn open(&self, ino: u64, write: bool) -> Result<u64> {
         let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
         if node.kind() == Kind::Dir {
@@ -331,22 +363,40 @@ impl Model {
         if write {
             return Err(FsError::ReadOnly);
         }
-        let content = self.render(node)?;
-        Ok(self.insert(Handle::File(Arc::new(content.into_bytes()))))
+        let opened = self
+            .snapshots
+            .for_open(ino, || self.render(node).map(String::into_bytes))?;
+        if let (true, Some(kernel), Some(&last)) =
+            (opened.raise, self.kernel.get(), opened.text.last())
+        {
+            kernel.raise_size(ino, opened.text.len() as u64, last);
+        }
+        Ok(self.insert(Handle::File {
+            ino,
+            text: opened.text,
+        }))
     }
 
     /// Up to `size` bytes of the snapshot from `offset`, not copied.
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Chunk> {
-        let content = match self.handles.lock().get(&handle) {
-            Some(Handle::File(content)) => content.clone(),
+        let (ino, content) = match self.handles.lock().get(&handle) {
+            Some(Handle::File { ino, text }) => (*ino, text.clone()),
             _ => return Err(FsError::BadHandle),
         };
         let start = (offset as usize).min(content.len());
         let end = start.saturating_add(size as usize).min(content.len());
+        if end - start < size as usize {
+            self.snapshots.short_read(ino, end as u64);
+        }
         Ok(Chunk {
             content,
             range: start..end,
         })
+    }
+
+    /// The kernel dropped its inode `ino`.
+    pub fn forget(&self, ino: u64) {
+        self.snapshots.forget(ino);
     }
 
     pub fn release(&self, handle: u64) {

@@ -19,5 +19,6 @@ mod net;
 mod overload;
 mod privilege;
 mod prometheus;
+mod readers;
 mod tree;
 mod uring;
