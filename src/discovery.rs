@@ -6,16 +6,16 @@
 //! named by its last path component. Every hierarchy is walked (on a hybrid
 //! host a container may exist only in the v1 controllers).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use parking_lot::Mutex;
 
 use crate::cgroup::Layout;
-use crate::runtime::{classify, MetadataRoots, Resolution};
+use crate::runtime::{classify, MetadataRoots, Resolution, Runtime};
 use crate::watch::{Change, Watcher};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,9 @@ pub struct Discovery {
     /// `None` when only `--cgroup` patterns are wanted (fixture trees).
     runtimes: Option<MetadataRoots>,
     state: Mutex<State>,
+    /// For containers whose runtime can rename them: when their name file
+    /// last changed, as last seen.
+    name_times: Mutex<HashMap<PathBuf, SystemTime>>,
 }
 
 #[derive(Default)]
@@ -119,7 +122,39 @@ impl Discovery {
             globs,
             runtimes,
             state: Mutex::new(State::default()),
+            name_times: Mutex::default(),
         }
+    }
+
+    /// The containers among `known` (cgroup, runtime, id) that their
+    /// runtime renamed since the last call, with the names they now ask
+    /// for. Only containers whose name file changed are resolved again: a
+    /// `stat` each, no parsing.
+    pub fn renames(&self, known: &[(PathBuf, &'static str, String)]) -> Vec<(PathBuf, String)> {
+        let Some(roots) = &self.runtimes else {
+            return Vec::new();
+        };
+        let mut times = self.name_times.lock();
+        let mut renamed = Vec::new();
+        for (cgroup, runtime, id) in known {
+            let Some(runtime) = Runtime::by_name(runtime) else {
+                continue;
+            };
+            let Some(now) = roots.name_changed_at(runtime, id) else {
+                continue;
+            };
+            match times.insert(cgroup.clone(), now) {
+                Some(before) if before != now => {}
+                // First seen: discovery has just resolved its name.
+                _ => continue,
+            }
+            if let Resolution::Named(name, _) = roots.resolve(runtime, id) {
+                renamed.push((cgroup.clone(), sanitize(&name)));
+            }
+        }
+        let live: HashSet<&PathBuf> = known.iter().map(|(cgroup, _, _)| cgroup).collect();
+        times.retain(|cgroup, _| live.contains(cgroup));
+        renamed
     }
 
     /// From now on, learn of cgroups from inotify instead of walking. Returns

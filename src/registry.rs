@@ -117,7 +117,54 @@ impl Registry {
         // they are applied.
         let _serial = self.refreshing.lock();
         let events = self.discovery.changes(&self.layout);
-        self.apply(events)
+        let mut gone = self.apply(events);
+        gone.extend(self.follow_renames());
+        gone
+    }
+
+    /// Gives containers their runtime's new names (`docker rename`).
+    /// Returns the old names. The slot, and so every inode number, stays.
+    fn follow_renames(&self) -> Vec<String> {
+        let known: Vec<_> = self
+            .inner
+            .read()
+            .by_slot
+            .values()
+            .filter(|c| crate::runtime::Runtime::by_name(c.runtime).is_some())
+            .map(|c| (c.cgroup.clone(), c.runtime, c.id.clone()))
+            .collect();
+        let renames = self.discovery.renames(&known);
+        let mut old_names = Vec::new();
+        let mut inner = self.inner.write();
+        for (cgroup, wanted) in renames {
+            let Some(old) = inner
+                .by_cgroup
+                .get(&cgroup)
+                .and_then(|slot| inner.by_slot.get(slot))
+                .cloned()
+            else {
+                continue;
+            };
+            inner.by_name.remove(&old.name);
+            let name = self.unique_name(&inner, &wanted, &old.id);
+            if name == old.name {
+                inner.by_name.insert(name, old);
+                continue;
+            }
+            log::info!("{} container {} is now {name}", old.runtime, old.name);
+            let container = Arc::new(Container::new(
+                old.slot,
+                name.clone(),
+                old.id.clone(),
+                old.cgroup.clone(),
+                old.runtime,
+                old.dirs.clone(),
+            ));
+            inner.by_slot.insert(old.slot, container.clone());
+            inner.by_name.insert(name, container);
+            old_names.push(old.name.clone());
+        }
+        old_names
     }
 
     /// Returns the names of the containers that vanished.

@@ -27,6 +27,14 @@ pub enum Runtime {
 }
 
 impl Runtime {
+    /// The runtime a [`Runtime::name`] stands for, where one name is one
+    /// runtime.
+    pub fn by_name(name: &str) -> Option<Runtime> {
+        [Runtime::Docker, Runtime::Crio, Runtime::Podman]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Runtime::Docker => "docker",
@@ -123,6 +131,22 @@ impl MetadataRoots {
                 found => found,
             },
         }
+    }
+
+    /// When the file holding the container's name last changed, for the
+    /// runtimes whose names change (`docker rename`, `podman rename`).
+    /// Docker rewrites `config.v2.json` by renaming a new file into the
+    /// container's directory, which changes that directory's time; Podman
+    /// rewrites its one `containers.json`.
+    pub fn name_changed_at(&self, runtime: Runtime, id: &str) -> Option<std::time::SystemTime> {
+        let path = match runtime {
+            Runtime::Docker => self.docker_root.join("containers").join(id),
+            Runtime::Podman => self
+                .containers_storage
+                .join("overlay-containers/containers.json"),
+            Runtime::Containerd | Runtime::Crio | Runtime::Kubernetes => return None,
+        };
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
     }
 
     fn docker(&self, id: &str) -> Resolution {
