@@ -1,0 +1,306 @@
+//! Docker Engine (Debian's `docker.io`): names, ids and lifecycle as Docker
+//! reports them, values against Docker's own cgroup files and limits,
+//! traffic over Docker's bridge, and the tree read from inside a container.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use cgmetric::cgroup::Controller;
+
+use crate::engine::{cli, name, Container, Dockerd, DOCKER, IMAGE};
+use crate::require;
+use crate::support::{eventually, host_layout, Daemon};
+
+/// Runs `docker run -d ARGS`.
+fn run(args: &[&str]) -> Container {
+    Container::run(DOCKER, args)
+}
+
+/// How long after `docker run` or `docker rm` returns the tree shows it.
+const PROMPT: Duration = Duration::from_millis(100);
+
+/// A cgroup file of the container, where the kernel keeps it on this host.
+fn kernel_file(daemon: &Daemon, name: &str, controller: Controller, file: &str) -> String {
+    let cgroup = daemon.read(&format!("{name}/cgroup"));
+    let relative = cgroup.trim().trim_start_matches('/');
+    let layout = host_layout();
+    let root = layout
+        .v1(controller)
+        .or(layout.unified.as_deref())
+        .unwrap()
+        .to_path_buf();
+    fs::read_to_string(root.join(relative).join(file)).unwrap()
+}
+
+#[test]
+fn docker_containers_are_named_followed_and_forgotten() {
+    require!("dockerd");
+    let _engine = Dockerd::acquire();
+    let daemon = Daemon::start(&["--no-ebpf"]);
+    let first = name("life");
+    let container = run(&["--name", &first, IMAGE, "sleep", "600"]);
+    let started = Instant::now();
+    assert!(
+        eventually(PROMPT, || daemon.path(&first).exists()),
+        "{first} not in the tree {:?} after docker run",
+        started.elapsed()
+    );
+    assert_eq!(
+        daemon.read(&format!("{first}/id")),
+        format!("{}\n", container.id)
+    );
+    assert_eq!(container.id.len(), 64, "docker's full id");
+    assert_eq!(daemon.read(&format!("{first}/runtime")), "docker\n");
+    assert!(daemon
+        .read(&format!("{first}/cgroup"))
+        .contains(&container.id));
+
+    // docker rename is followed within a second, and the old name is gone.
+    let renamed = name("renamed");
+    cli(DOCKER, &["rename", &first, &renamed]);
+    assert!(
+        eventually(Duration::from_secs(1), || daemon.path(&renamed).exists()
+            && !daemon.path(&first).exists()),
+        "rename not followed: {:?}",
+        fs::read_dir(&daemon.mountpoint)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        daemon.read(&format!("{renamed}/name")),
+        format!("{renamed}\n")
+    );
+
+    // restart, and stop then start, keep the name and the id.
+    cli(DOCKER, &["restart", "-t", "0", &renamed]);
+    assert!(eventually(Duration::from_secs(5), || {
+        daemon.path(&format!("{renamed}/pids_current")).exists()
+    }));
+    assert_eq!(
+        daemon.read(&format!("{renamed}/id")),
+        format!("{}\n", container.id)
+    );
+    cli(DOCKER, &["stop", "-t", "0", &renamed]);
+    assert!(
+        eventually(Duration::from_secs(2), || !daemon.path(&renamed).exists()),
+        "a stopped container has no cgroup and no directory"
+    );
+    cli(DOCKER, &["start", &renamed]);
+    assert!(eventually(Duration::from_secs(5), || daemon
+        .path(&renamed)
+        .exists()));
+    assert_eq!(
+        daemon.read(&format!("{renamed}/name")),
+        format!("{renamed}\n")
+    );
+
+    // docker rm: gone promptly.
+    cli(DOCKER, &["rm", "-f", &renamed]);
+    let removed = Instant::now();
+    assert!(
+        eventually(PROMPT, || !daemon.path(&renamed).exists()),
+        "{renamed} still in the tree {:?} after docker rm",
+        removed.elapsed()
+    );
+}
+
+#[test]
+fn docker_limits_and_usage_agree_with_docker() {
+    require!("dockerd");
+    let _engine = Dockerd::acquire();
+    let daemon = Daemon::start(&["--no-ebpf"]);
+    let limited = name("limited");
+    let busy = name("busy");
+    let _limited = run(&[
+        "--name",
+        &limited,
+        "--cpus",
+        "0.5",
+        "-m",
+        "64m",
+        IMAGE,
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ]);
+    let _busy = run(&["--name", &busy, IMAGE, "sh", "-c", "while :; do :; done"]);
+    assert!(eventually(PROMPT * 10, || daemon.path(&busy).exists()
+        && daemon.path(&limited).exists()));
+    assert_eq!(
+        daemon.read(&format!("{limited}/cpu_limit_millicores")),
+        "500\n"
+    );
+    assert_eq!(
+        daemon.read(&format!("{limited}/memory_limit")),
+        "67108864\n"
+    );
+    assert_eq!(
+        daemon.read(&format!("{busy}/cpu_limit_millicores")),
+        "max\n"
+    );
+    assert_eq!(daemon.read(&format!("{busy}/memory_limit")), "max\n");
+
+    // cpu_millicores against the kernel's own CPU time over the same second:
+    // on a loaded machine the loops get less than what they ask for.
+    std::thread::sleep(Duration::from_millis(1500));
+    let kernel_usec = |c: &str| -> u64 {
+        if host_layout().v1(Controller::Cpuacct).is_some() {
+            let ns: u64 = kernel_file(&daemon, c, Controller::Cpuacct, "cpuacct.usage")
+                .trim()
+                .parse()
+                .unwrap();
+            ns / 1000
+        } else {
+            kernel_file(&daemon, c, Controller::Cpu, "cpu.stat")
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .unwrap()
+                .parse()
+                .unwrap()
+        }
+    };
+    for (c, most) in [(&busy, 1050), (&limited, 550)] {
+        let (before, at) = (kernel_usec(c), Instant::now());
+        std::thread::sleep(Duration::from_millis(1000));
+        let ours = daemon.number(&format!("{c}/cpu_millicores"));
+        let kernel = (kernel_usec(c) - before) * 1000 / at.elapsed().as_micros() as u64;
+        assert!(ours <= most, "{c}: {ours} millicores");
+        assert!(
+            ours.abs_diff(kernel) <= 100,
+            "{c}: {ours} millicores, kernel {kernel}"
+        );
+    }
+
+    // pids as docker stats reports them; memory as Docker's cgroup files.
+    let stats = cli(
+        DOCKER,
+        &["stats", "--no-stream", "--format", "{{.PIDs}}", &busy],
+    );
+    assert_eq!(
+        daemon.read(&format!("{busy}/pids_current")),
+        format!("{stats}\n")
+    );
+    assert_eq!(
+        daemon.read(&format!("{busy}/pids_current")),
+        kernel_file(&daemon, &busy, Controller::Pids, "pids.current")
+    );
+    let usage_file = if host_layout().v1(Controller::Memory).is_some() {
+        "memory.usage_in_bytes"
+    } else {
+        "memory.current"
+    };
+    // Both reads are of a shell loop that allocates nothing.
+    let ours = daemon.number(&format!("{limited}/memory_usage"));
+    let kernel: u64 = kernel_file(&daemon, &limited, Controller::Memory, usage_file)
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(ours, kernel, "memory_usage against {usage_file}");
+}
+
+#[test]
+fn busybox_cat_inside_a_container_prints_its_own_values() {
+    require!("dockerd");
+    let _engine = Dockerd::acquire();
+    let daemon = Daemon::start(&["--no-ebpf"]);
+    let me = name("inside");
+    let volume = format!("{}:/run/cgmetric:ro", daemon.mountpoint.display());
+    let container = run(&["--name", &me, "-v", &volume, IMAGE, "sleep", "600"]);
+    assert!(eventually(PROMPT * 10, || daemon.path(&me).exists()));
+    assert_eq!(container.exec(&["cat", "/run/cgmetric/self/name"]), me);
+    // Every file of its own directory, through busybox cat (sendfile).
+    let printed = container.exec(&["sh", "-c", "cat /run/cgmetric/self/*"]);
+    let mut expected_lines = 0;
+    for entry in fs::read_dir(daemon.path(&me)).unwrap() {
+        expected_lines += fs::read_to_string(entry.unwrap().path())
+            .unwrap()
+            .lines()
+            .count();
+    }
+    assert_eq!(printed.lines().count(), expected_lines, "{printed}");
+    for line in [me.as_str(), container.id.as_str(), "docker"] {
+        assert!(
+            printed.lines().any(|l| l == line),
+            "no {line:?} in:\n{printed}"
+        );
+    }
+    for line in printed.lines() {
+        assert!(!line.is_empty() && !line.contains('\0'), "{line:?}");
+    }
+}
+
+/// Bytes of a file served over Docker's bridge by busybox httpd.
+const BLOB: u64 = 4 << 20;
+
+#[test]
+fn traffic_over_dockers_bridge_is_counted_on_both_sides() {
+    require!("dockerd");
+    let _engine = Dockerd::acquire();
+    let daemon = Daemon::start(&[]);
+    let (server, client) = (name("httpd"), name("wget"));
+    let serve = format!(
+        "mkdir -p /www && dd if=/dev/zero of=/www/blob bs=1024 count={} 2>/dev/null \
+         && exec httpd -f -p 8080 -h /www",
+        BLOB / 1024
+    );
+    let served = run(&["--name", &server, IMAGE, "sh", "-c", &serve]);
+    let fetcher = run(&["--name", &client, IMAGE, "sleep", "600"]);
+    let ip = served.inspect("{{.NetworkSettings.IPAddress}}");
+    assert!(eventually(Duration::from_secs(5), || daemon
+        .path(&client)
+        .exists()
+        && daemon.path(&server).exists()));
+    let url = format!("http://{ip}:8080/blob");
+    assert!(
+        eventually(Duration::from_secs(10), || std::process::Command::new(
+            DOCKER.program
+        )
+        .args(["exec", &fetcher.id, "wget", "-q", "-O", "/dev/null", &url])
+        .status()
+        .is_ok_and(|s| s.success())),
+        "wget {url} failed"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let get = |c: &str, f: &str| daemon.number(&format!("{c}/{f}"));
+    let (server_tx, client_rx) = (get(&server, "net_bytes_tx"), get(&client, "net_bytes_rx"));
+    let (client_tx, server_rx) = (get(&client, "net_bytes_tx"), get(&server, "net_bytes_rx"));
+    assert!(
+        server_tx >= BLOB && client_rx >= BLOB,
+        "{server_tx} {client_rx}"
+    );
+    // One path: what one side sent, the other received, less what the
+    // bridge lost (which TCP sent again, and counted again). A few control
+    // packets are sent by the kernel for no full socket (a SYN-ACK for a
+    // request socket, an ACK from TIME_WAIT): received, but nobody's tx.
+    let retransmits = get(&server, "net_tcp_retransmits");
+    for (what, sent, received) in [
+        ("server to client", server_tx, client_rx),
+        ("client to server", client_tx, server_rx),
+    ] {
+        assert!(
+            received <= sent + 4 * 60 && sent.saturating_sub(received) <= sent / 50,
+            "{what}: sent {sent}, received {received} ({retransmits} segments resent)"
+        );
+    }
+    // Wire packets: each segment with its IP and TCP headers (40 to 60
+    // bytes), so what is left is the body and the HTTP headers. eth0's own
+    // counters count coalesced (GRO) packets once and cannot be compared.
+    // A segment the bridge dropped after the client saw it is received
+    // twice, hence the 5% of slack.
+    let packets = get(&client, "net_packets_rx");
+    assert!(
+        client_rx - 40 * packets >= BLOB && client_rx - 60 * packets <= BLOB + BLOB / 20,
+        "{client_rx} bytes in {packets} packets for a body of {BLOB}"
+    );
+    // Each wget was one connection, on both sides, and closed.
+    let (client_conns, server_conns) = (
+        get(&client, "net_connections_total"),
+        get(&server, "net_connections_total"),
+    );
+    assert!(
+        client_conns >= 1 && client_conns == server_conns,
+        "{client_conns} {server_conns}"
+    );
+    assert_eq!(get(&client, "net_connections_active"), 0);
+}
