@@ -141,7 +141,7 @@ pub fn import_image(runtime: Cli) {
     for applet in APPLETS {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(root.path())
         .args(["-cf", "-", "."])
@@ -151,9 +151,10 @@ pub fn import_image(runtime: Cli) {
     let out = Command::new(runtime.program)
         .args(runtime.global)
         .args(["import", "-", IMAGE])
-        .stdin(tar.stdout.unwrap())
+        .stdin(tar.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(tar.wait().unwrap().success(), "tar of the image's rootfs");
     assert!(
         out.status.success(),
         "{} import: {}",
