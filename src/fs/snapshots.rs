@@ -8,8 +8,8 @@
 //!
 //! - a stat reuses a rendering younger than [`HANDOFF`], so a reader that
 //!   opens and then `fstat`s (Python, Go, Rust) sees its own text's length;
-//! - an open within [`HANDOFF`] of a stat serves the rendering that stat
-//!   reported, so `stat` then `read` (tar) reads exactly `st_size` bytes;
+//! - the first open within [`HANDOFF`] of a stat that rendered the file
+//!   serves that rendering, so `stat` then `read` (tar) reads exactly `st_size` bytes;
 //! - any other open renders anew; when that text is longer than the size the
 //!   kernel may hold, the caller raises the kernel's size before answering
 //!   (see [`Opened::raise`]). A shorter text needs nothing: the kernel trims
@@ -75,13 +75,15 @@ impl Snapshots {
         render: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Result<Text, E> {
         if let Some(text) = self.young(ino, false) {
-            // The kernel now holds this text's length: opens serve it.
-            self.reported(ino, text.len() as u64, true);
+            // Opens keep rendering anew: a reader that polls with open and
+            // fstat (Rust, Python, Go) would otherwise see one value for
+            // as long as it polls faster than HANDOFF.
+            self.reported(ino, text.len() as u64);
             return Ok(text);
         }
         let text = Arc::new(render()?);
         self.keep(ino, &text, true);
-        self.reported(ino, text.len() as u64, true);
+        self.reported(ino, text.len() as u64);
         Ok(text)
     }
 
@@ -93,6 +95,11 @@ impl Snapshots {
         render: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Result<Opened, E> {
         if let Some(text) = self.young(ino, true) {
+            // Served once: the next open renders anew, so a value never
+            // lags behind the reader's own previous read.
+            if let Some(known) = self.inodes.lock().get_mut(&ino) {
+                known.for_stat = false;
+            }
             let raise = self.needs_raise(ino, text.len() as u64);
             return Ok(Opened { text, raise });
         }
@@ -135,11 +142,10 @@ impl Snapshots {
         known.for_stat = for_stat;
     }
 
-    /// The kernel was told the inode's size, that of its latest text.
-    fn reported(&self, ino: u64, size: u64, for_stat: bool) {
+    /// The kernel was told the inode's size.
+    fn reported(&self, ino: u64, size: u64) {
         if let Some(known) = self.inodes.lock().get_mut(&ino) {
             known.floor = size;
-            known.for_stat = for_stat;
         }
     }
 
@@ -232,7 +238,7 @@ mod tests {
         let stat = s.for_stat(7, || text("3\n")).unwrap();
         assert_eq!(*stat, b"2\n", "the open's rendering is young");
         let open = s.for_open(7, || text("40\n")).unwrap();
-        assert_eq!(open.text, stat, "what the stat measured is served");
+        assert_eq!(*open.text, b"40\n", "an open's text is not handed on");
     }
 
     #[test]
