@@ -129,20 +129,25 @@ impl Discovery {
     /// The containers among `known` (cgroup, runtime, id) that their
     /// runtime renamed since the last call, with the names they now ask
     /// for. Only containers whose name file changed are resolved again: a
-    /// `stat` each, no parsing.
+    /// `stat` of each distinct name file, no parsing.
     pub fn renames(&self, known: &[(PathBuf, &'static str, String)]) -> Vec<(PathBuf, String)> {
         let Some(roots) = &self.runtimes else {
             return Vec::new();
         };
+        let mut changed_at: HashMap<PathBuf, Option<SystemTime>> = HashMap::new();
         let mut times = self.name_times.lock();
         let mut renamed = Vec::new();
         for (cgroup, runtime, id) in known {
             let Some(runtime) = Runtime::by_name(runtime) else {
                 continue;
             };
-            let Some(now) = roots.name_changed_at(runtime, id) else {
+            let Some(file) = roots.name_file(runtime, id) else {
                 continue;
             };
+            let now = *changed_at
+                .entry(file)
+                .or_insert_with_key(|file| std::fs::metadata(file).and_then(|m| m.modified()).ok());
+            let Some(now) = now else { continue };
             match times.insert(cgroup.clone(), now) {
                 Some(before) if before != now => {}
                 // First seen: discovery has just resolved its name.

@@ -133,20 +133,20 @@ impl MetadataRoots {
         }
     }
 
-    /// When the file holding the container's name last changed, for the
-    /// runtimes whose names change (`docker rename`, `podman rename`).
-    /// Docker rewrites `config.v2.json` by renaming a new file into the
-    /// container's directory, which changes that directory's time; Podman
-    /// rewrites its one `containers.json`.
-    pub fn name_changed_at(&self, runtime: Runtime, id: &str) -> Option<std::time::SystemTime> {
-        let path = match runtime {
-            Runtime::Docker => self.docker_root.join("containers").join(id),
-            Runtime::Podman => self
-                .containers_storage
-                .join("overlay-containers/containers.json"),
-            Runtime::Containerd | Runtime::Crio | Runtime::Kubernetes => return None,
-        };
-        std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    /// What changes when the runtime renames the container (`docker
+    /// rename`, `podman rename`); `None` for runtimes whose names never
+    /// change. Docker rewrites `config.v2.json` by renaming a new file into
+    /// the container's directory, which changes that directory's time;
+    /// Podman rewrites its one `containers.json` for all its containers.
+    pub fn name_file(&self, runtime: Runtime, id: &str) -> Option<PathBuf> {
+        match runtime {
+            Runtime::Docker => Some(self.docker_root.join("containers").join(id)),
+            Runtime::Podman => Some(
+                self.containers_storage
+                    .join("overlay-containers/containers.json"),
+            ),
+            Runtime::Containerd | Runtime::Crio | Runtime::Kubernetes => None,
+        }
     }
 
     fn docker(&self, id: &str) -> Resolution {

@@ -115,12 +115,9 @@ pub struct DirEntry {
 }
 
 enum Handle {
-    /// The text served by this open, and the file's inode. Not `Arc<[u8]>`:
-    /// that would copy it, and an aggregate file is megabytes.
-    File {
-        ino: u64,
-        text: Text,
-    },
+    /// The text served by this open. Not `Arc<[u8]>`: that would copy it,
+    /// and an aggregate file is megabytes.
+    File(Text),
     Dir(Arc<Vec<DirEntry>>),
 }
 
@@ -371,23 +368,17 @@ impl Model {
         {
             kernel.raise_size(ino, opened.text.len() as u64, last);
         }
-        Ok(self.insert(Handle::File {
-            ino,
-            text: opened.text,
-        }))
+        Ok(self.insert(Handle::File(opened.text)))
     }
 
     /// Up to `size` bytes of the snapshot from `offset`, not copied.
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Chunk> {
-        let (ino, content) = match self.handles.lock().get(&handle) {
-            Some(Handle::File { ino, text }) => (*ino, text.clone()),
+        let content = match self.handles.lock().get(&handle) {
+            Some(Handle::File(content)) => content.clone(),
             _ => return Err(FsError::BadHandle),
         };
         let start = (offset as usize).min(content.len());
         let end = start.saturating_add(size as usize).min(content.len());
-        if end - start < size as usize {
-            self.snapshots.short_read(ino, end as u64);
-        }
         Ok(Chunk {
             content,
             range: start..end,

@@ -13,7 +13,8 @@
 //! - any other open renders anew; when that text is longer than the size the
 //!   kernel may hold, the caller raises the kernel's size before answering
 //!   (see [`Opened::raise`]). A shorter text needs nothing: the kernel trims
-//!   its size after the short page read.
+//!   its size after the short page read, so the open's length is what the
+//!   kernel may hold from then on, and reads need no bookkeeping.
 //!
 //! Direct I/O keeps the page cache from serving an old value to `read`, and
 //! an open without `FOPEN_KEEP_CACHE` drops the pages a splice left behind.
@@ -24,19 +25,16 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// How long a rendering made for a stat is what opens serve, and how long
-/// any rendering answers stats. Long enough for a reader's stat, open and
-/// fstat on a loaded host; short enough that a polling loop sees new values.
+/// How long a rendering made for a stat is what the next open serves, and
+/// how long any rendering answers stats. Long enough for a reader's stat,
+/// open and fstat on a loaded host; short enough that a polling loop sees
+/// new values.
 pub const HANDOFF: Duration = Duration::from_millis(200);
 
-/// Inodes whose renderings are kept before old ones are dropped. Their
-/// sizes are kept longer (see [`KEEP_SIZES`]); the kernel's FORGET drops
-/// both.
-const KEEP_TEXTS: usize = 1024;
-
-/// Inodes whose last reported size is remembered. Past that, old entries
-/// are dropped, which only costs their next open a size raise.
-const KEEP_SIZES: usize = 1 << 16;
+/// Inodes remembered before renderings too old to reuse are dropped (and,
+/// if that is not enough, the inodes without one). The kernel's FORGET
+/// drops an inode too; a dropped inode costs its next open a size raise.
+const KEEP: usize = 4096;
 
 /// A file's rendered text, shared between the snapshot table and the open
 /// handles reading it.
@@ -44,17 +42,25 @@ pub type Text = Arc<Vec<u8>>;
 
 #[derive(Default)]
 pub struct Snapshots {
-    inodes: Mutex<HashMap<u64, Known>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    inodes: HashMap<u64, Known>,
+    /// The table's size at which it is pruned next: twice what pruning
+    /// left, so pruning costs a constant per insertion.
+    prune_at: usize,
 }
 
 struct Known {
     /// The latest rendering and when it was made, while it may be reused.
     text: Option<(Text, Instant)>,
-    /// Whether `text` was made for a stat (opens may serve it).
-    for_stat: bool,
-    /// The smallest size the kernel may hold for the inode: set by a stat's
-    /// answer or a raise, lowered by every short read (the kernel trims its
-    /// size after a short page read, and a read does not say which it is).
+    /// Whether `text` was made for a stat and no open has served it yet.
+    for_open: bool,
+    /// The smallest size the kernel may hold for the inode: what a stat
+    /// answered, or the length of the latest open's text (a read to its end
+    /// through the page cache trims the kernel's size to that).
     floor: u64,
 }
 
@@ -68,116 +74,96 @@ pub struct Opened {
 
 impl Snapshots {
     /// The text a stat of `ino` reports the length of: a young rendering, or
-    /// a new one from `render`.
+    /// a new one from `render`. Opens keep rendering anew after a stat that
+    /// reused an open's text: a reader that polls with open and fstat
+    /// (Rust, Python, Go) would otherwise see one value for as long as it
+    /// polls faster than [`HANDOFF`].
     pub fn for_stat<E>(
         &self,
         ino: u64,
         render: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Result<Text, E> {
-        if let Some(text) = self.young(ino, false) {
-            // Opens keep rendering anew: a reader that polls with open and
-            // fstat (Rust, Python, Go) would otherwise see one value for
-            // as long as it polls faster than HANDOFF.
-            self.reported(ino, text.len() as u64);
-            return Ok(text);
+        if let Some(known) = self.table.lock().inodes.get_mut(&ino) {
+            if let Some(text) = young(known) {
+                known.floor = text.len() as u64;
+                return Ok(text);
+            }
         }
         let text = Arc::new(render()?);
-        self.keep(ino, &text, true);
-        self.reported(ino, text.len() as u64);
+        let mut table = self.table.lock();
+        let known = table.entry(ino);
+        known.text = Some((text.clone(), Instant::now()));
+        known.for_open = true;
+        known.floor = text.len() as u64;
         Ok(text)
     }
 
     /// The text an open of `ino` serves: the rendering of a stat made
-    /// within [`HANDOFF`], or a new one from `render`.
+    /// within [`HANDOFF`] that no open served yet, or a new one from
+    /// `render`.
     pub fn for_open<E>(
         &self,
         ino: u64,
         render: impl FnOnce() -> Result<Vec<u8>, E>,
     ) -> Result<Opened, E> {
-        if let Some(text) = self.young(ino, true) {
-            // Served once: the next open renders anew, so a value never
-            // lags behind the reader's own previous read.
-            if let Some(known) = self.inodes.lock().get_mut(&ino) {
-                known.for_stat = false;
-            }
-            let raise = self.needs_raise(ino, text.len() as u64);
-            return Ok(Opened { text, raise });
+        let stat_made = self.table.lock().inodes.get_mut(&ino).and_then(|known| {
+            let text = young(known).filter(|_| known.for_open)?;
+            known.for_open = false;
+            Some(text)
+        });
+        let (text, rendered) = match stat_made {
+            Some(text) => (text, false),
+            None => (Arc::new(render()?), true),
+        };
+        let mut table = self.table.lock();
+        let known = table.entry(ino);
+        if rendered {
+            known.text = Some((text.clone(), Instant::now()));
+            known.for_open = false;
         }
-        let text = Arc::new(render()?);
-        self.keep(ino, &text, false);
-        let raise = self.needs_raise(ino, text.len() as u64);
+        let len = text.len() as u64;
+        let raise = known.floor < len;
+        known.floor = len;
         Ok(Opened { text, raise })
-    }
-
-    /// A read of `ino` returned less than asked, ending at `end`.
-    pub fn short_read(&self, ino: u64, end: u64) {
-        if let Some(known) = self.inodes.lock().get_mut(&ino) {
-            known.floor = known.floor.min(end);
-        }
     }
 
     /// The kernel dropped the inode: it asks anew before it uses a size.
     pub fn forget(&self, ino: u64) {
-        self.inodes.lock().remove(&ino);
-    }
-
-    fn young(&self, ino: u64, made_for_stat: bool) -> Option<Text> {
-        let inodes = self.inodes.lock();
-        let known = inodes.get(&ino)?;
-        let (text, at) = known.text.as_ref()?;
-        (at.elapsed() < HANDOFF && (known.for_stat || !made_for_stat)).then(|| text.clone())
-    }
-
-    fn keep(&self, ino: u64, text: &Text, for_stat: bool) {
-        let mut inodes = self.inodes.lock();
-        if inodes.len() >= KEEP_TEXTS && !inodes.contains_key(&ino) {
-            prune(&mut inodes);
-        }
-        let known = inodes.entry(ino).or_insert(Known {
-            text: None,
-            for_stat,
-            floor: 0,
-        });
-        known.text = Some((text.clone(), Instant::now()));
-        known.for_stat = for_stat;
-    }
-
-    /// The kernel was told the inode's size.
-    fn reported(&self, ino: u64, size: u64) {
-        if let Some(known) = self.inodes.lock().get_mut(&ino) {
-            known.floor = size;
-        }
-    }
-
-    /// Whether the kernel may hold less than `len` for `ino`; if so, the
-    /// caller raises it, and the floor is `len` from then on.
-    fn needs_raise(&self, ino: u64, len: u64) -> bool {
-        let mut inodes = self.inodes.lock();
-        match inodes.get_mut(&ino) {
-            Some(known) if known.floor >= len => false,
-            Some(known) => {
-                known.floor = len;
-                true
-            }
-            None => len > 0,
-        }
+        self.table.lock().inodes.remove(&ino);
     }
 }
 
-/// Drops renderings too old to be reused, and, past [`KEEP_SIZES`], the
-/// sizes of inodes with no young rendering.
-fn prune(inodes: &mut HashMap<u64, Known>) {
-    for known in inodes.values_mut() {
-        if known
-            .text
-            .as_ref()
-            .is_some_and(|(_, at)| at.elapsed() >= HANDOFF)
-        {
-            known.text = None;
+/// The inode's rendering, if it is young enough to reuse.
+fn young(known: &Known) -> Option<Text> {
+    let (text, at) = known.text.as_ref()?;
+    (at.elapsed() < HANDOFF).then(|| text.clone())
+}
+
+impl Table {
+    /// The inode's entry, made if new (the kernel's size unknown: 0).
+    fn entry(&mut self, ino: u64) -> &mut Known {
+        if !self.inodes.contains_key(&ino) && self.inodes.len() >= self.prune_at.max(KEEP) {
+            self.prune();
         }
+        self.inodes.entry(ino).or_insert(Known {
+            text: None,
+            for_open: false,
+            floor: 0,
+        })
     }
-    if inodes.len() >= KEEP_SIZES {
-        inodes.retain(|_, known| known.text.is_some());
+
+    /// Drops renderings too old to be reused and, past [`KEEP`], the
+    /// inodes left without one.
+    fn prune(&mut self) {
+        for known in self.inodes.values_mut() {
+            if young(known).is_none() {
+                known.text = None;
+            }
+        }
+        if self.inodes.len() >= KEEP {
+            self.inodes.retain(|_, known| known.text.is_some());
+        }
+        self.prune_at = self.inodes.len() * 2;
     }
 }
 
@@ -219,13 +205,17 @@ mod tests {
     }
 
     #[test]
-    fn a_short_read_lowers_what_the_kernel_may_hold() {
+    fn a_shorter_text_lowers_what_the_kernel_may_hold() {
         let s = Snapshots::default();
         s.for_stat(7, || text("12345\n")).unwrap();
-        s.short_read(7, 3);
         std::thread::sleep(HANDOFF);
+        let open = s.for_open(7, || text("123\n")).unwrap();
+        assert!(!open.raise, "the kernel holds more");
         let open = s.for_open(7, || text("1234\n")).unwrap();
-        assert!(open.raise, "the kernel may have trimmed its size to 3");
+        assert!(
+            open.raise,
+            "reading 123 to its end trimmed the kernel's size to 4"
+        );
     }
 
     #[test]
@@ -251,11 +241,15 @@ mod tests {
     #[test]
     fn the_table_stays_bounded() {
         let s = Snapshots::default();
-        for ino in 0..(KEEP_TEXTS as u64 * 3) {
-            s.for_stat(ino, || text("1\n")).unwrap();
+        for ino in 0..(KEEP as u64 * 3) {
+            s.for_open(ino, || text("1\n")).unwrap();
         }
-        assert!(s.inodes.lock().len() <= KEEP_SIZES);
-        s.forget(0);
-        assert!(!s.inodes.lock().contains_key(&0));
+        std::thread::sleep(HANDOFF);
+        for ino in 0..(KEEP as u64 * 3) {
+            s.for_stat(ino + 1_000_000, || text("1\n")).unwrap();
+        }
+        assert!(s.table.lock().inodes.len() <= KEEP * 6);
+        s.forget(1_000_000);
+        assert!(!s.table.lock().inodes.contains_key(&1_000_000));
     }
 }

@@ -114,53 +114,56 @@ fn drain(mut read_end: File) -> std::thread::JoinHandle<Vec<u8>> {
     })
 }
 
-fn sendfile_all(path: &Path) -> Result<Vec<u8>, String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let mut out = tempfile::tempfile().unwrap();
+/// Calls `copy(from, to)` until it returns 0 (the end) or fails.
+fn pump(from: &File, to: &File, copy: impl Fn(i32, i32) -> isize) -> std::io::Result<()> {
     loop {
-        // SAFETY: two open descriptors, no offset pointer.
-        let n = unsafe {
-            libc::sendfile(
-                out.as_raw_fd(),
-                file.as_raw_fd(),
-                std::ptr::null_mut(),
-                1 << 20,
-            )
-        };
-        match n {
-            0 => break,
-            n if n < 0 => return Err(format!("sendfile: {}", errno())),
+        match copy(from.as_raw_fd(), to.as_raw_fd()) {
+            0 => return Ok(()),
+            n if n < 0 => return Err(errno()),
             _ => {}
         }
     }
-    let mut text = Vec::new();
-    std::io::Seek::rewind(&mut out).unwrap();
-    out.read_to_end(&mut text).unwrap();
-    Ok(text)
+}
+
+/// Copies the file with `copy` into a temporary file, and reads that back.
+fn through_a_file(
+    path: &Path,
+    copy: impl Fn(i32, i32) -> isize,
+) -> Result<std::io::Result<Vec<u8>>, String> {
+    let file = File::open(path).map_err(|e| e.to_string())?;
+    let mut out = tempfile::tempfile().unwrap();
+    Ok(pump(&file, &out, copy).map(|()| {
+        let mut text = Vec::new();
+        std::io::Seek::rewind(&mut out).unwrap();
+        out.read_to_end(&mut text).unwrap();
+        text
+    }))
+}
+
+fn sendfile_all(path: &Path) -> Result<Vec<u8>, String> {
+    // SAFETY: two open descriptors, no offset pointer.
+    through_a_file(path, |from, to| unsafe {
+        libc::sendfile(to, from, std::ptr::null_mut(), 1 << 20)
+    })?
+    .map_err(|e| format!("sendfile: {e}"))
 }
 
 fn splice_all(path: &Path) -> Result<Vec<u8>, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     let (read_end, write_end) = pipe();
     let drained = drain(read_end);
-    loop {
-        // SAFETY: two open descriptors, no offset pointers.
-        let n = unsafe {
-            libc::splice(
-                file.as_raw_fd(),
-                std::ptr::null_mut(),
-                write_end.as_raw_fd(),
-                std::ptr::null_mut(),
-                1 << 16,
-                0,
-            )
-        };
-        match n {
-            0 => break,
-            n if n < 0 => return Err(format!("splice: {}", errno())),
-            _ => {}
-        }
-    }
+    // SAFETY: two open descriptors, no offset pointers.
+    pump(&file, &write_end, |from, to| unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            1 << 16,
+            0,
+        )
+    })
+    .map_err(|e| format!("splice: {e}"))?;
     drop(write_end);
     Ok(drained.join().unwrap())
 }
@@ -168,38 +171,26 @@ fn splice_all(path: &Path) -> Result<Vec<u8>, String> {
 /// The whole value, or the error that makes coreutils and Python fall back
 /// to `read` (a FUSE file and a file elsewhere are on two filesystems).
 fn copy_file_range_all(path: &Path) -> Result<Vec<u8>, String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
-    let mut out = tempfile::tempfile().unwrap();
-    loop {
-        // SAFETY: two open descriptors, no offset pointers.
-        let n = unsafe {
-            libc::copy_file_range(
-                file.as_raw_fd(),
-                std::ptr::null_mut(),
-                out.as_raw_fd(),
-                std::ptr::null_mut(),
-                1 << 20,
-                0,
-            )
-        };
-        match n {
-            0 => break,
-            n if n < 0 => {
-                let e = errno();
-                return match e.raw_os_error() {
-                    Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
-                        fs::read(path).map_err(|e| e.to_string())
-                    }
-                    _ => Err(format!("copy_file_range: {e}")),
-                };
+    // SAFETY: two open descriptors, no offset pointers.
+    let copied = through_a_file(path, |from, to| unsafe {
+        libc::copy_file_range(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            1 << 20,
+            0,
+        ) as isize
+    })?;
+    match copied {
+        Ok(text) => Ok(text),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                fs::read(path).map_err(|e| e.to_string())
             }
-            _ => {}
-        }
+            _ => Err(format!("copy_file_range: {e}")),
+        },
     }
-    let mut text = Vec::new();
-    std::io::Seek::rewind(&mut out).unwrap();
-    out.read_to_end(&mut text).unwrap();
-    Ok(text)
 }
 
 /// What a program that maps `st_size` bytes sees.
