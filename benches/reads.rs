@@ -157,7 +157,7 @@ impl Daemon {
             .spawn()
             .expect("taskset (util-linux) and cgmetric");
         let daemon = Daemon { mnt, child };
-        wait_for(|| cgmetric::daemon::is_served(&daemon.mnt));
+        wait_for(|| cgmetric::mounts::is_served(&daemon.mnt));
         daemon
     }
 

@@ -14,18 +14,15 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use crate::cgroup::layout::LayoutError;
 use crate::cgroup::Layout;
 use crate::cli::{Options, DEFAULT_MOUNTPOINT};
-use crate::discovery::{Discovery, DiscoveryError, Globs};
+use crate::containers::discovery::{Discovery, DiscoveryError, Globs};
+use crate::containers::registry::Registry;
+use crate::containers::runtime::MetadataRoots;
 use crate::fs::fuse::FuseFs;
 use crate::fs::inode::{RESERVED_NAMES, ROOT_INO};
 use crate::fs::model::Model;
-use crate::mounts::{mount_at, read_mount_table, MountEntry};
+use crate::mounts::{mount_at, read_mount_table, statfs, MountEntry, FS_TYPE};
 use crate::net::{Net, NetError};
-use crate::registry::Registry;
-use crate::runtime::MetadataRoots;
 use crate::sample::Sampler;
-
-/// The filesystem type the kernel shows for the tree (`fuse.` + subtype).
-pub const FS_TYPE: &str = "fuse.cgmetric";
 
 /// FUSE worker threads: a read of a rate may wait one window, and the others
 /// must not queue behind it.
@@ -132,7 +129,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         Sampler::new(registry, options.window, net),
         options.private,
     ));
-    crate::helpers::remember_daemon_cpus();
+    crate::sample::pool::remember_daemon_cpus();
     let fs = FuseFs::new(model.clone(), !options.no_fuse_uring);
 
     let (events, next_event) = mpsc::channel();
@@ -163,7 +160,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
             .name("cgroup-watch".into())
             .spawn(move || loop {
                 let rewalk = watched.rewalk_interval();
-                if let Err(e) = crate::watch::wait_readable(fd, rewalk) {
+                if let Err(e) = crate::containers::watch::wait_readable(fd, rewalk) {
                     log::error!("waiting for cgroup changes failed ({e}); they now show at lookup");
                     return;
                 }
@@ -397,35 +394,6 @@ fn prepare_mountpoint(given: &Path, is_default: bool) -> Result<PathBuf, DaemonE
 fn is_stale_cgmetric(mount: &MountEntry, path: &Path) -> bool {
     mount.fs_type == FS_TYPE
         && statfs(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
-}
-
-/// Asks the filesystem at `path` for its statistics. FUSE forwards every
-/// statfs to the daemon (a `stat` may be answered from the kernel's
-/// attribute cache), so this tells a live mount from a dead one.
-pub fn statfs(path: &Path) -> io::Result<libc::statfs> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: c_path is NUL-terminated and buf is large enough for statfs.
-    match unsafe { libc::statfs(c_path.as_ptr(), buf.as_mut_ptr()) } {
-        // SAFETY: statfs filled buf when it returned 0.
-        0 => Ok(unsafe { buf.assume_init() }),
-        _ => Err(io::Error::last_os_error()),
-    }
-}
-
-/// Whether a live FUSE filesystem answers at `path`. A mount seen in the
-/// mount table is not enough: a starting daemon may detach it (a stale one)
-/// before the statfs, which then succeeds on the directory underneath.
-pub fn is_served(path: &Path) -> bool {
-    statfs(path).is_ok_and(|s| s.f_type == libc::FUSE_SUPER_MAGIC)
-}
-
-/// Whether a live cgmetric daemon serves `path`: a cgmetric mount there that
-/// answers (a stale one, left by a killed daemon, answers ENOTCONN).
-pub fn is_live_cgmetric(path: &Path) -> bool {
-    let mounts = read_mount_table().unwrap_or_default();
-    mount_at(&mounts, path).is_some_and(|m| m.fs_type == FS_TYPE) && is_served(path)
 }
 
 /// The absolute form of `path` with its parent's symlinks resolved, without

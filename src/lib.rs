@@ -1,24 +1,34 @@
 //! cgmetric: per-container metrics as a procfs-style FUSE filesystem.
 //!
-//! Module map: [`cgroup`] finds and parses cgroupfs, [`discovery`] decides
-//! which cgroups are containers and names them, [`metrics`] is the catalogue,
-//! [`render`] turns values into files, [`rate`] measures rates on demand,
-//! [`fs`] is the filesystem (a model plus a thin FUSE adapter), and
-//! [`daemon`] runs it all.
+//! Module map:
+//! - [`cli`]: the command line and `-o` words.
+//! - [`daemon`]: runs it all: mounts, starts the threads, handles signals.
+//! - [`mounts`]: the mount table, and whether a path is a live cgmetric.
+//! - [`containers`]: which cgroups are containers and what they are called
+//!   ([`containers::runtime`], [`containers::discovery`],
+//!   [`containers::watch`]), and the set the daemon knows
+//!   ([`containers::registry`]).
+//! - [`cgroup`]: cgroupfs: where the hierarchies are ([`cgroup::layout`]),
+//!   parsing its files ([`cgroup::parse`]), the files kept open
+//!   ([`cgroup::kept`]) and a container's values read from them
+//!   ([`cgroup::read`]).
+//! - [`net`]: the eBPF programs and their pinned maps.
+//! - [`sample`]: a container's values from every source, rates on demand
+//!   ([`sample::rate`]) and the helper threads an aggregate read shares
+//!   ([`sample::pool`]).
+//! - [`metrics`]: the catalogue, one table that drives every listing.
+//! - [`render`]: values as file text and Prometheus exposition.
+//! - [`fs`]: the filesystem: a model of the tree and a thin FUSE adapter.
+//! - [`report`]: `cgmetric top` and `cgmetric billing`.
 
 pub mod cgroup;
 pub mod cli;
+pub mod containers;
 pub mod daemon;
-pub mod discovery;
 pub mod fs;
-pub mod helpers;
 pub mod metrics;
 pub mod mounts;
 pub mod net;
-pub mod rate;
-pub mod registry;
 pub mod render;
 pub mod report;
-pub mod runtime;
 pub mod sample;
-pub mod watch;

@@ -1,9 +1,15 @@
-//! The kernel's mount table (`/proc/self/mountinfo`), parsed once.
+//! The kernel's mount table (`/proc/self/mountinfo`), parsed once, and
+//! whether a path is served by a live cgmetric.
 //!
-//! Both cgroup layout detection and stale-mount healing need to know what is
-//! mounted where; this module is the one parser for it.
+//! Cgroup layout detection, stale-mount healing, the mount helper and the
+//! reports all need to know what is mounted where; this module is the one
+//! place that asks.
 
+use std::io;
 use std::path::{Path, PathBuf};
+
+/// The filesystem type the kernel shows for the tree (`fuse.` + subtype).
+pub const FS_TYPE: &str = "fuse.cgmetric";
 
 /// One line of mountinfo, reduced to the fields cgmetric uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +79,35 @@ pub fn read_mount_table() -> std::io::Result<Vec<MountEntry>> {
 /// The last (topmost) mount whose mount point is exactly `path`.
 pub fn mount_at<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
     mounts.iter().rev().find(|m| m.mount_point == path)
+}
+
+/// Asks the filesystem at `path` for its statistics. FUSE forwards every
+/// statfs to the daemon (a `stat` may be answered from the kernel's
+/// attribute cache), so this tells a live mount from a dead one.
+pub fn statfs(path: &Path) -> io::Result<libc::statfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: c_path is NUL-terminated and buf is large enough for statfs.
+    match unsafe { libc::statfs(c_path.as_ptr(), buf.as_mut_ptr()) } {
+        // SAFETY: statfs filled buf when it returned 0.
+        0 => Ok(unsafe { buf.assume_init() }),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Whether a live FUSE filesystem answers at `path`. A mount seen in the
+/// mount table is not enough: a starting daemon may detach it (a stale one)
+/// before the statfs, which then succeeds on the directory underneath.
+pub fn is_served(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.f_type == libc::FUSE_SUPER_MAGIC)
+}
+
+/// Whether a live cgmetric daemon serves `path`: a cgmetric mount there that
+/// answers (a stale one, left by a killed daemon, answers ENOTCONN).
+pub fn is_live_cgmetric(path: &Path) -> bool {
+    let mounts = read_mount_table().unwrap_or_default();
+    mount_at(&mounts, path).is_some_and(|m| m.fs_type == FS_TYPE) && is_served(path)
 }
 
 #[cfg(test)]

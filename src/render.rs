@@ -5,8 +5,8 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
+use crate::containers::registry::Container;
 use crate::metrics::{MetricDef, Sample, Scale, Value, METRICS};
-use crate::registry::Container;
 
 /// A single-value file: the value and a newline.
 pub fn value_file(value: Value) -> String {

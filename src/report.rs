@@ -49,7 +49,7 @@ pub fn parse_metric(text: &str) -> Snapshot {
 }
 
 fn read_snapshot(mount: &Path) -> Result<Snapshot, ReportError> {
-    if !crate::daemon::is_live_cgmetric(mount) {
+    if !crate::mounts::is_live_cgmetric(mount) {
         return Err(ReportError::NotMounted(mount.to_path_buf()));
     }
     let path = mount.join("metric");

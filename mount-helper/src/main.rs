@@ -94,7 +94,7 @@ fn mount(request: &options::Request) -> Result<(), String> {
         .map_err(|e| format!("cannot start {}: {e}", daemon.display()))?;
     let started = Instant::now();
     loop {
-        if cgmetric::daemon::is_live_cgmetric(&mountpoint) {
+        if cgmetric::mounts::is_live_cgmetric(&mountpoint) {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {

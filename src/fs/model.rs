@@ -20,10 +20,10 @@ use parking_lot::Mutex;
 use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
 use super::snapshots::{Snapshots, Text};
 use crate::cgroup::read::SourceError;
-use crate::helpers::{Chunks, Helpers};
+use crate::containers::registry::{CgroupTree, Container, Registry};
 use crate::metrics::{MetricId, Sample, METRICS};
-use crate::registry::{CgroupTree, Container, Registry};
 use crate::render;
+use crate::sample::pool::{Chunks, Helpers};
 use crate::sample::Sampler;
 
 /// Why a filesystem operation failed. [`FsError::errno`] is the one place
@@ -572,7 +572,7 @@ const CHUNK: usize = 16;
 /// The CPUs the daemon may run on; not the calling thread's, as a FUSE
 /// thread may be bound to one CPU.
 fn cpus() -> usize {
-    crate::helpers::daemon_parallelism()
+    crate::sample::pool::daemon_parallelism()
 }
 
 /// The cgroup of process `pid`, relative to the hierarchy roots: its v2
@@ -624,7 +624,7 @@ fn dots(ino: u64) -> Vec<DirEntry> {
 mod tests {
     use super::*;
     use crate::cgroup::Layout;
-    use crate::discovery::{Discovery, Globs};
+    use crate::containers::discovery::{Discovery, Globs};
     use std::path::Path;
     use std::time::Duration;
 

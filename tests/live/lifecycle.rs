@@ -110,7 +110,7 @@ fn a_stale_mount_from_a_killed_daemon_is_cleared_at_start() {
     let glob = format!("{}/*", parent.relative);
     let mut first = Daemon::start(&["--cgroup", &glob]);
     first.crash();
-    let err = cgmetric::daemon::statfs(&first.mountpoint).unwrap_err();
+    let err = cgmetric::mounts::statfs(&first.mountpoint).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
 
     let mut second = Daemon::spawn_at(&first.mountpoint, &["--cgroup", &glob]);

@@ -843,13 +843,13 @@ impl Drop for Daemon {
     }
 }
 
-pub use cgmetric::daemon::is_live_cgmetric as is_live;
+pub use cgmetric::mounts::is_live_cgmetric as is_live;
 
 /// Whether a cgmetric filesystem, live or stale, is mounted at `path`.
 pub fn is_mounted(path: &Path) -> bool {
     let mounts = cgmetric::mounts::read_mount_table().unwrap();
     cgmetric::mounts::mount_at(&mounts, path)
-        .is_some_and(|m| m.fs_type == cgmetric::daemon::FS_TYPE)
+        .is_some_and(|m| m.fs_type == cgmetric::mounts::FS_TYPE)
 }
 
 pub fn detach(path: &Path) {

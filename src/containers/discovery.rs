@@ -1,7 +1,7 @@
 //! Which cgroups are containers, and what they are called.
 //!
 //! Two sources: the container runtimes, recognised from their cgroups and
-//! named from their files ([`crate::runtime`]), and `--cgroup GLOB`: a
+//! named from their files ([`crate::containers::runtime`]), and `--cgroup GLOB`: a
 //! cgroup whose path relative to the hierarchy roots matches is a container
 //! named by its last path component. Every hierarchy is walked (on a hybrid
 //! host a container may exist only in the v1 controllers).
@@ -15,8 +15,8 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use parking_lot::Mutex;
 
 use crate::cgroup::Layout;
-use crate::runtime::{classify, MetadataRoots, Resolution, Runtime};
-use crate::watch::{Change, Watcher};
+use crate::containers::runtime::{classify, MetadataRoots, Resolution, Runtime};
+use crate::containers::watch::{Change, Watcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {

@@ -16,7 +16,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::cgroup::kept::KeptFiles;
 use crate::cgroup::{CgroupDirs, Layout};
-use crate::discovery::{Discovery, Event, Found};
+use crate::containers::discovery::{Discovery, Event, Found};
 use crate::metrics::MetricId;
 
 pub type Slot = u64;
@@ -130,7 +130,7 @@ impl Registry {
             .read()
             .by_slot
             .values()
-            .filter(|c| crate::runtime::Runtime::by_name(c.runtime).is_some())
+            .filter(|c| crate::containers::runtime::Runtime::by_name(c.runtime).is_some())
             .map(|c| (c.cgroup.clone(), c.runtime, c.id.clone()))
             .collect();
         let renames = self.discovery.renames(&known);
@@ -392,7 +392,8 @@ mod tests {
     fn registry() -> Registry {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
         let layout = Layout::from_tree(&root).unwrap();
-        let discovery = Discovery::new(crate::discovery::Globs::new(&[]).unwrap(), None);
+        let discovery =
+            Discovery::new(crate::containers::discovery::Globs::new(&[]).unwrap(), None);
         Registry::new(layout, discovery, &["metric", "metrics.prom"])
     }
 

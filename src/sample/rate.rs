@@ -108,7 +108,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
         drop(state);
         self.sample_all();
         let tracker = Arc::clone(self);
-        crate::helpers::spawn("rate-sampler".into(), move || tracker.run_sampler())
+        crate::sample::pool::spawn("rate-sampler".into(), move || tracker.run_sampler())
             .expect("spawning the rate sampler thread");
         true
     }

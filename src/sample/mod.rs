@@ -1,6 +1,10 @@
 //! A container's values from every source: cgroup files, rates measured on
 //! demand, and the eBPF maps. The filesystem asks this module for values and
-//! never knows where they come from.
+//! never knows where they come from. [`rate`] measures rates on demand,
+//! [`pool`] is the helper threads an aggregate read is shared with.
+
+pub mod pool;
+pub mod rate;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -9,10 +13,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::cgroup::read::{read_group, Files, SourceError};
+use crate::containers::registry::{CgroupTree, Container, Registry, Slot};
 use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
 use crate::net::{Net, Totals};
-use crate::rate::RateTracker;
-use crate::registry::{CgroupTree, Container, Registry, Slot};
+use crate::sample::rate::RateTracker;
 
 /// The counters whose rates are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -318,7 +322,7 @@ mod tests {
 
     use super::*;
     use crate::cgroup::Layout;
-    use crate::discovery::{Discovery, Globs};
+    use crate::containers::discovery::{Discovery, Globs};
 
     #[test]
     fn availability_follows_the_host() {
