@@ -94,7 +94,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     )?;
     let layout = Layout::detect(&options.cgroup_root)?;
     log::info!("cgroup layout: {}", layout.kind);
-    keep_open_files(options.open_files);
+    let open_files = keep_open_files(options.open_files);
 
     let net = match (&layout.unified, options.no_ebpf) {
         (_, true) => None,
@@ -117,6 +117,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         Discovery::new(globs, Some(runtimes)),
         RESERVED_NAMES,
     ));
+    registry.kept_budget().set_limit(open_files);
     // Watching starts before the first walk, so nothing created during it
     // is missed.
     let changes = registry.discovery().watch();
@@ -273,8 +274,8 @@ const RESERVED_FDS: u64 = 256;
 /// Lets up to `requested` cgroup files stay open, raising the descriptor
 /// limit as far as that needs: the soft limit up to the hard one, and the
 /// hard one (root may) up to `fs.nr_open`. Whatever the limit allows in the
-/// end is kept, with a warning when it is less.
-fn keep_open_files(requested: usize) {
+/// end is kept, with a warning when it is less. Returns that number.
+fn keep_open_files(requested: usize) -> usize {
     let want = (requested as u64).saturating_add(RESERVED_FDS);
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -282,7 +283,7 @@ fn keep_open_files(requested: usize) {
     };
     // SAFETY: getrlimit writes the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
+        return 0;
     }
     if limit.rlim_cur < want {
         let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
@@ -309,7 +310,7 @@ fn keep_open_files(requested: usize) {
             limit.rlim_cur
         );
     }
-    crate::cgroup::kept::BUDGET.set_limit(kept);
+    kept
 }
 
 /// The spin to use: on a machine with one online CPU the reader cannot run

@@ -222,15 +222,6 @@ impl fmt::Display for Value {
     }
 }
 
-impl From<crate::cgroup::parse::Limit> for Value {
-    fn from(limit: crate::cgroup::parse::Limit) -> Value {
-        match limit {
-            crate::cgroup::parse::Limit::Max => Value::Max,
-            crate::cgroup::parse::Limit::Value(n) => Value::Count(n),
-        }
-    }
-}
-
 /// The values one read produced; `None` where the host does not provide a
 /// metric (so it has no file).
 #[derive(Debug, Clone, PartialEq, Eq)]

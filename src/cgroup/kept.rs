@@ -60,13 +60,9 @@ impl Budget {
     }
 }
 
-/// The process's budget, set once from `--open-files`. Zero until then, so
-/// that nothing is kept by code that never asked.
-pub static BUDGET: Budget = Budget::new(0);
-
 /// One cgroup's files kept open, each under the directory it was opened in.
 pub struct KeptFiles {
-    budget: &'static Budget,
+    budget: Arc<Budget>,
     files: Mutex<Vec<Kept>>,
 }
 
@@ -82,12 +78,6 @@ impl Kept {
     }
 }
 
-impl Default for KeptFiles {
-    fn default() -> Self {
-        KeptFiles::with_budget(&BUDGET)
-    }
-}
-
 impl std::fmt::Debug for KeptFiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "KeptFiles({})", self.files.lock().len())
@@ -95,7 +85,7 @@ impl std::fmt::Debug for KeptFiles {
 }
 
 impl KeptFiles {
-    pub fn with_budget(budget: &'static Budget) -> KeptFiles {
+    pub fn with_budget(budget: Arc<Budget>) -> KeptFiles {
         KeptFiles {
             budget,
             files: Mutex::new(Vec::new()),
@@ -134,7 +124,7 @@ impl KeptFiles {
                 self.forget(dir, file);
                 None
             }
-            Err(e) if super::read::is_gone(&e) => {
+            Err(e) if super::is_gone(&e) => {
                 self.forget(dir, file);
                 None
             }
@@ -186,8 +176,8 @@ impl Drop for KeptFiles {
 mod tests {
     use super::*;
 
-    fn leak(limit: usize) -> &'static Budget {
-        Box::leak(Box::new(Budget::new(limit)))
+    fn budget(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget::new(limit))
     }
 
     /// What a read from the kept descriptor gives, if it is kept.
@@ -202,7 +192,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("pids.current");
         std::fs::write(&path, "3\n").unwrap();
-        let kept = KeptFiles::with_budget(leak(10));
+        let kept = KeptFiles::with_budget(budget(10));
         assert_eq!(read(&kept, tmp.path(), "pids.current"), None);
         kept.keep(tmp.path(), "pids.current", File::open(&path).unwrap(), 2);
         std::fs::write(&path, "4\n").unwrap();
@@ -217,12 +207,12 @@ mod tests {
     #[test]
     fn the_budget_bounds_what_is_kept_and_comes_back() {
         let tmp = tempfile::tempdir().unwrap();
-        let budget = leak(2);
+        let budget = budget(2);
         let names = ["a", "b", "c"];
         for name in names {
             std::fs::write(tmp.path().join(name), "1\n").unwrap();
         }
-        let kept = KeptFiles::with_budget(budget);
+        let kept = KeptFiles::with_budget(budget.clone());
         for name in names {
             let fd = File::open(tmp.path().join(name)).unwrap();
             kept.keep(tmp.path(), name, fd, 2);
@@ -248,7 +238,7 @@ mod tests {
         let path = tmp.path().join("io.stat");
         let big = "x".repeat(MAX_KEPT_LEN);
         std::fs::write(&path, &big).unwrap();
-        let kept = KeptFiles::with_budget(leak(10));
+        let kept = KeptFiles::with_budget(budget(10));
         kept.keep(tmp.path(), "io.stat", File::open(&path).unwrap(), big.len());
         assert!(kept.is_empty());
         // A kept file that grew past one read is forgotten, not torn, and

@@ -1,7 +1,9 @@
 //! Everything about cgroupfs: where the hierarchies are ([`layout`]), what
-//! their files say ([`parse`]), reading a container's values ([`read`]) and
-//! the files kept open for it ([`kept`]).
+//! their files say ([`parse`]), the text of a cgroup's files ([`files`]),
+//! some kept open ([`kept`]), and a container's values read from them
+//! ([`read`]: which file of which hierarchy holds which metric).
 
+pub mod files;
 pub mod kept;
 pub mod layout;
 pub mod parse;
@@ -61,4 +63,9 @@ impl CgroupDirs {
             .or(self.v1.first().map(|(_, p)| p.as_path()))?;
         std::fs::metadata(dir).ok().map(|m| m.ino())
     }
+}
+
+/// ENOENT, or ENODEV from a cgroup removed while its file was being read.
+pub(crate) fn is_gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }

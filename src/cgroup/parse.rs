@@ -30,6 +30,15 @@ pub enum Limit {
     Value(u64),
 }
 
+impl From<Limit> for crate::metrics::Value {
+    fn from(limit: Limit) -> crate::metrics::Value {
+        match limit {
+            Limit::Max => crate::metrics::Value::Max,
+            Limit::Value(n) => crate::metrics::Value::Count(n),
+        }
+    }
+}
+
 /// The smallest value cgroup v1 uses for "no limit": `PAGE_COUNTER_MAX` times
 /// the page size, rounded down to 64 KiB pages so every page size is covered.
 const V1_UNLIMITED_FLOOR: u64 = 0x7FFF_FFFF_FFFF_0000;

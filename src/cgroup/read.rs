@@ -7,30 +7,14 @@
 //! host does not provide those metrics; they stay `None` and get no file.
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
-use super::kept::KeptFiles;
+use super::files::Files;
+use super::files::SourceError;
 use super::parse::{self, ParseError};
 use super::{CgroupDirs, Controller, Layout};
 use crate::metrics::{Group, MetricId as M, Sample};
-
-/// Why a group could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// Occurs when the cgroup was removed.
-    #[error("{0}: cgroup no longer exists")]
-    Vanished(PathBuf),
-    /// Occurs when a source file exists but cannot be read.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// Occurs when a source file's text is not in the kernel's format.
-    #[error("{path}: {source}")]
-    Malformed { path: PathBuf, source: ParseError },
-}
 
 type Result<T> = std::result::Result<T, SourceError>;
 
@@ -79,128 +63,6 @@ impl<'a> Source<'a> {
             source,
         }
     }
-}
-
-/// The cgroup files one sample has read: a file several groups need (v1
-/// `memory.stat`, v2 `cpu.stat`) is read once per sample. With a cgroup's
-/// [`KeptFiles`], its files are read from descriptors kept open. The texts
-/// share one buffer, which [`Files::reset`] keeps for the next cgroup, so
-/// that sampling many cgroups allocates next to nothing.
-#[derive(Default)]
-pub struct Files<'a> {
-    kept: Option<&'a KeptFiles>,
-    read: Vec<(&'a Path, &'static str, Option<Range<usize>>)>,
-    texts: Vec<u8>,
-}
-
-impl<'a> Files<'a> {
-    pub fn new(kept: &'a KeptFiles) -> Files<'a> {
-        Files {
-            kept: Some(kept),
-            ..Files::default()
-        }
-    }
-
-    /// Starts over for another cgroup, keeping the memory.
-    pub fn reset(&mut self, kept: &'a KeptFiles) {
-        self.kept = Some(kept);
-        self.forget();
-    }
-
-    /// Forgets every text read, so that each file is read again when next
-    /// asked for (what was read has gone stale).
-    pub fn forget(&mut self) {
-        self.read.clear();
-        self.texts.clear();
-    }
-
-    fn slice(&self, range: Range<usize>) -> &str {
-        std::str::from_utf8(&self.texts[range]).expect("checked when read")
-    }
-
-    fn range(&mut self, dir: &'a Path, file: &'static str) -> Result<Option<Range<usize>>> {
-        let same = |(d, f, _): &&(&Path, &str, _)| *f == file && d.as_os_str() == dir.as_os_str();
-        if let Some((_, _, range)) = self.read.iter().find(same) {
-            return Ok(range.clone());
-        }
-        let start = self.texts.len();
-        let found = self
-            .fetch(dir, file)
-            .inspect_err(|_| self.texts.truncate(start))?;
-        let range = found.then_some(start..self.texts.len());
-        if let Some(range) = &range {
-            if let Err(e) = std::str::from_utf8(&self.texts[range.clone()]) {
-                self.texts.truncate(start);
-                return Err(SourceError::Io {
-                    path: dir.join(file),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                });
-            }
-        }
-        self.read.push((dir, file, range.clone()));
-        Ok(range)
-    }
-
-    /// Appends the file's text; false when the cgroup has no such file.
-    fn fetch(&mut self, dir: &Path, file: &'static str) -> Result<bool> {
-        let path = || dir.join(file);
-        if let Some(kept) = self.kept {
-            match kept.read_into(dir, file, &mut self.texts) {
-                Some(Ok(())) => return Ok(true),
-                Some(Err(source)) => {
-                    return Err(SourceError::Io {
-                        path: path(),
-                        source,
-                    })
-                }
-                None => {}
-            }
-        }
-        let start = self.texts.len();
-        let read = std::fs::File::open(path()).and_then(|mut fd| {
-            read_all(&mut fd, &mut self.texts)?;
-            Ok(fd)
-        });
-        match read {
-            Ok(fd) => {
-                if let Some(kept) = self.kept {
-                    kept.keep(dir, file, fd, self.texts.len() - start);
-                }
-                Ok(true)
-            }
-            Err(e) if is_gone(&e) => {
-                if !dir.is_dir() {
-                    return Err(SourceError::Vanished(dir.to_path_buf()));
-                }
-                Ok(false)
-            }
-            Err(source) => Err(SourceError::Io {
-                path: path(),
-                source,
-            }),
-        }
-    }
-}
-
-/// Appends a cgroup file's whole text to `out`. Plain `read`s: std's
-/// `read_to_end` sizes its buffer with a `statx` and an `lseek` first, two
-/// syscalls per file that cgroupfs answers with a meaningless 4096.
-fn read_all(file: &mut std::fs::File, out: &mut Vec<u8>) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut chunk = [0u8; 4096];
-    loop {
-        match file.read(&mut chunk) {
-            Ok(0) => return Ok(()),
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// ENOENT, or ENODEV from a cgroup removed while its file was being read.
-pub(super) fn is_gone(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
 
 /// Where one controller's files are for this cgroup: the v1 hierarchy when the

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::cgroup::kept::KeptFiles;
+use crate::cgroup::kept::{Budget, KeptFiles};
 use crate::cgroup::{CgroupDirs, Layout};
 use crate::containers::discovery::{Discovery, Event, Found};
 use crate::metrics::MetricId;
@@ -49,6 +49,7 @@ impl Container {
         cgroup: PathBuf,
         runtime: &'static str,
         dirs: CgroupDirs,
+        kept: KeptFiles,
     ) -> Self {
         Container {
             slot,
@@ -58,7 +59,7 @@ impl Container {
             runtime,
             owner: dirs.owner().unwrap_or((0, 0)),
             dirs,
-            kept: KeptFiles::default(),
+            kept,
             available: OnceLock::new(),
         }
     }
@@ -83,6 +84,9 @@ pub struct Registry {
     discovery: Discovery,
     /// Names the daemon's own root entries use.
     reserved: &'static [&'static str],
+    /// How many cgroup files the containers may keep open between them:
+    /// none until [`Registry::kept_budget`] is given a limit.
+    budget: Arc<Budget>,
     inner: RwLock<Inner>,
     refreshing: Mutex<()>,
 }
@@ -97,6 +101,7 @@ impl Registry {
             layout,
             discovery,
             reserved,
+            budget: Arc::new(Budget::new(0)),
             inner: RwLock::default(),
             refreshing: Mutex::new(()),
         }
@@ -104,6 +109,11 @@ impl Registry {
 
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The budget of cgroup files kept open (`--open-files`).
+    pub fn kept_budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     pub fn discovery(&self) -> &Discovery {
@@ -159,6 +169,7 @@ impl Registry {
                 old.cgroup.clone(),
                 old.runtime,
                 old.dirs.clone(),
+                KeptFiles::with_budget(self.budget.clone()),
             ));
             inner.by_slot.insert(old.slot, container.clone());
             inner.by_name.insert(name, container);
@@ -207,6 +218,7 @@ impl Registry {
             found.cgroup.clone(),
             found.runtime,
             dirs,
+            KeptFiles::with_budget(self.budget.clone()),
         ));
         inner.by_cgroup.insert(found.cgroup, slot);
         inner.by_slot.insert(slot, container.clone());
@@ -238,6 +250,7 @@ impl Registry {
             old.cgroup.clone(),
             old.runtime,
             dirs,
+            KeptFiles::with_budget(self.budget.clone()),
         ));
         inner.by_slot.insert(container.slot, container.clone());
         inner.by_name.insert(container.name.clone(), container);
@@ -287,6 +300,7 @@ const CGROUP_SLOTS: Slot = 1 << 40;
 /// is looked up, so that its directory keeps one inode number while it lives.
 pub struct CgroupTree {
     layout: Layout,
+    budget: Arc<Budget>,
     inner: RwLock<TreeInner>,
 }
 
@@ -298,9 +312,12 @@ struct TreeInner {
 }
 
 impl CgroupTree {
-    pub fn new(layout: Layout) -> CgroupTree {
+    /// A tree whose nodes keep their files open within `budget`, the
+    /// registry's (one `--open-files` for the whole daemon).
+    pub fn new(layout: Layout, budget: Arc<Budget>) -> CgroupTree {
         let tree = CgroupTree {
             layout,
+            budget,
             inner: RwLock::default(),
         };
         tree.node(Path::new(""));
@@ -331,6 +348,7 @@ impl CgroupTree {
             path.to_path_buf(),
             "cgroup",
             dirs,
+            KeptFiles::with_budget(self.budget.clone()),
         ));
         inner.by_path.insert(path.to_path_buf(), node);
         inner.nodes.insert(node, container.clone());

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 
 use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
 use super::snapshots::{Snapshots, Text};
-use crate::cgroup::read::SourceError;
+use crate::cgroup::files::SourceError;
 use crate::containers::registry::{CgroupTree, Container, Registry};
 use crate::metrics::{MetricId, Sample, METRICS};
 use crate::render;

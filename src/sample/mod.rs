@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::cgroup::read::{read_group, Files, SourceError};
+use crate::cgroup::files::{Files, SourceError};
+use crate::cgroup::read::read_group;
 use crate::containers::registry::{CgroupTree, Container, Registry, Slot};
 use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
 use crate::net::{Net, Totals};
@@ -41,7 +42,10 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(registry: Arc<Registry>, window: Duration, net: Option<Net>) -> Sampler {
         let net = net.map(Arc::new);
-        let cgroups = Arc::new(CgroupTree::new(registry.layout().clone()));
+        let cgroups = Arc::new(CgroupTree::new(
+            registry.layout().clone(),
+            registry.kept_budget().clone(),
+        ));
         let (tracked, tracked_tree, tracked_net) = (registry.clone(), cgroups.clone(), net.clone());
         let rates = RateTracker::new(
             window,
