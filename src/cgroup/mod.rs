@@ -69,3 +69,25 @@ impl CgroupDirs {
 pub(crate) fn is_gone(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
+
+/// The cgroup of process `pid`, relative to the hierarchy roots: its v2
+/// path, or on a v1-only host the memory controller's.
+pub fn of_process(pid: u32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path_of = |line: &str| line.splitn(3, ':').nth(2).map(str::to_string);
+    let v2 = text
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .and_then(path_of);
+    let v1 = || {
+        text.lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+            })
+            .and_then(path_of)
+    };
+    let path = v2.filter(|p| p != "/").or_else(v1)?;
+    Some(Path::new(path.trim_start_matches('/')).to_path_buf())
+}

@@ -13,8 +13,10 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use super::attr::Attr;
+use super::error::FsError;
 use super::inode::Kind;
-use super::model::{Attr, FsError, Model};
+use super::model::Model;
 
 /// How long the kernel may keep a name without asking. Container
 /// directories and their files never change while they live, and a vanished

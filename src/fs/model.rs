@@ -10,131 +10,21 @@
 //! slot) or a cgroup of the `cgroup/` tree (by node); both are served by the
 //! same code from the same kind of [`Container`].
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
-use parking_lot::Mutex;
-
+use super::attr::{make_private, Attr};
+use super::error::{FsError, Result};
+use super::handles::{Chunk, Handle, Handles};
 use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
-use super::snapshots::{Snapshots, Text};
+use super::snapshots::Snapshots;
+use super::DirEntry;
 use crate::cgroup::files::SourceError;
 use crate::containers::registry::{CgroupTree, Container, Registry};
 use crate::metrics::{MetricId, Sample, METRICS};
 use crate::render;
-use crate::sample::pool::{Chunks, Helpers};
+use crate::sample::fanout;
+use crate::sample::pool::Helpers;
 use crate::sample::Sampler;
-
-/// Why a filesystem operation failed. [`FsError::errno`] is the one place
-/// these become error numbers.
-#[derive(Debug, thiserror::Error)]
-pub enum FsError {
-    /// Occurs for a name or inode that does not (or no longer) exist.
-    #[error("no such file or directory")]
-    NotFound,
-    /// Occurs for every operation that would change the tree.
-    #[error("read-only filesystem")]
-    ReadOnly,
-    #[error("not a directory")]
-    NotDir,
-    #[error("is a directory")]
-    IsDir,
-    /// Occurs for readlink on anything but `self`.
-    #[error("not a symbolic link")]
-    NotSymlink,
-    /// Occurs for a file handle the daemon did not hand out.
-    #[error("bad file handle")]
-    BadHandle,
-    /// Occurs when a source file cannot be read or parsed.
-    #[error(transparent)]
-    Source(SourceError),
-}
-
-impl FsError {
-    pub fn errno(&self) -> i32 {
-        match self {
-            FsError::NotFound => libc::ENOENT,
-            FsError::ReadOnly => libc::EROFS,
-            FsError::NotDir => libc::ENOTDIR,
-            FsError::IsDir => libc::EISDIR,
-            FsError::NotSymlink => libc::EINVAL,
-            FsError::BadHandle => libc::EBADF,
-            FsError::Source(SourceError::Vanished(_)) => libc::ENOENT,
-            FsError::Source(_) => libc::EIO,
-        }
-    }
-}
-
-pub type Result<T> = std::result::Result<T, FsError>;
-
-/// What `stat` shows for a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attr {
-    pub ino: u64,
-    pub kind: Kind,
-    pub perm: u16,
-    pub uid: u32,
-    pub gid: u32,
-    /// A file's exact length: what a read from offset 0 returns if the file
-    /// is opened now. Zero for directories and `self`.
-    pub size: u64,
-    /// Whether the node stays what it is until the daemon says otherwise
-    /// (everything but the `cgroup/` tree, whose removals nobody reports).
-    pub lasting: bool,
-}
-
-impl Attr {
-    /// Owned by root and readable by everybody; nobody writes.
-    fn of(node: Node) -> Attr {
-        let kind = node.kind();
-        Attr {
-            ino: node.ino(),
-            kind,
-            perm: match kind {
-                Kind::Dir => 0o555,
-                Kind::File => 0o444,
-                Kind::Symlink => 0o777,
-            },
-            uid: 0,
-            gid: 0,
-            size: 0,
-            lasting: !matches!(
-                node,
-                Node::Dir(Owner::Cgroup(_)) | Node::File(Owner::Cgroup(_), _)
-            ),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
-    pub ino: u64,
-    pub kind: Kind,
-    pub name: String,
-}
-
-enum Handle {
-    /// The text served by this open. Not `Arc<[u8]>`: that would copy it,
-    /// and an aggregate file is megabytes.
-    File(Text),
-    Dir(Arc<Vec<DirEntry>>),
-}
-
-/// Part of an open file's snapshot, shared with its handle.
-#[derive(Debug)]
-pub struct Chunk {
-    content: Arc<Vec<u8>>,
-    range: std::ops::Range<usize>,
-}
-
-impl std::ops::Deref for Chunk {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        &self.content[self.range.clone()]
-    }
-}
 
 /// What the model tells the kernel without being asked; set once mounted.
 pub trait Kernel: Send + Sync {
@@ -153,8 +43,7 @@ pub struct Model {
     /// `--private`: a directory of metrics belongs to its cgroup's owner and
     /// only they read it; the all-containers files only root.
     private: bool,
-    handles: Mutex<HashMap<u64, Handle>>,
-    next_handle: AtomicU64,
+    handles: Handles,
     snapshots: Snapshots,
     kernel: std::sync::OnceLock<Box<dyn Kernel>>,
 }
@@ -165,8 +54,7 @@ impl Model {
             sampler: Arc::new(sampler),
             helpers: Helpers::default(),
             private,
-            handles: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
+            handles: Handles::default(),
             snapshots: Snapshots::default(),
             kernel: std::sync::OnceLock::new(),
         }
@@ -193,6 +81,19 @@ impl Model {
         }
     }
 
+    /// What `find` finds, or if nothing, what it finds once discovery's
+    /// pending changes are taken. With [`Model::refresh`] before every
+    /// listing and after a container is found gone, this is how the
+    /// filesystem drives discovery: a name, a file or a `self` that is not
+    /// known yet is looked for again, so a new cgroup is there the moment
+    /// its `mkdir` returned.
+    fn or_refresh<T>(&self, find: impl Fn() -> Option<T>) -> Option<T> {
+        find().or_else(|| {
+            self.refresh();
+            find()
+        })
+    }
+
     /// How often discovery must be refreshed without being told to.
     pub fn rewalk_interval(&self) -> Option<std::time::Duration> {
         self.registry().discovery().rewalk_interval()
@@ -213,9 +114,9 @@ impl Model {
                         // a hierarchy whose mkdir event is still queued: take
                         // the pending changes, then look once more.
                         Owner::Container(_) if METRICS.iter().any(|m| m.file == name) => {
-                            self.refresh();
-                            let dir = self.owner(owner)?;
-                            Node::File(owner, self.entry(&dir, name)?)
+                            let entry = self
+                                .or_refresh(|| self.entry(&*self.owner(owner).ok()?, name).ok());
+                            Node::File(owner, entry.ok_or(e)?)
                         }
                         Owner::Container(_) => return Err(e),
                     },
@@ -233,16 +134,12 @@ impl Model {
         if attr.kind == Kind::File {
             attr.size = self.size(node);
         }
-        if !self.private {
-            return Ok(attr);
-        }
-        match node {
-            Node::RootFile(_) => attr.perm = 0o400,
-            Node::Dir(owner) | Node::File(owner, _) => {
-                (attr.uid, attr.gid) = self.owner(owner)?.owner;
-                attr.perm = if attr.kind == Kind::Dir { 0o500 } else { 0o400 };
-            }
-            Node::Root | Node::SelfLink => {}
+        let owner = || match node {
+            Node::Dir(owner) | Node::File(owner, _) => Some(self.owner(owner).ok()?.owner),
+            _ => None,
+        };
+        if self.private && !make_private(&mut attr, node, owner) {
+            return Err(FsError::NotFound);
         }
         Ok(attr)
     }
@@ -256,13 +153,9 @@ impl Model {
             CGROUP_NAME => return Ok(Node::Dir(Owner::Cgroup(0))),
             _ => {}
         }
-        let found = self.registry().by_name(name).or_else(|| {
-            // Not known yet: resolved now, so a new container is there the
-            // moment anybody looks.
-            self.refresh();
-            self.registry().by_name(name)
-        });
-        found
+        // Not known yet: resolved now, so a new container is there the
+        // moment anybody looks.
+        self.or_refresh(|| self.registry().by_name(name))
             .map(|c| Node::Dir(Owner::Container(c.slot)))
             .ok_or(FsError::NotFound)
     }
@@ -324,7 +217,7 @@ impl Model {
         if pid == 0 {
             return Err(FsError::NotFound);
         }
-        let cgroup = own_cgroup(pid).ok_or(FsError::NotFound)?;
+        let cgroup = crate::cgroup::of_process(pid).ok_or(FsError::NotFound)?;
         let find = || {
             self.registry()
                 .list()
@@ -332,12 +225,7 @@ impl Model {
                 .filter(|c| cgroup.starts_with(&c.cgroup))
                 .max_by_key(|c| c.cgroup.components().count())
         };
-        let container = find()
-            .or_else(|| {
-                self.refresh();
-                find()
-            })
-            .ok_or(FsError::NotFound)?;
+        let container = self.or_refresh(find).ok_or(FsError::NotFound)?;
         Ok(container.name.clone())
     }
 
@@ -368,21 +256,12 @@ impl Model {
         {
             kernel.raise_size(ino, opened.text.len() as u64, last);
         }
-        Ok(self.insert(Handle::File(opened.text)))
+        Ok(self.handles.insert(Handle::File(opened.text)))
     }
 
     /// Up to `size` bytes of the snapshot from `offset`, not copied.
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Chunk> {
-        let content = match self.handles.lock().get(&handle) {
-            Some(Handle::File(content)) => content.clone(),
-            _ => return Err(FsError::BadHandle),
-        };
-        let start = (offset as usize).min(content.len());
-        let end = start.saturating_add(size as usize).min(content.len());
-        Ok(Chunk {
-            content,
-            range: start..end,
-        })
+        self.handles.read(handle, offset, size)
     }
 
     /// The kernel dropped its inode `ino`.
@@ -391,7 +270,7 @@ impl Model {
     }
 
     pub fn release(&self, handle: u64) {
-        self.handles.lock().remove(&handle);
+        self.handles.release(handle);
     }
 
     /// Lists the directory once; later reads of the handle page through the
@@ -405,15 +284,12 @@ impl Model {
             }
             _ => return Err(FsError::NotDir),
         };
-        Ok(self.insert(Handle::Dir(Arc::new(entries))))
+        Ok(self.handles.insert(Handle::Dir(Arc::new(entries))))
     }
 
     /// The listing of a directory handle, `.` and `..` first.
     pub fn readdir(&self, handle: u64) -> Result<Arc<Vec<DirEntry>>> {
-        match self.handles.lock().get(&handle) {
-            Some(Handle::Dir(entries)) => Ok(entries.clone()),
-            _ => Err(FsError::BadHandle),
-        }
+        self.handles.listing(handle)
     }
 
     fn list_root(&self) -> Vec<DirEntry> {
@@ -448,12 +324,6 @@ impl Model {
             }
         }
         entries
-    }
-
-    fn insert(&self, handle: Handle) -> u64 {
-        let number = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(number, handle);
-        number
     }
 
     fn render(&self, node: Node) -> Result<String> {
@@ -504,6 +374,12 @@ impl Model {
     }
 
     /// Logs what a reader cannot see, and drops what was found gone.
+    /// A sample of every container, after a fresh discovery.
+    fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
+        self.refresh();
+        fanout::sample_all(&self.sampler, &self.helpers, self.registry().list())
+    }
+
     fn note_failure(&self, owner: Owner, dir: &Container, error: &FsError) {
         match (error, owner) {
             // Its removal is queued (or a walk finds it): refreshing drops
@@ -516,85 +392,6 @@ impl Model {
             _ => {}
         }
     }
-
-    /// A sample of every container, after a fresh discovery; containers that
-    /// vanish meanwhile are left out.
-    fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
-        self.refresh();
-        let containers = self.registry().list();
-        // Reading cgroup files is all syscalls: spread over the CPUs, it
-        // takes a fraction of the time. Handing work over costs a wake-up,
-        // so small sets stay on this thread.
-        let helpers = cpus().min(containers.len() / CONTAINERS_PER_THREAD).max(1) - 1;
-        if helpers == 0 {
-            return self.sampler.sample_each(&containers);
-        }
-        // Chunks taken in turn rather than halves: a helper the scheduler
-        // starts late takes fewer, and this thread never waits for one that
-        // has not begun.
-        let work = Arc::new(Chunks::new(containers, CHUNK));
-        let (done, finished) = mpsc::channel();
-        for helper in 0..helpers {
-            let (sampler, work, done) =
-                (Arc::clone(&self.sampler), Arc::clone(&work), done.clone());
-            self.helpers.submit(helper, move || {
-                work.take_all(|chunk, part| {
-                    let _ = done.send((chunk, sampler.sample_each(part)));
-                });
-            });
-        }
-        drop(done);
-        let mut parts: Vec<Option<_>> = (0..work.count()).map(|_| None).collect();
-        let mine = work.take_all(|chunk, part| parts[chunk] = Some(self.sampler.sample_each(part)));
-        for _ in mine..work.count() {
-            // Disconnected: a helper panicked; its chunk is done below.
-            let Ok((chunk, samples)) = finished.recv() else {
-                break;
-            };
-            parts[chunk] = Some(samples);
-        }
-        parts
-            .into_iter()
-            .enumerate()
-            .flat_map(|(chunk, part)| {
-                part.unwrap_or_else(|| self.sampler.sample_each(work.get(chunk)))
-            })
-            .collect()
-    }
-}
-
-/// Below this many containers per CPU, an aggregate is sampled on one thread.
-const CONTAINERS_PER_THREAD: usize = 32;
-
-/// Containers a sampling thread takes at a time: about 0.3 ms of work.
-const CHUNK: usize = 16;
-
-/// The CPUs the daemon may run on; not the calling thread's, as a FUSE
-/// thread may be bound to one CPU.
-fn cpus() -> usize {
-    crate::sample::pool::daemon_parallelism()
-}
-
-/// The cgroup of process `pid`, relative to the hierarchy roots: its v2
-/// path, or on a v1-only host the memory controller's.
-fn own_cgroup(pid: u32) -> Option<std::path::PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path_of = |line: &str| line.splitn(3, ':').nth(2).map(str::to_string);
-    let v2 = text
-        .lines()
-        .find(|l| l.starts_with("0::"))
-        .and_then(path_of);
-    let v1 = || {
-        text.lines()
-            .find(|l| {
-                l.split(':')
-                    .nth(1)
-                    .is_some_and(|c| c.split(',').any(|c| c == "memory"))
-            })
-            .and_then(path_of)
-    };
-    let path = v2.filter(|p| p != "/").or_else(v1)?;
-    Some(Path::new(path.trim_start_matches('/')).to_path_buf())
 }
 
 fn entry(node: Node, name: &str) -> DirEntry {

@@ -1,8 +1,10 @@
 //! A container's values from every source: cgroup files, rates measured on
 //! demand, and the eBPF maps. The filesystem asks this module for values and
 //! never knows where they come from. [`rate`] measures rates on demand,
-//! [`pool`] is the helper threads an aggregate read is shared with.
+//! [`pool`] is the helper threads an aggregate read is shared with
+//! ([`fanout`]).
 
+pub mod fanout;
 pub mod pool;
 pub mod rate;
 
