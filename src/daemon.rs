@@ -71,7 +71,8 @@ pub enum DaemonError {
     Thread(io::Error),
 }
 
-enum Event {
+/// Why the daemon stops.
+enum Stop {
     Signal(i32),
     SessionEnded(io::Result<()>),
 }
@@ -139,7 +140,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     let signal_events = events.clone();
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            let _ = signal_events.send(Event::Signal(signal));
+            let _ = signal_events.send(Stop::Signal(signal));
         }
     });
 
@@ -170,12 +171,12 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
             .map_err(DaemonError::Thread)?;
     }
     std::thread::spawn(move || {
-        let _ = events.send(Event::SessionEnded(session.run()));
+        let _ = events.send(Stop::SessionEnded(session.run()));
     });
     log::info!("mounted at {}", mountpoint.display());
 
     match next_event.recv() {
-        Ok(Event::Signal(signal)) => {
+        Ok(Stop::Signal(signal)) => {
             log::info!("signal {signal}: unmounting {}", mountpoint.display());
             if let Err(e) = unmounter.unmount() {
                 // Busy (a shell's cwd inside): detach it; exiting closes the
@@ -188,11 +189,11 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
                 return Ok(());
             }
             match next_event.recv_timeout(Duration::from_secs(5)) {
-                Ok(Event::SessionEnded(Err(e))) => Err(DaemonError::Session(e)),
+                Ok(Stop::SessionEnded(Err(e))) => Err(DaemonError::Session(e)),
                 _ => Ok(()),
             }
         }
-        Ok(Event::SessionEnded(result)) => {
+        Ok(Stop::SessionEnded(result)) => {
             log::info!("{} was unmounted", mountpoint.display());
             result.map_err(DaemonError::Session)
         }

@@ -44,7 +44,7 @@ impl Group {
 
 /// The Prometheus type of a metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub enum PromType {
     Counter,
     Gauge,
 }
@@ -66,7 +66,7 @@ pub struct MetricDef {
     /// The file name in a container directory.
     pub file: &'static str,
     pub group: Group,
-    pub kind: Kind,
+    pub kind: PromType,
     /// The Prometheus family name, without the `cgmetric_` prefix.
     pub prom: &'static str,
     pub scale: Scale,
@@ -84,7 +84,7 @@ macro_rules! catalogue {
             id: MetricId::$id,
             file: $file,
             group: Group::$group,
-            kind: Kind::$kind,
+            kind: PromType::$kind,
             prom: $prom,
             scale: Scale::$scale,
             help: $help,
@@ -279,7 +279,7 @@ mod tests {
     fn names_follow_prometheus_conventions() {
         for def in METRICS {
             assert_eq!(
-                def.kind == Kind::Counter,
+                def.kind == PromType::Counter,
                 def.prom.ends_with("_total"),
                 "{}",
                 def.prom

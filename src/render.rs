@@ -5,7 +5,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use crate::containers::registry::Container;
+use crate::containers::registry::Metered;
 use crate::metrics::{MetricDef, Sample, Scale, Value, METRICS};
 
 /// A single-value file: the value and a newline.
@@ -67,7 +67,7 @@ fn push_fixed(out: &mut String, n: u64, digits: u32) {
 /// Every container's metrics in Prometheus text format: one family per
 /// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
 /// label on every series, no timestamps.
-pub fn prometheus(samples: &[(Arc<Container>, Sample)], ebpf_health: Option<[u64; 3]>) -> String {
+pub fn prometheus(samples: &[(Arc<Metered>, Sample)], ebpf_health: Option<[u64; 3]>) -> String {
     // Each container's labels are escaped once, not once a series.
     let labels: Vec<String> = samples.iter().map(|(c, _)| label_set(c)).collect();
     // Sized once (6,000 series for 200 containers): each series is its
@@ -126,15 +126,15 @@ fn ebpf_health_family(out: &mut String, health: [u64; 3]) {
 
 fn family_header(out: &mut String, def: &MetricDef) {
     let kind = match def.kind {
-        crate::metrics::Kind::Counter => "counter",
-        crate::metrics::Kind::Gauge => "gauge",
+        crate::metrics::PromType::Counter => "counter",
+        crate::metrics::PromType::Gauge => "gauge",
     };
     let _ = writeln!(out, "# HELP cgmetric_{} {}", def.prom, def.help);
     let _ = writeln!(out, "# TYPE cgmetric_{} {kind}", def.prom);
 }
 
 /// `container="…",id="…",runtime="…"`, escaped.
-fn label_set(container: &Container) -> String {
+fn label_set(container: &Metered) -> String {
     let mut out = String::new();
     for (name, value) in [
         ("container", container.name.as_str()),

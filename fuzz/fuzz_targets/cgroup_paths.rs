@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use cgmetric::discovery::{display_name, Globs};
-use cgmetric::runtime::classify;
+use cgmetric::containers::discovery::{display_name, Globs};
+use cgmetric::containers::runtime::classify;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &str| {

@@ -3,7 +3,7 @@
 //! exactly and reverses.
 #![no_main]
 
-use cgmetric::discovery::sanitize;
+use cgmetric::containers::discovery::sanitize;
 use cgmetric::render::escape_label;
 use libfuzzer_sys::fuzz_target;
 

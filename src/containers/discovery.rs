@@ -203,7 +203,7 @@ impl Discovery {
                         self.scan(&mut state, hierarchy, root, &path, &mut events);
                     }
                     Change::Removed { hierarchy, path } => {
-                        remove(&mut state, hierarchy, &path, &mut events)
+                        forget_cgroup(&mut state, hierarchy, &path, &mut events)
                     }
                     Change::Lost => {
                         state.walked = false;
@@ -397,7 +397,7 @@ impl Discovery {
 }
 
 /// `path` is gone from `hierarchy`, and so is everything below it.
-fn remove(state: &mut State, hierarchy: usize, path: &Path, events: &mut Vec<Event>) {
+fn forget_cgroup(state: &mut State, hierarchy: usize, path: &Path, events: &mut Vec<Event>) {
     let below: Vec<PathBuf> = state
         .known
         .range(path.to_path_buf()..)

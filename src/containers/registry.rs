@@ -24,8 +24,11 @@ pub type Slot = u64;
 /// Longest name a directory entry may have.
 const NAME_MAX: usize = 255;
 
+/// A cgroup whose metrics are served as a directory: a container of the
+/// registry, or a node of the `cgroup/` tree. Both are read and rendered by
+/// the same code.
 #[derive(Debug)]
-pub struct Container {
+pub struct Metered {
     pub slot: Slot,
     /// The directory name.
     pub name: String,
@@ -41,7 +44,7 @@ pub struct Container {
     available: OnceLock<Vec<MetricId>>,
 }
 
-impl Container {
+impl Metered {
     fn new(
         slot: Slot,
         name: String,
@@ -51,7 +54,7 @@ impl Container {
         dirs: CgroupDirs,
         kept: KeptFiles,
     ) -> Self {
-        Container {
+        Metered {
             slot,
             name,
             id,
@@ -73,8 +76,8 @@ impl Container {
 
 #[derive(Default)]
 struct Inner {
-    by_name: BTreeMap<String, Arc<Container>>,
-    by_slot: HashMap<Slot, Arc<Container>>,
+    by_name: BTreeMap<String, Arc<Metered>>,
+    by_slot: HashMap<Slot, Arc<Metered>>,
     by_cgroup: HashMap<PathBuf, Slot>,
     next_slot: Slot,
 }
@@ -162,7 +165,7 @@ impl Registry {
                 continue;
             }
             log::info!("{} container {} is now {name}", old.runtime, old.name);
-            let container = Arc::new(Container::new(
+            let container = Arc::new(Metered::new(
                 old.slot,
                 name.clone(),
                 old.id.clone(),
@@ -189,7 +192,7 @@ impl Registry {
             match event {
                 Event::Removed(cgroup) => {
                     let slot = inner.by_cgroup.get(&cgroup).copied();
-                    if let Some(container) = slot.and_then(|slot| remove(&mut inner, slot)) {
+                    if let Some(container) = slot.and_then(|slot| drop_slot(&mut inner, slot)) {
                         removed.push(container.name.clone());
                     }
                 }
@@ -211,7 +214,7 @@ impl Registry {
         let name = self.unique_name(inner, &found.name, &id);
         let slot = inner.next_slot;
         inner.next_slot += 1;
-        let container = Arc::new(Container::new(
+        let container = Arc::new(Metered::new(
             slot,
             name.clone(),
             id,
@@ -243,7 +246,7 @@ impl Registry {
             "cgroup" => cgroup_id.to_string(),
             _ => old.id.clone(),
         };
-        let container = Arc::new(Container::new(
+        let container = Arc::new(Metered::new(
             old.slot,
             old.name.clone(),
             id,
@@ -271,21 +274,21 @@ impl Registry {
         unreachable!("the suffix sequence is endless")
     }
 
-    pub fn get(&self, slot: Slot) -> Option<Arc<Container>> {
+    pub fn get(&self, slot: Slot) -> Option<Arc<Metered>> {
         self.inner.read().by_slot.get(&slot).cloned()
     }
 
-    pub fn by_name(&self, name: &str) -> Option<Arc<Container>> {
+    pub fn by_name(&self, name: &str) -> Option<Arc<Metered>> {
         self.inner.read().by_name.get(name).cloned()
     }
 
     /// Every container, sorted by name.
-    pub fn list(&self) -> Vec<Arc<Container>> {
+    pub fn list(&self) -> Vec<Arc<Metered>> {
         self.inner.read().by_name.values().cloned().collect()
     }
 }
 
-fn remove(inner: &mut Inner, slot: Slot) -> Option<Arc<Container>> {
+fn drop_slot(inner: &mut Inner, slot: Slot) -> Option<Arc<Metered>> {
     let container = inner.by_slot.remove(&slot)?;
     inner.by_name.remove(&container.name);
     inner.by_cgroup.remove(&container.cgroup);
@@ -307,7 +310,7 @@ pub struct CgroupTree {
 #[derive(Default)]
 struct TreeInner {
     by_path: HashMap<PathBuf, u64>,
-    nodes: HashMap<u64, Arc<Container>>,
+    nodes: HashMap<u64, Arc<Metered>>,
     next: u64,
 }
 
@@ -326,7 +329,7 @@ impl CgroupTree {
 
     /// The node of the cgroup at `path` (relative to the hierarchy roots),
     /// interned if the cgroup exists.
-    pub fn node(&self, path: &Path) -> Option<(u64, Arc<Container>)> {
+    pub fn node(&self, path: &Path) -> Option<(u64, Arc<Metered>)> {
         if let Some(&node) = self.inner.read().by_path.get(path) {
             return Some((node, self.inner.read().nodes.get(&node)?.clone()));
         }
@@ -341,7 +344,7 @@ impl CgroupTree {
         let name = path
             .file_name()
             .map_or_else(|| "/".to_string(), |n| n.to_string_lossy().into_owned());
-        let container = Arc::new(Container::new(
+        let container = Arc::new(Metered::new(
             CGROUP_SLOTS + node,
             name,
             id.to_string(),
@@ -355,7 +358,7 @@ impl CgroupTree {
         Some((node, container))
     }
 
-    pub fn get(&self, node: u64) -> Option<Arc<Container>> {
+    pub fn get(&self, node: u64) -> Option<Arc<Metered>> {
         self.inner.read().nodes.get(&node).cloned()
     }
 
@@ -371,7 +374,7 @@ impl CgroupTree {
     }
 
     /// The names of the cgroups directly below `node`, in any hierarchy.
-    pub fn children(&self, node: &Container) -> Vec<String> {
+    pub fn children(&self, node: &Metered) -> Vec<String> {
         let mut names = std::collections::BTreeSet::new();
         for root in self.layout.hierarchies() {
             let Ok(entries) = std::fs::read_dir(root.join(&node.cgroup)) else {
@@ -387,7 +390,7 @@ impl CgroupTree {
     }
 
     /// Every interned node.
-    pub fn list(&self) -> Vec<Arc<Container>> {
+    pub fn list(&self) -> Vec<Arc<Metered>> {
         self.inner.read().nodes.values().cloned().collect()
     }
 }

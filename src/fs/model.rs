@@ -8,7 +8,7 @@
 //!
 //! Directories of metrics belong to an [`Owner`]: a container (by registry
 //! slot) or a cgroup of the `cgroup/` tree (by node); both are served by the
-//! same code from the same kind of [`Container`].
+//! same code from the same kind of [`Metered`] cgroup.
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_I
 use super::snapshots::Snapshots;
 use super::DirEntry;
 use crate::cgroup::files::SourceError;
-use crate::containers::registry::{CgroupTree, Container, Registry};
+use crate::containers::registry::{CgroupTree, Metered, Registry};
 use crate::metrics::{MetricId, Sample, METRICS};
 use crate::render;
 use crate::sample::fanout;
@@ -160,7 +160,7 @@ impl Model {
             .ok_or(FsError::NotFound)
     }
 
-    fn cgroup_child(&self, dir: &Container, name: &str) -> Result<u64> {
+    fn cgroup_child(&self, dir: &Metered, name: &str) -> Result<u64> {
         if name.contains('/') || name == "." || name == ".." {
             return Err(FsError::NotFound);
         }
@@ -170,7 +170,7 @@ impl Model {
             .ok_or(FsError::NotFound)
     }
 
-    fn entry(&self, dir: &Container, name: &str) -> Result<Entry> {
+    fn entry(&self, dir: &Metered, name: &str) -> Result<Entry> {
         if let Some(meta) = Meta::ALL.into_iter().find(|m| m.name() == name) {
             return Ok(Entry::Meta(meta));
         }
@@ -179,14 +179,14 @@ impl Model {
         Ok(Entry::Metric(id))
     }
 
-    fn check_available(&self, dir: &Container, id: MetricId) -> Result<()> {
+    fn check_available(&self, dir: &Metered, id: MetricId) -> Result<()> {
         match self.sampler.available(dir).contains(&id) {
             true => Ok(()),
             false => Err(FsError::NotFound),
         }
     }
 
-    fn owner(&self, owner: Owner) -> Result<Arc<Container>> {
+    fn owner(&self, owner: Owner) -> Result<Arc<Metered>> {
         match owner {
             Owner::Container(slot) => self.registry().get(slot),
             Owner::Cgroup(node) => self.tree().get(node),
@@ -307,7 +307,7 @@ impl Model {
         entries
     }
 
-    fn list_dir(&self, owner: Owner, dir: &Container) -> Vec<DirEntry> {
+    fn list_dir(&self, owner: Owner, dir: &Metered) -> Vec<DirEntry> {
         let mut entries = dots(Node::Dir(owner).ino());
         entries.extend(Meta::ALL.map(|m| entry(Node::File(owner, Entry::Meta(m)), m.name())));
         entries.extend(
@@ -349,7 +349,7 @@ impl Model {
         }
     }
 
-    fn render_file(&self, dir: &Container, entry: Entry) -> Result<String> {
+    fn render_file(&self, dir: &Metered, entry: Entry) -> Result<String> {
         match entry {
             Entry::Meta(Meta::Name) => Ok(format!("{}\n", dir.name)),
             Entry::Meta(Meta::Id) => Ok(format!("{}\n", dir.id)),
@@ -375,12 +375,12 @@ impl Model {
 
     /// Logs what a reader cannot see, and drops what was found gone.
     /// A sample of every container, after a fresh discovery.
-    fn sample_all(&self) -> Vec<(Arc<Container>, Sample)> {
+    fn sample_all(&self) -> Vec<(Arc<Metered>, Sample)> {
         self.refresh();
         fanout::sample_all(&self.sampler, &self.helpers, self.registry().list())
     }
 
-    fn note_failure(&self, owner: Owner, dir: &Container, error: &FsError) {
+    fn note_failure(&self, owner: Owner, dir: &Metered, error: &FsError) {
         match (error, owner) {
             // Its removal is queued (or a walk finds it): refreshing drops
             // it the same way as every other removal.

@@ -6,7 +6,7 @@ use std::sync::{mpsc, Arc};
 
 use super::pool::{daemon_parallelism, Chunks, Helpers};
 use super::Sampler;
-use crate::containers::registry::Container;
+use crate::containers::registry::Metered;
 use crate::metrics::Sample;
 
 /// Below this many containers per CPU, an aggregate is sampled on one thread.
@@ -21,8 +21,8 @@ const CHUNK: usize = 16;
 pub fn sample_all(
     sampler: &Arc<Sampler>,
     pool: &Helpers,
-    containers: Vec<Arc<Container>>,
-) -> Vec<(Arc<Container>, Sample)> {
+    containers: Vec<Arc<Metered>>,
+) -> Vec<(Arc<Metered>, Sample)> {
     // Handing work over costs a wake-up, so small sets stay on this thread.
     let helpers = daemon_parallelism()
         .min(containers.len() / CONTAINERS_PER_THREAD)

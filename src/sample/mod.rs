@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 
 use crate::cgroup::files::{Files, SourceError};
 use crate::cgroup::read::read_group;
-use crate::containers::registry::{CgroupTree, Container, Registry, Slot};
+use crate::containers::registry::{CgroupTree, Metered, Registry, Slot};
 use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
 use crate::net::{Net, Totals};
 use crate::sample::rate::RateTracker;
@@ -108,7 +108,7 @@ impl Sampler {
     /// The metrics this host provides for `container`, hence its files. A
     /// cgroup group whose files are absent provides nothing; a malformed one
     /// keeps its files so that reading them reports the error.
-    pub fn available<'c>(&self, container: &'c Container) -> &'c [MetricId] {
+    pub fn available<'c>(&self, container: &'c Metered) -> &'c [MetricId] {
         container.available_with(|| {
             let mut sample = Sample::default();
             let mut files = Files::new(&container.kept);
@@ -141,7 +141,7 @@ impl Sampler {
     /// Reads one group; errors are the caller's to report.
     pub fn read(
         &self,
-        container: &Container,
+        container: &Metered,
         group: Group,
         out: &mut Sample,
     ) -> Result<(), SourceError> {
@@ -150,13 +150,13 @@ impl Sampler {
 
     /// Every available metric of one container. A malformed source is
     /// logged and left out; a vanished cgroup is an error.
-    pub fn sample(&self, container: &Container) -> Result<Sample, SourceError> {
+    pub fn sample(&self, container: &Metered) -> Result<Sample, SourceError> {
         self.sample_with(container, &mut Scratch::new(container))
     }
 
     /// [`Sampler::sample`] of each container, leaving out those that vanish;
     /// one buffer serves them all.
-    pub fn sample_each(&self, containers: &[Arc<Container>]) -> Vec<(Arc<Container>, Sample)> {
+    pub fn sample_each(&self, containers: &[Arc<Metered>]) -> Vec<(Arc<Metered>, Sample)> {
         let mut scratch = Scratch::default();
         containers
             .iter()
@@ -169,7 +169,7 @@ impl Sampler {
 
     fn sample_with<'c>(
         &self,
-        container: &'c Container,
+        container: &'c Metered,
         scratch: &mut Scratch<'c>,
     ) -> Result<Sample, SourceError> {
         let groups = groups_of(self.available(container).iter().copied());
@@ -186,7 +186,7 @@ impl Sampler {
 
     fn read_cached<'c>(
         &self,
-        c: &'c Container,
+        c: &'c Metered,
         group: Group,
         out: &mut Sample,
         scratch: &mut Scratch<'c>,
@@ -277,21 +277,21 @@ struct Scratch<'c> {
 }
 
 impl<'c> Scratch<'c> {
-    fn new(container: &'c Container) -> Scratch<'c> {
+    fn new(container: &'c Metered) -> Scratch<'c> {
         Scratch {
             totals: None,
             files: Files::new(&container.kept),
         }
     }
 
-    fn reset(&mut self, container: &'c Container) {
+    fn reset(&mut self, container: &'c Metered) {
         self.totals = None;
         self.files.reset(&container.kept);
     }
 
     /// The container's eBPF totals, read once per sample; `None` when its
     /// cgroup is gone.
-    fn totals(&mut self, net: Option<&Net>, container: &Container) -> Option<Totals> {
+    fn totals(&mut self, net: Option<&Net>, container: &Metered) -> Option<Totals> {
         if self.totals.is_none() {
             self.totals = net_totals(net, container);
         }
@@ -309,7 +309,7 @@ fn rx(t: &Totals) -> u64 {
 
 fn cpu_usage_usec<'c>(
     registry: &Registry,
-    container: &'c Container,
+    container: &'c Metered,
     files: &mut Files<'c>,
 ) -> Option<u64> {
     crate::cgroup::read::cpu_usage_usec(registry.layout(), &container.dirs, files)
@@ -317,7 +317,7 @@ fn cpu_usage_usec<'c>(
         .flatten()
 }
 
-fn net_totals(net: Option<&Net>, container: &Container) -> Option<Totals> {
+fn net_totals(net: Option<&Net>, container: &Metered) -> Option<Totals> {
     // A vanished directory has no subtree: totals() says None.
     net?.totals(container.dirs.v2.as_deref()?)
 }

@@ -20,12 +20,12 @@ use parking_lot::Mutex;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Reads every counter the tracker should follow: `(key, value)` pairs.
-pub type Sampler<K> = Box<dyn Fn() -> Vec<(K, u64)> + Send + Sync>;
+pub type ReadCounters<K> = Box<dyn Fn() -> Vec<(K, u64)> + Send + Sync>;
 
 pub struct RateTracker<K> {
     window: Duration,
     idle_timeout: Duration,
-    sampler: Sampler<K>,
+    read: ReadCounters<K>,
     state: Mutex<State<K>>,
 }
 
@@ -43,19 +43,19 @@ enum Reference {
 }
 
 impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
-    pub fn new(window: Duration, sampler: Sampler<K>) -> Arc<Self> {
-        Self::with_idle_timeout(window, IDLE_TIMEOUT, sampler)
+    pub fn new(window: Duration, read: ReadCounters<K>) -> Arc<Self> {
+        Self::with_idle_timeout(window, IDLE_TIMEOUT, read)
     }
 
     pub fn with_idle_timeout(
         window: Duration,
         idle_timeout: Duration,
-        sampler: Sampler<K>,
+        read: ReadCounters<K>,
     ) -> Arc<Self> {
         Arc::new(RateTracker {
             window,
             idle_timeout,
-            sampler,
+            read,
             state: Mutex::new(State {
                 series: HashMap::new(),
                 last_read: Instant::now(),
@@ -129,7 +129,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
     }
 
     fn sample_all(&self) {
-        let samples = (self.sampler)();
+        let samples = (self.read)();
         let now = Instant::now();
         let mut state = self.state.lock();
         for (key, value) in samples {
