@@ -22,7 +22,6 @@ use crate::fs::inode::{RESERVED_NAMES, ROOT_INO};
 use crate::fs::model::Model;
 use crate::mounts::{mount_at, read_mount_table, statfs, MountEntry, FS_TYPE};
 use crate::net::{Net, NetError};
-use crate::sample::Sampler;
 
 /// FUSE worker threads: a read of a rate may wait one window, and the others
 /// must not queue behind it.
@@ -128,7 +127,9 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     registry.refresh();
     log::info!("{} containers found", registry.list().len());
     let model = Arc::new(Model::new(
-        Sampler::new(registry, options.window, net),
+        registry,
+        net.map(Arc::new),
+        options.window,
         options.private,
     ));
     crate::sample::pool::remember_daemon_cpus();

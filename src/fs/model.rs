@@ -11,6 +11,7 @@
 //! same code from the same kind of [`Metered`] cgroup.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::attr::{make_private, Attr};
 use super::error::{FsError, Result};
@@ -21,6 +22,7 @@ use super::DirEntry;
 use crate::cgroup::files::SourceError;
 use crate::containers::registry::{CgroupTree, Metered, Registry};
 use crate::metrics::{MetricId, Sample, METRICS};
+use crate::net::Net;
 use crate::render;
 use crate::sample::fanout;
 use crate::sample::pool::Helpers;
@@ -37,6 +39,12 @@ pub trait Kernel: Send + Sync {
 }
 
 pub struct Model {
+    /// The containers, kept in line with the host by [`Model::refresh`].
+    registry: Arc<Registry>,
+    /// The `cgroup/` tree.
+    tree: Arc<CgroupTree>,
+    /// Network accounting, swept after discovery.
+    net: Option<Arc<Net>>,
     /// Shared with the helper threads that sample part of an aggregate.
     sampler: Arc<Sampler>,
     helpers: Helpers,
@@ -49,8 +57,23 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(sampler: Sampler, private: bool) -> Model {
+    /// The tree of `registry`'s containers, with rates over `window` and
+    /// network counters from `net` when it runs.
+    pub fn new(
+        registry: Arc<Registry>,
+        net: Option<Arc<Net>>,
+        window: Duration,
+        private: bool,
+    ) -> Model {
+        let tree = Arc::new(CgroupTree::new(
+            registry.layout().clone(),
+            registry.kept_budget().clone(),
+        ));
+        let sampler = Sampler::new(registry.clone(), tree.clone(), window, net.clone());
         Model {
+            registry,
+            tree,
+            net,
             sampler: Arc::new(sampler),
             helpers: Helpers::default(),
             private,
@@ -66,16 +89,20 @@ impl Model {
     }
 
     fn registry(&self) -> &Registry {
-        self.sampler.registry()
+        &self.registry
     }
 
     fn tree(&self) -> &CgroupTree {
-        self.sampler.cgroups()
+        &self.tree
     }
 
-    /// Discovery; the kernel forgets the names of vanished containers.
+    /// Discovery; the eBPF entries of removed cgroups are swept and the
+    /// kernel forgets the names of vanished containers.
     pub fn refresh(&self) {
-        let removed = self.sampler.refresh();
+        let removed = self.registry.refresh();
+        if let Some(net) = &self.net {
+            net.sweep(!removed.is_empty());
+        }
         if let Some(kernel) = self.kernel.get() {
             removed.iter().for_each(|name| kernel.forget_name(name));
         }
@@ -437,10 +464,7 @@ mod tests {
             crate::fs::inode::RESERVED_NAMES,
         ));
         registry.refresh();
-        Model::new(
-            Sampler::new(registry, Duration::from_millis(20), None),
-            false,
-        )
+        Model::new(registry, None, Duration::from_millis(20), false)
     }
 
     fn cat(model: &Model, path: &str) -> Result<String> {

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use cgmetric_common::{
@@ -94,7 +95,13 @@ pub struct Net {
     owners: Mutex<HashMap<u64, u64>>,
     /// Health counters already reported.
     reported: Mutex<[u64; health::COUNT as usize]>,
+    /// When entries of removed cgroups were last swept.
+    last_sweep: Mutex<Instant>,
 }
+
+/// How often entries of removed cgroups are swept when no container
+/// vanished meanwhile.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, NetError>
 where
@@ -127,7 +134,20 @@ impl Net {
             })?,
             owners: Mutex::new(HashMap::new()),
             reported: Mutex::new([0; health::COUNT as usize]),
+            last_sweep: Mutex::new(Instant::now()),
         })
+    }
+
+    /// After discovery: sweeps the entries of removed cgroups when a
+    /// container `vanished` (its counts are final now) or when
+    /// [`SWEEP_INTERVAL`] passed (cgroups below containers come and go
+    /// unseen).
+    pub fn sweep(&self, vanished: bool) {
+        let mut last = self.last_sweep.lock();
+        if vanished || last.elapsed() > SWEEP_INTERVAL {
+            self.collect_garbage();
+            *last = Instant::now();
+        }
     }
 
     /// Traffic and connections of the cgroup at `dir` (a v2 directory) and

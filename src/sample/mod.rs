@@ -10,12 +10,11 @@ pub mod rate;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use parking_lot::Mutex;
+use std::time::Duration;
 
 use crate::cgroup::files::{Files, SourceError};
 use crate::cgroup::read::read_group;
+use crate::cgroup::Layout;
 use crate::containers::registry::{CgroupTree, Metered, Registry, Slot};
 use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
 use crate::net::{Net, Totals};
@@ -29,40 +28,35 @@ pub enum RateCounter {
     NetRx,
 }
 
-/// How often eBPF entries of removed cgroups are swept when no container
-/// vanished meanwhile.
-const GC_INTERVAL: Duration = Duration::from_secs(60);
-
+/// Reads a served cgroup's values from its sources. It knows where values
+/// come from, not which cgroups exist: the registry and the cgroup tree are
+/// the filesystem's, and are lent here only so that the rate sampler can
+/// list what it tracks.
 pub struct Sampler {
-    registry: Arc<Registry>,
-    cgroups: Arc<CgroupTree>,
+    layout: Layout,
     rates: Arc<RateTracker<(Slot, RateCounter)>>,
     net: Option<Arc<Net>>,
-    last_gc: Mutex<Instant>,
 }
 
 impl Sampler {
-    pub fn new(registry: Arc<Registry>, window: Duration, net: Option<Net>) -> Sampler {
-        let net = net.map(Arc::new);
-        let cgroups = Arc::new(CgroupTree::new(
-            registry.layout().clone(),
-            registry.kept_budget().clone(),
-        ));
-        let (tracked, tracked_tree, tracked_net) = (registry.clone(), cgroups.clone(), net.clone());
+    pub fn new(
+        registry: Arc<Registry>,
+        tree: Arc<CgroupTree>,
+        window: Duration,
+        net: Option<Arc<Net>>,
+    ) -> Sampler {
+        let layout = registry.layout().clone();
+        let (tracked_net, tracked_layout) = (net.clone(), layout.clone());
         let rates = RateTracker::new(
             window,
             Box::new(move || {
                 let mut samples = Vec::new();
-                let all: Vec<_> = tracked
-                    .list()
-                    .into_iter()
-                    .chain(tracked_tree.list())
-                    .collect();
+                let all: Vec<_> = registry.list().into_iter().chain(tree.list()).collect();
                 // One buffer for every container's file, as in a scrape.
                 let mut files = Files::default();
                 for c in &all {
                     files.reset(&c.kept);
-                    if let Some(usage) = cpu_usage_usec(&tracked, c, &mut files) {
+                    if let Some(usage) = cpu_usage_usec(&tracked_layout, c, &mut files) {
                         samples.push(((c.slot, RateCounter::CpuUsage), usage));
                     }
                     if let Some(totals) = net_totals(tracked_net.as_deref(), c) {
@@ -73,36 +67,7 @@ impl Sampler {
                 samples
             }),
         );
-        Sampler {
-            registry,
-            cgroups,
-            rates,
-            net,
-            last_gc: Mutex::new(Instant::now()),
-        }
-    }
-
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
-    pub fn cgroups(&self) -> &CgroupTree {
-        &self.cgroups
-    }
-
-    /// Runs discovery; sweeps eBPF entries of removed cgroups when a
-    /// container vanished or [`GC_INTERVAL`] passed. Returns the names of
-    /// the containers that vanished.
-    pub fn refresh(&self) -> Vec<String> {
-        let removed = self.registry.refresh();
-        if let Some(net) = &self.net {
-            let mut last = self.last_gc.lock();
-            if !removed.is_empty() || last.elapsed() > GC_INTERVAL {
-                net.collect_garbage();
-                *last = Instant::now();
-            }
-        }
-        removed
+        Sampler { layout, rates, net }
     }
 
     /// The metrics this host provides for `container`, hence its files. A
@@ -115,9 +80,13 @@ impl Sampler {
             let mut broken: HashSet<Group> = HashSet::new();
             let groups = groups_of(METRICS.iter().map(|m| m.id));
             for group in groups.into_iter().filter(|g| g.is_cgroupfs()) {
-                let layout = self.registry.layout();
-                if let Err(e) = read_group(layout, &container.dirs, group, &mut sample, &mut files)
-                {
+                if let Err(e) = read_group(
+                    &self.layout,
+                    &container.dirs,
+                    group,
+                    &mut sample,
+                    &mut files,
+                ) {
                     if !matches!(e, SourceError::Vanished(_)) {
                         log::warn!("container {}: {e}", container.name);
                         broken.insert(group);
@@ -204,7 +173,7 @@ impl Sampler {
                         if stale {
                             files.forget();
                         }
-                        cpu_usage_usec(&self.registry, c, files)
+                        cpu_usage_usec(&self.layout, c, files)
                     })
                     .ok_or_else(vanished)?;
                 out.set(
@@ -251,13 +220,7 @@ impl Sampler {
                     out.set(M::NetTcpRetransmits, Some(conn.retransmits));
                 }
             }
-            group => read_group(
-                self.registry.layout(),
-                &c.dirs,
-                group,
-                out,
-                &mut scratch.files,
-            )?,
+            group => read_group(&self.layout, &c.dirs, group, out, &mut scratch.files)?,
         }
         Ok(())
     }
@@ -308,11 +271,11 @@ fn rx(t: &Totals) -> u64 {
 }
 
 fn cpu_usage_usec<'c>(
-    registry: &Registry,
+    layout: &Layout,
     container: &'c Metered,
     files: &mut Files<'c>,
 ) -> Option<u64> {
-    crate::cgroup::read::cpu_usage_usec(registry.layout(), &container.dirs, files)
+    crate::cgroup::read::cpu_usage_usec(layout, &container.dirs, files)
         .ok()
         .flatten()
 }
@@ -327,7 +290,6 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::cgroup::Layout;
     use crate::containers::discovery::{Discovery, Globs};
 
     #[test]
@@ -337,7 +299,11 @@ mod tests {
         let discovery = Discovery::new(Globs::new(&["tenants/*".into()]).unwrap(), None);
         let registry = Arc::new(Registry::new(layout, discovery, &[]));
         registry.refresh();
-        let sampler = Sampler::new(registry.clone(), Duration::from_millis(20), None);
+        let tree = Arc::new(CgroupTree::new(
+            registry.layout().clone(),
+            registry.kept_budget().clone(),
+        ));
+        let sampler = Sampler::new(registry.clone(), tree, Duration::from_millis(20), None);
         let files = |name: &str| -> Vec<&str> {
             let c = registry.by_name(name).unwrap();
             sampler.available(&c).iter().map(|m| m.def().file).collect()
