@@ -29,8 +29,10 @@ const FUSE_THREADS: usize = 4;
 
 /// How long a FUSE thread polls for the next request before sleeping, unless
 /// `--fuse-spin` says otherwise. A read is three requests (open, read,
-/// release); the reader sends the next one a wake-up after the reply, about
-/// 25 us on a VM whose idle vCPUs halt, so the spin must outlast that.
+/// release), and the next one arrives a reader's wake-up after the reply;
+/// a thread that slept in between would add its own wake-up to every
+/// request. The spin must outlast a wake-up on a host whose idle CPUs halt
+/// (tens of microseconds on VMs; docs/performance.md).
 const DEFAULT_FUSE_SPIN: Duration = Duration::from_micros(50);
 
 #[derive(Debug, thiserror::Error)]

@@ -1,14 +1,13 @@
 //! Cgroup files kept open between reads.
 //!
-//! Opening and closing a cgroupfs file costs more than reading it: on a
-//! 2-vCPU VM, open + read + close of a container's 13 v1 files took 59 µs and
-//! a `pread` at offset 0 of the same files, kept open, 29 µs. A `pread` at
-//! offset 0 makes the kernel render the file afresh, so values stay live.
+//! Opening and closing a cgroupfs file costs more than reading it (about
+//! twice as much for a container's files; docs/performance.md). A `pread`
+//! at offset 0 makes the kernel render the file afresh, so values stay live.
 //!
 //! The price is kernel memory: an open cgroupfs file that has been read pins
-//! its seq_file buffer, about 4.8 KiB of slab a file (measured). A process
-//! wide [`Budget`] bounds how many are kept; files beyond it are opened for
-//! each read as before. A container's files close when it goes.
+//! its seq_file buffer (a few KiB of slab). One [`Budget`] for the daemon
+//! (`--open-files`) bounds how many are kept; files beyond it are opened
+//! for each read. A container's files close when it goes.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

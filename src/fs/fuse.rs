@@ -99,10 +99,10 @@ fn name(name: &OsStr) -> Result<&str, FsError> {
 }
 
 /// Requests the kernel may have in flight in the background (the kernel's
-/// default is 12). Every close is a background RELEASE: with a dozen slots,
-/// 64 busy readers queued releases faster than they were let through, and
-/// each waiting release kept its snapshot in the daemon (1 in 5 opens
-/// pending, RSS +78 MiB a minute, found by the overload test).
+/// default is 12). Every close is a background RELEASE, and a release that
+/// waits for a slot keeps its snapshot alive in the daemon: with a dozen
+/// slots, many busy readers queue releases faster than they are let
+/// through, and the daemon's memory grows for as long as they read.
 const MAX_BACKGROUND: u16 = 1024;
 
 /// The largest request or reply over io_uring: every ring entry has a

@@ -1,13 +1,12 @@
 //! Long-lived helper threads that take a share of an aggregate read, and
 //! the work they share.
 //!
-//! A thread spawned for each read started on its parent's CPU nearly every
-//! time (22 of 23 spawns on a 2-CPU VM, `perf record -e
-//! sched:sched_wakeup_new`), so the two halves of a sample ran one after the
-//! other and an aggregate read took either 3.2 or 5 ms. A helper that sleeps
-//! on a channel is placed when it is woken, on an idle CPU when there is one;
-//! when it is not, [`Chunks`] lets the reading thread do the work itself
-//! rather than wait for it.
+//! Not a thread per read: the scheduler places a new thread on its parent's
+//! CPU (`sched_wakeup_new` balances late), so the two halves of a sample
+//! would run one after the other. A helper that sleeps on a channel is
+//! placed when it is woken, on an idle CPU when there is one; when there is
+//! none, [`Chunks`] lets the reading thread do the work itself rather than
+//! wait for it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,8 +96,7 @@ static DAEMON_CPUS: OnceLock<(Option<libc::cpu_set_t>, usize)> = OnceLock::new()
 /// io_uring binds each serving thread to its CPU, and a thread inherits its
 /// creator's CPUs. A helper started from a request would share the reading
 /// thread's CPU, and a count taken there would say one CPU, leaving an
-/// aggregate read to one thread (`metric` for 1,000 containers took 58 ms
-/// instead of 38).
+/// aggregate read to one thread.
 fn daemon_cpus() -> &'static (Option<libc::cpu_set_t>, usize) {
     DAEMON_CPUS.get_or_init(|| {
         // SAFETY: a zeroed cpu_set_t is valid.
