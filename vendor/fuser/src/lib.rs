@@ -104,7 +104,7 @@ mod time;
 #[cfg(target_os = "linux")]
 mod uring;
 
-/// cgmetric: whether FUSE over io_uring can be served (see `uring.rs`).
+/// Whether FUSE over io_uring can be served (see `uring.rs`).
 #[cfg(target_os = "linux")]
 pub use crate::uring::{io_uring_usable, runs_on_every_cpu};
 

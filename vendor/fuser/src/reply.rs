@@ -38,7 +38,8 @@ use crate::passthrough::BackingId;
 #[derive(Debug)]
 pub(crate) enum ReplySender {
     Channel(ChannelSender),
-    /// cgmetric: a request that came over io_uring (`uring.rs`).
+    /// A request that came over io_uring (`uring.rs`).
+    #[cfg(target_os = "linux")]
     Ring(crate::uring::RingSender),
     #[cfg(test)]
     Assert(AssertSender),
@@ -47,10 +48,11 @@ pub(crate) enum ReplySender {
 }
 
 impl ReplySender {
-    /// cgmetric: another sender to the same place, for a request's replies.
+    /// Another sender to the same place, for a request's replies.
     pub(crate) fn duplicate(&self) -> ReplySender {
         match self {
             ReplySender::Channel(sender) => ReplySender::Channel(sender.clone()),
+            #[cfg(target_os = "linux")]
             ReplySender::Ring(sender) => ReplySender::Ring(sender.clone()),
             #[cfg(test)]
             _ => unreachable!("test senders are not duplicated"),
@@ -61,6 +63,7 @@ impl ReplySender {
     pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> std::io::Result<()> {
         match self {
             ReplySender::Channel(sender) => sender.send(data),
+            #[cfg(target_os = "linux")]
             ReplySender::Ring(sender) => sender.send(data),
             #[cfg(test)]
             ReplySender::Assert(sender) => sender.send(data),
@@ -76,6 +79,7 @@ impl ReplySender {
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
         match self {
             ReplySender::Channel(sender) => sender.open_backing(fd),
+            #[cfg(target_os = "linux")]
             ReplySender::Ring(_) => Err(std::io::Error::from_raw_os_error(libc::ENOSYS)),
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),
@@ -88,6 +92,7 @@ impl ReplySender {
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
         match self {
             ReplySender::Channel(sender) => unsafe { sender.wrap_backing(id) },
+            #[cfg(target_os = "linux")]
             ReplySender::Ring(_) => unreachable!("no backing ids over io_uring"),
             #[cfg(test)]
             ReplySender::Assert(_) => unreachable!(),

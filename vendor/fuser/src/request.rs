@@ -32,7 +32,7 @@ use crate::session::SessionEventLoop;
 /// Request data structure
 #[derive(Debug)]
 pub(crate) struct RequestWithSender<'a> {
-    /// Where replies go (cgmetric: the channel, or an io_uring entry)
+    /// Where replies go (the channel, or an io_uring entry)
     sender: ReplySender,
     /// Parsed request
     pub(crate) request: ll::AnyRequest<'a>,
@@ -44,8 +44,11 @@ impl<'a> RequestWithSender<'a> {
         Self::with_sender(ReplySender::Channel(ch), data)
     }
 
-    /// cgmetric: a request whose replies go to `sender`.
-    pub(crate) fn with_sender(sender: ReplySender, data: &'a [u8]) -> Option<RequestWithSender<'a>> {
+    /// A request whose replies go to `sender`.
+    pub(crate) fn with_sender(
+        sender: ReplySender,
+        data: &'a [u8],
+    ) -> Option<RequestWithSender<'a>> {
         let request = match ll::AnyRequest::try_from(data) {
             Ok(request) => request,
             Err(err) => {

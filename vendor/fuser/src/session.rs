@@ -139,8 +139,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
-    /// cgmetric: the payload buffer each io_uring entry needs, when the
+    /// The payload buffer each io_uring entry needs, when the
     /// filesystem asked for FUSE_OVER_IO_URING and the kernel agreed.
+    #[cfg(target_os = "linux")]
     pub(crate) uring_payload: Option<usize>,
 }
 
@@ -189,6 +190,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            #[cfg(target_os = "linux")]
             uring_payload: None,
         };
 
@@ -218,6 +220,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            #[cfg(target_os = "linux")]
             uring_payload: None,
         };
 
@@ -257,6 +260,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            #[cfg(target_os = "linux")]
             uring_payload,
         } = self;
 
@@ -296,10 +300,11 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut threads = Vec::with_capacity(n_threads);
 
-        // cgmetric: once io_uring is agreed, the kernel holds every request
+        // Once io_uring is agreed, the kernel holds every request
         // until each CPU's queue has an entry, so the rings come first; a
         // ring that cannot be set up ends the session (unmounting) rather
         // than leave it hung.
+        #[cfg(target_os = "linux")]
         if let Some(payload_len) = uring_payload {
             let queues = crate::uring::queue_count()?;
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -318,8 +323,12 @@ impl<FS: Filesystem> Session<FS> {
                         thread::Builder::new()
                             .name(event_loop.thread_name.clone())
                             .spawn(move || {
-                                let served =
-                                    crate::uring::serve(&event_loop, qid as u16, payload_len, ready);
+                                let served = crate::uring::serve(
+                                    &event_loop,
+                                    qid as u16,
+                                    payload_len,
+                                    ready,
+                                );
                                 if let Err(e) = served {
                                     // This CPU's requests would now wait for an
                                     // entry that never comes back: better that
@@ -526,15 +535,15 @@ impl<FS: Filesystem> Session<FS> {
                 config.max_write
             );
 
-            // cgmetric: io_uring needs a payload buffer per entry as large
+            // FUSE over io_uring needs a payload buffer per entry as large
             // as the kernel's largest request or reply.
+            #[cfg(target_os = "linux")]
             if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
-                let pages = config.max_pages() as usize * page_size::get();
-                self.uring_payload = Some(
-                    abi::consts::FUSE_MIN_READ_BUFFER
-                        .max(config.max_write as usize)
-                        .max(pages),
-                );
+                self.uring_payload = Some(crate::uring::payload_size(
+                    config.max_write,
+                    config.max_pages(),
+                    page_size::get(),
+                ));
             }
 
             let response = init.reply(&config);
@@ -586,7 +595,7 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
-    /// cgmetric: see `Config::receive_spin`.
+    /// See `Config::receive_spin`.
     pub(crate) receive_spin: std::time::Duration,
 }
 
@@ -596,8 +605,8 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         // it is reused immediately after dispatching to conserve memory and allocations.
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();
-        // cgmetric: spinning needs this thread's fd non-blocking; if it cannot
-        // be, the thread simply sleeps as upstream's does.
+        // Spinning needs this thread's fd non-blocking; if it cannot be,
+        // the thread simply sleeps in a blocking read.
         let spin = !self.receive_spin.is_zero() && self.ch.set_nonblocking(true).is_ok();
         loop {
             // Read the next request from the given channel to kernel driver

@@ -1,4 +1,4 @@
-//! cgmetric: FUSE over io_uring (Linux 6.14+, `fuse.enable_uring=1`).
+//! FUSE over io_uring (Linux 6.14+, `fuse.enable_uring=1`).
 //!
 //! Over `/dev/fuse` every request goes to one queue, served by whichever
 //! thread reads first, usually on another CPU than the requester: the
@@ -18,7 +18,8 @@
 //! use `/dev/fuse`, so the classic threads keep running.
 //!
 //! The ABI is `include/uapi/linux/fuse.h` (`fuse_uring_req_header`,
-//! `fuse_uring_cmd_req`); libfuse's `lib/fuse_uring.c` is the reference user.
+//! `fuse_uring_cmd_req`, mirrored in `ll::fuse_abi`) and `fs/fuse/dev_uring.c`;
+//! libfuse's `lib/fuse_uring.c` is the reference user.
 
 use std::io;
 use std::io::IoSlice;
@@ -34,32 +35,67 @@ use log::debug;
 use log::error;
 use log::warn;
 use parking_lot::Mutex;
+use zerocopy::FromBytes;
+use zerocopy::IntoBytes;
 
 use crate::Filesystem;
+use crate::ll::fuse_abi::FUSE_IO_URING_CMD_COMMIT_AND_FETCH;
+use crate::ll::fuse_abi::FUSE_IO_URING_CMD_REGISTER;
+use crate::ll::fuse_abi::FUSE_URING_OP_IN_OUT_SZ;
+use crate::ll::fuse_abi::consts::FUSE_MIN_READ_BUFFER;
 use crate::ll::fuse_abi::fuse_in_header;
+use crate::ll::fuse_abi::fuse_out_header;
+use crate::ll::fuse_abi::fuse_uring_cmd_req;
+use crate::ll::fuse_abi::fuse_uring_req_header;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
 
-const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
-const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
-
-/// `struct fuse_uring_req_header`: `in_out` (128 bytes: the in or out
-/// header), `op_in` (128: the operation's own header), then
-/// `fuse_uring_ent_in_out` (flags, commit_id, payload_sz, padding,
-/// reserved).
-const IN_OUT: usize = 0;
-const OP_IN: usize = 128;
-const OP_IN_SIZE: usize = 128;
-const COMMIT_ID: usize = 256 + 8;
-const PAYLOAD_SZ: usize = 256 + 16;
-const HEADER_SIZE: usize = 256 + 32;
+const HEADER_SIZE: usize = size_of::<fuse_uring_req_header>();
 const IN_HEADER_SIZE: usize = size_of::<fuse_in_header>();
-/// `struct fuse_out_header`: len, error, unique.
-const OUT_HEADER_SIZE: usize = 16;
+const OUT_HEADER_SIZE: usize = size_of::<fuse_out_header>();
 
-/// Serving threads per CPU queue: a request that waits (a rate's window, a
-/// large aggregate) holds one; the other serves the rest of that CPU.
+/// `IORING_OP_URING_CMD` (include/uapi/linux/io_uring.h).
+const IORING_OP_URING_CMD: u8 = 46;
+
+/// `struct io_uring_sqe` (include/uapi/linux/io_uring.h) as a 128-byte SQE of
+/// `IORING_OP_URING_CMD` has it: the fields up to `cmd`, then the 80 bytes of
+/// command data. The `io-uring` crate builds the SQE but sets no `len` for
+/// uring commands, which REGISTER needs (its iovec count); this is how that
+/// field is reached.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct io_uring_sqe_cmd80 {
+    opcode: u8,
+    flags: u8,
+    ioprio: u16,
+    fd: i32,
+    cmd_op: u32,
+    __pad1: u32,
+    addr: u64,
+    len: u32,
+    uring_cmd_flags: u32,
+    user_data: u64,
+    buf_index: u16,
+    personality: u16,
+    file_index: u32,
+    cmd: [u8; 80],
+}
+
+const _: () = assert!(size_of::<io_uring_sqe_cmd80>() == size_of::<squeue::Entry128>());
+const _: () = assert!(align_of::<io_uring_sqe_cmd80>() == align_of::<squeue::Entry128>());
+
+/// The payload buffer an entry needs: the kernel refuses to register one
+/// smaller than its largest request or reply, which is what it computes here
+/// (`fuse_uring_create`, `max_payload_sz`).
+pub(crate) fn payload_size(max_write: u32, max_pages: u16, page_size: usize) -> usize {
+    FUSE_MIN_READ_BUFFER
+        .max(max_write as usize)
+        .max(max_pages as usize * page_size)
+}
+
+/// Serving threads per CPU queue: a request that takes long holds one; the
+/// other serves the rest of that CPU.
 pub(crate) const THREADS_PER_QUEUE: usize = 2;
 
 /// Whether this process can create the rings the FUSE transport needs
@@ -72,18 +108,27 @@ pub fn io_uring_usable() -> bool {
         .is_ok()
 }
 
-/// The CPUs of a kernel CPU list such as "0-3,8".
-fn cpu_list(path: &str) -> io::Result<Vec<usize>> {
-    let text = std::fs::read_to_string(path)?;
-    let bad = || io::Error::other(format!("{path}: unexpected CPU list {text:?}"));
+/// The CPUs of a kernel CPU list such as "0-3,8" (as in
+/// /sys/devices/system/cpu/possible), or None if it is not one.
+fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
     let mut cpus = Vec::new();
-    for range in text.trim().split(',').filter(|r| !r.is_empty()) {
+    for range in text.trim().split(',') {
         let (first, last) = range.split_once('-').unwrap_or((range, range));
-        let first: usize = first.parse().map_err(|_| bad())?;
-        let last: usize = last.parse().map_err(|_| bad())?;
+        let first: usize = first.parse().ok()?;
+        let last: usize = last.parse().ok()?;
+        if last < first || cpus.last().is_some_and(|&prev| prev >= first) {
+            return None;
+        }
         cpus.extend(first..=last);
     }
-    Ok(cpus)
+    Some(cpus)
+}
+
+/// The CPUs of the kernel CPU list in `path`.
+fn cpu_list(path: &str) -> io::Result<Vec<usize>> {
+    let text = std::fs::read_to_string(path)?;
+    parse_cpu_list(&text)
+        .ok_or_else(|| io::Error::other(format!("{path}: unexpected CPU list {text:?}")))
 }
 
 /// The kernel's queue count: one per possible CPU.
@@ -114,7 +159,7 @@ pub fn runs_on_every_cpu() -> bool {
 /// Memory the kernel reads and writes for one entry. Page-aligned, and
 /// never moved while registered.
 struct Buffers {
-    header: *mut u8,
+    header: *mut fuse_uring_req_header,
     payload: *mut u8,
     payload_len: usize,
 }
@@ -154,15 +199,17 @@ impl Buffers {
             }
         };
         Ok(Buffers {
-            header,
+            // A page-aligned mapping of at least HEADER_SIZE bytes.
+            header: header.cast(),
             payload,
             payload_len,
         })
     }
 
-    fn header(&self) -> &[u8] {
-        // SAFETY: mapped with at least HEADER_SIZE bytes; see `Send`.
-        unsafe { std::slice::from_raw_parts(self.header, HEADER_SIZE) }
+    fn header(&self) -> &fuse_uring_req_header {
+        // SAFETY: mapped, aligned and large enough (`new`); any bytes are a
+        // valid header; see `Send` for the ordering of accesses.
+        unsafe { &*self.header }
     }
 
     fn payload(&self) -> &[u8] {
@@ -171,68 +218,100 @@ impl Buffers {
     }
 
     /// Both buffers, writable: two separate mappings.
-    fn parts_mut(&mut self) -> (&mut [u8], &mut [u8]) {
+    fn parts_mut(&mut self) -> (&mut fuse_uring_req_header, &mut [u8]) {
         // SAFETY: as above; `&mut self` makes these the only references.
         unsafe {
             (
-                std::slice::from_raw_parts_mut(self.header, HEADER_SIZE),
+                &mut *self.header,
                 std::slice::from_raw_parts_mut(self.payload, self.payload_len),
             )
         }
     }
+}
 
-    fn read_u64(&self, at: usize) -> u64 {
-        u64::from_ne_bytes(self.header()[at..at + 8].try_into().unwrap())
+/// The request in an entry that the kernel filled, joined into the layout
+/// fuser parses (the in header, the operation's header, the payload) in
+/// `request`; false, with `request` empty, if the lengths the kernel gave do
+/// not fit together.
+///
+/// The kernel splits a request into `in_out` (the in header), `op_in` (the
+/// operation's first argument, if it has a fixed-size header) and the
+/// payload (`payload_sz` bytes of the rest); the in header's `len` still
+/// counts all of it, so the operation header's length is what `len` leaves.
+fn read_request(header: &fuse_uring_req_header, payload: &[u8], request: &mut Vec<u8>) -> bool {
+    request.clear();
+    let Ok((in_header, _)) = fuse_in_header::read_from_prefix(&header.in_out[..]) else {
+        return false;
+    };
+    let len = in_header.len as usize;
+    let payload_sz = header.ring_ent_in_out.payload_sz as usize;
+    let Some(op_len) = len
+        .checked_sub(IN_HEADER_SIZE)
+        .and_then(|rest| rest.checked_sub(payload_sz))
+        .filter(|&op_len| op_len <= FUSE_URING_OP_IN_OUT_SZ && payload_sz <= payload.len())
+    else {
+        return false;
+    };
+    request.extend_from_slice(&header.in_out[..IN_HEADER_SIZE]);
+    request.extend_from_slice(&header.op_in[..op_len]);
+    request.extend_from_slice(&payload[..payload_sz]);
+    true
+}
+
+/// The `unique` of the request in an entry.
+fn request_unique(header: &fuse_uring_req_header) -> u64 {
+    fuse_in_header::read_from_prefix(&header.in_out[..])
+        .map(|(in_header, _)| in_header.unique)
+        .unwrap_or(0)
+}
+
+/// Writes a reply given as fuser's iovecs into an entry: its first
+/// `fuse_out_header` bytes go to `in_out`, the rest to the payload, and
+/// `payload_sz` says how much of it. A reply that does not fit leaves the
+/// entry as it was.
+fn write_reply(
+    header: &mut fuse_uring_req_header,
+    payload: &mut [u8],
+    data: &[IoSlice<'_>],
+) -> io::Result<()> {
+    let total: usize = data.iter().map(|d| d.len()).sum();
+    let Some(payload_len) = total.checked_sub(OUT_HEADER_SIZE) else {
+        return Err(io::Error::other("reply shorter than its header"));
+    };
+    if payload_len > payload.len() {
+        return Err(io::Error::other(format!(
+            "reply of {payload_len} bytes exceeds the ring's {}",
+            payload.len()
+        )));
     }
-
-    fn read_u32(&self, at: usize) -> u32 {
-        u32::from_ne_bytes(self.header()[at..at + 4].try_into().unwrap())
-    }
-
-    fn write_u32(&mut self, at: usize, value: u32) {
-        self.parts_mut().0[at..at + 4].copy_from_slice(&value.to_ne_bytes());
-    }
-
-    /// Writes a reply given as fuser's iovecs: the out header goes to
-    /// `in_out`, the rest to the payload.
-    fn write_reply(&mut self, data: &[IoSlice<'_>]) -> io::Result<()> {
-        let total: usize = data.iter().map(|d| d.len()).sum();
-        let Some(payload_len) = total.checked_sub(OUT_HEADER_SIZE) else {
-            return Err(io::Error::other("reply shorter than its header"));
-        };
-        if payload_len > self.payload_len {
-            return Err(io::Error::other(format!(
-                "reply of {payload_len} bytes exceeds the ring's {}",
-                self.payload_len
-            )));
+    let mut at = 0;
+    for slice in data {
+        let bytes: &[u8] = slice;
+        // The first OUT_HEADER_SIZE bytes of the reply are its header.
+        let head = OUT_HEADER_SIZE.saturating_sub(at).min(bytes.len());
+        if head > 0 {
+            header.in_out[at..at + head].copy_from_slice(&bytes[..head]);
         }
-        let (header, payload) = self.parts_mut();
-        let mut at = 0;
-        for slice in data {
-            let bytes: &[u8] = slice;
-            // The first OUT_HEADER_SIZE bytes of the reply are its header.
-            let head = OUT_HEADER_SIZE.saturating_sub(at).min(bytes.len());
-            if head > 0 {
-                header[IN_OUT + at..IN_OUT + at + head].copy_from_slice(&bytes[..head]);
-            }
-            if head < bytes.len() {
-                let dest = at + head - OUT_HEADER_SIZE;
-                payload[dest..dest + bytes.len() - head].copy_from_slice(&bytes[head..]);
-            }
-            at += bytes.len();
+        if head < bytes.len() {
+            let dest = at + head - OUT_HEADER_SIZE;
+            payload[dest..dest + bytes.len() - head].copy_from_slice(&bytes[head..]);
         }
-        self.write_u32(PAYLOAD_SZ, payload_len as u32);
-        Ok(())
+        at += bytes.len();
     }
+    header.ring_ent_in_out.payload_sz = payload_len as u32;
+    Ok(())
+}
 
-    /// An error reply for `unique`, when the filesystem sent none.
-    fn write_error(&mut self, unique: u64, errno: i32) {
-        let header = self.parts_mut().0;
-        header[IN_OUT..IN_OUT + 4].copy_from_slice(&(OUT_HEADER_SIZE as u32).to_ne_bytes());
-        header[IN_OUT + 4..IN_OUT + 8].copy_from_slice(&(-errno).to_ne_bytes());
-        header[IN_OUT + 8..IN_OUT + 16].copy_from_slice(&unique.to_ne_bytes());
-        self.write_u32(PAYLOAD_SZ, 0);
-    }
+/// Writes an error reply for `unique` into an entry (when the filesystem
+/// sent none, or the request could not be read).
+fn write_error(header: &mut fuse_uring_req_header, unique: u64, errno: i32) {
+    let out = fuse_out_header {
+        len: OUT_HEADER_SIZE as u32,
+        error: -errno,
+        unique,
+    };
+    header.in_out[..OUT_HEADER_SIZE].copy_from_slice(out.as_bytes());
+    header.ring_ent_in_out.payload_sz = 0;
 }
 
 impl Drop for Buffers {
@@ -272,34 +351,45 @@ impl RingSender {
         if !slot.open || slot.replied {
             return Err(io::Error::other("ring entry no longer awaits this reply"));
         }
-        slot.buffers.write_reply(data)?;
+        let (header, payload) = slot.buffers.parts_mut();
+        write_reply(header, payload, data)?;
         slot.replied = true;
         Ok(())
     }
 }
 
-/// The SQE for `cmd_op` on this entry (`fuse_uring_cmd_req` in the command
-/// area: flags, commit_id, qid).
-fn command(fd: i32, cmd_op: u32, qid: u16, commit_id: u64, iov: *const libc::iovec) -> squeue::Entry128 {
+/// The SQE for `cmd_op` on an entry of queue `qid`: REGISTER passes the
+/// entry's two iovecs (header, payload) at `iov`; COMMIT_AND_FETCH the
+/// `commit_id` the kernel gave with the request.
+fn command(
+    fd: i32,
+    cmd_op: u32,
+    qid: u16,
+    commit_id: u64,
+    iov: *const libc::iovec,
+) -> squeue::Entry128 {
+    let req = fuse_uring_cmd_req {
+        commit_id,
+        qid,
+        ..Default::default()
+    };
     let mut cmd = [0u8; 80];
-    cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
-    cmd[16..18].copy_from_slice(&qid.to_ne_bytes());
+    cmd[..size_of::<fuse_uring_cmd_req>()].copy_from_slice(req.as_bytes());
+    let register = cmd_op == FUSE_IO_URING_CMD_REGISTER;
     let entry = opcode::UringCmd80::new(types::Fd(fd), cmd_op)
         .cmd(cmd)
-        .addr((cmd_op == FUSE_IO_URING_CMD_REGISTER).then_some(iov as u64))
+        .addr(register.then_some(iov as u64))
         .build();
-    if cmd_op != FUSE_IO_URING_CMD_REGISTER {
+    if !register {
         return entry;
     }
-    // REGISTER passes two iovecs (header, payload) as addr and len; the
-    // crate sets no len for uring commands.
-    const _: () = assert!(size_of::<squeue::Entry128>() == 128);
-    // SAFETY: Entry128 is repr(C): an io_uring_sqe followed by 64 bytes;
-    // `len` is the u32 at offset 24 of io_uring_sqe.
-    let mut raw: [u8; 128] = unsafe { std::mem::transmute(entry) };
-    raw[24..28].copy_from_slice(&2u32.to_ne_bytes());
-    // SAFETY: as above; every byte pattern is a valid SQE to construct.
-    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+    // SAFETY: Entry128 is repr(C), an io_uring_sqe followed by 64 bytes, which
+    // is what `io_uring_sqe_cmd80` lays out (same size and alignment, checked
+    // above); every byte pattern is valid for both.
+    let mut sqe: io_uring_sqe_cmd80 = unsafe { std::mem::transmute(entry) };
+    sqe.len = 2;
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<io_uring_sqe_cmd80, squeue::Entry128>(sqe) }
 }
 
 /// Binds the calling thread to `cpu` if the process may run there (an
@@ -379,7 +469,7 @@ pub(crate) fn serve<FS: Filesystem>(
     drop(ready);
     let mut served = false;
     // The request as fuser parses it: in header, operation header, payload.
-    let mut request = Vec::with_capacity(IN_HEADER_SIZE + OP_IN_SIZE + 4096);
+    let mut request = Vec::with_capacity(IN_HEADER_SIZE + FUSE_URING_OP_IN_OUT_SZ + 4096);
     let result = loop {
         if let Err(e) = ring.submit_and_wait(1) {
             if e.kind() == io::ErrorKind::Interrupted {
@@ -409,25 +499,16 @@ pub(crate) fn serve<FS: Filesystem>(
             let mut state = slot.0.lock();
             state.open = true;
             state.replied = false;
-            let buffers = &state.buffers;
-            let payload_sz = buffers.read_u32(PAYLOAD_SZ) as usize;
-            let commit_id = buffers.read_u64(COMMIT_ID);
-            let len = buffers.read_u32(IN_OUT) as usize;
-            let unique = buffers.read_u64(IN_OUT + 8);
-            // The operation header's size is what the request's length
-            // leaves after the in header and the payload.
-            let op_len = len
-                .checked_sub(IN_HEADER_SIZE + payload_sz)
-                .filter(|&op_len| op_len <= OP_IN_SIZE && payload_sz <= buffers.payload_len);
-            request.clear();
-            if let Some(op_len) = op_len {
-                let header = buffers.header();
-                request.extend_from_slice(&header[IN_OUT..IN_OUT + IN_HEADER_SIZE]);
-                request.extend_from_slice(&header[OP_IN..OP_IN + op_len]);
-                request.extend_from_slice(&buffers.payload()[..payload_sz]);
-            } else {
-                error!("io_uring request {unique}: length {len} with payload {payload_sz}");
-                state.buffers.write_error(unique, libc::EIO);
+            let header = state.buffers.header();
+            let unique = request_unique(header);
+            let commit_id = header.ring_ent_in_out.commit_id;
+            if !read_request(header, state.buffers.payload(), &mut request) {
+                error!(
+                    "io_uring request {unique}: length {} with payload {}",
+                    fuse_in_header::read_from_prefix(&header.in_out[..]).map_or(0, |(h, _)| h.len),
+                    header.ring_ent_in_out.payload_sz
+                );
+                write_error(state.buffers.parts_mut().0, unique, libc::EIO);
                 state.open = false;
             }
             (unique, commit_id)
@@ -442,11 +523,17 @@ pub(crate) fn serve<FS: Filesystem>(
                 // Dispatch always replies for the requests a ring carries;
                 // this keeps the entry alive if it ever does not.
                 debug!("io_uring request {unique}: no reply, answering EIO");
-                state.buffers.write_error(unique, libc::EIO);
+                write_error(state.buffers.parts_mut().0, unique, libc::EIO);
             }
             state.open = false;
         }
-        let commit = command(fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, qid, commit_id, iov.as_ptr());
+        let commit = command(
+            fd,
+            FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
+            qid,
+            commit_id,
+            iov.as_ptr(),
+        );
         // SAFETY: as for the registration.
         if let Err(e) = unsafe { ring.submission().push(&commit) } {
             break Err(io::Error::other(e.to_string()));
@@ -454,4 +541,296 @@ pub(crate) fn serve<FS: Filesystem>(
     };
     drop(ring);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSlice;
+    use std::mem::offset_of;
+
+    use zerocopy::FromZeros;
+    use zerocopy::IntoBytes;
+
+    use super::*;
+    use crate::ll::AnyRequest;
+    use crate::ll::Operation;
+    use crate::ll::fuse_abi::fuse_opcode;
+
+    /// An entry as the kernel fills it: `in_header`'s `len` is set here from
+    /// the parts, as the kernel's is.
+    fn entry(
+        opcode: u32,
+        unique: u64,
+        op: &[u8],
+        payload: &[u8],
+    ) -> (Box<fuse_uring_req_header>, Vec<u8>) {
+        let mut header = Box::new(fuse_uring_req_header::new_zeroed());
+        let len = (IN_HEADER_SIZE + op.len() + payload.len()) as u32;
+        let in_header: [u32; 10] = [
+            len,
+            opcode,
+            unique as u32,
+            (unique >> 32) as u32,
+            7,
+            0,
+            1000,
+            1000,
+            42,
+            0,
+        ];
+        let in_header: Vec<u8> = in_header.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        header.in_out[..IN_HEADER_SIZE].copy_from_slice(&in_header);
+        header.op_in[..op.len()].copy_from_slice(op);
+        header.ring_ent_in_out.payload_sz = payload.len() as u32;
+        header.ring_ent_in_out.commit_id = 99;
+        let mut buffer = vec![0xee; 4096];
+        buffer[..payload.len()].copy_from_slice(payload);
+        (header, buffer)
+    }
+
+    /// `fuse_write_in` for `size` bytes at `offset` of file handle 3.
+    fn write_in(offset: u64, size: u32) -> Vec<u8> {
+        let mut op = Vec::new();
+        op.extend_from_slice(&3u64.to_ne_bytes()); // fh
+        op.extend_from_slice(&offset.to_ne_bytes());
+        op.extend_from_slice(&size.to_ne_bytes());
+        op.extend_from_slice(&0u32.to_ne_bytes()); // write_flags
+        op.extend_from_slice(&0u64.to_ne_bytes()); // lock_owner
+        op.extend_from_slice(&0u32.to_ne_bytes()); // flags
+        op.extend_from_slice(&0u32.to_ne_bytes()); // padding
+        assert_eq!(op.len(), 40);
+        op
+    }
+
+    /// The request bytes, 8-aligned as fuser's parser needs them.
+    fn aligned(bytes: &[u8]) -> Vec<u64> {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        words.as_mut_bytes()[..bytes.len()].copy_from_slice(bytes);
+        words
+    }
+
+    #[test]
+    fn a_write_is_joined_into_what_fuser_parses() {
+        let data = b"hello, ring";
+        let (header, payload) = entry(
+            fuse_opcode::FUSE_WRITE as u32,
+            0x1234_5678_9abc,
+            &write_in(4096, data.len() as u32),
+            data,
+        );
+        let mut request = Vec::new();
+        assert!(read_request(&header, &payload, &mut request));
+        assert_eq!(request.len(), IN_HEADER_SIZE + 40 + data.len());
+        assert_eq!(request_unique(&header), 0x1234_5678_9abc);
+        let words = aligned(&request);
+        let bytes = &words.as_bytes()[..request.len()];
+        let parsed = AnyRequest::try_from(bytes).unwrap();
+        assert_eq!(parsed.unique().0, 0x1234_5678_9abc);
+        let Ok(Operation::Write(write)) = parsed.operation() else {
+            panic!("not parsed as a write: {parsed}");
+        };
+        assert_eq!(write.offset().unwrap(), 4096);
+        assert_eq!(write.data(), data);
+    }
+
+    #[test]
+    fn a_request_without_payload_or_op_header() {
+        // STATFS has neither an operation header nor a payload.
+        let (header, payload) = entry(fuse_opcode::FUSE_STATFS as u32, 5, &[], &[]);
+        let mut request = vec![1, 2, 3];
+        assert!(read_request(&header, &payload, &mut request));
+        assert_eq!(request, header.in_out[..IN_HEADER_SIZE]);
+    }
+
+    #[test]
+    fn inconsistent_lengths_are_refused() {
+        let op = write_in(0, 4);
+        let (mut header, payload) = entry(fuse_opcode::FUSE_WRITE as u32, 1, &op, b"abcd");
+        let mut request = Vec::new();
+
+        // A payload larger than `len` leaves.
+        header.ring_ent_in_out.payload_sz = 100;
+        assert!(!read_request(&header, &payload, &mut request));
+        assert!(request.is_empty());
+
+        // A payload larger than the buffer.
+        header.ring_ent_in_out.payload_sz = 5000;
+        header.in_out[..4].copy_from_slice(&(IN_HEADER_SIZE as u32 + 5000).to_ne_bytes());
+        assert!(!read_request(&header, &payload, &mut request));
+
+        // An operation header larger than op_in.
+        header.ring_ent_in_out.payload_sz = 0;
+        header.in_out[..4].copy_from_slice(&(IN_HEADER_SIZE as u32 + 129).to_ne_bytes());
+        assert!(!read_request(&header, &payload, &mut request));
+        header.in_out[..4].copy_from_slice(&(IN_HEADER_SIZE as u32 + 128).to_ne_bytes());
+        assert!(read_request(&header, &payload, &mut request));
+        assert_eq!(request.len(), IN_HEADER_SIZE + 128);
+
+        // A length shorter than the in header.
+        header.in_out[..4].copy_from_slice(&8u32.to_ne_bytes());
+        assert!(!read_request(&header, &payload, &mut request));
+        assert!(request.is_empty());
+    }
+
+    fn out_header(header: &fuse_uring_req_header) -> (u32, i32, u64) {
+        let word = |at: usize| u32::from_ne_bytes(header.in_out[at..at + 4].try_into().unwrap());
+        let unique = u64::from_ne_bytes(header.in_out[8..16].try_into().unwrap());
+        (word(0), word(4) as i32, unique)
+    }
+
+    #[test]
+    fn a_reply_is_split_into_header_and_payload() {
+        let (mut header, mut payload) = entry(fuse_opcode::FUSE_READ as u32, 7, &[], &[]);
+        let out: Vec<u8> = [28u32, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .chain(7u64.to_ne_bytes())
+            .collect();
+        let body = b"0123456789ab";
+        // The header itself split across iovecs, and an iovec that holds its
+        // end and the payload's start.
+        let mut second = out[10..].to_vec();
+        second.extend_from_slice(&body[..5]);
+        let data = [
+            IoSlice::new(&out[..10]),
+            IoSlice::new(&second),
+            IoSlice::new(&[]),
+            IoSlice::new(&body[5..]),
+        ];
+        write_reply(&mut header, &mut payload, &data).unwrap();
+        assert_eq!(out_header(&header), (28, 0, 7));
+        assert_eq!(&payload[..body.len()], body);
+        assert_eq!(payload[body.len()], 0xee, "wrote past the reply");
+        assert_eq!(header.ring_ent_in_out.payload_sz, body.len() as u32);
+        // The request's other fields are left for the kernel to ignore.
+        assert_eq!(header.ring_ent_in_out.commit_id, 99);
+    }
+
+    #[test]
+    fn replies_that_do_not_fit_leave_the_entry_alone() {
+        let (mut header, mut payload) = entry(fuse_opcode::FUSE_READ as u32, 7, &[], b"xyz");
+        let before = (*header, payload.clone());
+        let short = [0u8; 15];
+        assert!(write_reply(&mut header, &mut payload, &[IoSlice::new(&short)]).is_err());
+        let long = vec![0u8; OUT_HEADER_SIZE + 4097];
+        assert!(write_reply(&mut header, &mut payload, &[IoSlice::new(&long)]).is_err());
+        assert_eq!(header.as_bytes(), before.0.as_bytes());
+        assert_eq!(payload, before.1);
+        // Exactly as large as the buffer fits.
+        let full = vec![1u8; OUT_HEADER_SIZE + 4096];
+        write_reply(&mut header, &mut payload, &[IoSlice::new(&full)]).unwrap();
+        assert_eq!(header.ring_ent_in_out.payload_sz, 4096);
+    }
+
+    #[test]
+    fn an_error_reply() {
+        let (mut header, _) = entry(fuse_opcode::FUSE_READ as u32, 7, &[], b"xyz");
+        write_error(&mut header, 0xfeed, libc::EIO);
+        assert_eq!(out_header(&header), (16, -libc::EIO, 0xfeed));
+        assert_eq!(header.ring_ent_in_out.payload_sz, 0);
+    }
+
+    #[test]
+    fn a_sender_replies_once_and_only_while_its_entry_is_open() {
+        let sender = RingSender(Arc::new(Mutex::new(SlotState {
+            buffers: Buffers::new(8192).unwrap(),
+            open: false,
+            replied: false,
+        })));
+        let reply = [0u8; 20];
+        // Not yet handed a request (or already committed).
+        assert!(sender.send(&[IoSlice::new(&reply)]).is_err());
+        sender.0.lock().open = true;
+        sender.send(&[IoSlice::new(&reply)]).unwrap();
+        assert_eq!(
+            sender.0.lock().buffers.header().ring_ent_in_out.payload_sz,
+            4
+        );
+        // A second reply to the same request.
+        assert!(sender.clone().send(&[IoSlice::new(&reply)]).is_err());
+    }
+
+    /// The SQE as the kernel reads it.
+    fn sqe(entry: squeue::Entry128) -> io_uring_sqe_cmd80 {
+        // SAFETY: see `command`.
+        unsafe { std::mem::transmute(entry) }
+    }
+
+    #[test]
+    fn io_uring_sqe_layout() {
+        // include/uapi/linux/io_uring.h
+        assert_eq!(size_of::<io_uring_sqe_cmd80>(), 128);
+        assert_eq!(offset_of!(io_uring_sqe_cmd80, opcode), 0);
+        assert_eq!(offset_of!(io_uring_sqe_cmd80, fd), 4);
+        assert_eq!(offset_of!(io_uring_sqe_cmd80, cmd_op), 8);
+        assert_eq!(offset_of!(io_uring_sqe_cmd80, addr), 16);
+        assert_eq!(offset_of!(io_uring_sqe_cmd80, len), 24);
+        assert_eq!(offset_of!(io_uring_sqe_cmd80, user_data), 32);
+        assert_eq!(offset_of!(io_uring_sqe_cmd80, file_index), 44);
+        assert_eq!(offset_of!(io_uring_sqe_cmd80, cmd), 48);
+    }
+
+    #[test]
+    fn register_command() {
+        let iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2];
+        let raw = sqe(command(9, FUSE_IO_URING_CMD_REGISTER, 3, 0, iov.as_ptr()));
+        assert_eq!(raw.opcode, IORING_OP_URING_CMD);
+        assert_eq!(raw.fd, 9);
+        assert_eq!(raw.cmd_op, FUSE_IO_URING_CMD_REGISTER);
+        assert_eq!(raw.addr, iov.as_ptr() as u64);
+        assert_eq!(raw.len, 2, "REGISTER carries two iovecs");
+        let (req, rest) = fuse_uring_cmd_req::read_from_prefix(&raw.cmd[..]).unwrap();
+        assert_eq!((req.flags, req.commit_id, req.qid), (0, 0, 3));
+        assert!(rest.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn commit_and_fetch_command() {
+        let raw = sqe(command(
+            9,
+            FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
+            1,
+            0xdead_beef_0042,
+            std::ptr::null(),
+        ));
+        assert_eq!(raw.opcode, IORING_OP_URING_CMD);
+        assert_eq!(raw.cmd_op, FUSE_IO_URING_CMD_COMMIT_AND_FETCH);
+        assert_eq!((raw.addr, raw.len), (0, 0));
+        let (req, _) = fuse_uring_cmd_req::read_from_prefix(&raw.cmd[..]).unwrap();
+        assert_eq!((req.commit_id, req.qid), (0xdead_beef_0042, 1));
+    }
+
+    #[test]
+    fn payload_sizing() {
+        // The kernel's minimum read buffer, for small settings.
+        assert_eq!(payload_size(4096, 1, 4096), 8192);
+        // max_write when it is the largest.
+        assert_eq!(payload_size(1 << 20, 16, 4096), 1 << 20);
+        // max_pages (from max_readahead) when it is.
+        assert_eq!(payload_size(65536, 32, 4096), 131072);
+        assert_eq!(payload_size(65536, 32, 16384), 524288);
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0\n"), Some(vec![0]));
+        assert_eq!(parse_cpu_list("0-3\n"), Some(vec![0, 1, 2, 3]));
+        assert_eq!(parse_cpu_list("0-2,5,7-8\n"), Some(vec![0, 1, 2, 5, 7, 8]));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("0-3,2"), None);
+        assert_eq!(parse_cpu_list("0,,1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn the_possible_cpus_give_the_queue_count() {
+        // Not a kernel's FUSE: only sysfs, which every Linux test machine has.
+        let queues = queue_count().unwrap();
+        assert!(queues >= 1);
+        assert!(queues >= std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
 }

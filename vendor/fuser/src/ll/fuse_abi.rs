@@ -760,3 +760,126 @@ pub(crate) struct fuse_copy_file_range_in {
     pub(crate) len: u64,
     pub(crate) flags: u64,
 }
+
+// FUSE over io_uring (include/uapi/linux/fuse.h, ABI 7.42, Linux 6.14). Each ring
+// entry that user space registers is a header buffer, `fuse_uring_req_header`, and a
+// payload buffer; `fuse_uring_cmd_req` is the command data of the SQEs that register
+// and commit entries.
+
+/// Size of `fuse_uring_req_header::in_out`.
+#[cfg(target_os = "linux")]
+pub(crate) const FUSE_URING_IN_OUT_HEADER_SZ: usize = 128;
+/// Size of `fuse_uring_req_header::op_in`.
+#[cfg(target_os = "linux")]
+pub(crate) const FUSE_URING_OP_IN_OUT_SZ: usize = 128;
+
+/// `enum fuse_uring_cmd`, the `cmd_op` of an `IORING_OP_URING_CMD` on /dev/fuse:
+/// register an entry's buffers and wait for a request.
+#[cfg(target_os = "linux")]
+pub(crate) const FUSE_IO_URING_CMD_REGISTER: u32 = 1;
+/// `enum fuse_uring_cmd`: hand back the reply in an entry and wait for the next request.
+#[cfg(target_os = "linux")]
+pub(crate) const FUSE_IO_URING_CMD_COMMIT_AND_FETCH: u32 = 2;
+
+/// The ring's own fields at the end of `fuse_uring_req_header`, written by the kernel
+/// with a request and by user space with the reply.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub(crate) struct fuse_uring_ent_in_out {
+    pub(crate) flags: u64,
+    /// Identifies the entry in the COMMIT_AND_FETCH that carries its reply
+    /// (`fuse_uring_cmd_req::commit_id`).
+    pub(crate) commit_id: u64,
+    /// Bytes of the payload buffer in use, in either direction.
+    pub(crate) payload_sz: u32,
+    pub(crate) padding: u32,
+    pub(crate) reserved: u64,
+}
+
+/// An entry's header buffer (the first iovec of a REGISTER).
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub(crate) struct fuse_uring_req_header {
+    /// `fuse_in_header` with a request, `fuse_out_header` with its reply.
+    pub(crate) in_out: [u8; FUSE_URING_IN_OUT_HEADER_SZ],
+    /// The operation's own header (its first argument), if it has one.
+    pub(crate) op_in: [u8; FUSE_URING_OP_IN_OUT_SZ],
+    pub(crate) ring_ent_in_out: fuse_uring_ent_in_out,
+}
+
+/// The command data of a REGISTER or COMMIT_AND_FETCH, in the 80-byte command area of a
+/// 128-byte SQE.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub(crate) struct fuse_uring_cmd_req {
+    pub(crate) flags: u64,
+    /// The entry's `fuse_uring_ent_in_out::commit_id` (zero for REGISTER).
+    pub(crate) commit_id: u64,
+    /// The queue: the CPU whose requests the entry serves.
+    pub(crate) qid: u16,
+    pub(crate) padding: [u8; 6],
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod uring_abi_tests {
+    use std::mem::offset_of;
+    use std::mem::size_of;
+
+    use super::*;
+
+    // Sizes and offsets as the kernel's C compiler lays out include/uapi/linux/fuse.h
+    // (and as libfuse's fuse_kernel.h copies it): a mismatch would make the kernel and
+    // this crate read each other's fields at the wrong place.
+
+    #[test]
+    fn fuse_uring_ent_in_out_layout() {
+        assert_eq!(size_of::<fuse_uring_ent_in_out>(), 32);
+        assert_eq!(offset_of!(fuse_uring_ent_in_out, flags), 0);
+        assert_eq!(offset_of!(fuse_uring_ent_in_out, commit_id), 8);
+        assert_eq!(offset_of!(fuse_uring_ent_in_out, payload_sz), 16);
+        assert_eq!(offset_of!(fuse_uring_ent_in_out, padding), 20);
+        assert_eq!(offset_of!(fuse_uring_ent_in_out, reserved), 24);
+    }
+
+    #[test]
+    fn fuse_uring_req_header_layout() {
+        assert_eq!(size_of::<fuse_uring_req_header>(), 288);
+        assert_eq!(offset_of!(fuse_uring_req_header, in_out), 0);
+        assert_eq!(offset_of!(fuse_uring_req_header, op_in), 128);
+        assert_eq!(offset_of!(fuse_uring_req_header, ring_ent_in_out), 256);
+        assert_eq!(align_of::<fuse_uring_req_header>(), 8);
+        // The in and out headers fit in `in_out`.
+        assert!(size_of::<fuse_in_header>() <= FUSE_URING_IN_OUT_HEADER_SZ);
+        assert!(size_of::<fuse_out_header>() <= FUSE_URING_IN_OUT_HEADER_SZ);
+    }
+
+    #[test]
+    fn fuse_uring_cmd_req_layout() {
+        assert_eq!(size_of::<fuse_uring_cmd_req>(), 24);
+        assert_eq!(offset_of!(fuse_uring_cmd_req, flags), 0);
+        assert_eq!(offset_of!(fuse_uring_cmd_req, commit_id), 8);
+        assert_eq!(offset_of!(fuse_uring_cmd_req, qid), 16);
+        assert_eq!(offset_of!(fuse_uring_cmd_req, padding), 18);
+        // It must fit the command area of a 128-byte SQE.
+        assert!(size_of::<fuse_uring_cmd_req>() <= 80);
+    }
+
+    #[test]
+    fn fuse_uring_cmd_values() {
+        assert_eq!(FUSE_IO_URING_CMD_REGISTER, 1);
+        assert_eq!(FUSE_IO_URING_CMD_COMMIT_AND_FETCH, 2);
+    }
+
+    #[test]
+    fn headers_the_ring_carries() {
+        assert_eq!(size_of::<fuse_in_header>(), 40);
+        assert_eq!(size_of::<fuse_out_header>(), 16);
+        assert_eq!(offset_of!(fuse_in_header, len), 0);
+        assert_eq!(offset_of!(fuse_in_header, unique), 8);
+        assert_eq!(offset_of!(fuse_out_header, error), 4);
+        assert_eq!(offset_of!(fuse_out_header, unique), 8);
+    }
+}

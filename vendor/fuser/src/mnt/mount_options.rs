@@ -18,7 +18,7 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
-    /// cgmetric: how long an event loop thread keeps polling for the next
+    /// How long an event loop thread keeps polling for the next
     /// request before it sleeps. Zero (the default) never spins.
     pub receive_spin: std::time::Duration,
 }
