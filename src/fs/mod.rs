@@ -1,6 +1,9 @@
-//! The filesystem: a model that knows the tree ([`model`], numbered by
-//! [`inode`], its renderings shared by stats and opens in [`snapshots`])
-//! and the thin FUSE adapter that serves it ([`fuse`]).
+//! The filesystem: a model that knows the tree ([`model`]: lookups,
+//! listings, renderings), its numbering ([`inode`]), what `stat` shows
+//! ([`attr`], including `--private`), the open snapshots (`handles`), the
+//! renderings shared by a stat and the open after it ([`snapshots`]), why
+//! an operation fails ([`error`]), and the thin FUSE adapter that serves it
+//! all ([`fuse`]).
 
 pub mod attr;
 pub mod error;

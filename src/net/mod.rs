@@ -140,7 +140,7 @@ impl Net {
 
     /// After discovery: sweeps the entries of removed cgroups when a
     /// container `vanished` (its counts are final now) or when
-    /// [`SWEEP_INTERVAL`] passed (cgroups below containers come and go
+    /// `SWEEP_INTERVAL` passed (cgroups below containers come and go
     /// unseen).
     pub fn sweep(&self, vanished: bool) {
         let mut last = self.last_sweep.lock();
