@@ -8,6 +8,9 @@
 //!   Rust reader of the same cgroup files;
 //! - the daemon idle for 30 s with 1,000 containers: CPU and RSS, and after
 //!   1,000 reads of each container;
+//! - the cost of being scraped: `metrics.prom` read every 15 s for a minute
+//!   at 200 and 1,000 containers, the daemon's CPU against reading the same
+//!   cgroup files directly as often;
 //! - time from a cgroup's creation to its directory being visible.
 //!
 //! Absolute times on shared machines are noise; the ratios carry over.
@@ -65,6 +68,9 @@ fn main() {
     // daemon would be measured walking those too.
     if run("idle") {
         idle_cost(&layout, &base, &mut cleanup);
+    }
+    if run("scrapes") {
+        scrape_cost(&layout, &base, &mut cleanup);
     }
     if run("aggregates") {
         aggregates(&layout, &base, &mut cleanup);
@@ -603,7 +609,7 @@ fn cost_over(pid: u32, seconds: u64) -> (f64, f64) {
 }
 
 /// A fresh daemon serving 1,000 containers of its own: idle, after reads,
-/// and with the rate sampler running.
+/// and after a rate read (nothing may run between reads).
 fn idle_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     println!("The daemon with 1,000 containers (CPU over 30 s, RSS after)\n");
     let group = format!("{base}/idle");
@@ -632,15 +638,85 @@ fn idle_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         ),
         open_fds(pid) - fds_idle
     );
-    // A rate read starts the sampler, which runs until 5 minutes pass
-    // without one.
+    // Rates are computed from reads: after one, nothing runs until the next.
     let _ = fs::read(daemon.mnt.join("metric"));
     let (cpu, rss) = cost_over(pid, 30);
     println!(
         "  {:<44} {cpu:>6.3}% of a core, RSS {rss:.1} MiB",
-        "after a rate read (sampler running)"
+        "idle after a rate read (metric)"
     );
     println!();
+}
+
+/// How often Prometheus scrapes by default, and how long each run lasts.
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
+const SCRAPES: u32 = 4;
+
+/// A daemon scraped as node_exporter's textfile collector or Prometheus
+/// would: `metrics.prom` every 15 s. Its CPU over the minute is set against
+/// one thread reading the same cgroup files directly at each scrape, the
+/// floor for any reader of cgroupfs.
+fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
+    println!(
+        "Being scraped: metrics.prom every {} s for {} s (daemon CPU, % of a core)\n",
+        SCRAPE_INTERVAL.as_secs(),
+        SCRAPE_INTERVAL.as_secs() * SCRAPES as u64
+    );
+    println!(
+        "{:<12} {:>10} {:>14} {:>14} {:>10} {:>10}",
+        "containers", "daemon", "per scrape", "direct", "ratio", "target"
+    );
+    for count in [200, 1000] {
+        let group = format!("{base}/scrape{count}");
+        mkcgroup(layout, &group, cleanup);
+        for i in 0..count {
+            mkcgroup(layout, &format!("{group}/c{i}"), cleanup);
+        }
+        let files: Vec<PathBuf> = (0..count)
+            .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
+            .collect();
+        let direct = median_time(
+            || {
+                for f in &files {
+                    let _ = fs::read(f);
+                }
+            },
+            10,
+        );
+        let daemon = Daemon::start(&format!("{group}/*"), None);
+        let pid = daemon.pid();
+        let prom = daemon.mnt.join("metrics.prom");
+        // The first scrape primes the rates (it waits one window); the
+        // minute measured is the steady state after it.
+        let _ = fs::read(&prom);
+        let (t0, _) = usage(pid);
+        let started = Instant::now();
+        for n in 1..=SCRAPES {
+            let _ = fs::read(&prom);
+            let next = SCRAPE_INTERVAL * n;
+            std::thread::sleep(next.saturating_sub(started.elapsed()));
+        }
+        let (t1, _) = usage(pid);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let cpu = (t1 - t0) as f64 / hz;
+        let share = cpu / started.elapsed().as_secs_f64() * 100.0;
+        let per_scrape = cpu / SCRAPES as f64 * 1000.0;
+        let direct_ms = direct.as_secs_f64() * 1000.0;
+        println!(
+            "{:<12} {:>9.3}% {:>11.2} ms {:>11.2} ms {:>10.2} {:>10}",
+            count,
+            share,
+            per_scrape,
+            direct_ms,
+            per_scrape / direct_ms,
+            if count == 200 { "≤ 0.5%" } else { "" }
+        );
+    }
+    println!(
+        "\n(per scrape: the daemon's CPU time per scrape, from /proc ticks; direct: one \
+         thread reading the same cgroup files once, median of 10)\n"
+    );
 }
 
 fn visibility(layout: &Layout, base: &str, cleanup: &mut Cleanup) {

@@ -69,7 +69,7 @@ impl Model {
             registry.layout().clone(),
             registry.kept_budget().clone(),
         ));
-        let sampler = Sampler::new(registry.clone(), tree.clone(), window, net.clone());
+        let sampler = Sampler::new(registry.layout().clone(), window, net.clone());
         Model {
             registry,
             tree,
@@ -401,9 +401,15 @@ impl Model {
     }
 
     /// Logs what a reader cannot see, and drops what was found gone.
-    /// A sample of every container, after a fresh discovery.
+    /// A sample of every container, after a fresh discovery. Rates that
+    /// have nothing to compute against are primed first, with one wait for
+    /// all; a container found meanwhile waits its own window.
     fn sample_all(&self) -> Vec<(Arc<Metered>, Sample)> {
         self.refresh();
+        let containers = self.registry().list();
+        if self.sampler.prime_rates(&containers) {
+            self.refresh();
+        }
         fanout::sample_all(&self.sampler, &self.helpers, self.registry().list())
     }
 

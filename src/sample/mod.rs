@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::cgroup::files::{Files, SourceError};
 use crate::cgroup::read::read_group;
 use crate::cgroup::Layout;
-use crate::containers::registry::{CgroupTree, Metered, Registry, Slot};
+use crate::containers::registry::{Metered, Slot};
 use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
 use crate::net::{Net, Totals};
 use crate::sample::rate::RateTracker;
@@ -29,45 +29,48 @@ pub enum RateCounter {
 }
 
 /// Reads a served cgroup's values from its sources. It knows where values
-/// come from, not which cgroups exist: the registry and the cgroup tree are
-/// the filesystem's, and are lent here only so that the rate sampler can
-/// list what it tracks.
+/// come from, not which cgroups exist: that is the filesystem's.
 pub struct Sampler {
     layout: Layout,
-    rates: Arc<RateTracker<(Slot, RateCounter)>>,
+    rates: RateTracker<(Slot, RateCounter)>,
     net: Option<Arc<Net>>,
 }
 
 impl Sampler {
-    pub fn new(
-        registry: Arc<Registry>,
-        tree: Arc<CgroupTree>,
-        window: Duration,
-        net: Option<Arc<Net>>,
-    ) -> Sampler {
-        let layout = registry.layout().clone();
-        let (tracked_net, tracked_layout) = (net.clone(), layout.clone());
-        let rates = RateTracker::new(
-            window,
-            Box::new(move || {
-                let mut samples = Vec::new();
-                let all: Vec<_> = registry.list().into_iter().chain(tree.list()).collect();
-                // One buffer for every container's file, as in a scrape.
-                let mut files = Files::default();
-                for c in &all {
-                    files.reset(&c.kept);
-                    if let Some(usage) = cpu_usage_usec(&tracked_layout, c, &mut files) {
-                        samples.push(((c.slot, RateCounter::CpuUsage), usage));
-                    }
-                    if let Some(totals) = net_totals(tracked_net.as_deref(), c) {
-                        samples.push(((c.slot, RateCounter::NetTx), totals.net.tx_bytes));
-                        samples.push(((c.slot, RateCounter::NetRx), totals.net.rx_bytes));
-                    }
+    pub fn new(layout: Layout, window: Duration, net: Option<Arc<Net>>) -> Sampler {
+        Sampler {
+            layout,
+            rates: RateTracker::new(window),
+            net,
+        }
+    }
+
+    /// Before an aggregate read: the rates it will serve that have nothing
+    /// to compute against get their counters recorded now, and the read
+    /// waits one window once, rather than once per container. Returns
+    /// whether it waited.
+    pub fn prime_rates(&self, containers: &[Arc<Metered>]) -> bool {
+        let mut missing = Vec::new();
+        let mut files = Files::default();
+        for c in containers {
+            let available = self.available(c);
+            let wants = |id| available.contains(&id);
+            let cpu = (c.slot, RateCounter::CpuUsage);
+            if wants(M::CpuMillicores) && !self.rates.ready(cpu) {
+                files.reset(&c.kept);
+                if let Some(usage) = cpu_usage_usec(&self.layout, c, &mut files) {
+                    missing.push((cpu, usage));
                 }
-                samples
-            }),
-        );
-        Sampler { layout, rates, net }
+            }
+            let (tx, rx) = ((c.slot, RateCounter::NetTx), (c.slot, RateCounter::NetRx));
+            if wants(M::NetTxBps) && !(self.rates.ready(tx) && self.rates.ready(rx)) {
+                if let Some(totals) = net_totals(self.net.as_deref(), c) {
+                    missing.push((tx, totals.net.tx_bytes));
+                    missing.push((rx, totals.net.rx_bytes));
+                }
+            }
+        }
+        self.rates.prime(missing)
     }
 
     /// The metrics this host provides for `container`, hence its files. A
@@ -291,6 +294,7 @@ mod tests {
 
     use super::*;
     use crate::containers::discovery::{Discovery, Globs};
+    use crate::containers::registry::Registry;
 
     #[test]
     fn availability_follows_the_host() {
@@ -299,11 +303,7 @@ mod tests {
         let discovery = Discovery::new(Globs::new(&["tenants/*".into()]).unwrap(), None);
         let registry = Arc::new(Registry::new(layout, discovery, &[]));
         registry.refresh();
-        let tree = Arc::new(CgroupTree::new(
-            registry.layout().clone(),
-            registry.kept_budget().clone(),
-        ));
-        let sampler = Sampler::new(registry.clone(), tree, Duration::from_millis(20), None);
+        let sampler = Sampler::new(registry.layout().clone(), Duration::from_millis(20), None);
         let files = |name: &str| -> Vec<&str> {
             let c = registry.by_name(name).unwrap();
             sampler.available(&c).iter().map(|m| m.def().file).collect()

@@ -1,190 +1,175 @@
-//! Rates of counters (CPU time now, network bytes later) over a window,
-//! measured only while somebody reads them.
+//! Rates of counters (CPU time, network bytes), computed from the reads
+//! themselves: no thread samples anything between reads, so the cost of
+//! rates grows with reads × containers and never with time alone.
 //!
-//! The first rate read starts a sampler thread that records every tracked
-//! counter each half window; a read computes the rate against the newest
-//! sample at least one window old, so it averages over one to one and a half
-//! windows. When no sample is old enough yet (the first read after a quiet
-//! period), the read waits for the window to pass. With no rate read for
-//! [`IDLE_TIMEOUT`], the sampler stops and forgets: an idle daemon does no
-//! work per container.
+//! Every rate read records the counter's value. A read computes its rate
+//! against the newest value recorded at least one window (`--window`) and
+//! at most [`MAX_SPAN`] before it: a scraper that reads every 15 s gets
+//! the rate over the 15 s since its previous scrape, a `cat` repeated every
+//! half second the rate over the last one to one and a half windows. With
+//! no such value (the first read, or the first after a quiet spell), the
+//! read records one, waits one window and reads again: it answers over
+//! exactly the window. An aggregate read waits once for all its containers
+//! ([`RateTracker::prime`]), not once each.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// How long the sampler keeps running after the last rate read.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest interval a rate is averaged over. A value recorded longer
+/// ago is history, not a reference: a reader who comes back after an hour
+/// gets the rate now (over a window), not the hour's average.
+pub const MAX_SPAN: Duration = Duration::from_secs(300);
 
-/// Reads every counter the tracker should follow: `(key, value)` pairs.
-pub type ReadCounters<K> = Box<dyn Fn() -> Vec<(K, u64)> + Send + Sync>;
+/// Series kept before the table is swept of those older than [`MAX_SPAN`]
+/// (containers that went, rates nobody reads any more).
+const SWEEP_AT: usize = 4096;
 
 pub struct RateTracker<K> {
     window: Duration,
-    idle_timeout: Duration,
-    read: ReadCounters<K>,
+    max_span: Duration,
     state: Mutex<State<K>>,
 }
 
 struct State<K> {
     series: HashMap<K, VecDeque<(Instant, u64)>>,
-    last_read: Instant,
-    sampling: bool,
+    /// The table's size after its last sweep: the next sweep comes when it
+    /// has doubled, so sweeping is amortised over the records that grew it.
+    swept: usize,
 }
 
-/// What a read can compute against.
-enum Reference {
-    Ready(Instant, u64),
-    WaitUntil(Instant),
-    NoSample,
-}
-
-impl<K: Copy + Eq + Hash + Send + 'static> RateTracker<K> {
-    pub fn new(window: Duration, read: ReadCounters<K>) -> Arc<Self> {
-        Self::with_idle_timeout(window, IDLE_TIMEOUT, read)
+impl<K: Copy + Eq + Hash> RateTracker<K> {
+    pub fn new(window: Duration) -> RateTracker<K> {
+        Self::with_max_span(window, MAX_SPAN)
     }
 
-    pub fn with_idle_timeout(
-        window: Duration,
-        idle_timeout: Duration,
-        read: ReadCounters<K>,
-    ) -> Arc<Self> {
-        Arc::new(RateTracker {
+    pub fn with_max_span(window: Duration, max_span: Duration) -> RateTracker<K> {
+        RateTracker {
             window,
-            idle_timeout,
-            read,
+            max_span: max_span.max(window),
             state: Mutex::new(State {
                 series: HashMap::new(),
-                last_read: Instant::now(),
-                sampling: false,
+                swept: 0,
             }),
-        })
+        }
     }
 
-    /// The counter's increase per second over the last window. `read_now`
-    /// reads its current value; `None` from it (the source vanished) is
-    /// passed on. Its argument says whether the value must be read anew:
-    /// `false` lets the caller pass one it read moments ago (the same
-    /// sample's), `true` comes after this read waited or sampled, when such
-    /// a value would be stale.
-    pub fn per_second(
-        self: &Arc<Self>,
-        key: K,
-        mut read_now: impl FnMut(bool) -> Option<u64>,
-    ) -> Option<f64> {
-        let mut stale = self.wake();
+    /// The counter's increase per second since its reference value (see the
+    /// module's documentation). `read_now` reads its current value; `None`
+    /// from it (the source vanished) is passed on. Its argument says whether
+    /// the value must be read anew: `false` lets the caller pass one it read
+    /// moments ago (the same sample's), `true` comes after this read waited,
+    /// when such a value would be stale.
+    pub fn per_second(&self, key: K, mut read_now: impl FnMut(bool) -> Option<u64>) -> Option<f64> {
+        let mut stale = false;
         loop {
-            match self.reference(key) {
-                Reference::Ready(then, old) => {
-                    let value = read_now(stale)?;
-                    let elapsed = then.elapsed().as_secs_f64();
+            let value = read_now(stale)?;
+            let now = Instant::now();
+            let reference = self.record(key, now, value);
+            match reference {
+                Some((then, old)) => {
+                    let elapsed = now.duration_since(then).as_secs_f64();
                     return Some(value.saturating_sub(old) as f64 / elapsed);
                 }
-                Reference::WaitUntil(deadline) => {
-                    std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+                None => {
+                    std::thread::sleep(self.wait(key, now));
                     stale = true;
-                }
-                Reference::NoSample => {
-                    let value = read_now(stale)?;
-                    self.record(key, Instant::now(), value);
                 }
             }
         }
     }
 
-    /// Notes a read; starts the sampler if it is not running, taking its
-    /// first sample here so every counter has one before any read waits.
-    /// True when it sampled.
-    fn wake(self: &Arc<Self>) -> bool {
-        let mut state = self.state.lock();
-        state.last_read = Instant::now();
-        if state.sampling {
+    /// Whether `key` has a value a read now could compute against.
+    pub fn ready(&self, key: K) -> bool {
+        let now = Instant::now();
+        let state = self.state.lock();
+        state
+            .series
+            .get(&key)
+            .is_some_and(|s| self.reference(s, now).is_some())
+    }
+
+    /// Records `(key, value)` for every counter an aggregate read is about
+    /// to need but has no reference for, then waits one window, once: every
+    /// rate of the read that follows is ready. `read` gives the values of
+    /// the keys asked for; keys it leaves out (vanished sources) are skipped.
+    /// Returns whether it waited.
+    pub fn prime(&self, missing: Vec<(K, u64)>) -> bool {
+        if missing.is_empty() {
             return false;
         }
-        state.sampling = true;
-        drop(state);
-        self.sample_all();
-        let tracker = Arc::clone(self);
-        crate::sample::pool::spawn("rate-sampler".into(), move || tracker.run_sampler())
-            .expect("spawning the rate sampler thread");
+        let now = Instant::now();
+        for (key, value) in missing {
+            self.record(key, now, value);
+        }
+        std::thread::sleep(self.window);
         true
     }
 
-    fn run_sampler(&self) {
-        loop {
-            std::thread::sleep(self.window / 2);
-            {
-                let mut state = self.state.lock();
-                if state.last_read.elapsed() > self.idle_timeout {
-                    state.series.clear();
-                    state.sampling = false;
-                    return;
-                }
-            }
-            self.sample_all();
-        }
-    }
-
-    fn sample_all(&self) {
-        let samples = (self.read)();
-        let now = Instant::now();
+    /// Appends a value and returns the reference a read at `at` computes
+    /// against, if there is one.
+    fn record(&self, key: K, at: Instant, value: u64) -> Option<(Instant, u64)> {
         let mut state = self.state.lock();
-        for (key, value) in samples {
-            push(
-                state.series.entry(key).or_default(),
-                self.window,
-                now,
-                value,
-            );
+        let series = state.series.entry(key).or_default();
+        let reference = self.reference(series, at);
+        series.push_back((at, value));
+        // Keep the newest value older than a window (the next read's
+        // reference) and everything after it; nothing older than the span.
+        while series.len() >= 2 && at.duration_since(series[1].0) >= self.window {
+            series.pop_front();
         }
-        // Series nobody sampled for a while belong to vanished sources.
-        let stale = 3 * self.window;
-        state.series.retain(|_, s| {
-            s.back()
-                .is_some_and(|(t, _)| now.duration_since(*t) < stale)
-        });
+        while series
+            .front()
+            .is_some_and(|(t, _)| at.duration_since(*t) > self.max_span)
+        {
+            series.pop_front();
+        }
+        if state.series.len() >= SWEEP_AT.max(2 * state.swept) {
+            let span = self.max_span;
+            state
+                .series
+                .retain(|_, s| s.back().is_some_and(|(t, _)| at.duration_since(*t) <= span));
+            state.swept = state.series.len();
+        }
+        reference
     }
 
-    fn record(&self, key: K, at: Instant, value: u64) {
-        let mut state = self.state.lock();
-        push(state.series.entry(key).or_default(), self.window, at, value);
-    }
-
-    fn reference(&self, key: K) -> Reference {
-        let state = self.state.lock();
-        let Some(series) = state.series.get(&key) else {
-            return Reference::NoSample;
-        };
-        let now = Instant::now();
-        match series
+    /// The newest value of `series` at least a window and at most the span
+    /// before `at`.
+    fn reference(&self, series: &VecDeque<(Instant, u64)>, at: Instant) -> Option<(Instant, u64)> {
+        series
             .iter()
             .rev()
-            .find(|(t, _)| now.duration_since(*t) >= self.window)
-        {
-            Some(&(t, v)) => Reference::Ready(t, v),
-            None => match series.front() {
-                Some(&(t, _)) => Reference::WaitUntil(t + self.window),
-                None => Reference::NoSample,
-            },
-        }
+            .map(|&(t, v)| (at.saturating_duration_since(t), (t, v)))
+            .find(|(age, _)| *age >= self.window)
+            .filter(|(age, _)| *age <= self.max_span)
+            .map(|(_, reference)| reference)
     }
-}
 
-/// Appends a sample, keeping only one sample older than a window.
-fn push(series: &mut VecDeque<(Instant, u64)>, window: Duration, at: Instant, value: u64) {
-    series.push_back((at, value));
-    while series.len() >= 2 && at.duration_since(series[1].0) >= window {
-        series.pop_front();
+    /// How long a read at `at` that found no reference must wait for its
+    /// oldest recent value to become one.
+    fn wait(&self, key: K, at: Instant) -> Duration {
+        let state = self.state.lock();
+        let oldest = state
+            .series
+            .get(&key)
+            .and_then(|s| s.front())
+            .map_or(at, |(t, _)| *t);
+        (oldest + self.window).saturating_duration_since(Instant::now())
+    }
+
+    /// Series held now (for tests and the sweep's bound).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.state.lock().series.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A counter that grows 1000 per second of wall time.
     fn clock_counter(start: Instant) -> u64 {
@@ -194,18 +179,10 @@ mod tests {
     #[test]
     fn first_read_waits_one_window_then_reads_are_immediate() {
         let start = Instant::now();
-        let samples = Arc::new(AtomicU64::new(0));
-        let counted = samples.clone();
-        let tracker = RateTracker::new(
-            Duration::from_millis(200),
-            Box::new(move || {
-                counted.fetch_add(1, Ordering::Relaxed);
-                vec![(1u32, clock_counter(start))]
-            }),
-        );
+        let tracker = RateTracker::new(Duration::from_millis(200));
         let t = Instant::now();
         let rate = tracker
-            .per_second(1, |_| Some(clock_counter(start)))
+            .per_second(1u32, |_| Some(clock_counter(start)))
             .unwrap();
         assert!(t.elapsed() >= Duration::from_millis(200));
         assert!((rate - 1000.0).abs() < 100.0, "{rate}");
@@ -219,79 +196,99 @@ mod tests {
             t.elapsed()
         );
         assert!((rate - 1000.0).abs() < 100.0, "{rate}");
-        assert!(samples.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[test]
+    fn a_rate_spans_the_interval_since_the_previous_read() {
+        // A counter that jumps by 600 once: a scraper whose reads are 300 ms
+        // apart sees 2000/s over the interval that holds the jump, then 0.
+        let value = std::cell::Cell::new(0u64);
+        let tracker = RateTracker::new(Duration::from_millis(100));
+        tracker.per_second(1u32, |_| Some(value.get())).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        value.set(600);
+        let t = Instant::now();
+        let rate = tracker.per_second(1, |_| Some(value.get())).unwrap();
+        assert!(t.elapsed() < Duration::from_millis(50), "no wait");
+        assert!((1400.0..=2100.0).contains(&rate), "{rate}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(tracker.per_second(1, |_| Some(value.get())), Some(0.0));
+    }
+
+    #[test]
+    fn a_value_older_than_the_span_is_not_a_reference() {
+        let start = Instant::now();
+        let tracker =
+            RateTracker::with_max_span(Duration::from_millis(50), Duration::from_millis(150));
+        tracker.per_second(1u32, |_| Some(0)).unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+        // The first value (0) is too old: this read waits a window and
+        // answers over it, not over the 250 ms.
+        let t = Instant::now();
+        let rate = tracker
+            .per_second(1, |_| Some(clock_counter(start)))
+            .unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert!((rate - 1000.0).abs() < 200.0, "{rate}");
     }
 
     #[test]
     fn a_value_held_from_before_a_wait_is_not_used() {
         let start = Instant::now();
-        let tracker = RateTracker::new(
-            Duration::from_millis(100),
-            Box::new(move || vec![(1u32, clock_counter(start))]),
-        );
-        // The value the caller holds (0) is older than every sample: used
-        // after the wait, it would make the rate 0.
-        let held = |stale: bool| Some(if stale { clock_counter(start) } else { 0 });
+        let tracker = RateTracker::new(Duration::from_millis(100));
+        // The value the caller holds (0) is older than the wait: used after
+        // it, it would make the rate negative (0).
         let mut asked = Vec::new();
-        let rate = tracker.per_second(1, |stale| {
+        let rate = tracker.per_second(1u32, |stale| {
             asked.push(stale);
-            held(stale)
+            Some(if stale { clock_counter(start) } else { 0 })
         });
-        // This read started the sampler and waited a window: each value it
-        // asked for had to be read anew.
-        assert_eq!(asked, [true]);
-        assert!((rate.unwrap() - 1000.0).abs() < 150.0, "{rate:?}");
-        // The sampler is running now: no wait, the held value is welcome.
-        asked.clear();
-        tracker.per_second(1, |stale| {
-            asked.push(stale);
-            held(stale)
-        });
-        assert_eq!(asked, [false]);
+        assert_eq!(asked, [false, true]);
+        assert!(rate.unwrap() > 0.0, "{rate:?}");
     }
 
     #[test]
-    fn untracked_keys_sample_themselves() {
+    fn priming_waits_once_for_every_key() {
         let start = Instant::now();
-        let tracker =
-            RateTracker::new(Duration::from_millis(100), Box::new(Vec::<(u32, u64)>::new));
-        let rate = tracker
-            .per_second(7, |_| Some(clock_counter(start)))
-            .unwrap();
-        assert!((rate - 1000.0).abs() < 150.0, "{rate}");
+        let tracker = RateTracker::new(Duration::from_millis(100));
+        let keys: Vec<u32> = (0..50).collect();
+        assert!(keys.iter().all(|k| !tracker.ready(*k)));
+        let t = Instant::now();
+        assert!(tracker.prime(keys.iter().map(|k| (*k, clock_counter(start))).collect()));
+        assert!(t.elapsed() < Duration::from_millis(300), "one wait, not 50");
+        assert!(keys.iter().all(|k| tracker.ready(*k)));
+        let t = Instant::now();
+        for k in &keys {
+            let rate = tracker
+                .per_second(*k, |_| Some(clock_counter(start)))
+                .unwrap();
+            assert!((rate - 1000.0).abs() < 150.0, "{rate}");
+        }
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        assert!(!tracker.prime(Vec::new()), "nothing missing, no wait");
     }
 
     #[test]
     fn vanished_source_is_none_and_resets_read_as_zero() {
-        let tracker = RateTracker::new(
-            Duration::from_millis(50),
-            Box::new(|| vec![(1u32, 1000u64)]),
-        );
-        assert_eq!(tracker.per_second(2, |_| None), None);
-        assert_eq!(tracker.per_second(1, |_| Some(10)), Some(0.0));
+        let tracker = RateTracker::new(Duration::from_millis(50));
+        assert_eq!(tracker.per_second(2u32, |_| None), None);
+        let mut values = [1000u64, 10].into_iter();
+        assert_eq!(tracker.per_second(1, |_| values.next()), Some(0.0));
     }
 
     #[test]
-    fn sampler_stops_when_nobody_reads() {
-        let samples = Arc::new(AtomicU64::new(0));
-        let counted = samples.clone();
-        let tracker = RateTracker::with_idle_timeout(
-            Duration::from_millis(20),
-            Duration::from_millis(50),
-            Box::new(move || {
-                counted.fetch_add(1, Ordering::Relaxed);
-                vec![(1u32, 0u64)]
-            }),
-        );
-        tracker.per_second(1, |_| Some(0));
-        std::thread::sleep(Duration::from_millis(200));
-        let after_idle = samples.load(Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(
-            samples.load(Ordering::Relaxed),
-            after_idle,
-            "sampler kept running"
-        );
-        assert!(!tracker.state.lock().sampling);
+    fn nothing_happens_between_reads_and_old_series_are_swept() {
+        let tracker =
+            RateTracker::with_max_span(Duration::from_millis(10), Duration::from_millis(20));
+        let now = Instant::now();
+        for key in 0..SWEEP_AT as u32 - 1 {
+            tracker.record(key, now, 1);
+        }
+        assert_eq!(tracker.len(), SWEEP_AT - 1);
+        std::thread::sleep(Duration::from_millis(40));
+        // Time alone changes nothing; the next record sweeps what is stale.
+        assert_eq!(tracker.len(), SWEEP_AT - 1);
+        tracker.record(u32::MAX, Instant::now(), 1);
+        assert_eq!(tracker.len(), 1);
     }
 }

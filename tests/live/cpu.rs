@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use cgmetric::cgroup::Controller;
 
+use crate::overload::cpu_time;
 use crate::require;
 use crate::support::{heavy_turn, Cgroup, Daemon};
 
@@ -116,7 +117,8 @@ fn idle_container_reads_zero_and_rate_reads_are_fast_after_the_first() {
     assert!(daemon.number("idle/cpu_millicores") <= 10);
     // The first read measured over the window...
     assert!(started.elapsed() >= window);
-    // ...then the sampler keeps one ready: no read waits a window again.
+    // ...then the values it recorded are the next reads' references: no
+    // read waits a window again.
     for _ in 0..3 {
         let started = std::time::Instant::now();
         assert!(daemon.number("idle/cpu_millicores") <= 10);
@@ -126,4 +128,28 @@ fn idle_container_reads_zero_and_rate_reads_are_fast_after_the_first() {
             started.elapsed()
         );
     }
+}
+
+#[test]
+fn rates_cost_nothing_between_reads() {
+    require!();
+    let parent = Cgroup::parent("ratecost");
+    let boxes: Vec<Cgroup> = (0..200).map(|i| parent.child(&format!("r{i}"))).collect();
+    let glob = format!("{}/*", parent.relative);
+    // A short window: a daemon that sampled rates in the background would
+    // read 200 containers' files every 50 ms.
+    let daemon = Daemon::start(&["--cgroup", &glob, "--window", "100ms"]);
+    let text = daemon.read("metric");
+    assert!(text.contains("r199_cpu_millicores "), "{text}");
+    let _ = daemon.read("metrics.prom");
+    let before = cpu_time(daemon.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = cpu_time(daemon.pid()) - before;
+    assert!(
+        idle <= Duration::from_millis(20),
+        "the daemon used {idle:?} of CPU in 3 s with no reads"
+    );
+    // The next scrape's rates span the 3 s since the last one.
+    assert!(daemon.read("metric").contains("r0_cpu_millicores 0\n"));
+    drop(boxes);
 }

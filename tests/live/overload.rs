@@ -46,7 +46,7 @@ fn other_fds(pid: u32) -> usize {
 }
 
 /// CPU time (user + system) of a process so far.
-fn cpu_time(pid: u32) -> Duration {
+pub fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command (which may hold spaces), 1-based from state.
     let fields: Vec<&str> = stat
