@@ -479,6 +479,19 @@ fn median_time(mut f: impl FnMut(), runs: usize) -> Duration {
 /// Creates 200, 1,000 and 10,000 containers and times reading them all: with
 /// the default `--open-files`, and where that does not cover every file,
 /// with every file kept open too.
+/// One thread reading `files` directly, median of `runs` passes: the floor
+/// for any reader of cgroupfs.
+fn direct_reads(files: &[PathBuf], runs: usize) -> Duration {
+    median_time(
+        || {
+            for f in files {
+                let _ = fs::read(f);
+            }
+        },
+        runs,
+    )
+}
+
 fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     println!(
         "Everything at once: one read of the aggregate file (ms, median of 30; of 10 for 10,000)\n"
@@ -509,14 +522,7 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         // median.
         let runs = if count > 1000 { 10 } else { 30 };
         pin_to(0);
-        let direct = median_time(
-            || {
-                for f in &files {
-                    let _ = fs::read(f);
-                }
-            },
-            runs,
-        );
+        let direct = direct_reads(&files, runs);
         let default = cgmetric::cli::DEFAULT_OPEN_FILES;
         let mut budgets = vec![default];
         if files.len() > default {
@@ -675,14 +681,7 @@ fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         let files: Vec<PathBuf> = (0..count)
             .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
             .collect();
-        let direct = median_time(
-            || {
-                for f in &files {
-                    let _ = fs::read(f);
-                }
-            },
-            10,
-        );
+        let direct = direct_reads(&files, 10);
         let daemon = Daemon::start(&format!("{group}/*"), None);
         let pid = daemon.pid();
         let prom = daemon.mnt.join("metrics.prom");
