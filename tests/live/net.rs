@@ -509,8 +509,11 @@ fn a_daemon_killed_during_traffic_loses_nothing() {
     let mut daemon = Daemon::start(&args);
     let link = cgmetric::net::link_pin(&bpf.0, cgmetric_common::PROG_EGRESS);
     let link_id = || {
-        let fd = cgmetric::net::sys::open_pinned(&link).unwrap();
-        cgmetric::net::sys::link_id(std::os::fd::AsFd::as_fd(&fd)).unwrap()
+        let pinned = aya::programs::links::PinnedLink::from_pin(&link).unwrap();
+        aya::programs::links::FdLink::from(pinned)
+            .info()
+            .unwrap()
+            .id()
     };
     let attachment = link_id();
 
