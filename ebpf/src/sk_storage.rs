@@ -1,9 +1,16 @@
-//! A socket-storage map. aya-ebpf 0.1 has none, and the kernel creates this
-//! map type only with BTF for its key and value, so it is declared the way
-//! libbpf's `.maps` section expects: a struct whose members encode the
-//! definition in their types (`type` and `map_flags` as array lengths, `key`
-//! and `value` as pointee types). bpf-linker turns the debug info into the
-//! BTF that aya reads.
+//! A socket-storage map, declared the way libbpf's `.maps` section expects:
+//! a struct whose members encode the definition in their types (`type` and
+//! `map_flags` as array lengths, `key` and `value` as pointee types). The
+//! kernel creates this map type only with BTF for its key and value;
+//! bpf-linker turns the debug info into the BTF that aya reads.
+//!
+//! aya-ebpf 0.2 has a `btf_maps::SkStorage`, but it cannot stand in for
+//! this one: its flags are fixed to `BPF_F_NO_PREALLOC`, without the
+//! `BPF_F_CLONE` that hands a listener's value to the sockets it accepts
+//! (how passive connections are attributed); it reaches a socket only
+//! through a `SockAddrContext` (cgroup connect/bind programs), not from
+//! cgroup/sock_create or sock_ops; and it cannot be pinned by name, which a
+//! restart needs to keep the sockets' records.
 
 use core::ffi::c_void;
 use core::marker::PhantomData;
@@ -11,7 +18,7 @@ use core::ptr;
 
 use aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE;
 use aya_ebpf::bindings::{BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE};
-use aya_ebpf::helpers::gen::bpf_sk_storage_get;
+use aya_ebpf::helpers::generated::bpf_sk_storage_get;
 
 /// Socket storage requires no preallocation; `BPF_F_CLONE` copies a
 /// listener's value to the sockets it accepts.

@@ -3,15 +3,17 @@
 //! no daemon runs, and a restarted daemon picks up what is pinned instead of
 //! attaching a second time.
 
+use std::error::Error;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use aya::programs::Program;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{loaded_programs, CgroupAttachMode, Program};
 use aya::{Ebpf, EbpfLoader};
 use cgmetric_common::{PINNED_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_SOCK_CREATE, PROG_SOCK_OPS};
 
-use super::sys::{self, AttachType};
+use super::sys;
 use super::NetError;
 use crate::mounts::{mount_at, read_mount_table};
 
@@ -26,12 +28,10 @@ mod aligned {
     pub static OBJECT: &[u8] = &ALIGNED.0;
 }
 
-const PROGRAMS: [(&str, AttachType); 4] = [
-    (PROG_EGRESS, AttachType::Egress),
-    (PROG_INGRESS, AttachType::Ingress),
-    (PROG_SOCK_CREATE, AttachType::SockCreate),
-    (PROG_SOCK_OPS, AttachType::SockOps),
-];
+/// Each attaches where its section says (`cgroup_skb/egress`, ...).
+const PROGRAMS: [&str; 4] = [PROG_EGRESS, PROG_INGRESS, PROG_SOCK_CREATE, PROG_SOCK_OPS];
+
+type BoxError = Box<dyn Error + Send + Sync>;
 
 /// Where a program's link is pinned.
 pub fn link_pin(bpf_dir: &Path, program: &str) -> PathBuf {
@@ -50,15 +50,13 @@ pub fn load_and_attach(bpf_dir: &Path, cgroup_root: &Path) -> Result<Ebpf, NetEr
     // missing (first start, or removed by hand) every link is redone.
     let maps_pinned = PINNED_MAPS.iter().all(|m| bpf_dir.join(m).exists());
     if !maps_pinned {
-        for (program, _) in PROGRAMS {
+        for program in PROGRAMS {
             let _ = std::fs::remove_file(link_pin(bpf_dir, program));
         }
     }
 
     let mut ebpf = EbpfLoader::new()
-        .map_pin_path(bpf_dir)
-        // The socket storage map: aya 0.13 creates it but has no type for it.
-        .allow_unsupported_maps()
+        .default_map_pin_directory(bpf_dir)
         .load(OBJECT)
         .map_err(|e| NetError::Load(Box::new(e)))?;
     let cgroup = File::open(cgroup_root).map_err(|source| NetError::Io {
@@ -66,48 +64,102 @@ pub fn load_and_attach(bpf_dir: &Path, cgroup_root: &Path) -> Result<Ebpf, NetEr
         source,
     })?;
 
-    for (name, attach_type) in PROGRAMS {
+    for name in PROGRAMS {
         let program_error = |e| NetError::Program {
             name,
             source: Box::new(e),
         };
-        let fd = match ebpf.program_mut(name) {
-            Some(Program::CgroupSkb(p)) => p.load().and_then(|()| p.fd()),
-            Some(Program::CgroupSock(p)) => p.load().and_then(|()| p.fd()),
-            Some(Program::SockOps(p)) => p.load().and_then(|()| p.fd()),
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(NetError::MissingProgram(name))?;
+        match program {
+            Program::CgroupSkb(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
+            Program::SockOps(p) => p.load(),
             _ => return Err(NetError::MissingProgram(name)),
         }
         .map_err(program_error)?;
         let pin = link_pin(bpf_dir, name);
-        let io_error = |source| NetError::Io {
+        let link_error = |source| NetError::Link {
+            name,
             path: pin.clone(),
             source,
         };
-        if let Ok(link) = sys::open_pinned(&pin) {
+        if let Ok(link) = PinnedLink::from_pin(&pin) {
             // Attached by an earlier daemon: keep the link (its counts never
             // stop); swap in this build's program if it differs.
-            let ours =
-                sys::program_tag(fd.as_fd()).map_err(|e| NetError::Attach { name, source: e })?;
-            let theirs = sys::link_program_tag(link.as_fd()).map_err(io_error)?;
+            let ours = program.info().map_err(program_error)?.tag();
+            let theirs = FdLink::from(link)
+                .info()
+                .map_err(BoxError::from)
+                .and_then(|info| program_tag(info.program_id()))
+                .map_err(link_error)?;
             if theirs == ours {
                 log::info!(
                     "eBPF program {name}: still attached (pinned at {})",
                     pin.display()
                 );
             } else {
-                sys::link_update(link.as_fd(), fd.as_fd())
-                    .map_err(|source| NetError::Attach { name, source })?;
+                let fd = program.fd().map_err(program_error)?;
+                sys::link_update(&pin, fd.as_fd()).map_err(|e| link_error(e.into()))?;
                 log::info!("eBPF program {name}: replaced by this version's, in place");
             }
             continue;
         }
         let _ = std::fs::remove_file(&pin);
-        let link = sys::link_create(fd.as_fd(), cgroup.as_fd(), attach_type)
-            .map_err(|source| NetError::Attach { name, source })?;
-        sys::pin(link.as_fd(), &pin).map_err(io_error)?;
+        let link = attach(program, &cgroup).map_err(|source| NetError::Attach { name, source })?;
+        // The pinned file holds the link: dropping aya's handle closes only
+        // this descriptor, and the programs stay attached without a daemon.
+        drop(link.pin(&pin).map_err(|e| link_error(e.into()))?);
         log::info!("eBPF program {name}: attached at {}", cgroup_root.display());
     }
     Ok(ebpf)
+}
+
+/// Attaches a loaded program at `cgroup` through a new link (BPF_LINK_CREATE,
+/// so other programs at the same cgroup keep running) and takes the link
+/// from aya's keeping, for pinning.
+fn attach(program: &mut Program, cgroup: &File) -> Result<FdLink, BoxError> {
+    // A link's flags, which the kernel wants zero for a cgroup: a link
+    // attaches with multi-attach semantics whatever the mode says.
+    let mode = CgroupAttachMode::Single;
+    // Kernels before 5.7 have no cgroup links; aya falls back to a plain
+    // attachment there, which cannot be pinned (the conversion fails).
+    let link = match program {
+        Program::CgroupSkb(p) => {
+            let attach_type = p
+                .expected_attach_type()
+                .ok_or("no attach type in its section name")?;
+            let id = p.attach(cgroup, attach_type, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        Program::CgroupSock(p) => {
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        Program::SockOps(p) => {
+            let id = p.attach(cgroup, mode)?;
+            FdLink::try_from(p.take_link(id)?)?
+        }
+        _ => return Err("not a cgroup program".into()),
+    };
+    Ok(link)
+}
+
+/// The tag (a hash of the instructions) of the loaded program with this id.
+/// aya 0.14 looks programs up by id only internally; its public list of the
+/// host's programs gives the same answer (run once per pinned link, at start).
+fn program_tag(id: u32) -> Result<u64, BoxError> {
+    let mut error: Option<BoxError> = None;
+    for program in loaded_programs() {
+        match program {
+            Ok(program) if program.id() == id => return Ok(program.tag()),
+            Ok(_) => {}
+            // Another program unloaded while listing, or no listing at all.
+            Err(e) => error = Some(e.into()),
+        }
+    }
+    Err(error.unwrap_or_else(|| format!("its program (id {id}) is not loaded").into()))
 }
 
 /// bpffs is not always mounted (a fresh machine here has an empty

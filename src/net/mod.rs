@@ -49,7 +49,14 @@ pub enum NetError {
     #[error("attaching eBPF program {name}: {source}")]
     Attach {
         name: &'static str,
-        source: std::io::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Occurs when a program's link cannot be pinned, read or updated.
+    #[error("eBPF program {name}, link {}: {source}", path.display())]
+    Link {
+        name: &'static str,
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("eBPF map {name}: {source}")]
     Map {

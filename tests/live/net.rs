@@ -509,8 +509,11 @@ fn a_daemon_killed_during_traffic_loses_nothing() {
     let mut daemon = Daemon::start(&args);
     let link = cgmetric::net::link_pin(&bpf.0, cgmetric_common::PROG_EGRESS);
     let link_id = || {
-        let fd = cgmetric::net::sys::open_pinned(&link).unwrap();
-        cgmetric::net::sys::link_id(std::os::fd::AsFd::as_fd(&fd)).unwrap()
+        let pinned = aya::programs::links::PinnedLink::from_pin(&link).unwrap();
+        aya::programs::links::FdLink::from(pinned)
+            .info()
+            .unwrap()
+            .id()
     };
     let attachment = link_id();
 
@@ -555,6 +558,119 @@ fn a_daemon_killed_during_traffic_loses_nothing() {
         "{}",
         daemon.stderr()
     );
+    drop(daemon);
+}
+
+/// What the link pinned at `pin` is: its id, and its program's tag.
+fn pinned_link(pin: &std::path::Path) -> (u32, u64) {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let info = FdLink::from(PinnedLink::from_pin(pin).unwrap())
+        .info()
+        .unwrap();
+    let tag = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == info.program_id())
+        .unwrap()
+        .tag();
+    (info.id(), tag)
+}
+
+/// A cgroup_skb egress program that lets every packet through and counts
+/// nothing: to the next daemon, what an older build's program looks like.
+fn load_stub_egress() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    /// `bpf_attr` for BPF_PROG_LOAD, up to `expected_attach_type`.
+    #[repr(C, align(8))]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+    const BPF_CGROUP_INET_EGRESS: u32 = 1;
+    // r0 = 1 (let the packet through); exit.
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x95];
+    let mut attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_CGROUP_SKB,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: c"GPL".as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: [0; 16],
+        prog_ifindex: 0,
+        expected_attach_type: BPF_CGROUP_INET_EGRESS,
+    };
+    // SAFETY: attr is a padding-free bpf_attr prefix of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &mut attr as *mut ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel just returned this descriptor.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+#[test]
+fn a_changed_program_is_swapped_into_the_pinned_link() {
+    require!();
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-swap");
+    let server_cg = parent.child("server");
+    let client_cg = parent.child("client");
+    let glob = format!("{}/*", parent.relative);
+    let args = ["--cgroup", &glob, "--bpf-dir", bpf.arg()];
+    let daemon = Daemon::start(&args);
+    let pin = cgmetric::net::link_pin(&bpf.0, cgmetric_common::PROG_EGRESS);
+    let (link, tag) = pinned_link(&pin);
+    drop(daemon);
+
+    // The link runs another program, as a daemon of another build left it.
+    let stub = load_stub_egress();
+    cgmetric::net::sys::link_update(&pin, std::os::fd::AsFd::as_fd(&stub)).unwrap();
+    drop(stub);
+    assert_ne!(pinned_link(&pin).1, tag);
+
+    let daemon = Daemon::start(&args);
+    assert!(
+        daemon
+            .stderr()
+            .contains("eBPF program count_egress: replaced by this version's, in place"),
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        pinned_link(&pin),
+        (link, tag),
+        "the same link runs this build's program again"
+    );
+    let (server, addr) = server_cg.serve("127.0.0.1", 1);
+    finish(client_cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "100000", "0"])));
+    finish(server);
+    settle();
+    let tx = daemon.number("client/net_bytes_tx");
+    assert!(tx >= 100_000, "the swapped-in program counts: {tx}");
     drop(daemon);
 }
 

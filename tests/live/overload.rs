@@ -165,7 +165,7 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
                         seed ^= seed >> 7;
                         seed ^= seed << 17;
                         // One reader in eight scrapes the aggregate now and then.
-                        let relative = if r % 8 == 0 && seed % 16 == 0 {
+                        let relative = if r % 8 == 0 && seed.is_multiple_of(16) {
                             "metrics.prom".to_string()
                         } else {
                             let container = seed as usize % CONTAINERS;
