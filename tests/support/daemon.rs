@@ -237,9 +237,9 @@ pub fn binary() -> &'static str {
 pub const PREBUILT_ENV: &str = "CGMETRIC_TEST_PREBUILT";
 
 /// Runs `cargo build ARGS` in this test's profile and returns the profile's
-/// target directory. `cargo test --test live` alone builds neither examples
-/// nor other packages, and a stale helper lies.
-pub(super) fn cargo_build(args: &[&str]) -> PathBuf {
+/// target directory. `cargo test --test live` alone builds no other package,
+/// and a stale helper lies.
+fn cargo_build(args: &[&str]) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
     if std::env::var_os(PREBUILT_ENV).is_some() {

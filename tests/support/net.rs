@@ -8,15 +8,12 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use super::cgroup::Cgroup;
-use super::daemon::cargo_build;
 use super::timing::eventually;
 
-/// The `tcp_peer` example, built once per test run.
+/// The `tcp_peer` test helper (`tests/helpers/tcp_peer.rs`), which cargo
+/// builds before the tests (Cargo.toml says how).
 pub fn tcp_peer() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| cargo_build(&["--example", "tcp_peer"]).join("examples/tcp_peer"))
-        .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_tcp_peer"))
 }
 
 /// Waits for a `tcp_peer` and returns the byte count it printed first.
