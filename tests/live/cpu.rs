@@ -4,9 +4,8 @@ use std::time::Duration;
 
 use cgmetric::cgroup::Controller;
 
-use crate::overload::cpu_time;
 use crate::require;
-use crate::support::{heavy_turn, Cgroup, Daemon};
+use crate::support::{cpu_time, heavy_turn, Cgroup, Daemon};
 
 /// Lets a workload run long enough for a full window behind the read.
 const WARM_UP: Duration = Duration::from_millis(2500);

@@ -4,6 +4,7 @@
 //! Run as root. A test that cannot run here says so and skips; with
 //! CGMETRIC_REQUIRE_PRIVILEGED=1 (set by .ci/run) that is a failure.
 
+#[path = "../support/mod.rs"]
 mod support;
 
 mod churn;

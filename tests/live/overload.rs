@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cgmetric::cgroup::Controller;
 
 use crate::require;
-use crate::support::{fd_targets, heavy_turn, rss_kib, Cgroup, Daemon, Rng};
+use crate::support::{cpu_time, fd_targets, heavy_turn, rss_kib, Cgroup, Daemon, Rng};
 
 const READERS: usize = 64;
 const DURATION: Duration = Duration::from_secs(60);
@@ -43,22 +43,6 @@ fn other_fds(pid: u32) -> usize {
         .iter()
         .filter(|t| !t.to_string_lossy().starts_with("/sys/fs/cgroup/"))
         .count()
-}
-
-/// CPU time (user + system) of a process so far.
-pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command (which may hold spaces), 1-based from state.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
 /// CPU time this thread has used.

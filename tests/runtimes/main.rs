@@ -6,8 +6,9 @@
 //! Run as root. A test that cannot run here says so and skips; with
 //! CGMETRIC_REQUIRE_PRIVILEGED=1 (set by .ci/run) that is a failure.
 
-#[path = "../live/support.rs"]
-#[allow(dead_code)]
+#[path = "../support/mod.rs"]
+// These tests use a few of the helpers.
+#[allow(dead_code, unused_imports)]
 mod support;
 
 mod docker;

@@ -17,6 +17,10 @@
 //! `bytes_sent=N bytes_retrans=N total_retrans=N segs_out=N` (data bytes
 //! including retransmits, retransmitted bytes, retransmitted segments, and
 //! all segments sent).
+//!
+//! A test helper, not part of cgmetric: a binary target that only tests,
+//! benches and examples build (Cargo.toml, `test-helpers`); the tests run it
+//! from `env!("CARGO_BIN_EXE_tcp_peer")`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

@@ -1,0 +1,36 @@
+//! The harness of the privileged tests, shared by the `live` and `runtimes`
+//! test binaries (each includes this folder with
+//! `#[path = "../support/mod.rs"] mod support;`): real cgroups in every
+//! hierarchy, a real daemon on a per-test mountpoint, and cleanup that runs
+//! even when a test fails (everything is released in `Drop`).
+//!
+//! | module     | holds |
+//! |------------|-------|
+//! | [`gate`]   | skip gates: [`require!`](crate::require), [`privileged`], [`tool`], [`gate::REQUIRE_ENV`] |
+//! | [`cgroup`] | [`Cgroup`], [`Nest`], [`host_layout`] |
+//! | [`daemon`] | the [`Daemon`] harness, [`BpfDir`], the workspace's binaries ([`daemon::PREBUILT_ENV`]), mount checks |
+//! | [`net`]    | the `tcp_peer` helper: [`tcp_peer`], [`Cgroup::serve`], [`finish`], [`Sent`] |
+//! | [`host`]   | host probes ([`rss_kib`], [`cpu_time`], [`fd_targets`], [`map_ids`], ...), [`promtool_check`], [`TestUser`] |
+//! | [`timing`] | [`eventually`], [`heavy_turn`], [`reading`], [`Rng`] |
+//! | [`names`]  | [`unique`], [`hex_id`] |
+//!
+//! Tests import everything from here (`crate::support::...`); the modules
+//! are the map, not part of the paths tests use.
+
+pub mod cgroup;
+pub mod daemon;
+pub mod gate;
+pub mod host;
+pub mod names;
+pub mod net;
+pub mod timing;
+
+pub use cgroup::{host_layout, Cgroup, Nest};
+pub use daemon::{binary, detach, is_live, is_mounted, workspace_binary, BpfDir, Daemon};
+pub use gate::{privileged, tool};
+pub use host::{
+    cpu_time, fd_targets, map_ids, online_cpus, open_fds, promtool_check, rss_kib, TestUser,
+};
+pub use names::{hex_id, unique};
+pub use net::{finish, finish_client, tcp_peer, Sent};
+pub use timing::{eventually, heavy_turn, reading, Rng};
