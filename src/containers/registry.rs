@@ -362,6 +362,12 @@ impl CgroupTree {
         self.inner.read().nodes.get(&node).cloned()
     }
 
+    /// Whether `slot` is the slot of a node the tree still holds.
+    pub fn holds_slot(&self, slot: Slot) -> bool {
+        slot.checked_sub(CGROUP_SLOTS)
+            .is_some_and(|node| self.inner.read().nodes.contains_key(&node))
+    }
+
     /// Drops a node whose cgroup was found gone (the root stays).
     pub fn forget(&self, node: u64) {
         if node == 0 {

@@ -103,6 +103,11 @@ impl Model {
         if let Some(net) = &self.net {
             net.sweep(!removed.is_empty());
         }
+        if !removed.is_empty() {
+            self.sampler.forget_rates(|slot| {
+                self.registry.get(slot).is_some() || self.tree.holds_slot(slot)
+            });
+        }
         if let Some(kernel) = self.kernel.get() {
             removed.iter().for_each(|name| kernel.forget_name(name));
         }

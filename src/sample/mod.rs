@@ -73,6 +73,12 @@ impl Sampler {
         self.rates.prime(missing)
     }
 
+    /// Forgets the rates of cgroups that went: `live` says which slots are
+    /// still served.
+    pub fn forget_rates(&self, live: impl Fn(Slot) -> bool) {
+        self.rates.retain(|(slot, _)| live(*slot));
+    }
+
     /// The metrics this host provides for `container`, hence its files. A
     /// cgroup group whose files are absent provides nothing; a malformed one
     /// keeps its files so that reading them reports the error.
@@ -172,7 +178,7 @@ impl Sampler {
                 let files = &mut scratch.files;
                 let usec_per_second = self
                     .rates
-                    .per_second((c.slot, RateCounter::CpuUsage), |stale| {
+                    .per_second((c.slot, RateCounter::CpuUsage), scratch.may_wait, |stale| {
                         if stale {
                             files.forget();
                         }
@@ -181,7 +187,9 @@ impl Sampler {
                     .ok_or_else(vanished)?;
                 out.set(
                     M::CpuMillicores,
-                    Some((usec_per_second / 1000.0).round() as u64),
+                    usec_per_second
+                        .value()
+                        .map(|usec| (usec / 1000.0).round() as u64),
                 );
             }
             Group::NetRate => {
@@ -189,16 +197,17 @@ impl Sampler {
                     (M::NetTxBps, RateCounter::NetTx, tx as fn(&Totals) -> u64),
                     (M::NetRxBps, RateCounter::NetRx, rx),
                 ] {
+                    let may_wait = scratch.may_wait;
                     let per_second = self
                         .rates
-                        .per_second((c.slot, counter), |stale| {
+                        .per_second((c.slot, counter), may_wait, |stale| {
                             if stale {
                                 scratch.totals = None;
                             }
                             scratch.totals(self.net.as_deref(), c).map(|t| pick(&t))
                         })
                         .ok_or_else(vanished)?;
-                    out.set(id, Some(per_second.round() as u64));
+                    out.set(id, per_second.value().map(|rate| rate.round() as u64));
                 }
             }
             Group::NetTraffic | Group::NetConn => {
@@ -240,6 +249,10 @@ impl Sampler {
 struct Scratch<'c> {
     totals: Option<Totals>,
     files: Files<'c>,
+    /// Whether a rate with nothing to compute against may wait a window:
+    /// yes for one container's read, no within an aggregate (primed before,
+    /// so only containers found since lack one; they answer on the next).
+    may_wait: bool,
 }
 
 impl<'c> Scratch<'c> {
@@ -247,6 +260,7 @@ impl<'c> Scratch<'c> {
         Scratch {
             totals: None,
             files: Files::new(&container.kept),
+            may_wait: true,
         }
     }
 

@@ -10,7 +10,8 @@
 //! no such value (the first read, or the first after a quiet spell), the
 //! read records one, waits one window and reads again: it answers over
 //! exactly the window. An aggregate read waits once for all its containers
-//! ([`RateTracker::prime`]), not once each.
+//! ([`RateTracker::prime`]), not once each; a container found after that
+//! answers [`Rate::NotYet`] and has its rate on the next read.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -26,6 +27,24 @@ pub const MAX_SPAN: Duration = Duration::from_secs(300);
 /// Series kept before the table is swept of those older than [`MAX_SPAN`]
 /// (containers that went, rates nobody reads any more).
 const SWEEP_AT: usize = 4096;
+
+/// What a rate read answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    PerSecond(f64),
+    /// Nothing to compute against yet, and the read may not wait for it.
+    NotYet,
+}
+
+impl Rate {
+    /// The rate, when there is one.
+    pub fn value(self) -> Option<f64> {
+        match self {
+            Rate::PerSecond(rate) => Some(rate),
+            Rate::NotYet => None,
+        }
+    }
+}
 
 pub struct RateTracker<K> {
     window: Duration,
@@ -61,24 +80,41 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
     /// from it (the source vanished) is passed on. Its argument says whether
     /// the value must be read anew: `false` lets the caller pass one it read
     /// moments ago (the same sample's), `true` comes after this read waited,
-    /// when such a value would be stale.
-    pub fn per_second(&self, key: K, mut read_now: impl FnMut(bool) -> Option<u64>) -> Option<f64> {
+    /// when such a value would be stale. With no reference, a read that
+    /// `may_wait` waits one window; one that may not (a container of an
+    /// aggregate found after [`RateTracker::prime`]) records its value and
+    /// answers [`Rate::NotYet`], so an aggregate never waits once per
+    /// container.
+    pub fn per_second(
+        &self,
+        key: K,
+        may_wait: bool,
+        mut read_now: impl FnMut(bool) -> Option<u64>,
+    ) -> Option<Rate> {
         let mut stale = false;
         loop {
             let value = read_now(stale)?;
             let now = Instant::now();
-            let reference = self.record(key, now, value);
-            match reference {
+            match self.record(key, now, value) {
                 Some((then, old)) => {
                     let elapsed = now.duration_since(then).as_secs_f64();
-                    return Some(value.saturating_sub(old) as f64 / elapsed);
+                    return Some(Rate::PerSecond(value.saturating_sub(old) as f64 / elapsed));
                 }
+                None if !may_wait => return Some(Rate::NotYet),
                 None => {
                     std::thread::sleep(self.wait(key, now));
                     stale = true;
                 }
             }
         }
+    }
+
+    /// Drops the series of every key `keep` refuses (sources that went):
+    /// their values are no use to anybody now.
+    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
+        let mut state = self.state.lock();
+        state.series.retain(|key, _| keep(key));
+        state.swept = state.series.len();
     }
 
     /// Whether `key` has a value a read now could compute against.
@@ -171,6 +207,17 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
 mod tests {
     use super::*;
 
+    /// A read that may wait, as a number.
+    fn rate_of<K: Copy + Eq + Hash>(
+        tracker: &RateTracker<K>,
+        key: K,
+        read_now: impl FnMut(bool) -> Option<u64>,
+    ) -> Option<f64> {
+        tracker
+            .per_second(key, true, read_now)
+            .map(|r| r.value().expect("a read that may wait has a rate"))
+    }
+
     /// A counter that grows 1000 per second of wall time.
     fn clock_counter(start: Instant) -> u64 {
         start.elapsed().as_millis() as u64
@@ -181,15 +228,11 @@ mod tests {
         let start = Instant::now();
         let tracker = RateTracker::new(Duration::from_millis(200));
         let t = Instant::now();
-        let rate = tracker
-            .per_second(1u32, |_| Some(clock_counter(start)))
-            .unwrap();
+        let rate = rate_of(&tracker, 1u32, |_| Some(clock_counter(start))).unwrap();
         assert!(t.elapsed() >= Duration::from_millis(200));
         assert!((rate - 1000.0).abs() < 100.0, "{rate}");
         let t = Instant::now();
-        let rate = tracker
-            .per_second(1, |_| Some(clock_counter(start)))
-            .unwrap();
+        let rate = rate_of(&tracker, 1, |_| Some(clock_counter(start))).unwrap();
         assert!(
             t.elapsed() < Duration::from_millis(100),
             "{:?}",
@@ -204,15 +247,15 @@ mod tests {
         // apart sees 2000/s over the interval that holds the jump, then 0.
         let value = std::cell::Cell::new(0u64);
         let tracker = RateTracker::new(Duration::from_millis(100));
-        tracker.per_second(1u32, |_| Some(value.get())).unwrap();
+        rate_of(&tracker, 1u32, |_| Some(value.get())).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         value.set(600);
         let t = Instant::now();
-        let rate = tracker.per_second(1, |_| Some(value.get())).unwrap();
+        let rate = rate_of(&tracker, 1, |_| Some(value.get())).unwrap();
         assert!(t.elapsed() < Duration::from_millis(50), "no wait");
         assert!((1400.0..=2100.0).contains(&rate), "{rate}");
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(tracker.per_second(1, |_| Some(value.get())), Some(0.0));
+        assert_eq!(rate_of(&tracker, 1, |_| Some(value.get())), Some(0.0));
     }
 
     #[test]
@@ -220,14 +263,12 @@ mod tests {
         let start = Instant::now();
         let tracker =
             RateTracker::with_max_span(Duration::from_millis(50), Duration::from_millis(150));
-        tracker.per_second(1u32, |_| Some(0)).unwrap();
+        rate_of(&tracker, 1u32, |_| Some(0)).unwrap();
         std::thread::sleep(Duration::from_millis(250));
         // The first value (0) is too old: this read waits a window and
         // answers over it, not over the 250 ms.
         let t = Instant::now();
-        let rate = tracker
-            .per_second(1, |_| Some(clock_counter(start)))
-            .unwrap();
+        let rate = rate_of(&tracker, 1, |_| Some(clock_counter(start))).unwrap();
         assert!(t.elapsed() >= Duration::from_millis(50));
         assert!((rate - 1000.0).abs() < 200.0, "{rate}");
     }
@@ -239,7 +280,7 @@ mod tests {
         // The value the caller holds (0) is older than the wait: used after
         // it, it would make the rate negative (0).
         let mut asked = Vec::new();
-        let rate = tracker.per_second(1u32, |stale| {
+        let rate = rate_of(&tracker, 1u32, |stale| {
             asked.push(stale);
             Some(if stale { clock_counter(start) } else { 0 })
         });
@@ -259,9 +300,7 @@ mod tests {
         assert!(keys.iter().all(|k| tracker.ready(*k)));
         let t = Instant::now();
         for k in &keys {
-            let rate = tracker
-                .per_second(*k, |_| Some(clock_counter(start)))
-                .unwrap();
+            let rate = rate_of(&tracker, *k, |_| Some(clock_counter(start))).unwrap();
             assert!((rate - 1000.0).abs() < 150.0, "{rate}");
         }
         assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
@@ -269,11 +308,39 @@ mod tests {
     }
 
     #[test]
+    fn a_read_that_may_not_wait_records_and_answers_not_yet() {
+        let start = Instant::now();
+        let tracker = RateTracker::new(Duration::from_millis(50));
+        let t = Instant::now();
+        let first = tracker.per_second(1u32, false, |_| Some(clock_counter(start)));
+        assert_eq!(first, Some(Rate::NotYet));
+        assert!(t.elapsed() < Duration::from_millis(40), "it did not wait");
+        std::thread::sleep(Duration::from_millis(60));
+        let rate = tracker
+            .per_second(1, false, |_| Some(clock_counter(start)))
+            .and_then(Rate::value)
+            .unwrap();
+        assert!((rate - 1000.0).abs() < 200.0, "{rate}");
+    }
+
+    #[test]
+    fn series_of_sources_that_went_are_dropped() {
+        let tracker = RateTracker::new(Duration::from_secs(1));
+        let now = Instant::now();
+        for key in 0..10u32 {
+            tracker.record(key, now, 1);
+        }
+        tracker.retain(|key| key % 2 == 0);
+        assert_eq!(tracker.len(), 5);
+        assert!(tracker.state.lock().series.keys().all(|k| k % 2 == 0));
+    }
+
+    #[test]
     fn vanished_source_is_none_and_resets_read_as_zero() {
         let tracker = RateTracker::new(Duration::from_millis(50));
-        assert_eq!(tracker.per_second(2u32, |_| None), None);
+        assert_eq!(rate_of(&tracker, 2u32, |_| None), None);
         let mut values = [1000u64, 10].into_iter();
-        assert_eq!(tracker.per_second(1, |_| values.next()), Some(0.0));
+        assert_eq!(rate_of(&tracker, 1, |_| values.next()), Some(0.0));
     }
 
     #[test]
