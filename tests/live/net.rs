@@ -219,8 +219,7 @@ fn rates_follow_paced_traffic() {
     let _turn = heavy_turn();
     let pair = Pair::new("net-rate", &["--window", "1s"]);
     let (server, addr) = pair.serve("127.0.0.1", 1);
-    // 64 KiB every 20 ms: about 3.2 MB/s for 6 s. (The first rate read
-    // waits one window to measure.)
+    // 64 KiB every 20 ms: about 3.2 MB/s for 6 s.
     let client = pair.client.start(Command::new(tcp_peer()).args([
         "client",
         &addr,
@@ -229,12 +228,18 @@ fn rates_follow_paced_traffic() {
         "0",
         "20",
     ]));
-    std::thread::sleep(Duration::from_millis(1500));
-    let tx_bps = pair.number("client", "net_tx_bps");
-    let rx_bps = pair.number("server", "net_rx_bps");
+    std::thread::sleep(Duration::from_millis(1000));
+    // The first rate reads wait one window each; after them, a rate spans
+    // the interval since the previous read, which the byte counts below
+    // bracket (a paced sender on a busy machine is not steady enough to
+    // compare different intervals).
+    pair.number("client", "net_tx_bps");
+    pair.number("server", "net_rx_bps");
     let started = Instant::now();
     let bytes_before = pair.number("client", "net_bytes_tx");
     std::thread::sleep(Duration::from_secs(1));
+    let tx_bps = pair.number("client", "net_tx_bps");
+    let rx_bps = pair.number("server", "net_rx_bps");
     let measured = (pair.number("client", "net_bytes_tx") - bytes_before) as f64
         / started.elapsed().as_secs_f64();
     for (what, bps) in [("tx", tx_bps), ("rx", rx_bps)] {
@@ -246,8 +251,11 @@ fn rates_follow_paced_traffic() {
     }
     finish(client);
     finish(server);
-    // Quiet for two windows: the rate falls to zero.
-    std::thread::sleep(Duration::from_millis(2200));
+    // Over an interval with no traffic the rate is zero: a read after the
+    // traffic ended, and another more than a window later.
+    std::thread::sleep(Duration::from_millis(200));
+    pair.number("client", "net_tx_bps");
+    std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(pair.number("client", "net_tx_bps"), 0);
 }
 
