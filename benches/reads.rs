@@ -479,6 +479,23 @@ fn median_time(mut f: impl FnMut(), runs: usize) -> Duration {
 /// Creates 200, 1,000 and 10,000 containers and times reading them all: with
 /// the default `--open-files`, and where that does not cover every file,
 /// with every file kept open too.
+/// Makes `group` with `count` children `c0`, `c1`, ... (the containers of
+/// a `group/*` daemon) and returns the cgroup files behind their values.
+fn container_group(
+    layout: &Layout,
+    group: &str,
+    count: usize,
+    cleanup: &mut Cleanup,
+) -> Vec<PathBuf> {
+    mkcgroup(layout, group, cleanup);
+    for i in 0..count {
+        mkcgroup(layout, &format!("{group}/c{i}"), cleanup);
+    }
+    (0..count)
+        .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
+        .collect()
+}
+
 /// One thread reading `files` directly, median of `runs` passes: the floor
 /// for any reader of cgroupfs.
 fn direct_reads(files: &[PathBuf], runs: usize) -> Duration {
@@ -510,13 +527,7 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     );
     for count in [200, 1000, 10_000] {
         let group = format!("{base}/agg{count}");
-        mkcgroup(layout, &group, cleanup);
-        for i in 0..count {
-            mkcgroup(layout, &format!("{group}/c{i}"), cleanup);
-        }
-        let files: Vec<PathBuf> = (0..count)
-            .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
-            .collect();
+        let files = container_group(layout, &group, count, cleanup);
         // A read can land in either of two modes (both sampling threads on
         // one CPU or not), so small sets are read often enough for a steady
         // median.
@@ -619,10 +630,7 @@ fn cost_over(pid: u32, seconds: u64) -> (f64, f64) {
 fn idle_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     println!("The daemon with 1,000 containers (CPU over 30 s, RSS after)\n");
     let group = format!("{base}/idle");
-    mkcgroup(layout, &group, cleanup);
-    for i in 0..1000 {
-        mkcgroup(layout, &format!("{group}/c{i}"), cleanup);
-    }
+    container_group(layout, &group, 1000, cleanup);
     let daemon = Daemon::start(&format!("{group}/*"), None);
     let pid = daemon.pid();
     let fds_idle = open_fds(pid);
@@ -674,13 +682,7 @@ fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     );
     for count in [200, 1000] {
         let group = format!("{base}/scrape{count}");
-        mkcgroup(layout, &group, cleanup);
-        for i in 0..count {
-            mkcgroup(layout, &format!("{group}/c{i}"), cleanup);
-        }
-        let files: Vec<PathBuf> = (0..count)
-            .flat_map(|i| source_files(layout, &format!("{group}/c{i}")))
-            .collect();
+        let files = container_group(layout, &group, count, cleanup);
         let direct = direct_reads(&files, 10);
         let daemon = Daemon::start(&format!("{group}/*"), None);
         let pid = daemon.pid();

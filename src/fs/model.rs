@@ -145,10 +145,10 @@ impl Model {
                         // A catalogue file the container lacks may belong to
                         // a hierarchy whose mkdir event is still queued: take
                         // the pending changes, then look once more.
+                        // (The first look was the one above.)
                         Owner::Container(_) if METRICS.iter().any(|m| m.file == name) => {
-                            let entry = self
-                                .or_refresh(|| self.entry(&*self.owner(owner).ok()?, name).ok());
-                            Node::File(owner, entry.ok_or(e)?)
+                            self.refresh();
+                            Node::File(owner, self.entry(&*self.owner(owner)?, name)?)
                         }
                         Owner::Container(_) => return Err(e),
                     },

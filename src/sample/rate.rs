@@ -46,6 +46,14 @@ impl Rate {
     }
 }
 
+/// What recording a value found.
+enum Recorded {
+    /// The value a rate is computed against: when, and what it was.
+    Reference(Instant, u64),
+    /// None yet; the oldest value held becomes one at this moment.
+    ReadyAt(Instant),
+}
+
 pub struct RateTracker<K> {
     window: Duration,
     max_span: Duration,
@@ -96,13 +104,13 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
             let value = read_now(stale)?;
             let now = Instant::now();
             match self.record(key, now, value) {
-                Some((then, old)) => {
+                Recorded::Reference(then, old) => {
                     let elapsed = now.duration_since(then).as_secs_f64();
                     return Some(Rate::PerSecond(value.saturating_sub(old) as f64 / elapsed));
                 }
-                None if !may_wait => return Some(Rate::NotYet),
-                None => {
-                    std::thread::sleep(self.wait(key, now));
+                Recorded::ReadyAt(_) if !may_wait => return Some(Rate::NotYet),
+                Recorded::ReadyAt(ready) => {
+                    std::thread::sleep(ready.saturating_duration_since(Instant::now()));
                     stale = true;
                 }
             }
@@ -128,10 +136,9 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
     }
 
     /// Records `(key, value)` for every counter an aggregate read is about
-    /// to need but has no reference for, then waits one window, once: every
-    /// rate of the read that follows is ready. `read` gives the values of
-    /// the keys asked for; keys it leaves out (vanished sources) are skipped.
-    /// Returns whether it waited.
+    /// to need but has no reference for (`missing`, read by the caller),
+    /// then waits one window, once: every rate of the read that follows is
+    /// ready. Returns whether it waited.
     pub fn prime(&self, missing: Vec<(K, u64)>) -> bool {
         if missing.is_empty() {
             return false;
@@ -145,8 +152,8 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
     }
 
     /// Appends a value and returns the reference a read at `at` computes
-    /// against, if there is one.
-    fn record(&self, key: K, at: Instant, value: u64) -> Option<(Instant, u64)> {
+    /// against, or when the oldest value held becomes one.
+    fn record(&self, key: K, at: Instant, value: u64) -> Recorded {
         let mut state = self.state.lock();
         let series = state.series.entry(key).or_default();
         let reference = self.reference(series, at);
@@ -162,6 +169,10 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
         {
             series.pop_front();
         }
+        let recorded = match reference {
+            Some((then, old)) => Recorded::Reference(then, old),
+            None => Recorded::ReadyAt(series.front().map_or(at, |(t, _)| *t) + self.window),
+        };
         if state.series.len() >= SWEEP_AT.max(2 * state.swept) {
             let span = self.max_span;
             state
@@ -169,7 +180,7 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
                 .retain(|_, s| s.back().is_some_and(|(t, _)| at.duration_since(*t) <= span));
             state.swept = state.series.len();
         }
-        reference
+        recorded
     }
 
     /// The newest value of `series` at least a window and at most the span
@@ -182,18 +193,6 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
             .find(|(age, _)| *age >= self.window)
             .filter(|(age, _)| *age <= self.max_span)
             .map(|(_, reference)| reference)
-    }
-
-    /// How long a read at `at` that found no reference must wait for its
-    /// oldest recent value to become one.
-    fn wait(&self, key: K, at: Instant) -> Duration {
-        let state = self.state.lock();
-        let oldest = state
-            .series
-            .get(&key)
-            .and_then(|s| s.front())
-            .map_or(at, |(t, _)| *t);
-        (oldest + self.window).saturating_duration_since(Instant::now())
     }
 
     /// Series held now (for tests and the sweep's bound).
