@@ -146,7 +146,25 @@ impl Drop for TestUser {
 
 /// CPU time (user + system) of a process so far.
 pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat_cpu_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap())
+}
+
+/// CPU time of a process's threads other than those named `thread`. A
+/// thread that ended is not counted.
+pub fn cpu_time_outside(pid: u32, thread: &str) -> Duration {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.trim() != thread)
+        })
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .map(|stat| stat_cpu_time(&stat))
+        .sum()
+}
+
+fn stat_cpu_time(stat: &str) -> Duration {
     // Fields after the command (which may hold spaces), 1-based from state.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
