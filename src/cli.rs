@@ -81,8 +81,32 @@ pub struct Options {
     /// Serve FUSE over /dev/fuse only, even where the kernel offers io_uring
     /// (Linux 6.14+ with fuse.enable_uring=1). Over io_uring each request is
     /// served on the reader's own CPU, which saves a cross-CPU wake-up.
+    /// io_uring is only taken with --no-supervise: the requests a ring holds
+    /// when its server dies are never answered.
     #[arg(long)]
     pub no_fuse_uring: bool,
+
+    /// Serve from this process instead of from a child that a supervisor
+    /// replaces when it dies. Without the supervisor, a crash leaves the
+    /// mount stale until the next start (and bind mounts of it inside
+    /// containers stale until they are made again).
+    #[arg(long)]
+    pub no_supervise: bool,
+
+    /// Internal: serve the FUSE connection on this inherited descriptor (the
+    /// supervisor's child).
+    #[arg(long, value_name = "FD", hide = true)]
+    pub serve_fd: Option<i32>,
+
+    /// Internal: with --serve-fd, the descriptor to write one byte to once
+    /// serving.
+    #[arg(long, value_name = "FD", hide = true, requires = "serve_fd")]
+    pub ready_fd: Option<i32>,
+
+    /// Internal: with --serve-fd, the connection was served before (no INIT
+    /// to answer; requests the last server held are asked for again).
+    #[arg(long, hide = true, requires = "serve_fd")]
+    pub resume: bool,
 
     /// How many cgroup files may stay open between reads (0 keeps none).
     /// A kept file is read with one pread instead of open + read + close,

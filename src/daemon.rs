@@ -17,7 +17,7 @@ use crate::cli::{Options, DEFAULT_MOUNTPOINT};
 use crate::containers::discovery::{Discovery, DiscoveryError, Globs};
 use crate::containers::registry::Registry;
 use crate::containers::runtime::MetadataRoots;
-use crate::fs::fuse::FuseFs;
+use crate::fs::fuse::{FuseFs, Uring};
 use crate::fs::inode::{RESERVED_NAMES, ROOT_INO};
 use crate::fs::model::Model;
 use crate::mounts::{mount_at, read_mount_table, statfs, MountEntry, FS_TYPE};
@@ -70,6 +70,13 @@ pub enum DaemonError {
     Session(io::Error),
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
+    /// Occurs when the supervisor cannot start its serving child.
+    #[error("cannot start the server process: {0}")]
+    Spawn(io::Error),
+    /// Occurs when the first server stops before it serves; its own error
+    /// is logged above this one.
+    #[error("the server process stopped before serving ({0}); unmounted")]
+    ServerFailed(std::process::ExitStatus),
 }
 
 /// Why the daemon stops.
@@ -78,7 +85,9 @@ enum Stop {
     SessionEnded(io::Result<()>),
 }
 
-/// Runs the daemon until it is told to stop.
+/// Runs the daemon until it is told to stop: as the supervisor that mounts
+/// and keeps the connection (the default), as the server it starts
+/// (`--serve-fd`), or as both in one process (`--no-supervise`).
 pub fn run(options: Options) -> Result<(), DaemonError> {
     // Every precondition is checked before anything is logged or changed, so
     // a refusal is one line.
@@ -89,53 +98,160 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     if !Path::new("/dev/fuse").exists() {
         return Err(DaemonError::NoFuseDevice);
     }
-    let globs = Globs::new(&options.cgroups)?;
+    if let Some(fd) = options.serve_fd {
+        return serve_inherited(&options, fd);
+    }
+    Globs::new(&options.cgroups)?;
     let mountpoint = prepare_mountpoint(
         &options.mountpoint,
         options.mountpoint == Path::new(DEFAULT_MOUNTPOINT),
     )?;
-    let layout = Layout::detect(&options.cgroup_root)?;
-    log::info!("cgroup layout: {}", layout.kind);
-    let open_files = keep_open_files(options.open_files);
-
-    let net = match (&layout.unified, options.no_ebpf) {
-        (_, true) => None,
-        (None, false) => {
-            log::warn!("{}; network files are left out", NetError::NoCgroupV2);
-            None
-        }
-        (Some(v2_root), false) => {
-            warn_about_net_cls();
-            Some(Net::start(&options.bpf_dir, v2_root)?)
-        }
-    };
-    let runtimes = MetadataRoots {
-        docker_root: options.docker_root.clone(),
-        containerd_state: options.containerd_state.clone(),
-        containers_storage: options.containers_storage.clone(),
-    };
-    let registry = Arc::new(Registry::new(
-        layout,
-        Discovery::new(globs, Some(runtimes)),
-        RESERVED_NAMES,
-    ));
-    registry.kept_budget().set_limit(open_files);
-    // Watching starts before the first walk, so nothing created during it
-    // is missed.
-    let changes = registry.discovery().watch();
-    if let Err(e) = &changes {
-        log::warn!("cannot watch cgroups ({e}); they are walked on every read instead");
+    Layout::detect(&options.cgroup_root)?;
+    if options.no_supervise {
+        serve_own_mount(&options, &mountpoint)
+    } else {
+        crate::supervise::run(&options, &mountpoint)
     }
-    registry.refresh();
-    log::info!("{} containers found", registry.list().len());
-    let model = Arc::new(Model::new(
-        registry,
-        net.map(Arc::new),
-        options.window,
-        options.private,
-    ));
-    crate::sample::pool::remember_daemon_cpus();
-    let fs = FuseFs::new(model.clone(), !options.no_fuse_uring);
+}
+
+/// What serves the tree, ready for a FUSE session.
+struct Server {
+    model: Arc<Model>,
+    fs: FuseFs,
+    /// Discovery's inotify descriptor, or why there is none.
+    changes: io::Result<std::os::fd::RawFd>,
+}
+
+impl Server {
+    /// Loads the network programs, discovers the containers and builds the
+    /// tree.
+    fn build(options: &Options, uring: Uring) -> Result<Server, DaemonError> {
+        let globs = Globs::new(&options.cgroups)?;
+        let layout = Layout::detect(&options.cgroup_root)?;
+        log::info!("cgroup layout: {}", layout.kind);
+        let open_files = keep_open_files(options.open_files);
+
+        let net = match (&layout.unified, options.no_ebpf) {
+            (_, true) => None,
+            (None, false) => {
+                log::warn!("{}; network files are left out", NetError::NoCgroupV2);
+                None
+            }
+            (Some(v2_root), false) => {
+                warn_about_net_cls();
+                Some(Net::start(&options.bpf_dir, v2_root)?)
+            }
+        };
+        let runtimes = MetadataRoots {
+            docker_root: options.docker_root.clone(),
+            containerd_state: options.containerd_state.clone(),
+            containers_storage: options.containers_storage.clone(),
+        };
+        let registry = Arc::new(Registry::new(
+            layout,
+            Discovery::new(globs, Some(runtimes)),
+            RESERVED_NAMES,
+        ));
+        registry.kept_budget().set_limit(open_files);
+        // Watching starts before the first walk, so nothing created during it
+        // is missed.
+        let changes = registry.discovery().watch();
+        if let Err(e) = &changes {
+            log::warn!("cannot watch cgroups ({e}); they are walked on every read instead");
+        }
+        registry.refresh();
+        log::info!("{} containers found", registry.list().len());
+        let model = Arc::new(Model::new(
+            registry,
+            net.map(Arc::new),
+            options.window,
+            options.private,
+        ));
+        crate::sample::pool::remember_daemon_cpus();
+        let fs = FuseFs::new(model.clone(), uring);
+        Ok(Server { model, fs, changes })
+    }
+
+    /// Starts what serving needs beside the session: the kernel notices and
+    /// the thread that follows cgroups as they come and go.
+    fn attach(
+        model: &Arc<Model>,
+        changes: io::Result<std::os::fd::RawFd>,
+        notifier: fuser::Notifier,
+    ) -> Result<(), DaemonError> {
+        model.set_kernel(Box::new(KernelNotices::new(notifier)));
+        if let Ok(fd) = changes {
+            let watched = model.clone();
+            std::thread::Builder::new()
+                .name("cgroup-watch".into())
+                .spawn(move || loop {
+                    let rewalk = watched.rewalk_interval();
+                    if let Err(e) = crate::containers::watch::wait_readable(fd, rewalk) {
+                        log::error!(
+                            "waiting for cgroup changes failed ({e}); they now show at lookup"
+                        );
+                        return;
+                    }
+                    watched.refresh();
+                })
+                .map_err(DaemonError::Thread)?;
+        }
+        Ok(())
+    }
+}
+
+/// The supervisor's child: serves the connection on `fd` until it ends
+/// (unmounted), or until this process dies and the supervisor starts
+/// another on the same descriptor.
+fn serve_inherited(options: &Options, fd: i32) -> Result<(), DaemonError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // Ctrl-C reaches the whole process group; stopping is the supervisor's
+    // to do (it unmounts, and this process then sees the connection end).
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(SIGINT, libc::SIG_IGN) };
+    // SAFETY: the supervisor passed this descriptor, open, for us alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let uring = match options.no_fuse_uring {
+        true => Uring::Refuse,
+        false => Uring::Supervised,
+    };
+    let Server { model, fs, changes } = Server::build(options, uring)?;
+    let resends = crate::supervise::kernel_resends();
+    let mut config = fuse_config(fuse_spin(options.fuse_spin), options.private);
+    // Where the kernel resends what a dead server held, every thread reads
+    // the supervisor's descriptor, which outlives us and keeps those
+    // requests; elsewhere each reads a clone, whose requests the kernel
+    // ends (ECONNABORTED) when we die, so that no reader waits forever.
+    config.clone_fd = !resends;
+    config.spare_session_fd = !resends;
+    let session = if options.resume {
+        let session = Session::resume(fs, fd, SessionACL::All, config);
+        if resends {
+            if let Err(e) = session.notifier().resend() {
+                log::warn!("asking the kernel to resend what the last server held: {e}");
+            }
+        }
+        session
+    } else {
+        Session::from_fd(fs, fd, SessionACL::All, config).map_err(DaemonError::Session)?
+    };
+    Server::attach(&model, changes, session.notifier())?;
+    if let Some(ready) = options.ready_fd {
+        crate::supervise::tell_ready(ready);
+    }
+    session.run().map_err(DaemonError::Session)?;
+    log::info!("the connection ended (unmounted)");
+    Ok(())
+}
+
+/// Mounts and serves from this one process (`--no-supervise`).
+fn serve_own_mount(options: &Options, mountpoint: &Path) -> Result<(), DaemonError> {
+    let mountpoint = mountpoint.to_path_buf();
+    let uring = match options.no_fuse_uring {
+        true => Uring::Refuse,
+        false => Uring::Take,
+    };
+    let Server { model, fs, changes } = Server::build(options, uring)?;
 
     let (events, next_event) = mpsc::channel();
     let mut signals =
@@ -157,22 +273,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         source,
     })?;
     let mut unmounter = session.unmount_callable();
-    model.set_kernel(Box::new(KernelNotices::new(session.notifier())));
-    // Containers come and go with their cgroups, the moment they do.
-    if let Ok(fd) = changes {
-        let watched = model.clone();
-        std::thread::Builder::new()
-            .name("cgroup-watch".into())
-            .spawn(move || loop {
-                let rewalk = watched.rewalk_interval();
-                if let Err(e) = crate::containers::watch::wait_readable(fd, rewalk) {
-                    log::error!("waiting for cgroup changes failed ({e}); they now show at lookup");
-                    return;
-                }
-                watched.refresh();
-            })
-            .map_err(DaemonError::Thread)?;
-    }
+    Server::attach(&model, changes, session.notifier())?;
     std::thread::spawn(move || {
         let _ = events.send(Stop::SessionEnded(session.run()));
     });
@@ -331,7 +432,7 @@ fn fuse_spin(requested: Option<Duration>) -> Duration {
     })
 }
 
-fn fuse_config(spin: Duration, private: bool) -> fuser::Config {
+pub(crate) fn fuse_config(spin: Duration, private: bool) -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::FSName("cgmetric".into()),
@@ -415,7 +516,7 @@ fn absolute(path: &Path) -> io::Result<PathBuf> {
     }
 }
 
-fn detach(path: &Path) -> io::Result<()> {
+pub(crate) fn detach(path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: c_path is a valid NUL-terminated string for the call's duration.

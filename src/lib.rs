@@ -32,3 +32,4 @@ pub mod net;
 pub mod render;
 pub mod report;
 pub mod sample;
+pub mod supervise;

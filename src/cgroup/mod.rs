@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 
 pub use layout::{Controller, Layout, LayoutKind};
 
+/// Cgroup keys ([`CgroupDirs::key`]) are below 2^KEY_BITS.
+pub const KEY_BITS: u32 = 46;
+
 /// The directories of one cgroup (a path relative to the hierarchy roots) in
 /// every hierarchy where it exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +53,26 @@ impl CgroupDirs {
             .as_deref()
             .or(self.v1.first().map(|(_, p)| p.as_path()))?;
         std::fs::metadata(dir).ok().map(|m| (m.uid(), m.gid()))
+    }
+
+    /// A number for this cgroup that any daemon computes alike while the
+    /// cgroup lives, below 2^[`KEY_BITS`]: its v2 id, or its directory's
+    /// inode in the first v1 hierarchy that has it, tagged with that
+    /// hierarchy (each hierarchy numbers its inodes on its own). A server
+    /// that takes over from another numbers the tree as its predecessor did.
+    /// cgroupfs numbers are 32 bits of inode and a generation above that
+    /// grows only when the 32 bits wrap, so the masks keep them distinct.
+    pub fn key(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(dir) = &self.v2 {
+            return std::fs::metadata(dir)
+                .ok()
+                .map(|m| m.ino() & ((1 << (KEY_BITS - 1)) - 1));
+        }
+        let (controller, dir) = self.v1.first()?;
+        let hierarchy = Controller::ALL.iter().position(|c| c == controller)? as u64;
+        let ino = std::fs::metadata(dir).ok()?.ino();
+        Some(1 << (KEY_BITS - 1) | (hierarchy & 31) << 40 | ino & ((1 << 40) - 1))
     }
 
     /// The cgroup's id: the inode of its directory, in the v2 tree when it has

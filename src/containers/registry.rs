@@ -1,5 +1,6 @@
-//! The containers the daemon knows: each has a slot (which fixes its inode
-//! numbers for as long as it lives) and a unique name that is safe as a
+//! The containers the daemon knows: each has a slot (its cgroup's key, which
+//! fixes its inode numbers for as long as it lives, in this server and in
+//! any that takes over from it) and a unique name that is safe as a
 //! directory name.
 //!
 //! Naming rule: a container asks for a name (discovery's); if that name is
@@ -79,7 +80,6 @@ struct Inner {
     by_name: BTreeMap<String, Arc<Metered>>,
     by_slot: HashMap<Slot, Arc<Metered>>,
     by_cgroup: HashMap<PathBuf, Slot>,
-    next_slot: Slot,
 }
 
 pub struct Registry {
@@ -212,8 +212,12 @@ impl Registry {
         let Some(cgroup_id) = dirs.id() else { return };
         let id = found.id.clone().unwrap_or_else(|| cgroup_id.to_string());
         let name = self.unique_name(inner, &found.name, &id);
-        let slot = inner.next_slot;
-        inner.next_slot += 1;
+        let Some(mut slot) = dirs.key() else { return };
+        // Keys are distinct; this only guards against masked bits that a
+        // kernel might one day use.
+        while inner.by_slot.contains_key(&slot) {
+            slot = (slot + 1) % (1 << crate::cgroup::KEY_BITS);
+        }
         let container = Arc::new(Metered::new(
             slot,
             name.clone(),
@@ -295,9 +299,9 @@ fn drop_slot(inner: &mut Inner, slot: Slot) -> Option<Arc<Metered>> {
     Some(container)
 }
 
-/// Where the `cgroup/` tree's nodes number their slots (for rate keys), far
-/// from containers' slots.
-const CGROUP_SLOTS: Slot = 1 << 40;
+/// Where the `cgroup/` tree's nodes number their slots (for rate keys), above
+/// containers' slots (cgroup keys).
+const CGROUP_SLOTS: Slot = 1 << (crate::cgroup::KEY_BITS + 1);
 
 /// The `cgroup/` tree: every cgroup of the host, interned the first time it
 /// is looked up, so that its directory keeps one inode number while it lives.
@@ -311,7 +315,6 @@ pub struct CgroupTree {
 struct TreeInner {
     by_path: HashMap<PathBuf, u64>,
     nodes: HashMap<u64, Arc<Metered>>,
-    next: u64,
 }
 
 impl CgroupTree {
@@ -339,8 +342,15 @@ impl CgroupTree {
         if let Some(&node) = inner.by_path.get(path) {
             return Some((node, inner.nodes.get(&node)?.clone()));
         }
-        let node = inner.next;
-        inner.next += 1;
+        // The root is node 0; the others are numbered by their cgroups, as
+        // containers are, so that a successor numbers them alike.
+        let mut node = match path.as_os_str().is_empty() {
+            true => 0,
+            false => dirs.key()?,
+        };
+        while node != 0 && inner.nodes.contains_key(&node) {
+            node = (node + 1) % (1 << crate::cgroup::KEY_BITS);
+        }
         let name = path
             .file_name()
             .map_or_else(|| "/".to_string(), |n| n.to_string_lossy().into_owned());
@@ -483,6 +493,24 @@ mod tests {
         assert_eq!(r.list().len(), 1);
         assert!(r.get(slot).is_none());
         assert!(r.by_name("web").is_none());
+    }
+
+    #[test]
+    fn slots_follow_cgroups_not_the_order_of_discovery() {
+        let (one, other) = (registry(), registry());
+        one.apply(vec![found("tenants/beta", "b")]);
+        one.apply(vec![found("tenants/alpha", "a")]);
+        other.apply(vec![
+            found("tenants/alpha", "a"),
+            found("tenants/beta", "b"),
+        ]);
+        for name in ["a", "b"] {
+            assert_eq!(
+                one.by_name(name).unwrap().slot,
+                other.by_name(name).unwrap().slot,
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -47,12 +47,23 @@ pub struct FuseFs {
     model: Arc<Model>,
     /// Shown as every node's times: the tree exists since the daemon started.
     started: SystemTime,
-    /// Whether to take FUSE over io_uring when the kernel offers it.
-    uring: bool,
+    uring: Uring,
+}
+
+/// Whether to take FUSE over io_uring when the kernel offers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uring {
+    Take,
+    /// `--no-fuse-uring`.
+    Refuse,
+    /// A supervised server: the requests a ring holds when its server dies
+    /// are neither resent nor ended by the kernel, so their readers would
+    /// wait forever.
+    Supervised,
 }
 
 impl FuseFs {
-    pub fn new(model: Arc<Model>, uring: bool) -> FuseFs {
+    pub fn new(model: Arc<Model>, uring: Uring) -> FuseFs {
         FuseFs {
             model,
             started: SystemTime::now(),
@@ -111,13 +122,18 @@ const MAX_BACKGROUND: u16 = 1024;
 const URING_MAX_WRITE: u32 = 1 << 20;
 
 /// Takes FUSE over io_uring if the kernel offers it (it does only with
-/// `fuse.enable_uring=1`, Linux 6.14+) and this process may create rings.
-fn offer_uring(config: &mut KernelConfig) {
+/// `fuse.enable_uring=1`, Linux 6.14+) and this process may create rings;
+/// a `supervised` server only says why it does not.
+fn offer_uring(config: &mut KernelConfig, supervised: bool) {
     if !config
         .capabilities()
         .contains(InitFlags::FUSE_OVER_IO_URING)
     {
         log::info!("FUSE over io_uring: not offered by the kernel (fuse.enable_uring=0 or before Linux 6.14); using /dev/fuse");
+        return;
+    }
+    if supervised {
+        log::info!("FUSE over io_uring: offered, but not used by a supervised daemon (the requests a ring holds when its server dies would never be answered; --no-supervise takes it); using /dev/fuse");
         return;
     }
     if !fuser::runs_on_every_cpu() {
@@ -141,8 +157,8 @@ impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
-        if self.uring {
-            offer_uring(config);
+        if self.uring != Uring::Refuse {
+            offer_uring(config, self.uring == Uring::Supervised);
         }
         Ok(())
     }
@@ -193,7 +209,7 @@ impl Filesystem for FuseFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -201,7 +217,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.model.read(fh.0, offset, size) {
+        match self.model.read(ino.0, fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
         }
@@ -242,12 +258,12 @@ impl Filesystem for FuseFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.model.readdir(fh.0) {
+        let entries = match self.model.readdir(ino.0, fh.0) {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno(e)),
         };

@@ -21,12 +21,32 @@ impl Default for Handles {
     fn default() -> Self {
         Handles {
             open: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
+            next: AtomicU64::new(first_number()),
         }
     }
 }
 
+/// Handles are numbered from the boot-time clock, in nanoseconds, at the
+/// server's start: no server hands out more than one a nanosecond, so a
+/// server that takes over from another never hands out a number that a
+/// reader still holds from its predecessor.
+fn first_number() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    (now.tv_sec as u64) * 1_000_000_000 + now.tv_nsec as u64 + 1
+}
+
 impl Handles {
+    /// Takes on a handle this server did not hand out: a predecessor's,
+    /// still held by a reader.
+    pub(super) fn adopt(&self, number: u64, handle: Handle) {
+        self.open.lock().entry(number).or_insert(handle);
+    }
+
     pub(super) fn insert(&self, handle: Handle) -> u64 {
         let number = self.next.fetch_add(1, Ordering::Relaxed);
         self.open.lock().insert(number, handle);
@@ -80,5 +100,21 @@ impl std::ops::Deref for Chunk {
 
     fn deref(&self) -> &[u8] {
         &self.content[self.range.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_successor_numbers_above_its_predecessor() {
+        let first = Handles::default();
+        let last = (0..1000)
+            .map(|_| first.insert(Handle::Dir(Arc::new(Vec::new()))))
+            .max()
+            .unwrap();
+        let next = Handles::default();
+        assert!(next.insert(Handle::Dir(Arc::new(Vec::new()))) > last);
     }
 }

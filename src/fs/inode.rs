@@ -4,8 +4,9 @@
 //! metrics owns a range of 2^16 numbers: offset 0 is the directory, then its
 //! metadata files, then one number per catalogue row. Containers' ranges
 //! start at 2^16 (by slot); the `cgroup/` tree's are flagged by bit 62 (by
-//! node). Slots and nodes are never reused while the daemon runs, so a
-//! number never names two things.
+//! node). Slots and nodes are their cgroups' keys (`CgroupDirs::key`): a
+//! number never names two things, and a server that takes the connection
+//! over from another gives every node the number the kernel already holds.
 
 use crate::metrics::MetricId;
 

@@ -291,9 +291,24 @@ impl Model {
         Ok(self.handles.insert(Handle::File(opened.text)))
     }
 
-    /// Up to `size` bytes of the snapshot from `offset`, not copied.
-    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Chunk> {
-        self.handles.read(handle, offset, size)
+    /// Up to `size` bytes of the snapshot from `offset`, not copied. A
+    /// handle this server did not hand out is a predecessor's (this server
+    /// took the connection over): the file is rendered anew for it. A value
+    /// read in several chunks across the switch may then be torn; values of
+    /// one line are read in one.
+    pub fn read(&self, ino: u64, handle: u64, offset: u64, size: u32) -> Result<Chunk> {
+        match self.handles.read(handle, offset, size) {
+            Err(FsError::BadHandle) => {
+                let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
+                if node.kind() == Kind::Dir {
+                    return Err(FsError::IsDir);
+                }
+                let text = self.render(node)?.into_bytes();
+                self.handles.adopt(handle, Handle::File(Arc::new(text)));
+                self.handles.read(handle, offset, size)
+            }
+            read => read,
+        }
     }
 
     /// The kernel dropped its inode `ino`.
@@ -308,20 +323,32 @@ impl Model {
     /// Lists the directory once; later reads of the handle page through the
     /// same listing, so offsets stay valid while containers come and go.
     pub fn opendir(&self, ino: u64) -> Result<u64> {
-        let entries = match Node::from_ino(ino).ok_or(FsError::NotFound)? {
+        let entries = self.list(ino)?;
+        Ok(self.handles.insert(Handle::Dir(Arc::new(entries))))
+    }
+
+    fn list(&self, ino: u64) -> Result<Vec<DirEntry>> {
+        Ok(match Node::from_ino(ino).ok_or(FsError::NotFound)? {
             Node::Root => self.list_root(),
             Node::Dir(owner) => {
                 let dir = self.owner(owner)?;
                 self.list_dir(owner, &dir)
             }
             _ => return Err(FsError::NotDir),
-        };
-        Ok(self.handles.insert(Handle::Dir(Arc::new(entries))))
+        })
     }
 
-    /// The listing of a directory handle, `.` and `..` first.
-    pub fn readdir(&self, handle: u64) -> Result<Arc<Vec<DirEntry>>> {
-        self.handles.listing(handle)
+    /// The listing of a directory handle, `.` and `..` first; a
+    /// predecessor's handle gets a listing of its own (see [`Model::read`]).
+    pub fn readdir(&self, ino: u64, handle: u64) -> Result<Arc<Vec<DirEntry>>> {
+        match self.handles.listing(handle) {
+            Err(FsError::BadHandle) => {
+                let entries = Arc::new(self.list(ino)?);
+                self.handles.adopt(handle, Handle::Dir(entries.clone()));
+                Ok(entries)
+            }
+            listing => listing,
+        }
     }
 
     fn list_root(&self) -> Vec<DirEntry> {
@@ -487,7 +514,7 @@ mod tests {
         // Read in small chunks: the snapshot must stitch together.
         let mut out = Vec::new();
         loop {
-            let chunk = model.read(handle, out.len() as u64, 7)?;
+            let chunk = model.read(ino, handle, out.len() as u64, 7)?;
             if chunk.is_empty() {
                 break;
             }
@@ -504,13 +531,44 @@ mod tests {
         }
         let handle = model.opendir(ino).unwrap();
         let names = model
-            .readdir(handle)
+            .readdir(ino, handle)
             .unwrap()
             .iter()
             .map(|e| e.name.clone())
             .collect();
         model.release(handle);
         names
+    }
+
+    /// What a server that takes over sees: the numbers its predecessor
+    /// handed out, for the same cgroups.
+    #[test]
+    fn a_successor_numbers_the_tree_alike_and_serves_its_predecessors_handles() {
+        let (old, new) = (model("v2"), model("v2"));
+        let path = |m: &Model, path: &str| {
+            let mut ino = ROOT_INO;
+            for part in path.split('/') {
+                ino = m.lookup(ino, part).unwrap().ino;
+            }
+            ino
+        };
+        for file in [
+            "alpha/memory_usage",
+            "alpha/name",
+            "cgroup/tenants",
+            "beta/pids_current",
+        ] {
+            assert_eq!(path(&old, file), path(&new, file), "{file}");
+        }
+        let ino = path(&old, "alpha/name");
+        let handle = old.open(ino, false).unwrap();
+        assert_eq!(&*new.read(ino, handle, 0, 100).unwrap(), b"alpha\n");
+        let dir = path(&old, "alpha");
+        let listing = old.opendir(dir).unwrap();
+        assert_eq!(
+            new.readdir(dir, listing).unwrap().len(),
+            old.readdir(dir, listing).unwrap().len()
+        );
     }
 
     #[test]
@@ -692,6 +750,11 @@ mod tests {
         let ino = m.lookup(ROOT_INO, "metric").unwrap().ino;
         assert_eq!(m.open(ino, true).unwrap_err().errno(), libc::EROFS);
         assert_eq!(m.open(ROOT_INO, false).unwrap_err().errno(), libc::EISDIR);
-        assert_eq!(m.read(999, 0, 10).unwrap_err().errno(), libc::EBADF);
+        // A handle nobody handed out, on a number that names nothing.
+        assert_eq!(m.read(999, 999, 0, 10).unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(
+            m.read(ROOT_INO, 999, 0, 10).unwrap_err().errno(),
+            libc::EISDIR
+        );
     }
 }

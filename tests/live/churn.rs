@@ -127,7 +127,7 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
     let server_cg = parent.child("server");
     let glob = format!("{}/*", parent.relative);
     let daemon = Daemon::start(&["--cgroup", &glob, "--bpf-dir", bpf.arg()]);
-    let pid = daemon.pid();
+    let pid = daemon.server_pid();
 
     let talkers = CONTAINERS / TALKER_EVERY;
     let (server, addr) = server_cg.serve("127.0.0.1", talkers);

@@ -145,7 +145,7 @@ fn rates_cost_nothing_between_reads() {
     // host (tests beside this one make hundreds), and a new cgroup anywhere
     // may be a runtime's container. Rates would be read on the threads that
     // serve reads, or on a thread of their own.
-    let busy = || cpu_time_outside(daemon.pid(), "cgroup-watch");
+    let busy = || cpu_time_outside(daemon.server_pid(), "cgroup-watch");
     let before = busy();
     std::thread::sleep(Duration::from_secs(3));
     let idle = busy() - before;

@@ -21,5 +21,6 @@ mod overload;
 mod privilege;
 mod prometheus;
 mod readers;
+mod supervise;
 mod tree;
 mod uring;

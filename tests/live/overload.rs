@@ -121,7 +121,7 @@ fn sixty_four_readers_for_a_minute_and_a_hoarder() {
     }
     let glob = format!("{}/*", parent.relative);
     let daemon = Daemon::start(&["--cgroup", &glob]);
-    let pid = daemon.pid();
+    let pid = daemon.server_pid();
     let hoard_size = HOARD.min(raise_nofile() as usize / 2);
     let raw_cpu = raw_read_cpu(&boxes[0].dir(Controller::Pids).join("pids.current"));
     // What a read cannot cost less than: the cgroupfs read behind it and a

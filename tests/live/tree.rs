@@ -157,7 +157,7 @@ fn containers_appear_and_vanish_with_their_cgroups() {
 /// lists them now and then, and those are not kept files.
 fn kept_files(daemon: &Daemon, cgroup: &Cgroup) -> Vec<String> {
     let below = format!("{}/", cgroup.relative);
-    let mut names: Vec<String> = fd_targets(daemon.pid())
+    let mut names: Vec<String> = fd_targets(daemon.server_pid())
         .into_iter()
         .filter(|target| {
             let target = target.to_string_lossy();

@@ -180,7 +180,7 @@ fn keeps_dev_fuse(daemon: Daemon, reason: Option<&str>) {
         Some(reason) => assert!(log.contains(reason), "{log}"),
         None => assert!(!log.contains("FUSE over io_uring"), "{log}"),
     }
-    assert!(ring_threads(daemon.pid()).is_empty());
+    assert!(ring_threads(daemon.server_pid()).is_empty());
     serves_the_tree(&daemon);
     stops_cleanly(daemon);
 }
@@ -196,8 +196,12 @@ fn reads_are_served_on_the_readers_cpu_where_the_kernel_offers_io_uring() {
         let daemon = Daemon::start(&["--no-ebpf", "--cgroup", &glob]);
         return keeps_dev_fuse(daemon, Some("not offered by the kernel"));
     };
+    // A supervised daemon does not take it: a ring's requests would wait
+    // forever for a server that died.
     let daemon = Daemon::start(&["--no-ebpf", "--cgroup", &glob]);
-    let threads = ring_threads(daemon.pid());
+    keeps_dev_fuse(daemon, Some("not used by a supervised daemon"));
+    let daemon = Daemon::start(&["--no-ebpf", "--no-supervise", "--cgroup", &glob]);
+    let threads = ring_threads(daemon.server_pid());
     let possible = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
     assert!(
         daemon.stderr().contains("FUSE over io_uring: ") && !threads.is_empty(),
@@ -216,7 +220,7 @@ fn reads_are_served_on_the_readers_cpu_where_the_kernel_offers_io_uring() {
         let switches = || -> u64 {
             mine.iter()
                 .map(|tid| {
-                    status_field(daemon.pid(), *tid, "voluntary_ctxt_switches:")
+                    status_field(daemon.server_pid(), *tid, "voluntary_ctxt_switches:")
                         .parse::<u64>()
                         .unwrap()
                 })
@@ -224,7 +228,7 @@ fn reads_are_served_on_the_readers_cpu_where_the_kernel_offers_io_uring() {
         };
         for tid in &mine {
             assert_eq!(
-                status_field(daemon.pid(), *tid, "Cpus_allowed_list:"),
+                status_field(daemon.server_pid(), *tid, "Cpus_allowed_list:"),
                 cpu.to_string()
             );
         }
@@ -245,12 +249,16 @@ fn reads_are_served_on_the_readers_cpu_where_the_kernel_offers_io_uring() {
         .read("metric")
         .contains(&format!("b{}_", boxes.len() - 1))));
     let _ = daemon.read("box/cpu_millicores");
-    let everywhere = status_field(daemon.pid(), daemon.pid(), "Cpus_allowed_list:");
-    let started = named(daemon.pid(), "sample-helper");
+    let everywhere = status_field(
+        daemon.server_pid(),
+        daemon.server_pid(),
+        "Cpus_allowed_list:",
+    );
+    let started = named(daemon.server_pid(), "sample-helper");
     assert!(!started.is_empty(), "no helper thread");
     for tid in started {
         assert_eq!(
-            status_field(daemon.pid(), tid, "Cpus_allowed_list:"),
+            status_field(daemon.server_pid(), tid, "Cpus_allowed_list:"),
             everywhere
         );
     }
@@ -268,8 +276,10 @@ fn a_daemon_confined_to_one_cpu_or_told_not_to_keeps_dev_fuse() {
     // Confined: another CPU's queue would be served from afar.
     if param.is_some() && cpus.len() > 1 {
         let cpu = cpus[0].to_string();
-        let daemon =
-            Daemon::start_under(&["taskset", "-c", &cpu], &["--no-ebpf", "--cgroup", &glob]);
+        let daemon = Daemon::start_under(
+            &["taskset", "-c", &cpu],
+            &["--no-ebpf", "--no-supervise", "--cgroup", &glob],
+        );
         keeps_dev_fuse(daemon, Some("may not run on every CPU"));
     }
     let daemon = Daemon::start(&["--no-ebpf", "--no-fuse-uring", "--cgroup", &glob]);

@@ -15,6 +15,8 @@ use super::timing::reading;
 
 /// A running `cgmetric` on its own temporary mountpoint.
 pub struct Daemon {
+    /// The command line the test gave.
+    args: Vec<String>,
     child: Option<Child>,
     pub mountpoint: PathBuf,
     _dir: Option<tempfile::TempDir>,
@@ -84,6 +86,7 @@ impl Daemon {
             .spawn()
             .expect("start cgmetric");
         Daemon {
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: Some(child),
             mountpoint: mountpoint.to_path_buf(),
             _dir: None,
@@ -139,8 +142,56 @@ impl Daemon {
         text
     }
 
+    /// The process started: the supervisor, unless `--no-supervise`.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// The process that serves the tree: the supervisor's child, or the
+    /// daemon itself under `--no-supervise`. Waits for a child that a
+    /// supervisor is starting.
+    pub fn server_pid(&self) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.servers().first() {
+                Some(pid) => return *pid,
+                None if !self.supervised() => return self.pid(),
+                None => {
+                    assert!(Instant::now() < deadline, "no server process started");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Kills the serving child with SIGKILL, as a crash would; the
+    /// supervisor starts another. Returns the killed one's pid.
+    pub fn kill_server(&self) -> u32 {
+        assert!(
+            self.supervised(),
+            "only a supervised daemon has a server to kill"
+        );
+        let pid = self.server_pid();
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        pid
+    }
+
+    fn supervised(&self) -> bool {
+        !self.args.iter().any(|a| a == "--no-supervise")
+    }
+
+    /// The supervisor's children (its servers; one, or none between two).
+    fn servers(&self) -> Vec<u32> {
+        let Some(child) = &self.child else {
+            return Vec::new();
+        };
+        let pid = child.id();
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
     }
 
     pub fn signal(&self, signal: i32) {
@@ -163,11 +214,14 @@ impl Daemon {
         }
     }
 
-    /// Kills the daemon with SIGKILL, leaving its mount behind (stale).
+    /// Kills the daemon with SIGKILL, supervisor and server, leaving its
+    /// mount behind (stale).
     pub fn crash(&mut self) {
+        let servers = self.servers();
         self.signal(libc::SIGKILL);
         self.wait(Duration::from_secs(5))
             .expect("SIGKILL ends the daemon");
+        kill_and_reap(&servers);
     }
 
     /// Kills the daemon with SIGKILL and leaves its stale mount for the next
@@ -181,16 +235,47 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some() {
+            let servers = self.servers();
             self.signal(libc::SIGTERM);
             if self.wait(Duration::from_secs(5)).is_none() {
                 self.signal(libc::SIGKILL);
                 let _ = self.wait(Duration::from_secs(5));
             }
+            // A supervisor that was killed leaves its server running.
+            kill_and_reap(&servers);
         }
         if !self.leave_mount && is_mounted(&self.mountpoint) {
             detach(&self.mountpoint);
         }
     }
+}
+
+/// Kills `pids` (orphans, reaped by init) and waits until they are gone.
+fn kill_and_reap(pids: &[u32]) {
+    for pid in pids {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|pid| is_running(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` is a process that has not exited (a zombie has).
+pub fn is_running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 pub use cgmetric::mounts::is_live_cgmetric as is_live;

@@ -26,7 +26,9 @@ pub mod net;
 pub mod timing;
 
 pub use cgroup::{host_layout, Cgroup, Nest};
-pub use daemon::{binary, detach, is_live, is_mounted, workspace_binary, BpfDir, Daemon};
+pub use daemon::{
+    binary, detach, is_live, is_mounted, is_running, workspace_binary, BpfDir, Daemon,
+};
 pub use gate::{privileged, tool};
 pub use host::{
     cpu_time, cpu_time_outside, fd_targets, map_ids, online_cpus, open_fds, promtool_check,

@@ -104,6 +104,15 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
     }
 
+    /// Asks the kernel to queue again every request that was read from
+    /// this connection and not answered (`FUSE_NOTIFY_RESEND`, Linux 6.9+):
+    /// a server that takes over from one that died answers them.
+    /// # Errors
+    /// EINVAL from kernels without it.
+    pub fn resend(&self) -> io::Result<()> {
+        self.send(notify_code::FUSE_NOTIFY_RESEND, &Notification::new_resend())
+    }
+
     #[allow(unused)]
     fn send_inval(&self, code: notify_code, notification: &Notification<'_>) -> io::Result<()> {
         match self.send(code, notification) {

@@ -229,6 +229,28 @@ impl<FS: Filesystem> Session<FS> {
         Ok(session)
     }
 
+    /// Serve a connection whose INIT another process already answered: a
+    /// successor of a server that died or handed the fd over. No handshake,
+    /// so `Filesystem::init` is not called; the kernel keeps what was
+    /// negotiated.
+    pub fn resume(filesystem: FS, fd: OwnedFd, acl: SessionACL, config: Config) -> Self {
+        Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch: Channel::new(Arc::new(DevFuse(File::from(fd)))),
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: None,
+            config,
+            #[cfg(target_os = "linux")]
+            uring_payload: None,
+        }
+    }
+
     /// Run the session loop in a background thread. If the returned handle is dropped,
     /// the filesystem is unmounted and the given session ends.
     pub fn spawn(self) -> io::Result<BackgroundSession> {
@@ -281,7 +303,13 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut channels = Vec::with_capacity(n_threads);
 
-        for _ in 0..n_threads_minus_one {
+        let spare = config.clone_fd && config.spare_session_fd;
+        let clones = if spare {
+            n_threads
+        } else {
+            n_threads_minus_one
+        };
+        for _ in 0..clones {
             if config.clone_fd {
                 #[cfg(target_os = "linux")]
                 {
@@ -296,7 +324,14 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
-        channels.push(ch);
+        // A spare session fd stays open, unread, for the session's life:
+        // it is what notifications go out on.
+        let _spare = if spare {
+            Some(ch)
+        } else {
+            channels.push(ch);
+            None
+        };
 
         let mut threads = Vec::with_capacity(n_threads);
 

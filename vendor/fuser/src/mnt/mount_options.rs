@@ -21,6 +21,14 @@ pub struct Config {
     /// How long an event loop thread keeps polling for the next
     /// request before it sleeps. Zero (the default) never spins.
     pub receive_spin: std::time::Duration,
+    /// With `clone_fd`: give every event loop thread a clone and read
+    /// nothing from the session's own fd. When a server process dies, the
+    /// kernel ends the requests it had read from a clone (the reader gets
+    /// ECONNABORTED), whereas requests read from an fd that another process
+    /// still holds wait for an answer. A supervisor that keeps the session's
+    /// fd across servers wants the former where the kernel cannot resend
+    /// (`Notifier::resend`, Linux 6.9+), or its readers hang.
+    pub spare_session_fd: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type

@@ -1,0 +1,286 @@
+//! The supervisor keeps the FUSE connection while its serving child dies
+//! and is replaced: readers never see a stale mount, and where the kernel
+//! resends what a dead server held (Linux 6.9+), not one failed read.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::require;
+use crate::support::{
+    eventually, finish, finish_client, heavy_turn, is_mounted, tcp_peer, Cgroup, Daemon, Rng,
+};
+
+/// What a read may take while servers die: a restart is one discovery walk
+/// and the pinned programs' reuse, well under this.
+const SLOWEST_READ: Duration = Duration::from_secs(2);
+
+/// The files the readers loop over: a container's values (a counter that
+/// must never go back among them), its `metrics`, and the aggregates.
+const FILES: [&str; 7] = [
+    "client/net_bytes_tx",
+    "client/pids_current",
+    "client/memory_usage",
+    "client/metrics",
+    "server/name",
+    "metric",
+    "metrics.prom",
+];
+
+#[derive(Default)]
+struct Seen {
+    reads: u64,
+    /// Errors other than what the kernel gives for a request a dead server
+    /// held where it cannot resend (ECONNABORTED).
+    failures: Vec<String>,
+    aborted: u64,
+    slowest: Duration,
+    /// The slowest read's file, and when it ended (since the test began).
+    slowest_read: String,
+    went_back: Vec<String>,
+}
+
+#[test]
+fn readers_never_fail_while_the_server_is_killed_twenty_times() {
+    require!();
+    let _turn = heavy_turn();
+    let mut rng = Rng::seeded("readers_never_fail_while_the_server_is_killed_twenty_times");
+    let parent = Cgroup::parent("supervise");
+    let server_cg = parent.child("server");
+    let client_cg = parent.child("client");
+    let glob = format!("{}/*", parent.relative);
+    // A rate read waits a window in each server that holds it (a new server
+    // has no earlier reading to measure from): with half-second windows two
+    // of them and a restart stay within the bound.
+    let daemon = Daemon::start(&["--cgroup", &glob, "--window", "500ms"]);
+    let (server, addr) = server_cg.serve("127.0.0.1", 1);
+    // 24 MiB in 64 KiB writes 20 ms apart: about 8 s of traffic.
+    let payload: u64 = 24 << 20;
+    let client = client_cg.start(Command::new(tcp_peer()).args([
+        "client",
+        &addr,
+        "1",
+        &payload.to_string(),
+        "0",
+        "20",
+    ]));
+
+    let began = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let readers: Vec<_> = (0..8)
+        .map(|reader| {
+            let root = daemon.mountpoint.clone();
+            let (stop, seen) = (stop.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut last_tx = 0u64;
+                let mut i = reader;
+                while !stop.load(Ordering::Relaxed) {
+                    let file = FILES[i % FILES.len()];
+                    i += 1;
+                    let started = Instant::now();
+                    let read = std::fs::read_to_string(root.join(file));
+                    let took = started.elapsed();
+                    let mut seen = seen.lock().unwrap();
+                    seen.reads += 1;
+                    if took > seen.slowest {
+                        seen.slowest = took;
+                        seen.slowest_read = format!("{file}, ended at {:?}", began.elapsed());
+                    }
+                    match read {
+                        Ok(text) if text.is_empty() || !text.ends_with('\n') => {
+                            seen.failures.push(format!("{file}: {text:?}"))
+                        }
+                        Ok(text) if file == "client/net_bytes_tx" => {
+                            let tx: u64 = text.trim().parse().unwrap();
+                            if tx < last_tx {
+                                seen.went_back.push(format!("{last_tx} -> {tx}"));
+                            }
+                            last_tx = tx;
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => seen.aborted += 1,
+                        Err(e) => seen.failures.push(format!("{file}: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    const KILLS: usize = 20;
+    let mut killed = Vec::new();
+    for _ in 0..KILLS {
+        // Each server serves a while before it dies (the supervisor paces
+        // the restarts of servers that die young).
+        std::thread::sleep(Duration::from_millis(1000 + rng.below(500)));
+        killed.push(daemon.kill_server());
+        eprintln!(
+            "killed {} at {:?}",
+            killed[killed.len() - 1],
+            began.elapsed()
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || daemon.server_pid()
+                != killed[killed.len() - 1]),
+            "no new server:\n{}",
+            daemon.stderr()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    readers.into_iter().for_each(|r| r.join().unwrap());
+
+    let sent = finish_client(client);
+    assert_eq!(sent.payload, payload);
+    assert_eq!(finish(server), payload);
+    let seen = seen.lock().unwrap();
+    let log = daemon.stderr();
+    assert!(seen.failures.is_empty(), "{:?}\n{log}", seen.failures);
+    assert!(
+        seen.went_back.is_empty(),
+        "net_bytes_tx went back: {:?}",
+        seen.went_back
+    );
+    assert!(
+        seen.slowest < SLOWEST_READ,
+        "a read took {:?} ({}; seed {}):\n{log}",
+        seen.slowest,
+        seen.slowest_read,
+        rng.seed
+    );
+    if cgmetric::supervise::kernel_resends() {
+        assert_eq!(seen.aborted, 0, "reads failed on a kernel that resends");
+    } else {
+        // At most what each server held when it died: one per FUSE thread.
+        assert!(
+            seen.aborted <= (KILLS * 4) as u64,
+            "{} aborted reads",
+            seen.aborted
+        );
+    }
+    assert!(seen.reads > 1000, "only {} reads", seen.reads);
+    assert_eq!(
+        log.matches("starting another on the same connection")
+            .count(),
+        KILLS
+    );
+    eprintln!(
+        "{} reads, {} aborted, slowest {:?}, across {KILLS} server kills",
+        seen.reads, seen.aborted, seen.slowest
+    );
+}
+
+#[test]
+fn a_read_held_by_a_server_that_dies_is_answered_by_the_next() {
+    require!();
+    let parent = Cgroup::parent("resend");
+    let _box = parent.child("box");
+    let glob = format!("{}/*", parent.relative);
+    // A rate's first read waits a window inside the server: long enough to
+    // kill the server while it holds the request.
+    let daemon = Daemon::start(&["--cgroup", &glob, "--window", "2s"]);
+    let path = daemon.path("box/net_tx_bps");
+    let reader = std::thread::spawn(move || {
+        let started = Instant::now();
+        (std::fs::read_to_string(path), started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = daemon.kill_server();
+    let (read, took) = reader.join().unwrap();
+    assert!(daemon.server_pid() != killed);
+    if cgmetric::supervise::kernel_resends() {
+        let text = read.unwrap_or_else(|e| panic!("{e}\n{}", daemon.stderr()));
+        assert_eq!(text, "0\n");
+    } else {
+        let e = read.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNABORTED), "{e}");
+    }
+    assert!(took < Duration::from_secs(10), "the read took {took:?}");
+    assert_eq!(daemon.read("box/name"), "box\n");
+}
+
+#[test]
+fn a_killed_supervisor_leaves_its_server_serving() {
+    require!();
+    let parent = Cgroup::parent("orphan");
+    let _box = parent.child("box");
+    let glob = format!("{}/*", parent.relative);
+    let dir = tempfile::tempdir().unwrap();
+    let mountpoint = dir.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let args = ["--cgroup", &glob];
+    let mut daemon = Daemon::spawn_at(&mountpoint, &args);
+    daemon.wait_mounted();
+    let server = daemon.server_pid();
+    daemon.signal(libc::SIGKILL);
+    daemon
+        .wait(Duration::from_secs(5))
+        .expect("SIGKILL ends it");
+    // The server holds the connection too.
+    assert_eq!(
+        std::fs::read_to_string(mountpoint.join("box/name")).unwrap(),
+        "box\n"
+    );
+    // With it gone as well, the mount is stale, and the next start heals it.
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(server as i32, libc::SIGKILL) };
+    assert!(eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(mountpoint.join("box/name"))
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+    }));
+    drop(daemon);
+    let mut next = Daemon::spawn_at(&mountpoint, &args);
+    next.wait_mounted();
+    assert_eq!(next.read("box/name"), "box\n");
+}
+
+#[test]
+fn an_unmount_stops_supervisor_and_server() {
+    require!();
+    let parent = Cgroup::parent("unmounted");
+    let _box = parent.child("box");
+    let glob = format!("{}/*", parent.relative);
+    let mut daemon = Daemon::start(&["--cgroup", &glob]);
+    let server = daemon.server_pid();
+    let status = Command::new("umount")
+        .arg(&daemon.mountpoint)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = daemon
+        .wait(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the supervisor stayed:\n{}", daemon.stderr()));
+    assert!(exited.success(), "{exited}:\n{}", daemon.stderr());
+    assert!(eventually(Duration::from_secs(5), || {
+        !crate::support::is_running(server)
+    }));
+    assert!(!is_mounted(&daemon.mountpoint));
+}
+
+#[test]
+fn a_server_that_cannot_start_unmounts_and_fails_once() {
+    require!();
+    let parent = Cgroup::parent("nostart");
+    let _box = parent.child("box");
+    let glob = format!("{}/*", parent.relative);
+    // Pins cannot live outside a BPF filesystem: the server fails at start.
+    let not_bpf = tempfile::tempdir().unwrap();
+    let bpf_dir = not_bpf.path().to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mountpoint = dir.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let mut daemon = Daemon::spawn_at(&mountpoint, &["--cgroup", &glob, "--bpf-dir", bpf_dir]);
+    let status = daemon
+        .wait(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("it kept trying:\n{}", daemon.stderr()));
+    assert!(!status.success());
+    let log = daemon.stderr();
+    assert!(log.contains("stopped before serving"), "{log}");
+    assert!(!log.contains("starting another"), "{log}");
+    assert!(!is_mounted(&mountpoint));
+    assert!(matches!(
+        std::fs::read_dir(&mountpoint).map(|d| d.count()),
+        Ok(0)
+    ));
+}
