@@ -62,6 +62,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("open_files", true),
     ("no_ebpf", false),
     ("no_fuse_uring", false),
+    ("no_supervise", false),
     ("private", false),
 ];
 

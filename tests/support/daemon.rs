@@ -6,6 +6,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -17,6 +18,8 @@ use super::timing::reading;
 pub struct Daemon {
     /// The command line the test gave.
     args: Vec<String>,
+    /// Its process group: the daemon leads one, which its servers join.
+    group: i32,
     child: Option<Child>,
     pub mountpoint: PathBuf,
     _dir: Option<tempfile::TempDir>,
@@ -83,10 +86,12 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
+            .process_group(0)
             .spawn()
             .expect("start cgmetric");
         Daemon {
             args: args.iter().map(|a| a.to_string()).collect(),
+            group: child.id() as i32,
             child: Some(child),
             mountpoint: mountpoint.to_path_buf(),
             _dir: None,
@@ -214,14 +219,18 @@ impl Daemon {
         }
     }
 
-    /// Kills the daemon with SIGKILL, supervisor and server, leaving its
+    /// Kills the daemon with SIGKILL, supervisor and server at once (its
+    /// process group: a server being started is in it too), leaving its
     /// mount behind (stale).
     pub fn crash(&mut self) {
+        let group = self.group;
         let servers = self.servers();
-        self.signal(libc::SIGKILL);
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
         self.wait(Duration::from_secs(5))
             .expect("SIGKILL ends the daemon");
         kill_and_reap(&servers);
+        wait_group_gone(group);
     }
 
     /// Kills the daemon with SIGKILL and leaves its stale mount for the next
@@ -243,6 +252,10 @@ impl Drop for Daemon {
             }
             // A supervisor that was killed leaves its server running.
             kill_and_reap(&servers);
+            let group = self.group;
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+            wait_group_gone(group);
         }
         if !self.leave_mount && is_mounted(&self.mountpoint) {
             detach(&self.mountpoint);
@@ -258,6 +271,31 @@ fn kill_and_reap(pids: &[u32]) {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while pids.iter().any(|pid| is_running(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until no process of process group `group` runs (zombies, which
+/// whoever adopted them reaps in its own time, do not count).
+fn wait_group_gone(group: i32) {
+    let in_group = || {
+        fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| {
+                let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+                    return false;
+                };
+                let Some((_, rest)) = stat.rsplit_once(')') else {
+                    return false;
+                };
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                fields.len() > 2 && fields[0] != "Z" && fields[2] == group.to_string()
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while in_group() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
