@@ -15,12 +15,19 @@ pub enum Group {
     CpuRate,
     CpuThrottle,
     CpuLimit,
+    /// Pressure stall information: the v2 tree's `*.pressure` files, on
+    /// hybrid hosts too.
+    CpuPressure,
     MemoryUsage,
+    MemoryPeak,
     MemoryStat,
     MemorySwap,
     MemoryLimit,
     MemoryOom,
+    MemoryEvents,
+    MemoryPressure,
     Io,
+    IoPressure,
     PidsCurrent,
     PidsLimit,
     /// eBPF: bytes and packets.
@@ -112,8 +119,14 @@ catalogue! {
         "CFS periods in which the container was throttled.";
     CpuThrottledUsec: "cpu_throttled_usec", CpuThrottle, Counter, "cpu_throttled_seconds_total", Micro,
         "Time the container's tasks were throttled.";
+    CpuPressureSomeUsec: "cpu_pressure_some_usec", CpuPressure, Counter, "cpu_pressure_some_seconds_total", Micro,
+        "Time at least one of the container's tasks waited for a CPU (PSI some), throttling included.";
+    CpuPressureFullUsec: "cpu_pressure_full_usec", CpuPressure, Counter, "cpu_pressure_full_seconds_total", Micro,
+        "Time all of the container's non-idle tasks waited for a CPU at once (PSI full).";
     MemoryUsage: "memory_usage", MemoryUsage, Gauge, "memory_usage_bytes", One,
         "Memory charged to the container, page cache included.";
+    MemoryPeak: "memory_peak", MemoryPeak, Gauge, "memory_peak_bytes", One,
+        "Highest memory usage since the cgroup was created (or its peak was reset).";
     MemoryWorkingSet: "memory_working_set", MemoryStat, Gauge, "memory_working_set_bytes", One,
         "Memory usage minus inactive file cache.";
     MemoryRss: "memory_rss", MemoryStat, Gauge, "memory_rss_bytes", One,
@@ -144,6 +157,20 @@ catalogue! {
         "Memory limit (+Inf when unlimited).";
     MemoryOomKills: "memory_oom_kills", MemoryOom, Counter, "memory_oom_kills_total", One,
         "Processes killed by the OOM killer for this cgroup.";
+    MemoryLowEvents: "memory_low_events", MemoryEvents, Counter, "memory_low_events_total", One,
+        "Times the container was reclaimed below its memory.low protection.";
+    MemoryHighEvents: "memory_high_events", MemoryEvents, Counter, "memory_high_events_total", One,
+        "Times the container went over memory.high and was throttled and reclaimed.";
+    MemoryMaxEvents: "memory_max_events", MemoryEvents, Counter, "memory_max_events_total", One,
+        "Times a charge hit the memory limit (cgroup v1: memory.failcnt).";
+    MemoryOomEvents: "memory_oom_events", MemoryEvents, Counter, "memory_oom_events_total", One,
+        "Times the container reached its limit with reclaim failing (the OOM path ran).";
+    MemoryOomGroupKills: "memory_oom_group_kills", MemoryEvents, Counter, "memory_oom_group_kills_total", One,
+        "Times the whole cgroup was killed as one unit (memory.oom.group).";
+    MemoryPressureSomeUsec: "memory_pressure_some_usec", MemoryPressure, Counter, "memory_pressure_some_seconds_total", Micro,
+        "Time at least one of the container's tasks stalled on memory (PSI some: reclaim, refaults, throttling).";
+    MemoryPressureFullUsec: "memory_pressure_full_usec", MemoryPressure, Counter, "memory_pressure_full_seconds_total", Micro,
+        "Time all of the container's non-idle tasks stalled on memory at once (PSI full).";
     IoReadBytes: "io_read_bytes", Io, Counter, "io_read_bytes_total", One,
         "Bytes read from block devices.";
     IoWriteBytes: "io_write_bytes", Io, Counter, "io_written_bytes_total", One,
@@ -152,6 +179,10 @@ catalogue! {
         "Read operations on block devices.";
     IoWriteOps: "io_write_ops", Io, Counter, "io_write_ops_total", One,
         "Write operations on block devices.";
+    IoPressureSomeUsec: "io_pressure_some_usec", IoPressure, Counter, "io_pressure_some_seconds_total", Micro,
+        "Time at least one of the container's tasks waited for I/O (PSI some).";
+    IoPressureFullUsec: "io_pressure_full_usec", IoPressure, Counter, "io_pressure_full_seconds_total", Micro,
+        "Time all of the container's non-idle tasks waited for I/O at once (PSI full).";
     PidsCurrent: "pids_current", PidsCurrent, Gauge, "pids", One,
         "Tasks (processes and threads) in the container.";
     PidsLimit: "pids_limit", PidsLimit, Gauge, "pids_limit", One,

@@ -17,6 +17,7 @@ fuzz_target!(|text: &str| {
             "nr_throttled",
             "rss",
             "oom_kill",
+            "high",
         ],
     );
     let _ = parse::cpu_max(text);
@@ -24,4 +25,5 @@ fuzz_target!(|text: &str| {
     let _ = parse::cfs_quota(quota, period);
     let _ = parse::io_stat(text);
     let _ = parse::blkio_throttle(text);
+    let _ = parse::pressure(text);
 });

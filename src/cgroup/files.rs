@@ -124,12 +124,21 @@ impl<'a> Files<'a> {
                 }
                 Ok(false)
             }
+            // A file the kernel shows but cannot fill: pressure files with
+            // PSI off (psi=0) on kernels that do not hide them. Recent ones
+            // hide them (ENOENT above), as does `cgroup.pressure` 0.
+            Err(e) if is_unsupported(&e) => Ok(false),
             Err(source) => Err(SourceError::Io {
                 path: path(),
                 source,
             }),
         }
     }
+}
+
+/// EOPNOTSUPP: the host does not provide what the file would hold.
+fn is_unsupported(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EOPNOTSUPP)
 }
 
 /// Appends a cgroup file's whole text to `out`. Plain `read`s: std's
@@ -145,5 +154,19 @@ fn read_all(file: &mut std::fs::File, out: &mut Vec<u8>) -> std::io::Result<()> 
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_is_eopnotsupp_only() {
+        let os = std::io::Error::from_raw_os_error;
+        assert!(is_unsupported(&os(libc::EOPNOTSUPP)));
+        assert!(is_unsupported(&os(libc::ENOTSUP)));
+        assert!(!is_unsupported(&os(libc::EIO)));
+        assert!(!is_unsupported(&os(libc::EACCES)));
     }
 }

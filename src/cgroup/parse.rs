@@ -145,6 +145,47 @@ fn quota_millicores(quota_us: u64, period_us: u64) -> Result<Limit> {
     ))
 }
 
+/// The stall totals of a pressure file, in µs; `None` for a line the kernel
+/// does not write (cgroup `cpu.pressure` has no `full` before 5.13).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pressure {
+    pub some_usec: Option<u64>,
+    pub full_usec: Option<u64>,
+}
+
+/// A pressure stall file (`cpu.pressure`, `memory.pressure`, `io.pressure`):
+/// `some avg10=0.00 avg60=0.00 avg300=0.00 total=N` and the same for
+/// `full`. Only the totals are kept; the averages are the kernel's own
+/// smoothing and not counters. Every line must be a word and `key=value`
+/// fields with a numeric `total`, so that another format is an error.
+pub fn pressure(text: &str) -> Result<Pressure> {
+    let mut out = Pressure::default();
+    let mut empty = true;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        empty = false;
+        let bad = || ParseError::BadLine(line.trim().to_string());
+        let mut fields = line.split_ascii_whitespace();
+        let kind = fields.next().ok_or_else(bad)?;
+        let mut total = None;
+        for field in fields {
+            let (key, value) = field.split_once('=').ok_or_else(bad)?;
+            if key == "total" {
+                total = Some(number(value)?);
+            }
+        }
+        let total = total.ok_or_else(bad)?;
+        match kind {
+            "some" => out.some_usec = Some(total),
+            "full" => out.full_usec = Some(total),
+            _ => {}
+        }
+    }
+    if empty {
+        return Err(ParseError::Empty);
+    }
+    Ok(out)
+}
+
 /// Block I/O summed over every device.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct IoTotals {
@@ -291,6 +332,85 @@ mod tests {
         assert_eq!(io_stat(""), Ok(IoTotals::default()));
         assert!(io_stat("8:0 rbytes\n").is_err());
         assert!(io_stat("rbytes=1\n").is_err());
+    }
+
+    #[test]
+    fn pressure_totals() {
+        let text = "some avg10=1.50 avg60=0.30 avg300=0.06 total=2617677\n\
+                    full avg10=0.00 avg60=0.00 avg300=0.00 total=364655\n";
+        assert_eq!(
+            pressure(text),
+            Ok(Pressure {
+                some_usec: Some(2_617_677),
+                full_usec: Some(364_655)
+            })
+        );
+        // Kernels before 5.13 have no cgroup CPU `full` line: no value.
+        assert_eq!(
+            pressure("some avg10=0.00 avg60=0.00 avg300=0.00 total=7\n"),
+            Ok(Pressure {
+                some_usec: Some(7),
+                full_usec: None
+            })
+        );
+        // A line a later kernel may add is read past if well-formed.
+        assert_eq!(
+            pressure("some total=1\nfull total=2\nirq avg10=0.00 total=3\n"),
+            Ok(Pressure {
+                some_usec: Some(1),
+                full_usec: Some(2)
+            })
+        );
+        assert_eq!(pressure(""), Err(ParseError::Empty));
+        assert_eq!(pressure("\n \n"), Err(ParseError::Empty));
+        assert_eq!(
+            pressure("some avg10=0.00 avg60=0.00 avg300=0.00\n"),
+            Err(ParseError::BadLine(
+                "some avg10=0.00 avg60=0.00 avg300=0.00".into()
+            ))
+        );
+        assert_eq!(
+            pressure("some avg10 total=1\n"),
+            Err(ParseError::BadLine("some avg10 total=1".into()))
+        );
+        assert_eq!(
+            pressure("some total=-1\n"),
+            Err(ParseError::NotANumber("-1".into()))
+        );
+        assert_eq!(
+            pressure("some total=1.5\n"),
+            Err(ParseError::NotANumber("1.5".into()))
+        );
+        // A flat keyed file is not a pressure file.
+        assert_eq!(
+            pressure("some 1\n"),
+            Err(ParseError::BadLine("some 1".into()))
+        );
+    }
+
+    #[test]
+    fn memory_events_are_a_keyed_file() {
+        let text = "low 0\nhigh 17\nmax 4\noom 1\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(
+            keyed(text, ["low", "high", "max", "oom", "oom_group_kill"]),
+            Ok([Some(0), Some(17), Some(4), Some(1), Some(0)])
+        );
+        // Before oom_group_kill existed: that key has no value.
+        assert_eq!(
+            keyed(
+                "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n",
+                ["oom_group_kill"]
+            ),
+            Ok([None])
+        );
+        // v1 memory.oom_control is keyed the same way.
+        assert_eq!(
+            keyed(
+                "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+                ["oom_kill"]
+            ),
+            Ok([Some(3)])
+        );
     }
 
     #[test]

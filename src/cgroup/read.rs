@@ -110,12 +110,23 @@ pub fn read_group<'a>(
     let controller = match group {
         Group::CpuUsage => Controller::Cpuacct,
         Group::CpuRate | Group::NetTraffic | Group::NetRate | Group::NetConn => return Ok(()),
+        // Pressure files are core cgroup v2 files, in every non-root v2
+        // cgroup whatever its controllers (the v2 tree of a hybrid host
+        // too); cgroup v1 has none.
+        Group::CpuPressure | Group::MemoryPressure | Group::IoPressure => {
+            return match dirs.v2.as_deref() {
+                Some(dir) => read_v2(dir, group, out, files),
+                None => Ok(()),
+            };
+        }
         Group::CpuThrottle | Group::CpuLimit => Controller::Cpu,
         Group::MemoryUsage
+        | Group::MemoryPeak
         | Group::MemoryStat
         | Group::MemorySwap
         | Group::MemoryLimit
-        | Group::MemoryOom => Controller::Memory,
+        | Group::MemoryOom
+        | Group::MemoryEvents => Controller::Memory,
         Group::Io => Controller::Blkio,
         Group::PidsCurrent | Group::PidsLimit => Controller::Pids,
     };
@@ -195,6 +206,42 @@ fn read_v2<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
         Group::MemoryOom => src(dir, "memory.events").keyed(files, ["oom_kill"], |[kills]| {
             out.set(M::MemoryOomKills, kills)
         })?,
+        Group::MemoryPeak => out.set(
+            M::MemoryPeak,
+            src(dir, "memory.peak").parse(files, parse::single)?,
+        ),
+        Group::MemoryEvents => src(dir, "memory.events").keyed(
+            files,
+            ["low", "high", "max", "oom", "oom_group_kill"],
+            |[low, high, max, oom, group_kills]| {
+                out.set(M::MemoryLowEvents, low);
+                out.set(M::MemoryHighEvents, high);
+                out.set(M::MemoryMaxEvents, max);
+                out.set(M::MemoryOomEvents, oom);
+                out.set(M::MemoryOomGroupKills, group_kills);
+            },
+        )?,
+        Group::CpuPressure => pressure(
+            dir,
+            "cpu.pressure",
+            [M::CpuPressureSomeUsec, M::CpuPressureFullUsec],
+            out,
+            files,
+        )?,
+        Group::MemoryPressure => pressure(
+            dir,
+            "memory.pressure",
+            [M::MemoryPressureSomeUsec, M::MemoryPressureFullUsec],
+            out,
+            files,
+        )?,
+        Group::IoPressure => pressure(
+            dir,
+            "io.pressure",
+            [M::IoPressureSomeUsec, M::IoPressureFullUsec],
+            out,
+            files,
+        )?,
         Group::Io => {
             if let Some(io) = src(dir, "io.stat").parse(files, parse::io_stat)? {
                 out.set(M::IoReadBytes, Some(io.read_bytes));
@@ -270,6 +317,18 @@ fn read_v1<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
                 out.set(M::MemoryOomKills, kills)
             })?
         }
+        Group::MemoryPeak => out.set(
+            M::MemoryPeak,
+            src(dir, "memory.max_usage_in_bytes").parse(files, parse::single)?,
+        ),
+        // v1 counts only charges that failed at the limit (as runc and
+        // cAdvisor read v2's `max` as the failcnt); it has no memory.low or
+        // memory.high, no count of OOM invocations (`under_oom` in
+        // memory.oom_control is a state, not a count) and no group kill.
+        Group::MemoryEvents => out.set(
+            M::MemoryMaxEvents,
+            src(dir, "memory.failcnt").parse(files, parse::single)?,
+        ),
         Group::Io => {
             // The _recursive files include descendants; old kernels lack them.
             let bytes = first_present(
@@ -309,7 +368,24 @@ fn read_v1<'a>(dir: &'a Path, group: Group, out: &mut Sample, files: &mut Files<
                 out.set_value(M::PidsLimit, limit.into());
             }
         }
+        // No v1 pressure files: read_group reads these from the v2 tree.
+        Group::CpuPressure | Group::MemoryPressure | Group::IoPressure => {}
         Group::CpuRate | Group::NetTraffic | Group::NetRate | Group::NetConn => {}
+    }
+    Ok(())
+}
+
+/// A pressure file's `some` and `full` totals into `ids`.
+fn pressure<'a>(
+    dir: &'a Path,
+    file: &'static str,
+    [some, full]: [M; 2],
+    out: &mut Sample,
+    files: &mut Files<'a>,
+) -> Result<()> {
+    if let Some(p) = src(dir, file).parse(files, parse::pressure)? {
+        out.set(some, p.some_usec);
+        out.set(full, p.full_usec);
     }
     Ok(())
 }
@@ -388,18 +464,32 @@ mod tests {
     }
     use crate::metrics::{Value::*, METRICS};
 
-    const ALL_GROUPS: [Group; 11] = [
+    const ALL_GROUPS: [Group; 16] = [
         Group::CpuUsage,
         Group::CpuThrottle,
         Group::CpuLimit,
+        Group::CpuPressure,
         Group::MemoryUsage,
+        Group::MemoryPeak,
         Group::MemoryStat,
         Group::MemorySwap,
         Group::MemoryLimit,
         Group::MemoryOom,
+        Group::MemoryEvents,
+        Group::MemoryPressure,
         Group::Io,
+        Group::IoPressure,
         Group::PidsCurrent,
         Group::PidsLimit,
+    ];
+
+    const PRESSURE: [M; 6] = [
+        M::CpuPressureSomeUsec,
+        M::CpuPressureFullUsec,
+        M::MemoryPressureSomeUsec,
+        M::MemoryPressureFullUsec,
+        M::IoPressureSomeUsec,
+        M::IoPressureFullUsec,
     ];
 
     fn fixture(tree: &str, cgroup: &str) -> (Layout, CgroupDirs) {
@@ -446,6 +536,8 @@ mod tests {
         assert_eq!(s.get(M::MemoryPgfault), Some(Count(17000)));
         assert_eq!(s.get(M::MemoryPgmajfault), Some(Count(12)));
         assert_eq!(s.get(M::MemoryLimit), Some(Max));
+        assert_eq!(s.get(M::MemoryPeak), Some(Count(75_497_472)));
+        assert_eq!(s.get(M::MemoryMaxEvents), Some(Count(3)));
         assert_eq!(s.get(M::IoReadBytes), Some(Count(1_052_672)));
         assert_eq!(s.get(M::IoWriteBytes), Some(Count(4_194_304)));
         assert_eq!(s.get(M::IoReadOps), Some(Count(257)));
@@ -462,6 +554,30 @@ mod tests {
         // v2 has no pgpgin/pgpgout: no value, hence no file.
         assert_eq!(s.get(M::MemoryPgpgin), None);
         assert_eq!(s.get(M::MemoryPgpgout), None);
+        // memory.events beyond oom_kill, and the pressure totals.
+        assert_eq!(s.get(M::MemoryLowEvents), Some(Count(2)));
+        assert_eq!(s.get(M::MemoryHighEvents), Some(Count(12)));
+        assert_eq!(s.get(M::MemoryOomEvents), Some(Count(1)));
+        assert_eq!(s.get(M::MemoryOomGroupKills), Some(Count(0)));
+        let pressure = PRESSURE.map(|id| s.get(id));
+        let expected = [1_500_000, 900_000, 40_000, 25_000, 3000, 2000].map(|n| Some(Count(n)));
+        assert_eq!(pressure, expected);
+    }
+
+    #[test]
+    fn older_v2_kernels_lack_peak_group_kills_and_cpu_full() {
+        let s = sample("v2", "tenants/beta");
+        // No memory.peak (before 5.19): no file rather than a fake 0.
+        assert_eq!(s.get(M::MemoryPeak), None);
+        // memory.events without oom_group_kill: the others still read.
+        assert_eq!(s.get(M::MemoryOomGroupKills), None);
+        assert_eq!(s.get(M::MemoryMaxEvents), Some(Count(0)));
+        assert_eq!(s.get(M::MemoryHighEvents), Some(Count(0)));
+        // cpu.pressure with no `full` line (before 5.13).
+        assert_eq!(s.get(M::CpuPressureSomeUsec), Some(Count(10)));
+        assert_eq!(s.get(M::CpuPressureFullUsec), None);
+        assert_eq!(s.get(M::MemoryPressureFullUsec), Some(Count(0)));
+        assert_eq!(s.get(M::IoPressureSomeUsec), Some(Count(0)));
     }
 
     #[test]
@@ -471,6 +587,19 @@ mod tests {
         assert_eq!(s.get(M::MemoryOomKills), Some(Count(2)));
         assert_eq!(s.get(M::MemoryPgpgin), Some(Count(20000)));
         assert_eq!(s.get(M::MemoryPgpgout), Some(Count(3000)));
+        // v1 has max events (memory.failcnt) and nothing else of
+        // memory.events, and no pressure files without a v2 tree.
+        for id in [
+            M::MemoryLowEvents,
+            M::MemoryHighEvents,
+            M::MemoryOomEvents,
+            M::MemoryOomGroupKills,
+        ]
+        .into_iter()
+        .chain(PRESSURE)
+        {
+            assert_eq!(s.get(id), None, "{id:?}");
+        }
     }
 
     #[test]
@@ -484,6 +613,14 @@ mod tests {
         // No blkio or pids hierarchy in this fixture: no values.
         assert_eq!(s.get(M::IoReadBytes), None);
         assert_eq!(s.get(M::PidsCurrent), None);
+        // Memory peak and max events from the v1 memory controller...
+        assert_eq!(s.get(M::MemoryPeak), Some(Count(8192)));
+        assert_eq!(s.get(M::MemoryMaxEvents), Some(Count(0)));
+        assert_eq!(s.get(M::MemoryHighEvents), None);
+        // ...and pressure from the v2 tree, which has no controllers.
+        let pressure = PRESSURE.map(|id| s.get(id));
+        let expected = [2_617_677, 2_617_677, 71_447, 71_447, 5, 4].map(|n| Some(Count(n)));
+        assert_eq!(pressure, expected);
     }
 
     #[test]
@@ -511,6 +648,11 @@ mod tests {
             (Group::MemoryStat, "memory.current", "not a number"),
             (Group::MemoryLimit, "memory.max", "empty file"),
             (Group::MemoryOom, "memory.events", "not a number"),
+            (Group::MemoryEvents, "memory.events", "not a number"),
+            (Group::MemoryPeak, "memory.peak", "not a number"),
+            (Group::CpuPressure, "cpu.pressure", "malformed line"),
+            (Group::MemoryPressure, "memory.pressure", "not a number"),
+            (Group::IoPressure, "io.pressure", "empty file"),
             (Group::PidsLimit, "pids.max", "not a number"),
         ];
         for (group, file, reason) in cases {

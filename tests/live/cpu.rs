@@ -157,3 +157,68 @@ fn rates_cost_nothing_between_reads() {
     assert!(daemon.read("metric").contains("r0_cpu_millicores 0\n"));
     drop(boxes);
 }
+
+/// Two busy loops under a half-core quota wait for a CPU most of the time:
+/// CPU pressure, as the kernel's cpu.pressure counts it. On a hybrid host
+/// the quota is the v1 cpu controller's and the pressure file is the v2
+/// tree's, which no controller is enabled in: PSI follows the tasks, so
+/// the v1 throttling shows there too (measured on 6.18: some and full both
+/// about 75% of the wall time, the share each task waits on its CPU).
+#[test]
+fn a_throttled_busy_loop_shows_cpu_pressure() {
+    require!();
+    let _turn = heavy_turn();
+    let parent = Cgroup::parent("cpupress");
+    let mut limited = parent.child("limited");
+    crate::require_host!(limited.pressure_missing());
+    if limited.is_v1(Controller::Cpu) {
+        limited.write(Controller::Cpu, "cpu.cfs_period_us", "100000");
+        limited.write(Controller::Cpu, "cpu.cfs_quota_us", "50000");
+    } else {
+        limited.write(Controller::Cpu, "cpu.max", "50000 100000");
+    }
+    limited.spawn_burner();
+    limited.spawn_burner();
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    let some = |cg: &Cgroup| cg.pressure("cpu.pressure", "some").unwrap();
+
+    let (started, before) = (std::time::Instant::now(), some(&limited));
+    std::thread::sleep(Duration::from_secs(2));
+    let share = (some(&limited) - before) * 100 / started.elapsed().as_micros() as u64;
+    // Half a core for two loops: each waits three quarters of the time.
+    assert!(
+        share >= 25,
+        "cpu.pressure some rose by only {share}% of the wall time"
+    );
+
+    let before = some(&limited);
+    let ours = daemon.number("limited/cpu_pressure_some_usec");
+    let after = some(&limited);
+    assert!(
+        before <= ours && ours <= after,
+        "cpu_pressure_some_usec: {before} <= {ours} <= {after}"
+    );
+    // A cgroup's CPU `full` exists since 5.13.
+    match limited.pressure("cpu.pressure", "full") {
+        Some(_) => {
+            let ours = daemon.number("limited/cpu_pressure_full_usec");
+            let after = limited.pressure("cpu.pressure", "full").unwrap();
+            assert!(
+                ours > 0 && ours <= after,
+                "cpu_pressure_full_usec {ours}, kernel {after}"
+            );
+        }
+        None => assert!(!daemon.path("limited/cpu_pressure_full_usec").exists()),
+    }
+    // The other pressure files read too, no more than the kernel's.
+    for resource in ["memory", "io"] {
+        for line in ["some", "full"] {
+            let ours = daemon.number(&format!("limited/{resource}_pressure_{line}_usec"));
+            let after = limited
+                .pressure(&format!("{resource}.pressure"), line)
+                .unwrap();
+            assert!(ours <= after, "{resource} {line}: {ours} > {after}");
+        }
+    }
+}

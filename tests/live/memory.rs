@@ -124,3 +124,204 @@ fn pids_current_is_exact_and_live() {
         .number("sleepers/pids_current")
         == 0));
 }
+
+/// The kernel's count of `key` in the memory events it keeps: v2
+/// `memory.events`; on v1, `max` is `memory.failcnt` and `oom_kill` is in
+/// `memory.oom_control` (the others have no v1 source).
+fn kernel_event(cg: &Cgroup, key: &str) -> u64 {
+    match (cg.is_v1(Controller::Memory), key) {
+        (false, _) => cg.stat(Controller::Memory, "memory.events", key),
+        (true, "max") => cg
+            .read(Controller::Memory, "memory.failcnt")
+            .trim()
+            .parse()
+            .unwrap(),
+        (true, "oom_kill") => cg.stat(Controller::Memory, "memory.oom_control", key),
+        (true, _) => panic!("cgroup v1 keeps no {key} count"),
+    }
+}
+
+/// The kernel's peak usage file, if it has one (v2 memory.peak is 5.19+).
+fn kernel_peak(cg: &Cgroup) -> Option<u64> {
+    let file = match cg.is_v1(Controller::Memory) {
+        true => "memory.max_usage_in_bytes",
+        false => "memory.peak",
+    };
+    let text = std::fs::read_to_string(cg.dir(Controller::Memory).join(file)).ok()?;
+    Some(text.trim().parse().unwrap())
+}
+
+/// Sets a hard limit: v1 `memory.limit_in_bytes`, v2 `memory.max`.
+fn limit_memory(cg: &Cgroup, bytes: u64) {
+    let file = match cg.is_v1(Controller::Memory) {
+        true => "memory.limit_in_bytes",
+        false => "memory.max",
+    };
+    cg.write(Controller::Memory, file, &bytes.to_string());
+}
+
+#[test]
+fn an_oom_kill_shows_in_events_kills_and_peak() {
+    require!();
+    let parent = Cgroup::parent("oom");
+    let oomer = parent.child("oomer");
+    limit_memory(&oomer, 32 * MIB);
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    assert_eq!(daemon.number("oomer/memory_oom_kills"), 0);
+    assert_eq!(daemon.number("oomer/memory_max_events"), 0);
+
+    // dd fills a 64 MiB buffer in a 32 MiB cgroup: charges fail at the
+    // limit, reclaim finds nothing (no swap, anonymous memory), OOM kill.
+    let status = oomer
+        .start(Command::new("dd").args([
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=64M",
+            "count=1",
+            "status=none",
+        ]))
+        .wait()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "dd was not killed: {status}"
+    );
+
+    // Nothing runs in the cgroup any more: the kernel's counts are still.
+    let kills = kernel_event(&oomer, "oom_kill");
+    assert!(kills >= 1, "the kernel counted no OOM kill");
+    assert_eq!(daemon.number("oomer/memory_oom_kills"), kills);
+    let max = kernel_event(&oomer, "max");
+    assert!(max >= 1, "the kernel counted no charge at the limit");
+    assert_eq!(daemon.number("oomer/memory_max_events"), max);
+    if oomer.is_v1(Controller::Memory) {
+        for file in [
+            "memory_oom_events",
+            "memory_high_events",
+            "memory_low_events",
+        ] {
+            assert!(
+                !daemon.path(&format!("oomer/{file}")).exists(),
+                "{file} on v1"
+            );
+        }
+    } else {
+        let ooms = kernel_event(&oomer, "oom");
+        assert!(ooms >= 1, "memory.events counted no oom");
+        assert_eq!(daemon.number("oomer/memory_oom_events"), ooms);
+        assert_eq!(daemon.number("oomer/memory_high_events"), 0);
+        let events = oomer.read(Controller::Memory, "memory.events");
+        match events.contains("oom_group_kill ") {
+            true => assert_eq!(daemon.number("oomer/memory_oom_group_kills"), 0),
+            false => assert!(!daemon.path("oomer/memory_oom_group_kills").exists()),
+        }
+    }
+    // The peak reached the limit and stayed there.
+    match kernel_peak(&oomer) {
+        Some(peak) => {
+            assert!((30 * MIB..=32 * MIB).contains(&peak), "kernel peak {peak}");
+            assert_eq!(daemon.number("oomer/memory_peak"), peak);
+        }
+        None => assert!(!daemon.path("oomer/memory_peak").exists()),
+    }
+}
+
+/// Pushed against its limit, a container shows the kernel's events and
+/// memory pressure. On the v2 memory controller (the VM guests) that is
+/// memory.high: anonymous memory over it is reclaimed and throttled, `high`
+/// events and stalls without any kill. cgroup v1 has no memory.high: its
+/// equivalent is the hard limit, met by a reader of page cache, which
+/// reclaim frees (charges fail at the limit: failcnt, our `max`), with the
+/// stalls in the v2 tree's memory.pressure (hybrid).
+#[test]
+fn pushed_against_its_limit_it_shows_events_and_memory_pressure() {
+    require!("stress-ng");
+    let parent = Cgroup::parent("press");
+    let mut pushed = parent.child("pushed");
+    crate::require_host!(pushed.pressure_missing());
+    let v1 = pushed.is_v1(Controller::Memory);
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    let stalled = |cg: &Cgroup| cg.pressure("memory.pressure", "some").unwrap();
+    let event = if v1 { "max" } else { "high" };
+    let file = if v1 {
+        "memory_max_events"
+    } else {
+        "memory_high_events"
+    };
+
+    if v1 {
+        limit_memory(&pushed, 32 * MIB);
+        // A 128 MiB file on a real disk (the test's target directory),
+        // written around the page cache, then read through it in the
+        // cgroup: four times the limit of clean cache, which reclaim frees
+        // (dirty cache can end in an OOM kill on v1: seen here once).
+        let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{}.dat", parent.relative));
+        let dd = |args: &[&str]| {
+            let mut command = Command::new("dd");
+            command.args(args).arg("bs=1M").arg("status=none");
+            command
+        };
+        let of = format!("of={}", file.display());
+        let written = dd(&["if=/dev/zero", &of, "count=128", "oflag=direct"])
+            .status()
+            .unwrap();
+        assert!(written.success(), "dd: {written}");
+        let iff = format!("if={}", file.display());
+        let status = pushed
+            .start(&mut dd(&[&iff, "of=/dev/null"]))
+            .wait()
+            .unwrap();
+        let _ = std::fs::remove_file(&file);
+        assert!(status.success(), "dd: {status}");
+        assert_eq!(kernel_event(&pushed, "oom_kill"), 0);
+    } else {
+        pushed.write(Controller::Memory, "memory.high", &(32 * MIB).to_string());
+        pushed.spawn(Command::new("stress-ng").args([
+            "--vm",
+            "1",
+            "--vm-bytes",
+            "64M",
+            "--vm-keep",
+        ]));
+        assert!(
+            eventually(Duration::from_secs(30), || kernel_event(&pushed, event) > 0
+                && stalled(&pushed) > 0),
+            "no high events or memory stalls: {}",
+            pushed.read(Controller::Memory, "memory.events")
+        );
+    }
+    // Read between two reads of the kernel's (still rising on v2).
+    let before = (kernel_event(&pushed, event), stalled(&pushed));
+    let ours = (
+        daemon.number(&format!("pushed/{file}")),
+        daemon.number("pushed/memory_pressure_some_usec"),
+    );
+    let after = (kernel_event(&pushed, event), stalled(&pushed));
+    assert!(
+        before.0 <= ours.0 && ours.0 <= after.0 && ours.0 > 0,
+        "{file}: {} <= {} <= {}",
+        before.0,
+        ours.0,
+        after.0
+    );
+    assert!(
+        before.1 <= ours.1 && ours.1 <= after.1 && ours.1 > 0,
+        "memory_pressure_some_usec: {} <= {} <= {}",
+        before.1,
+        ours.1,
+        after.1
+    );
+    let full = daemon.number("pushed/memory_pressure_full_usec");
+    assert!(full <= pushed.pressure("memory.pressure", "full").unwrap());
+    assert_eq!(daemon.number("pushed/memory_oom_kills"), 0);
+    if !v1 {
+        // memory.high throttles, it never fails a charge: no max events.
+        assert_eq!(daemon.number("pushed/memory_max_events"), 0);
+        assert!(daemon.number("pushed/memory_peak") >= 32 * MIB);
+    }
+}

@@ -102,6 +102,36 @@ impl Cgroup {
         }
     }
 
+    /// Its directory in the v2 tree, where it has one (pure v2, hybrid).
+    pub fn v2_dir(&self) -> Option<PathBuf> {
+        Some(self.layout.unified.as_ref()?.join(&self.relative))
+    }
+
+    /// The `total` of a line (`some`, `full`) of a pressure file
+    /// (`cpu.pressure`, ...) of its v2 directory, as the kernel reports it:
+    /// `None` where the kernel has no such file or line.
+    pub fn pressure(&self, file: &str, line: &str) -> Option<u64> {
+        let text = fs::read_to_string(self.v2_dir()?.join(file)).ok()?;
+        text.lines()
+            .find(|l| l.split(' ').next() == Some(line))?
+            .split(' ')
+            .find_map(|f| f.strip_prefix("total="))?
+            .parse()
+            .ok()
+    }
+
+    /// Why the kernel gives this cgroup no pressure files, if it does not:
+    /// no v2 tree (v1 has none), or PSI off (`psi=0`, `cgroup.pressure` 0).
+    pub fn pressure_missing(&self) -> Option<String> {
+        match self.v2_dir() {
+            None => Some("no cgroup v2 tree: no pressure files".into()),
+            Some(_) if self.pressure("cpu.pressure", "some").is_none() => {
+                Some("no readable cpu.pressure: PSI is off on this kernel".into())
+            }
+            Some(_) => None,
+        }
+    }
+
     pub fn is_v1(&self, controller: Controller) -> bool {
         self.layout.v1(controller).is_some()
     }

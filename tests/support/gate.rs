@@ -39,6 +39,12 @@ pub fn tool(test: &str, program: &str) -> bool {
     )
 }
 
+/// Like [`privileged`], for something else the test needs of the host
+/// (a kernel feature, a file): `missing` says what is lacking, or is `None`.
+pub fn host(test: &str, missing: Option<String>) -> bool {
+    skip_unless(test, missing)
+}
+
 fn skip_unless(test: &str, missing: Option<String>) -> bool {
     let Some(why) = missing else { return true };
     if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
@@ -60,5 +66,20 @@ macro_rules! require {
         let test = name.strip_suffix("::here").unwrap_or(name);
         if !$crate::support::privileged(test) { return; }
         $(if !$crate::support::tool(test, $tool) { return; })*
+    };
+}
+
+/// After [`require!`](crate::require): skips (or fails, under
+/// [`REQUIRE_ENV`]) when `missing`, an `Option<String>` saying what the host
+/// lacks, is `Some`.
+#[macro_export]
+macro_rules! require_host {
+    ($missing:expr) => {
+        fn here_host() {}
+        let name = std::any::type_name_of_val(&here_host);
+        let test = name.strip_suffix("::here_host").unwrap_or(name);
+        if !$crate::support::gate::host(test, $missing) {
+            return;
+        }
     };
 }

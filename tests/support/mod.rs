@@ -6,7 +6,7 @@
 //!
 //! | module     | holds |
 //! |------------|-------|
-//! | [`gate`]   | skip gates: [`require!`](crate::require), [`privileged`], [`tool`], [`gate::REQUIRE_ENV`] |
+//! | [`gate`]   | skip gates: [`require!`](crate::require), [`require_host!`](crate::require_host), [`privileged`], [`tool`], [`gate::host`], [`gate::REQUIRE_ENV`] |
 //! | [`cgroup`] | [`Cgroup`], [`Nest`], [`host_layout`] |
 //! | [`daemon`] | the [`Daemon`] harness, [`BpfDir`], the workspace's binaries ([`daemon::PREBUILT_ENV`]), mount checks |
 //! | [`net`]    | the `tcp_peer` helper: [`tcp_peer`], [`Cgroup::serve`], [`finish`], [`Sent`] |
