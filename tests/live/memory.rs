@@ -57,9 +57,17 @@ fn memory_toucher_rss_agrees_with_the_kernel() {
         "memory_rss {ours}, kernel {before}..{after}, flush batch {batch}"
     );
     assert!(ours >= 64 * MIB);
-    let usage = daemon.number("toucher/memory_usage");
+    // Usage and working set from one snapshot (the working set is the usage
+    // less inactive file pages, so two reads apart may disagree).
+    let metrics = daemon.read("toucher/metrics");
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    let (usage, working_set) = (value("memory_usage"), value("memory_working_set"));
     assert!(usage >= ours, "usage {usage} < rss {ours}");
-    let working_set = daemon.number("toucher/memory_working_set");
     assert!(
         working_set <= usage && working_set >= ours / 2,
         "{working_set}"
