@@ -93,6 +93,14 @@ pub struct Options {
     #[arg(long)]
     pub no_supervise: bool,
 
+    /// If a live cgmetric serves the mountpoint, take its connection over
+    /// instead of refusing: an upgrade or restart in place, with no new
+    /// mount, so bind mounts of the tree in containers stay live and readers
+    /// wait instead of failing. Without a live cgmetric there, start as
+    /// usual.
+    #[arg(long, conflicts_with = "no_supervise")]
+    pub takeover: bool,
+
     /// Internal: serve the FUSE connection on this inherited descriptor (the
     /// supervisor's child).
     #[arg(long, value_name = "FD", hide = true)]

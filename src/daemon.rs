@@ -49,7 +49,10 @@ pub enum DaemonError {
     #[error("mountpoint {0} is not a directory")]
     MountpointNotDir(PathBuf),
     /// Occurs when something live is already mounted on the mountpoint.
-    #[error("mountpoint {path} is in use: {fs_type} is mounted there")]
+    #[error(
+        "mountpoint {path} is in use: {fs_type} is mounted there{}",
+        takeover_hint(fs_type)
+    )]
     MountpointInUse { path: PathBuf, fs_type: String },
     #[error("mountpoint {path}: {source}")]
     Mountpoint { path: PathBuf, source: io::Error },
@@ -70,6 +73,8 @@ pub enum DaemonError {
     Session(io::Error),
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
+    #[error(transparent)]
+    Takeover(#[from] crate::takeover::TakeoverError),
     /// Occurs when the supervisor cannot start its serving child.
     #[error("cannot start the server process: {0}")]
     Spawn(io::Error),
@@ -77,6 +82,14 @@ pub enum DaemonError {
     /// is logged above this one.
     #[error("the server process stopped before serving ({0}); unmounted")]
     ServerFailed(std::process::ExitStatus),
+}
+
+/// What to do about a live mount in the way.
+fn takeover_hint(fs_type: &str) -> &'static str {
+    match fs_type == FS_TYPE {
+        true => " (--takeover replaces that cgmetric without unmounting)",
+        false => "",
+    }
 }
 
 /// Why the daemon stops.
@@ -102,6 +115,17 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         return serve_inherited(&options, fd);
     }
     Globs::new(&options.cgroups)?;
+    if options.takeover {
+        let path = absolute(&options.mountpoint).map_err(|source| DaemonError::Mountpoint {
+            path: options.mountpoint.clone(),
+            source,
+        })?;
+        if crate::mounts::is_live_cgmetric(&path) {
+            Layout::detect(&options.cgroup_root)?;
+            let connection = crate::takeover::take(&path)?;
+            return crate::supervise::serve_connection(&path, connection, true);
+        }
+    }
     let mountpoint = prepare_mountpoint(
         &options.mountpoint,
         options.mountpoint == Path::new(DEFAULT_MOUNTPOINT),

@@ -33,3 +33,4 @@ pub mod render;
 pub mod report;
 pub mod sample;
 pub mod supervise;
+pub mod takeover;

@@ -18,6 +18,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGCHLD, SIGINT, SIGTERM};
@@ -36,13 +38,23 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Mounts `mountpoint` and keeps a server on it until a signal or an
 /// unmount ends it.
 pub fn run(options: &Options, mountpoint: &Path) -> Result<(), DaemonError> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGCHLD])
-        .map_err(DaemonError::Signals)?;
     let connection = mount(mountpoint, options.private).map_err(|source| DaemonError::Mount {
         path: mountpoint.to_path_buf(),
         source,
     })?;
-    let mut server = match Serving::start(&connection, false) {
+    serve_connection(mountpoint, connection, false)
+}
+
+/// Keeps a server on `connection`, mounted at `mountpoint`, until a signal
+/// or an unmount ends it; `taken` when the connection was served before
+/// (taken over from another daemon), so its first server resumes it.
+pub fn serve_connection(
+    mountpoint: &Path,
+    connection: OwnedFd,
+    taken: bool,
+) -> Result<(), DaemonError> {
+    let wake = Wake::new().map_err(DaemonError::Signals)?;
+    let mut server = match Serving::start(&connection, taken) {
         Ok(server) => server,
         Err(e) => {
             unmount(mountpoint);
@@ -50,59 +62,133 @@ pub fn run(options: &Options, mountpoint: &Path) -> Result<(), DaemonError> {
         }
     };
     log::info!(
-        "mounted at {}; serving from process {}",
+        "{} {}; serving from process {}",
+        if taken { "took over" } else { "mounted at" },
         mountpoint.display(),
         server.process.id()
     );
-    let mut served = false;
-    for signal in signals.forever() {
-        if signal != SIGCHLD {
-            log::info!("signal {signal}: unmounting {}", mountpoint.display());
+    // A connection taken over has readers already: if this server fails,
+    // the next is tried (they wait) rather than the mount given up.
+    let mut served = taken;
+    // Servers that closed their files but have not finished exiting.
+    let mut dying: Vec<std::process::Child> = Vec::new();
+    loop {
+        wake.wait(&server.life);
+        dying.retain_mut(|old| old.try_wait().ok().flatten().is_none());
+        if wake.stopping() {
+            log::info!("stopping: unmounting {}", mountpoint.display());
             unmount(mountpoint);
             server.stop();
             return Ok(());
         }
-        let Some(status) = server.exited() else {
+        server.hear();
+        let status = server.exited();
+        if status.is_none() && !server.hung_up {
             continue;
-        };
-        served |= server.was_ready();
+        }
+        served |= server.said_ready;
         if connection_ended(&connection) {
             log::info!("{} was unmounted", mountpoint.display());
             return Ok(());
         }
         if !served {
             // The first server never served: its error is the daemon's.
+            let status = match status {
+                Some(status) => status,
+                None => server.process.wait().map_err(DaemonError::Spawn)?,
+            };
             unmount(mountpoint);
             return Err(DaemonError::ServerFailed(status));
         }
         log::warn!(
             "the server (process {}) {}; starting another on the same connection",
             server.process.id(),
-            describe(status)
+            status.map_or_else(|| "is exiting".to_string(), describe)
         );
         if let Some(rest) = RESTART_PACE.checked_sub(server.started.elapsed()) {
             std::thread::sleep(rest);
         }
-        server = loop {
+        let next = loop {
             match Serving::start(&connection, true) {
-                Ok(server) => break server,
+                Ok(next) => break next,
                 Err(e) => {
                     log::error!("cannot start a server ({e}); trying again");
                     std::thread::sleep(RESTART_PACE);
                 }
             }
         };
+        let old = std::mem::replace(&mut server, next);
+        if status.is_none() {
+            dying.push(old.process);
+        }
     }
-    Ok(())
+}
+
+/// What wakes the supervisor: SIGTERM and SIGINT (stop), SIGCHLD (a server
+/// exited), each noted in a flag and a byte on a pipe it polls.
+struct Wake {
+    stop: Arc<AtomicBool>,
+    read: OwnedFd,
+    _write: OwnedFd,
+}
+
+impl Wake {
+    fn new() -> io::Result<Wake> {
+        let (read, write) = pipe()?;
+        set_nonblocking(&read)?;
+        set_nonblocking(&write)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [SIGTERM, SIGINT] {
+            signal_hook::flag::register(signal, stop.clone())?;
+        }
+        for signal in [SIGTERM, SIGINT, SIGCHLD] {
+            signal_hook::low_level::pipe::register_raw(signal, write.as_raw_fd())?;
+        }
+        Ok(Wake {
+            stop,
+            read,
+            _write: write,
+        })
+    }
+
+    /// Sleeps until a signal, or until the server's life pipe has news.
+    fn wait(&self, life: &std::fs::File) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.read.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: life.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two pollfds, valid for the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let mut drain = [0u8; 64];
+        // SAFETY: reads into our buffer from our non-blocking pipe.
+        while unsafe { libc::read(self.read.as_raw_fd(), drain.as_mut_ptr().cast(), 64) } > 0 {}
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
 }
 
 /// A serving child.
 struct Serving {
     process: std::process::Child,
     started: Instant,
-    /// Read end of the pipe on which it says it serves.
-    ready: std::fs::File,
+    /// Read end of its life pipe: one byte when it serves, the end of the
+    /// pipe when it dies. The end comes as its files close, which is before
+    /// it has exited: closing its inotify descriptor has been seen to keep a
+    /// killed server exiting for many seconds, and readers must not wait
+    /// for that.
+    life: std::fs::File,
     said_ready: bool,
+    hung_up: bool,
 }
 
 impl Serving {
@@ -140,8 +226,9 @@ impl Serving {
         Ok(Serving {
             process,
             started: Instant::now(),
-            ready: std::fs::File::from(ready_read),
+            life: std::fs::File::from(ready_read),
             said_ready: false,
+            hung_up: false,
         })
     }
 
@@ -150,13 +237,19 @@ impl Serving {
         self.process.try_wait().ok().flatten()
     }
 
-    /// Whether it said it serves.
-    fn was_ready(&mut self) -> bool {
-        let mut byte = [0u8; 1];
-        if !self.said_ready {
-            self.said_ready = matches!(self.ready.read(&mut byte), Ok(1));
+    /// Takes what its life pipe says.
+    fn hear(&mut self) {
+        let mut bytes = [0u8; 8];
+        loop {
+            match self.life.read(&mut bytes) {
+                Ok(0) => {
+                    self.hung_up = true;
+                    return;
+                }
+                Ok(_) => self.said_ready = true,
+                Err(_) => return,
+            }
         }
-        self.said_ready
     }
 
     /// Asks it to stop (it also stops by itself once the connection ends)
@@ -176,13 +269,26 @@ impl Serving {
     }
 }
 
-/// Tells the supervisor that this server serves: one byte on `fd`.
+/// Tells the supervisor that this server serves: one byte on its life pipe
+/// `fd`, which then stays open, at the highest number the descriptor limit
+/// allows. At exit the kernel closes the last-numbered descriptors first
+/// (Linux 5.19+ runs the closes last in, first out), so the supervisor hears
+/// of a death before slower closes, such as an inotify instance's, finish.
 pub fn tell_ready(fd: i32) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: fd was passed by the supervisor for this; a failed write only
-    // means it no longer listens.
+    // means it no longer listens. getrlimit writes the struct we pass, and
+    // F_DUPFD makes a descriptor of ours.
     unsafe {
         libc::write(fd, [1u8].as_ptr().cast(), 1);
-        libc::close(fd);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        let highest = limit.rlim_cur.saturating_sub(1).min(i32::MAX as u64) as i32;
+        if libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, highest) >= 0 {
+            libc::close(fd);
+        }
     }
 }
 

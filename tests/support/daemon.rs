@@ -233,6 +233,18 @@ impl Daemon {
         wait_group_gone(group);
     }
 
+    /// Waits for the daemon to be stopped by one that took its mount over,
+    /// and leaves that mount to the new one.
+    pub fn taken_over(mut self) {
+        self.leave_mount = true;
+        let status = self.wait(Duration::from_secs(10));
+        assert!(
+            status.is_some(),
+            "a daemon taken over stayed:\n{}",
+            self.stderr()
+        );
+    }
+
     /// Kills the daemon with SIGKILL and leaves its stale mount for the next
     /// daemon on the same mountpoint to clear.
     pub fn crash_and_leave_the_mount(mut self) {
