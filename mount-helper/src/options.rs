@@ -63,6 +63,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("no_ebpf", false),
     ("no_fuse_uring", false),
     ("no_supervise", false),
+    ("takeover", false),
     ("private", false),
 ];
 

@@ -306,3 +306,55 @@ fn traffic_over_dockers_bridge_is_counted_on_both_sides() {
     );
     assert_eq!(get(&client, "net_connections_active"), 0);
 }
+
+/// Reads inside a container that bind-mounts the tree: the mount in the
+/// container is the same FUSE connection, so it lives on while servers die
+/// and daemons are replaced in place.
+#[test]
+fn a_container_reads_through_server_crashes_and_upgrades() {
+    require!("dockerd");
+    let _engine = Dockerd::acquire();
+    let dir = tempfile::tempdir().unwrap();
+    let mountpoint = dir.path().join("mnt");
+    fs::create_dir(&mountpoint).unwrap();
+    let args = ["--no-ebpf"];
+    let mut daemon = Daemon::spawn_at(&mountpoint, &args);
+    daemon.wait_mounted();
+    let me = name("through");
+    let volume = format!("{}:/run/cgmetric:ro", mountpoint.display());
+    // Five reads a second, each failure noted with its error.
+    let reader = "while true; do cat /run/cgmetric/self/pids_current > /dev/null 2>> /tmp/failed \
+                  && echo >> /tmp/reads; sleep 0.2; done";
+    let container = run(&["--name", &me, "-v", &volume, IMAGE, "sh", "-c", reader]);
+    assert!(eventually(PROMPT * 20, || mountpoint.join(&me).exists()));
+    let reads = || container.exec(&["sh", "-c", "cat /tmp/reads 2>/dev/null | wc -l"]);
+    assert!(eventually(Duration::from_secs(10), || reads() != "0"));
+    for round in 0..7 {
+        std::thread::sleep(Duration::from_millis(1200));
+        if round % 3 == 2 {
+            let upgrade = ["--no-ebpf", "--takeover"];
+            let next = Daemon::spawn_at(&mountpoint, &upgrade);
+            std::mem::replace(&mut daemon, next).taken_over();
+        } else {
+            daemon.kill_server();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = reads().parse::<u64>().unwrap();
+    // Still the live tree inside: not "Transport endpoint is not connected".
+    assert_eq!(container.exec(&["cat", "/run/cgmetric/self/name"]), me);
+    let failed = container.exec(&["sh", "-c", "cat /tmp/failed 2>/dev/null"]);
+    if cgmetric::supervise::kernel_resends() {
+        assert!(
+            failed.is_empty(),
+            "reads failed inside the container:\n{failed}"
+        );
+    } else {
+        // Before Linux 6.9 a read a dying server held fails once.
+        assert!(
+            failed.lines().all(|l| l.contains("abort")),
+            "reads failed inside the container:\n{failed}"
+        );
+    }
+    assert!(before >= 30, "only {before} reads in about 10 s");
+}
