@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::require;
 use crate::support::{
-    eventually, finish, finish_client, heavy_turn, is_mounted, tcp_peer, BpfDir, Cgroup, Daemon,
-    Rng,
+    eventually, finish, finish_client, heavy_turn, is_mounted, is_running, tcp_peer, BpfDir,
+    Cgroup, Daemon, Rng,
 };
 
 /// What a read may take while servers die: a restart is one discovery walk
@@ -238,7 +238,7 @@ fn a_read_held_by_a_server_that_dies_is_answered_by_the_next() {
 }
 
 #[test]
-fn a_killed_supervisor_leaves_its_server_serving() {
+fn a_killed_supervisor_leaves_its_server_serving_until_the_next_start_takes_over() {
     require!();
     let parent = Cgroup::parent("orphan");
     let _box = parent.child("box");
@@ -249,7 +249,7 @@ fn a_killed_supervisor_leaves_its_server_serving() {
     let args = ["--cgroup", &glob];
     let mut daemon = Daemon::spawn_at(&mountpoint, &args);
     daemon.wait_mounted();
-    let server = daemon.server_pid();
+    let orphan = daemon.server_pid();
     daemon.signal(libc::SIGKILL);
     daemon
         .wait(Duration::from_secs(5))
@@ -259,14 +259,50 @@ fn a_killed_supervisor_leaves_its_server_serving() {
         std::fs::read_to_string(mountpoint.join("box/name")).unwrap(),
         "box\n"
     );
-    // With it gone as well, the mount is stale, and the next start heals it.
-    // SAFETY: kill has no memory preconditions.
-    unsafe { libc::kill(server as i32, libc::SIGKILL) };
-    assert!(eventually(Duration::from_secs(5), || {
-        std::fs::read_to_string(mountpoint.join("box/name"))
-            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
-    }));
-    drop(daemon);
+    // A start without --takeover refuses the live mount and says what to do.
+    let mut refused = Daemon::spawn_at(&mountpoint, &args);
+    refused.leave_the_mount();
+    let status = refused.wait(Duration::from_secs(10)).expect("it refuses");
+    assert!(!status.success());
+    assert!(
+        refused.stderr().contains("--takeover"),
+        "{}",
+        refused.stderr()
+    );
+    drop(refused);
+    // With it, the orphan is replaced on the same connection.
+    let takeover = ["--cgroup", &glob, "--takeover"];
+    let mut next = Daemon::spawn_at(&mountpoint, &takeover);
+    next.wait_mounted();
+    assert!(eventually(Duration::from_secs(5), || !is_running(orphan)));
+    assert_eq!(next.read("box/name"), "box\n");
+    assert!(next.server_pid() != orphan);
+    assert!(next.stderr().contains("took over"), "{}", next.stderr());
+    daemon.leave_the_mount();
+}
+
+#[test]
+fn with_supervisor_and_server_gone_the_next_start_heals_the_stale_mount() {
+    require!();
+    let parent = Cgroup::parent("bothgone");
+    let _box = parent.child("box");
+    let glob = format!("{}/*", parent.relative);
+    let dir = tempfile::tempdir().unwrap();
+    let mountpoint = dir.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    // --takeover too: with nothing live to take, it clears the stale mount.
+    let args = ["--cgroup", &glob, "--takeover"];
+    let mut daemon = Daemon::spawn_at(&mountpoint, &args);
+    daemon.wait_mounted();
+    daemon.crash_and_leave_the_mount();
+    // Stale: ENOTCONN, or ECONNABORTED for a read the closing ended.
+    let stale = std::fs::read_to_string(mountpoint.join("box/name"));
+    assert!(
+        stale
+            .as_ref()
+            .is_err_and(|e| matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))),
+        "{stale:?}"
+    );
     let mut next = Daemon::spawn_at(&mountpoint, &args);
     next.wait_mounted();
     assert_eq!(next.read("box/name"), "box\n");

@@ -233,6 +233,12 @@ impl Daemon {
         wait_group_gone(group);
     }
 
+    /// Leaves the mount alone when dropped: another daemon's, or to be
+    /// cleared by the next.
+    pub fn leave_the_mount(&mut self) {
+        self.leave_mount = true;
+    }
+
     /// Waits for the daemon to be stopped by one that took its mount over,
     /// and leaves that mount to the new one.
     pub fn taken_over(mut self) {
