@@ -124,7 +124,7 @@ fn mountpoint_of(pid: i32, options: &Options) -> Option<PathBuf> {
             .ok()?
             .join(given),
     };
-    Some(std::path::absolute(path).ok()?)
+    std::path::absolute(path).ok()
 }
 
 /// A `/dev/fuse` descriptor among `pid`'s open files.
