@@ -37,9 +37,17 @@ fn the_tree_is_complete_when_the_mountpoint_appears() {
     let _a = parent.child("a");
     let _b = parent.child("b");
     let glob = format!("{}/*", parent.relative);
-    let daemon = Daemon::start(&["--cgroup", &glob]);
-    // The very first look after the mount shows everything.
-    let names: Vec<String> = std::fs::read_dir(&daemon.mountpoint)
+    let dir = tempfile::tempdir().unwrap();
+    let mountpoint = dir.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let _daemon = Daemon::spawn_at(&mountpoint, &["--cgroup", &glob]);
+    // The mount appears before the server has discovered anything; the
+    // very first look after it appears waits for the tree, then shows it
+    // all.
+    assert!(crate::support::eventually(Duration::from_secs(15), || {
+        crate::support::is_mounted(&mountpoint)
+    }));
+    let names: Vec<String> = std::fs::read_dir(&mountpoint)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
