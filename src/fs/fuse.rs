@@ -1,18 +1,16 @@
 //! The FUSE adapter: each callback translates its arguments, asks the
 //! [`Model`], and turns the answer into a reply. No logic lives here.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use super::attr::Attr;
@@ -45,42 +43,8 @@ fn attr_ttl(attr: &Attr) -> Duration {
     }
 }
 
-/// How an open file is read (an experiment: `CGMETRIC_OPEN_MODE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenMode {
-    /// Every open renders a snapshot kept with its handle; reads are direct
-    /// I/O requests (OPEN, READ..., RELEASE).
-    Direct,
-    /// Every open renders a snapshot into a memfd that the kernel reads
-    /// itself (FUSE passthrough, Linux 6.9+): OPEN and RELEASE only. The
-    /// kernel takes one backing file per inode at a time, so an open while
-    /// another of the same file is open shares that open's snapshot.
-    Passthrough,
-    /// OPEN answers ENOSYS: the kernel stops sending OPEN and RELEASE and
-    /// reads through its page cache (FOPEN_KEEP_CACHE is its default then),
-    /// asking GETATTR on every read (FUSE_AUTO_INVAL_DATA) and dropping the
-    /// pages when the mtime moved; every GETATTR reports a new mtime.
-    NoOpen,
-}
-
-impl OpenMode {
-    pub fn from_env() -> OpenMode {
-        match std::env::var("CGMETRIC_OPEN_MODE").as_deref() {
-            Ok("passthrough") => OpenMode::Passthrough,
-            Ok("no-open") => OpenMode::NoOpen,
-            _ => OpenMode::Direct,
-        }
-    }
-}
-
 pub struct FuseFs {
     model: Arc<Model>,
-    mode: OpenMode,
-    /// Passthrough: the backing file each inode's open handles share, and
-    /// how many handles share it.
-    backing: parking_lot::Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
-    /// Passthrough: the inode of each open handle.
-    passed: parking_lot::Mutex<HashMap<u64, u64>>,
     /// Shown as every node's times: the tree exists since the daemon started.
     started: SystemTime,
     /// Whether to take FUSE over io_uring when the kernel offers it.
@@ -91,9 +55,6 @@ impl FuseFs {
     pub fn new(model: Arc<Model>, uring: bool) -> FuseFs {
         FuseFs {
             model,
-            mode: OpenMode::from_env(),
-            backing: Default::default(),
-            passed: Default::default(),
             started: SystemTime::now(),
             uring,
         }
@@ -105,10 +66,7 @@ impl FuseFs {
             size: attr.size,
             blocks: attr.size.div_ceil(512),
             atime: self.started,
-            mtime: match (self.mode, attr.kind) {
-                (OpenMode::NoOpen, Kind::File) => SystemTime::now(),
-                _ => self.started,
-            },
+            mtime: self.started,
             ctime: self.started,
             crtime: self.started,
             kind: file_type(attr.kind),
@@ -179,75 +137,10 @@ fn offer_uring(config: &mut KernelConfig) {
     }
 }
 
-impl FuseFs {
-    /// Renders the file into a memfd the kernel reads from, or shares the
-    /// backing file of an open of the same inode still in progress.
-    fn open_passthrough(&self, ino: u64, write: bool, reply: ReplyOpen) {
-        let (handle, text) = match self.model.open_snapshot(ino, write, false) {
-            Ok(opened) => opened,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let mut backing = self.backing.lock();
-        let id = match backing.get_mut(&ino) {
-            Some((id, users)) => {
-                *users += 1;
-                id.clone()
-            }
-            None => match memfd_with(&text).and_then(|fd| reply.open_backing(&fd)) {
-                Ok(id) => {
-                    let id = Arc::new(id);
-                    backing.insert(ino, (id.clone(), 1));
-                    id
-                }
-                Err(e) => {
-                    log::warn!("passthrough open of inode {ino}: {e}");
-                    self.model.release(handle);
-                    return reply.error(Errno::EIO);
-                }
-            },
-        };
-        drop(backing);
-        self.passed.lock().insert(handle, ino);
-        reply.opened_passthrough(FileHandle(handle), FopenFlags::FOPEN_NOFLUSH, &id);
-    }
-}
-
-/// A memory file holding `text`.
-fn memfd_with(text: &[u8]) -> std::io::Result<std::fs::File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the name is a valid C string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"cgmetric".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created and is owned by nothing else.
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.write_all(text)?;
-    Ok(file)
-}
-
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
-        if self.mode == OpenMode::Passthrough {
-            let offered = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH);
-            if offered
-                && config.set_max_stack_depth(1).is_ok()
-                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            {
-                log::info!("open mode: passthrough");
-                // Backing files are registered on /dev/fuse.
-                self.uring = false;
-            } else {
-                log::warn!("FUSE passthrough not offered by the kernel; direct I/O");
-                self.mode = OpenMode::Direct;
-            }
-        }
-        if self.mode == OpenMode::NoOpen {
-            let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
-            log::info!("open mode: no open");
-        }
         if self.uring {
             offer_uring(config);
         }
@@ -286,12 +179,6 @@ impl Filesystem for FuseFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        if self.mode == OpenMode::Passthrough {
-            return self.open_passthrough(ino.0, write, reply);
-        }
-        if self.mode == OpenMode::NoOpen {
-            return reply.error(Errno::ENOSYS);
-        }
         match self.model.open(ino.0, write) {
             // Direct I/O: the page cache never serves an old value and the size
             // never truncates one. No flush: there is nothing to write back.
@@ -314,12 +201,6 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if self.mode == OpenMode::NoOpen && fh.0 == 0 {
-            return match self.model.read_latest(_ino.0, offset, size) {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(errno(e)),
-            };
-        }
         match self.model.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
@@ -337,16 +218,6 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.model.release(fh.0);
-        let passed = self.passed.lock().remove(&fh.0);
-        if let Some(ino) = passed {
-            let mut backing = self.backing.lock();
-            if let Some((_, users)) = backing.get_mut(&ino) {
-                *users -= 1;
-                if *users == 0 {
-                    backing.remove(&ino);
-                }
-            }
-        }
         reply.ok();
     }
 
@@ -358,9 +229,6 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        if self.mode == OpenMode::NoOpen {
-            return reply.error(Errno::ENOSYS);
-        }
         reply.ok();
     }
 

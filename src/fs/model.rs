@@ -273,19 +273,6 @@ impl Model {
     /// Renders the file (or takes the rendering a stat just measured) and
     /// returns a handle to that snapshot.
     pub fn open(&self, ino: u64, write: bool) -> Result<u64> {
-        self.open_snapshot(ino, write, true)
-            .map(|(handle, _)| handle)
-    }
-
-    /// [`Model::open`], returning the handle's text too; `raise`: whether
-    /// the kernel's size must be raised to the text's length (not for a
-    /// passthrough open, whose reads stop at the backing file's end).
-    pub fn open_snapshot(
-        &self,
-        ino: u64,
-        write: bool,
-        raise: bool,
-    ) -> Result<(u64, super::snapshots::Text)> {
         let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
         if node.kind() == Kind::Dir {
             return Err(FsError::IsDir);
@@ -296,36 +283,17 @@ impl Model {
         let opened = self
             .snapshots
             .for_open(ino, || self.render(node).map(String::into_bytes))?;
-        if let (true, true, Some(kernel), Some(&last)) =
-            (raise, opened.raise, self.kernel.get(), opened.text.last())
+        if let (true, Some(kernel), Some(&last)) =
+            (opened.raise, self.kernel.get(), opened.text.last())
         {
             kernel.raise_size(ino, opened.text.len() as u64, last);
         }
-        let text = opened.text.clone();
-        Ok((self.handles.insert(Handle::File(opened.text)), text))
+        Ok(self.handles.insert(Handle::File(opened.text)))
     }
 
     /// Up to `size` bytes of the snapshot from `offset`, not copied.
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Chunk> {
         self.handles.read(handle, offset, size)
-    }
-
-    /// The no-open experiment: up to `size` bytes from `offset` of the
-    /// inode's latest rendering (the one its last stat measured), or of a
-    /// new one.
-    pub fn read_latest(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let text = match self.snapshots.latest(ino) {
-            Some(text) => text,
-            None => {
-                let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
-                self.snapshots
-                    .for_open(ino, || self.render(node).map(String::into_bytes))?
-                    .text
-            }
-        };
-        let start = (offset as usize).min(text.len());
-        let end = start.saturating_add(size as usize).min(text.len());
-        Ok(text[start..end].to_vec())
     }
 
     /// The kernel dropped its inode `ino`.

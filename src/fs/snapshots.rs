@@ -127,14 +127,6 @@ impl Snapshots {
         Ok(Opened { text, raise })
     }
 
-    /// The inode's latest rendering, however old (the no-open experiment:
-    /// a READ without a handle serves what the last stat measured).
-    pub fn latest(&self, ino: u64) -> Option<Text> {
-        let table = self.table.lock();
-        let (text, _) = table.inodes.get(&ino)?.text.as_ref()?;
-        Some(text.clone())
-    }
-
     /// The kernel dropped the inode: it asks anew before it uses a size.
     pub fn forget(&self, ino: u64) {
         self.table.lock().inodes.remove(&ino);
