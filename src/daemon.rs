@@ -28,10 +28,11 @@ use crate::net::{Net, NetError};
 const FUSE_THREADS: usize = 4;
 
 /// How long a FUSE thread polls for the next request before sleeping, unless
-/// `--fuse-spin` says otherwise. A read is three requests (open, read,
-/// release), and the next one arrives a reader's wake-up after the reply;
-/// a thread that slept in between would add its own wake-up to every
-/// request. The spin must outlast a wake-up on a host whose idle CPUs halt
+/// `--fuse-spin` says otherwise. A read is three to five requests (OPEN,
+/// READ, an empty READ at the end for `read` readers, RELEASE; a GETATTR for
+/// those that `fstat`), and the next one arrives a reader's wake-up after
+/// the reply; a thread that slept in between would add its own wake-up to
+/// every request. The spin must outlast a wake-up on a host whose idle CPUs halt
 /// (tens of microseconds on VMs; docs/performance.md).
 const DEFAULT_FUSE_SPIN: Duration = Duration::from_micros(50);
 

@@ -425,6 +425,9 @@ fn python_reads_and_copies_whole_values() {
     require!("python3");
     let still = still_container("pyreaders");
     check_readers(PYTHON_READERS, &still);
+    // Each `open` asks whether the file is a terminal: answered quietly.
+    let log = still.daemon.stderr();
+    assert!(!log.contains("ioctl"), "{log}");
 }
 
 #[test]
