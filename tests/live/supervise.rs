@@ -138,13 +138,24 @@ fn readers_never_fail_across_twenty_server_kills_and_five_upgrades() {
     const KILLS: usize = 20;
     const UPGRADES: usize = 5;
     let mut logs = String::new();
-    for round in 0..KILLS + UPGRADES {
+    // The longest a switch took, from the kill (or the upgrade's start) to
+    // the first read the next server answered.
+    let mut slowest_switch = Duration::ZERO;
+    let mut switched = None;
+    for round in 0..KILLS + UPGRADES + 1 {
         // Each server serves a while before it dies: a read answered means
         // the last one serves (on a loaded machine, starting one takes about
         // a second, and a server killed before it served makes its readers
         // wait for two).
         let _ = std::fs::read_to_string(mountpoint.join("server/name"));
+        if let Some(at) = switched.take() {
+            slowest_switch = slowest_switch.max(Instant::elapsed(&at));
+        }
+        if round == KILLS + UPGRADES {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(1000 + rng.below(500)));
+        switched = Some(Instant::now());
         if round % 5 == 4 {
             // An upgrade in place: a new daemon takes the mount over.
             let next = Daemon::spawn_at(&mountpoint, &upgrade);
@@ -178,9 +189,14 @@ fn readers_never_fail_across_twenty_server_kills_and_five_upgrades() {
         "net_bytes_tx went back: {:?}",
         seen.went_back
     );
+    // A read waits for a switch at most. In an emulated guest (qemu's TCG)
+    // a server takes seconds to start, so the bound grows with the slowest
+    // switch measured here; on a real machine that stays under a second and
+    // the bound is SLOWEST_READ.
+    let bound = SLOWEST_READ.max(slowest_switch * 3 / 2);
     assert!(
-        seen.slowest < SLOWEST_READ,
-        "a read took {:?} ({}; seed {}):\n{log}",
+        seen.slowest < bound,
+        "a read took {:?} ({}; seed {}), the slowest switch {slowest_switch:?}:\n{log}",
         seen.slowest,
         seen.slowest_read,
         rng.seed
@@ -203,7 +219,8 @@ fn readers_never_fail_across_twenty_server_kills_and_five_upgrades() {
     );
     assert_eq!(log.matches("took over").count(), UPGRADES);
     eprintln!(
-        "{} reads, {} aborted, slowest {:?}, across {KILLS} server kills and {UPGRADES} upgrades",
+        "{} reads, {} aborted, slowest {:?} (switch {slowest_switch:?}), across {KILLS} server \
+         kills and {UPGRADES} upgrades",
         seen.reads, seen.aborted, seen.slowest
     );
 }
