@@ -116,6 +116,25 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         return serve_inherited(&options, fd);
     }
     Globs::new(&options.cgroups)?;
+    if let Some(connection) = crate::systemd::stored_connection() {
+        let path = absolute(&options.mountpoint).map_err(|source| DaemonError::Mountpoint {
+            path: options.mountpoint.clone(),
+            source,
+        })?;
+        // Not statfs: nothing serves the connection now, so that would wait.
+        let mounted = read_mount_table()
+            .ok()
+            .is_some_and(|mounts| mount_at(&mounts, &path).is_some_and(|m| m.fs_type == FS_TYPE));
+        if mounted && !crate::supervise::connection_ended(&connection) {
+            Layout::detect(&options.cgroup_root)?;
+            log::info!(
+                "systemd kept the connection of {}; resuming it",
+                path.display()
+            );
+            return crate::supervise::serve_connection(&path, connection, true);
+        }
+        // Ended with its mount: the mount is stale, and cleared below.
+    }
     if options.takeover {
         let path = absolute(&options.mountpoint).map_err(|source| DaemonError::Mountpoint {
             path: options.mountpoint.clone(),

@@ -33,4 +33,5 @@ pub mod render;
 pub mod report;
 pub mod sample;
 pub mod supervise;
+pub mod systemd;
 pub mod takeover;

@@ -54,6 +54,9 @@ pub fn serve_connection(
     taken: bool,
 ) -> Result<(), DaemonError> {
     let wake = Wake::new().map_err(DaemonError::Signals)?;
+    crate::systemd::store(&connection);
+    let keep_mount = crate::systemd::keeps_descriptors();
+    let mut announced = false;
     let mut server = match Serving::start(&connection, taken) {
         Ok(server) => server,
         Err(e) => {
@@ -76,12 +79,26 @@ pub fn serve_connection(
         wake.wait(&server.life);
         dying.retain_mut(|old| old.try_wait().ok().flatten().is_none());
         if wake.stopping() {
-            log::info!("stopping: unmounting {}", mountpoint.display());
-            unmount(mountpoint);
+            if keep_mount {
+                // systemd keeps the connection: for a restart, the next
+                // start resumes it; for a stop, systemd closes it, which
+                // leaves the mount stale until the next start clears it.
+                log::info!(
+                    "stopping: leaving {} to the next start (systemd keeps its connection)",
+                    mountpoint.display()
+                );
+            } else {
+                log::info!("stopping: unmounting {}", mountpoint.display());
+                unmount(mountpoint);
+            }
             server.stop();
             return Ok(());
         }
         server.hear();
+        if server.said_ready && !announced {
+            crate::systemd::ready();
+            announced = true;
+        }
         let status = server.exited();
         if status.is_none() && !server.hung_up {
             continue;
@@ -365,7 +382,7 @@ fn unmount(mountpoint: &Path) {
 
 /// Whether the kernel ended the connection (unmounted, or aborted through
 /// fusectl): the device then polls as an error.
-fn connection_ended(connection: &OwnedFd) -> bool {
+pub(crate) fn connection_ended(connection: &OwnedFd) -> bool {
     let mut poll = libc::pollfd {
         fd: connection.as_fd().as_raw_fd(),
         events: 0,

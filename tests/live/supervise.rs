@@ -374,3 +374,153 @@ fn a_server_that_cannot_start_unmounts_and_fails_once() {
         Ok(0)
     ));
 }
+
+/// systemd's side of sd_notify(3), for a test: a datagram socket that takes
+/// notifications and the descriptors sent with them.
+struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    fn new() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        NotifySocket {
+            socket,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// The next notification: its text and the descriptors it carried.
+    fn receive(&self) -> (String, Vec<std::os::fd::OwnedFd>) {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let mut text = [0u8; 4096];
+        let mut control = [0u8; 256];
+        let mut iov = libc::iovec {
+            iov_base: text.as_mut_ptr().cast(),
+            iov_len: text.len(),
+        };
+        // SAFETY: msghdr is plain data; every pointer set below outlives
+        // the recvmsg call.
+        let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+        message.msg_iov = &mut iov;
+        message.msg_iovlen = 1;
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = control.len();
+        // SAFETY: receives into the buffers the header points at.
+        let size = unsafe { libc::recvmsg(self.socket.as_raw_fd(), &mut message, 0) };
+        assert!(size >= 0, "{}", std::io::Error::last_os_error());
+        let mut fds = Vec::new();
+        // SAFETY: walks the control messages the kernel wrote.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&message);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg) as *const i32;
+                    let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                    for i in 0..count {
+                        fds.push(std::os::fd::OwnedFd::from_raw_fd(*data.add(i)));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&message, cmsg);
+            }
+        }
+        let text = String::from_utf8_lossy(&text[..size as usize]).into_owned();
+        (text, fds)
+    }
+}
+
+#[test]
+fn a_restart_under_systemd_keeps_the_mount_through_its_descriptor_store() {
+    use std::os::fd::AsRawFd;
+    require!();
+    let parent = Cgroup::parent("fdstore");
+    let _box = parent.child("box");
+    let glob = format!("{}/*", parent.relative);
+    let dir = tempfile::tempdir().unwrap();
+    let mountpoint = dir.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let notify = NotifySocket::new();
+    let socket = notify.path.to_str().unwrap();
+    // What systemd sets for a Type=notify unit with FileDescriptorStoreMax=1.
+    let service = [("NOTIFY_SOCKET", socket), ("FDSTORE", "1")];
+    let args = ["--cgroup", &glob, "--no-ebpf"];
+    let mut first = Daemon::spawn_as_service(&mountpoint, &args, &service, None);
+    first.wait_mounted();
+    let mut stored = None;
+    let mut ready = false;
+    while stored.is_none() || !ready {
+        let (text, mut fds) = notify.receive();
+        if text.contains("FDSTORE=1") {
+            assert!(text.contains("FDNAME=cgmetric-fuse"), "{text}");
+            assert_eq!(fds.len(), 1, "{text}");
+            stored = fds.pop();
+        }
+        ready |= text.lines().any(|l| l == "READY=1");
+    }
+    let stored = stored.unwrap();
+
+    // A reader loops through the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (path, stop) = (mountpoint.join("box/name"), stop.clone());
+        std::thread::spawn(move || {
+            let (mut failures, mut slowest) = (Vec::new(), Duration::ZERO);
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                match std::fs::read_to_string(&path) {
+                    Ok(text) if text == "box\n" => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+                slowest = slowest.max(started.elapsed());
+            }
+            (failures, slowest)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // `systemctl restart`: SIGTERM, a pause, a start with what was stored.
+    first.signal(libc::SIGTERM);
+    let status = first.wait(Duration::from_secs(10)).expect("it stops");
+    assert!(status.success(), "{status}:\n{}", first.stderr());
+    assert!(
+        is_mounted(&mountpoint),
+        "the mount went:\n{}",
+        first.stderr()
+    );
+    first.leave_the_mount();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut second = Daemon::spawn_as_service(
+        &mountpoint,
+        &args,
+        &[
+            ("NOTIFY_SOCKET", socket),
+            ("FDSTORE", "1"),
+            ("LISTEN_FDS", "1"),
+            ("LISTEN_FDNAMES", "cgmetric-fuse"),
+        ],
+        Some(stored.as_raw_fd()),
+    );
+    second.wait_mounted();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (failures, slowest) = reader.join().unwrap();
+    assert!(failures.is_empty(), "{failures:?}\n{}", second.stderr());
+    // The reader waited through the pause rather than fail.
+    assert!(
+        slowest >= Duration::from_millis(400),
+        "slowest read {slowest:?}"
+    );
+    assert!(
+        second.stderr().contains("systemd kept the connection"),
+        "{}",
+        second.stderr()
+    );
+    drop(stored);
+}

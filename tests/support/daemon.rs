@@ -60,7 +60,44 @@ impl Daemon {
         daemon
     }
 
+    /// Starts the daemon on `mountpoint` as a service manager would: with
+    /// `env` set and, if given, `passed` as its descriptor 3 (sd_listen_fds:
+    /// `LISTEN_PID` is set to the daemon's own pid by a shell that execs it).
+    pub fn spawn_as_service(
+        mountpoint: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        passed: Option<i32>,
+    ) -> Daemon {
+        let wrapper = ["sh", "-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""];
+        let configure = |command: &mut Command| {
+            command.envs(env.iter().copied());
+            if let Some(fd) = passed {
+                // SAFETY: dup2 and fcntl are async-signal-safe; fd is open
+                // in the parent for the spawn's duration.
+                unsafe {
+                    command.pre_exec(move || {
+                        if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        };
+        Daemon::spawn_with(&wrapper, mountpoint, args, configure)
+    }
+
     fn spawn_under(wrapper: &[&str], mountpoint: &Path, args: &[&str]) -> Daemon {
+        Daemon::spawn_with(wrapper, mountpoint, args, |_| {})
+    }
+
+    fn spawn_with(
+        wrapper: &[&str],
+        mountpoint: &Path,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let log_dir = tempfile::tempdir().unwrap();
         let log = log_dir.path().join("stderr");
         let own_bpf_dir =
@@ -77,6 +114,7 @@ impl Daemon {
         if let Some(dir) = &own_bpf_dir {
             command.args(["--bpf-dir", dir.arg()]);
         }
+        configure(&mut command);
         let child = command
             .arg(mountpoint)
             .env(
