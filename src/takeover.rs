@@ -164,17 +164,27 @@ fn copy_fd(pid: i32, fd: i32) -> io::Result<OwnedFd> {
 
 fn wait_gone(pid: i32) -> Result<(), TakeoverError> {
     let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()?.to_string()));
-        // Gone, or a zombie whose descriptors are closed.
-        if matches!(state.as_deref(), None | Some("Z") | Some("X")) {
-            return Ok(());
-        }
+    while !gone(pid) {
         if Instant::now() > deadline {
             return Err(TakeoverError::Stuck(pid));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    Ok(())
+}
+
+/// Whether every thread of `pid` has exited. A group leader that exits
+/// first is a zombie while the other threads still run; one of those could
+/// be reading a request from the connection, which would then wait for an
+/// answer after the resend.
+fn gone(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|task| {
+        let state = std::fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()?.to_string()));
+        matches!(state.as_deref(), None | Some("Z") | Some("X"))
+    })
 }

@@ -347,7 +347,8 @@ fn wait_group_gone(group: i32) {
                     return false;
                 };
                 let fields: Vec<&str> = rest.split_whitespace().collect();
-                fields.len() > 2 && fields[0] != "Z" && fields[2] == group.to_string()
+                let pid = entry.file_name().to_str().and_then(|p| p.parse().ok());
+                fields.len() > 2 && fields[2] == group.to_string() && pid.is_some_and(is_running)
             })
     };
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -356,20 +357,27 @@ fn wait_group_gone(group: i32) {
     }
 }
 
-/// Whether `pid` is a process that has not exited (a zombie has).
+/// Whether `pid` is a process that has not exited: one of its threads is
+/// not a zombie. (A group leader that exits first is a zombie while its
+/// other threads still run, and still hold the process's files.)
 pub fn is_running(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let state = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .next()?
-                .to_string();
-            Some(state != "Z" && state != "X")
-        })
-        .unwrap_or(false)
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_string();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
+    })
 }
 
 pub use cgmetric::mounts::is_live_cgmetric as is_live;
