@@ -6,7 +6,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::require;
-use crate::support::{finish, finish_client, heavy_turn, tcp_peer, BpfDir, Cgroup, Daemon, Rng};
+use crate::support::{
+    finish, finish_client, heavy_turn, scratch_mountpoint, tcp_peer, BpfDir, Cgroup, Daemon, Rng,
+};
 
 const KILLS: usize = 20;
 
@@ -21,9 +23,7 @@ fn twenty_kills_during_traffic_lose_nothing() {
     let client_cg = parent.child("client");
     let glob = format!("{}/*", parent.relative);
     let args = ["--cgroup", &glob, "--bpf-dir", bpf.arg()];
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
 
     // The programs attach before the traffic starts, so all of it counts.
     let mut daemon = Daemon::spawn_at(&mountpoint, &args);

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::require;
-use crate::support::{binary, detach, is_mounted, Cgroup, Daemon};
+use crate::support::{binary, detach, is_mounted, scratch_mountpoint, Cgroup, Daemon};
 
 /// Runs cgmetric expecting it to refuse to start: its exit status and stderr.
 fn refusal(command: &mut Command) -> (i32, String) {
@@ -37,9 +37,7 @@ fn the_tree_is_complete_when_the_mountpoint_appears() {
     let _a = parent.child("a");
     let _b = parent.child("b");
     let glob = format!("{}/*", parent.relative);
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
     let _daemon = Daemon::spawn_at(&mountpoint, &["--cgroup", &glob]);
     // The mount appears before the server has discovered anything; the
     // very first look after it appears waits for the tree, then shows it
@@ -228,9 +226,7 @@ fn refuses_a_bad_glob() {
 #[test]
 fn rust_log_controls_logging() {
     require!();
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
     for (level, expect_info) in [("error", false), ("info", true)] {
         let child = Command::new(binary())
             .arg("--no-ebpf")

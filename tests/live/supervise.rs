@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::require;
 use crate::support::{
-    eventually, finish, finish_client, heavy_turn, is_mounted, is_running, tcp_peer, BpfDir,
-    Cgroup, Daemon, Rng,
+    eventually, finish, finish_client, heavy_turn, is_mounted, is_running, scratch_mountpoint,
+    tcp_peer, BpfDir, Cgroup, Daemon, Rng,
 };
 
 /// What a read may take while servers die: a restart is one discovery walk
@@ -63,9 +63,7 @@ fn readers_never_fail_across_twenty_server_kills_and_five_upgrades() {
     let server_cg = parent.child("server");
     let client_cg = parent.child("client");
     let glob = format!("{}/*", parent.relative);
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
     let window = format!("{}ms", WINDOW.as_millis());
     let args = [
         "--cgroup",
@@ -260,9 +258,7 @@ fn a_killed_supervisor_leaves_its_server_serving_until_the_next_start_takes_over
     let parent = Cgroup::parent("orphan");
     let _box = parent.child("box");
     let glob = format!("{}/*", parent.relative);
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
     let args = ["--cgroup", &glob];
     let mut daemon = Daemon::spawn_at(&mountpoint, &args);
     daemon.wait_mounted();
@@ -304,9 +300,7 @@ fn with_supervisor_and_server_gone_the_next_start_heals_the_stale_mount() {
     let parent = Cgroup::parent("bothgone");
     let _box = parent.child("box");
     let glob = format!("{}/*", parent.relative);
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
     // --takeover too: with nothing live to take, it clears the stale mount.
     let args = ["--cgroup", &glob, "--takeover"];
     let mut daemon = Daemon::spawn_at(&mountpoint, &args);
@@ -357,9 +351,7 @@ fn a_server_that_cannot_start_unmounts_and_fails_once() {
     // Pins cannot live outside a BPF filesystem: the server fails at start.
     let not_bpf = tempfile::tempdir().unwrap();
     let bpf_dir = not_bpf.path().to_str().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
     let mut daemon = Daemon::spawn_at(&mountpoint, &["--cgroup", &glob, "--bpf-dir", bpf_dir]);
     let status = daemon
         .wait(Duration::from_secs(15))
@@ -444,9 +436,7 @@ fn a_restart_under_systemd_keeps_the_mount_through_its_descriptor_store() {
     let parent = Cgroup::parent("fdstore");
     let _box = parent.child("box");
     let glob = format!("{}/*", parent.relative);
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    std::fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
     let notify = NotifySocket::new();
     let socket = notify.path.to_str().unwrap();
     // What systemd sets for a Type=notify unit with FileDescriptorStoreMax=1.

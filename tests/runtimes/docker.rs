@@ -9,7 +9,7 @@ use cgmetric::cgroup::Controller;
 
 use crate::engine::{cli, name, Container, Dockerd, DOCKER, IMAGE};
 use crate::require;
-use crate::support::{eventually, host_layout, Daemon};
+use crate::support::{eventually, host_layout, scratch_mountpoint, Daemon};
 
 /// Runs `docker run -d ARGS`.
 fn run(args: &[&str]) -> Container {
@@ -314,9 +314,7 @@ fn traffic_over_dockers_bridge_is_counted_on_both_sides() {
 fn a_container_reads_through_server_crashes_and_upgrades() {
     require!("dockerd");
     let _engine = Dockerd::acquire();
-    let dir = tempfile::tempdir().unwrap();
-    let mountpoint = dir.path().join("mnt");
-    fs::create_dir(&mountpoint).unwrap();
+    let (_dir, mountpoint) = scratch_mountpoint();
     let args = ["--no-ebpf"];
     let mut daemon = Daemon::spawn_at(&mountpoint, &args);
     daemon.wait_mounted();

@@ -319,6 +319,15 @@ impl Drop for Daemon {
     }
 }
 
+/// An empty mountpoint in a directory of its own (removed when the guard
+/// drops), for tests whose daemons come and go on one mountpoint.
+pub fn scratch_mountpoint() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mountpoint = dir.path().join("mnt");
+    fs::create_dir(&mountpoint).unwrap();
+    (dir, mountpoint)
+}
+
 /// Kills `pids` (orphans, reaped by init) and waits until they are gone.
 fn kill_and_reap(pids: &[u32]) {
     for pid in pids {

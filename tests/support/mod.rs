@@ -27,7 +27,8 @@ pub mod timing;
 
 pub use cgroup::{host_layout, Cgroup, Nest};
 pub use daemon::{
-    binary, detach, is_live, is_mounted, is_running, workspace_binary, BpfDir, Daemon,
+    binary, detach, is_live, is_mounted, is_running, scratch_mountpoint, workspace_binary, BpfDir,
+    Daemon,
 };
 pub use gate::{privileged, tool};
 pub use host::{
