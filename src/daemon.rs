@@ -20,6 +20,7 @@ use crate::containers::runtime::MetadataRoots;
 use crate::fs::fuse::FuseFs;
 use crate::fs::inode::{RESERVED_NAMES, ROOT_INO};
 use crate::fs::model::Model;
+use crate::ledger::{Ledger, LedgerError};
 use crate::mounts::{mount_at, read_mount_table, statfs, MountEntry, FS_TYPE};
 use crate::net::{Net, NetError};
 
@@ -62,6 +63,8 @@ pub enum DaemonError {
     Discovery(#[from] DiscoveryError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
     #[error("cannot mount {path}: {source}")]
     Mount { path: PathBuf, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
@@ -95,6 +98,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         options.mountpoint == Path::new(DEFAULT_MOUNTPOINT),
     )?;
     let layout = Layout::detect(&options.cgroup_root)?;
+    let ledger = Arc::new(Ledger::open(&options.state_dir)?);
     log::info!("cgroup layout: {}", layout.kind);
     let open_files = keep_open_files(options.open_files);
 
@@ -128,12 +132,12 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     }
     registry.refresh();
     log::info!("{} containers found", registry.list().len());
-    let model = Arc::new(Model::new(
-        registry,
-        net.map(Arc::new),
-        options.window,
-        options.private,
-    ));
+    let model = Arc::new(
+        Model::new(registry, net.map(Arc::new), options.window, options.private)
+            .with_lifecycle(Some(ledger), options.keep_exited),
+    );
+    // Before anything is swept: what ended while no daemon ran.
+    model.recover();
     crate::sample::pool::remember_daemon_cpus();
     let fs = FuseFs::new(model.clone(), !options.no_fuse_uring);
 

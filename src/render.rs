@@ -67,9 +67,28 @@ fn push_fixed(out: &mut String, n: u64, digits: u32) {
 /// Every container's metrics in Prometheus text format: one family per
 /// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
 /// label on every series, no timestamps.
-pub fn prometheus(samples: &[(Arc<Metered>, Sample)], ebpf_health: Option<[u64; 3]>) -> String {
+///
+/// The containers that ended lately (`exited`) keep their series, with the
+/// labels they had, so that each series goes on to its final value. Should
+/// a live container have the very same labels (a runtime restarted the
+/// same container), the ended one's series add `state="exited"`.
+pub fn prometheus(
+    live: &[(Arc<Metered>, Sample)],
+    exited: &[(Arc<Metered>, Sample)],
+    ebpf_health: Option<[u64; 3]>,
+    ledger_write_errors: Option<u64>,
+) -> String {
     // Each container's labels are escaped once, not once a series.
-    let labels: Vec<String> = samples.iter().map(|(c, _)| label_set(c)).collect();
+    let mut labels: Vec<String> = live.iter().map(|(c, _)| label_set(c)).collect();
+    let taken: std::collections::HashSet<String> = labels.iter().cloned().collect();
+    for (c, _) in exited {
+        let mut set = label_set(c);
+        if taken.contains(&set) {
+            set.push_str(",state=\"exited\"");
+        }
+        labels.push(set);
+    }
+    let samples: Vec<&(Arc<Metered>, Sample)> = live.iter().chain(exited).collect();
     // Sized once (6,000 series for 200 containers): each series is its
     // labels plus a family name and a number, and the headers come on top.
     let series_bytes: usize = samples
@@ -100,6 +119,15 @@ pub fn prometheus(samples: &[(Arc<Metered>, Sample)], ebpf_health: Option<[u64; 
     }
     if let Some(health) = ebpf_health {
         ebpf_health_family(&mut out, health);
+    }
+    if let Some(errors) = ledger_write_errors {
+        let _ = writeln!(
+            out,
+            "# HELP cgmetric_ledger_write_errors_total Failed writes of the billing ledger \
+             and its index (records stay pending and are retried)."
+        );
+        let _ = writeln!(out, "# TYPE cgmetric_ledger_write_errors_total counter");
+        let _ = writeln!(out, "cgmetric_ledger_write_errors_total {errors}");
     }
     out
 }

@@ -57,6 +57,8 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("containers_storage", true),
     ("cgroup_root", true),
     ("bpf_dir", true),
+    ("state_dir", true),
+    ("keep_exited", true),
     ("window", true),
     ("fuse_spin", true),
     ("open_files", true),

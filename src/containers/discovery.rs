@@ -54,6 +54,9 @@ pub enum Event {
     Changed(PathBuf),
     /// The container of this cgroup path vanished.
     Removed(PathBuf),
+    /// The last process of the container at this cgroup path left (v2
+    /// `cgroup.events` says `populated 0`); its cgroups still exist.
+    Emptied(PathBuf),
 }
 
 /// Every source of containers, and what is known of the hierarchies: one
@@ -205,6 +208,20 @@ impl Discovery {
                     Change::Removed { hierarchy, path } => {
                         forget_cgroup(&mut state, hierarchy, &path, &mut events)
                     }
+                    Change::Events { path } => {
+                        let container = matches!(
+                            state.known.get(&path),
+                            Some(Known {
+                                class: Class::Container(_),
+                                ..
+                            })
+                        );
+                        let events_file =
+                            roots.first().map(|r| r.join(&path).join("cgroup.events"));
+                        if container && events_file.is_some_and(|f| is_unpopulated(&f)) {
+                            events.push(Event::Emptied(path));
+                        }
+                    }
                     Change::Lost => {
                         state.walked = false;
                         break;
@@ -324,6 +341,13 @@ impl Discovery {
                     class
                 }
             };
+            if let (Class::Container(_), Some(watcher)) = (&class, state.watcher.as_mut()) {
+                // Only v2 cgroups have the file: the kernel says there when
+                // the last process left.
+                if root.join(path).join("cgroup.events").exists() {
+                    watcher.watch_events(root, path);
+                }
+            }
             if !matches!(class, Class::Plain) {
                 return;
             }
@@ -394,6 +418,11 @@ impl Discovery {
             runtime: runtime.name(),
         })
     }
+}
+
+/// Whether the `cgroup.events` file at `path` says `populated 0`.
+fn is_unpopulated(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| text.lines().any(|l| l.trim() == "populated 0"))
 }
 
 /// `path` is gone from `hierarchy`, and so is everything below it.
@@ -564,6 +593,7 @@ mod tests {
                     Event::Added(f) => format!("+{}", f.name),
                     Event::Removed(p) => format!("-{}", p.display()),
                     Event::Changed(p) => format!("~{}", p.display()),
+                    Event::Emptied(p) => format!("0{}", p.display()),
                 })
                 .collect()
         };

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
 
@@ -41,6 +42,12 @@ pub struct Metered {
     pub dirs: CgroupDirs,
     /// Its cgroup files kept open between reads; closed when it goes.
     pub kept: KeptFiles,
+    /// When the daemon first saw it.
+    pub first_seen: SystemTime,
+    /// The inode number of its v2 directory, eBPF's key: kept when the
+    /// directory goes before the container does, so its counts can still
+    /// be read until they are swept.
+    pub net_id: Option<u64>,
     available: OnceLock<Vec<MetricId>>,
 }
 
@@ -54,6 +61,12 @@ impl Metered {
         dirs: CgroupDirs,
         kept: KeptFiles,
     ) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let net_id = dirs
+            .v2
+            .as_deref()
+            .and_then(|dir| std::fs::metadata(dir).ok())
+            .map(|m| m.ino());
         Metered {
             slot,
             name,
@@ -63,14 +76,48 @@ impl Metered {
             owner: dirs.owner().unwrap_or((0, 0)),
             dirs,
             kept,
+            first_seen: SystemTime::now(),
+            net_id,
             available: OnceLock::new(),
         }
+    }
+
+    /// The same container as `old`, found again: first seen when `old` was,
+    /// and with `old`'s v2 id if its v2 directory is gone now.
+    fn succeeding(mut self, old: &Metered) -> Self {
+        self.first_seen = old.first_seen;
+        self.net_id = self.net_id.or(old.net_id);
+        self
     }
 
     /// The metrics this container has files for, computed by `compute` the
     /// first time and kept for the container's life.
     pub fn available_with(&self, compute: impl FnOnce() -> Vec<MetricId>) -> &[MetricId] {
         self.available.get_or_init(compute)
+    }
+}
+
+/// What a [`Registry::refresh`] changed.
+#[derive(Default)]
+pub struct Refreshed {
+    /// The containers that vanished, as they were last.
+    pub removed: Vec<Arc<Metered>>,
+    /// The old names of renamed containers.
+    pub renamed: Vec<String>,
+    /// Live containers whose last process left (v2 `populated 0`): their
+    /// counters are final now, while their cgroups still exist.
+    pub emptied: Vec<Arc<Metered>>,
+    /// Whether a container was added.
+    pub added: bool,
+}
+
+impl Refreshed {
+    /// The names the kernel must forget: vanished and renamed containers'.
+    pub fn gone_names(&self) -> impl Iterator<Item = &str> {
+        self.removed
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(self.renamed.iter().map(String::as_str))
     }
 }
 
@@ -125,14 +172,14 @@ impl Registry {
 
     /// Brings the registry in line with what discovery learnt since the
     /// last call. Returns the names of the containers that vanished.
-    pub fn refresh(&self) -> Vec<String> {
+    pub fn refresh(&self) -> Refreshed {
         // One refresh at a time, so none sees discovery's changes before
         // they are applied.
         let _serial = self.refreshing.lock();
         let events = self.discovery.changes(&self.layout);
-        let mut gone = self.apply(events);
-        gone.extend(self.follow_renames());
-        gone
+        let mut refreshed = self.apply(events);
+        refreshed.renamed = self.follow_renames();
+        refreshed
     }
 
     /// Gives containers their runtime's new names (`docker rename`).
@@ -165,15 +212,18 @@ impl Registry {
                 continue;
             }
             log::info!("{} container {} is now {name}", old.runtime, old.name);
-            let container = Arc::new(Metered::new(
-                old.slot,
-                name.clone(),
-                old.id.clone(),
-                old.cgroup.clone(),
-                old.runtime,
-                old.dirs.clone(),
-                KeptFiles::with_budget(self.budget.clone()),
-            ));
+            let container = Arc::new(
+                Metered::new(
+                    old.slot,
+                    name.clone(),
+                    old.id.clone(),
+                    old.cgroup.clone(),
+                    old.runtime,
+                    old.dirs.clone(),
+                    KeptFiles::with_budget(self.budget.clone()),
+                )
+                .succeeding(&old),
+            );
             inner.by_slot.insert(old.slot, container.clone());
             inner.by_name.insert(name, container);
             old_names.push(old.name.clone());
@@ -181,35 +231,47 @@ impl Registry {
         old_names
     }
 
-    /// Returns the names of the containers that vanished.
-    fn apply(&self, events: Vec<Event>) -> Vec<String> {
+    fn apply(&self, events: Vec<Event>) -> Refreshed {
+        let mut refreshed = Refreshed::default();
         if events.is_empty() {
-            return Vec::new();
+            return refreshed;
         }
         let mut inner = self.inner.write();
-        let mut removed = Vec::new();
         for event in events {
             match event {
                 Event::Removed(cgroup) => {
                     let slot = inner.by_cgroup.get(&cgroup).copied();
                     if let Some(container) = slot.and_then(|slot| drop_slot(&mut inner, slot)) {
-                        removed.push(container.name.clone());
+                        refreshed.emptied.retain(|c| c.slot != container.slot);
+                        refreshed.removed.push(container);
                     }
                 }
-                Event::Added(found) => self.add(&mut inner, found),
+                Event::Added(found) => refreshed.added |= self.add(&mut inner, found),
                 Event::Changed(cgroup) => self.reresolve(&mut inner, &cgroup),
+                Event::Emptied(cgroup) => {
+                    if let Some(c) = inner
+                        .by_cgroup
+                        .get(&cgroup)
+                        .and_then(|s| inner.by_slot.get(s))
+                    {
+                        refreshed.emptied.push(c.clone());
+                    }
+                }
             }
         }
-        removed
+        refreshed
     }
 
-    fn add(&self, inner: &mut Inner, found: Found) {
+    /// Returns whether it added a container.
+    fn add(&self, inner: &mut Inner, found: Found) -> bool {
         if inner.by_cgroup.contains_key(&found.cgroup) {
-            return;
+            return false;
         }
         let dirs = CgroupDirs::resolve(&self.layout, &found.cgroup);
         // Gone between the walk and now: nothing to add.
-        let Some(cgroup_id) = dirs.id() else { return };
+        let Some(cgroup_id) = dirs.id() else {
+            return false;
+        };
         let id = found.id.clone().unwrap_or_else(|| cgroup_id.to_string());
         let name = self.unique_name(inner, &found.name, &id);
         let slot = inner.next_slot;
@@ -226,6 +288,7 @@ impl Registry {
         inner.by_cgroup.insert(found.cgroup, slot);
         inner.by_slot.insert(slot, container.clone());
         inner.by_name.insert(name, container);
+        true
     }
 
     /// The container at `cgroup` in the hierarchies that hold it now; its
@@ -246,15 +309,18 @@ impl Registry {
             "cgroup" => cgroup_id.to_string(),
             _ => old.id.clone(),
         };
-        let container = Arc::new(Metered::new(
-            old.slot,
-            old.name.clone(),
-            id,
-            old.cgroup.clone(),
-            old.runtime,
-            dirs,
-            KeptFiles::with_budget(self.budget.clone()),
-        ));
+        let container = Arc::new(
+            Metered::new(
+                old.slot,
+                old.name.clone(),
+                id,
+                old.cgroup.clone(),
+                old.runtime,
+                dirs,
+                KeptFiles::with_budget(self.budget.clone()),
+            )
+            .succeeding(old),
+        );
         inner.by_slot.insert(container.slot, container.clone());
         inner.by_name.insert(container.name.clone(), container);
     }
@@ -478,8 +544,8 @@ mod tests {
         r.apply(vec![found("tenants/alpha", "web")]);
         assert_eq!(r.by_name("web").unwrap().slot, slot);
         // Removal frees the name and the slot is never reused.
-        let removed = r.apply(vec![Event::Removed("tenants/beta".into())]);
-        assert_eq!(removed, ["web"]);
+        let refreshed = r.apply(vec![Event::Removed("tenants/beta".into())]);
+        assert_eq!(refreshed.gone_names().collect::<Vec<_>>(), ["web"]);
         assert_eq!(r.list().len(), 1);
         assert!(r.get(slot).is_none());
         assert!(r.by_name("web").is_none());
