@@ -283,6 +283,14 @@ impl Ledger {
         records
     }
 
+    /// The records of the current file, `ledger.jsonl`, oldest first.
+    pub fn read_current(&self) -> Vec<Record> {
+        match File::open(self.path()) {
+            Ok(file) => read_records(BufReader::new(file), &self.path()),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// The containers the last daemon knew (empty if none, or unreadable).
     pub fn read_index(&self) -> Vec<Known> {
         let path = self.dir.join(INDEX_FILE);
@@ -306,9 +314,11 @@ impl Ledger {
         }
     }
 
-    /// Replaces the index with `known`, atomically (a temporary file,
-    /// fsync'd, renamed over it). Unchanged, it is not written again; a
-    /// failure is a warning and a write error, retried at the next change.
+    /// Replaces the index with `known`, atomically (a temporary file renamed
+    /// over it). Unchanged, it is not written again; a failure is a warning
+    /// and a write error, retried at the next change. Not fsync'd: it only
+    /// matters together with the pinned eBPF maps, which live in memory and
+    /// do not survive what would lose a rename (a power loss).
     pub fn write_index(&self, mut known: Vec<Known>) {
         known.sort_by(|a, b| a.cgroup.cmp(&b.cgroup).then(a.cgroup_id.cmp(&b.cgroup_id)));
         let mut inner = self.inner.lock();
@@ -334,11 +344,8 @@ impl Ledger {
         let tmp = self.dir.join(format!(".{INDEX_FILE}.tmp"));
         let text = serde_json::to_vec(index).map_err(io::Error::other)?;
         let result = (|| {
-            let mut file = File::create(&tmp)?;
-            file.write_all(&text)?;
-            file.sync_data()?;
-            std::fs::rename(&tmp, &path)?;
-            sync_dir(&self.dir)
+            File::create(&tmp)?.write_all(&text)?;
+            std::fs::rename(&tmp, &path)
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);

@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
@@ -72,12 +72,26 @@ pub struct Model {
     /// The billing ledger and the index, with `--state-dir`.
     ledger: Option<Arc<Ledger>>,
     /// When containers the last daemon knew were first seen, by cgroup
-    /// path and id: a restart does not reset that.
-    first_seen: HashMap<(PathBuf, String), String>,
+    /// path, id and v2 id: a restart does not reset that.
+    first_seen: HashMap<(PathBuf, String, Option<u64>), String>,
     /// A sweep of the eBPF maps was put off while ledger records were
     /// pending: the next refresh owes one.
     sweep_owed: AtomicBool,
+    /// The index lags behind the containers, and when it was last written.
+    index: Mutex<IndexState>,
 }
+
+#[derive(Default)]
+struct IndexState {
+    dirty: bool,
+    written: Option<Instant>,
+}
+
+/// The index is written at most this often: under churn, writing the
+/// whole list for every container that comes or goes would cost more than
+/// the containers. A container that comes and goes within this time of a
+/// daemon crash, with no daemon running when it goes, is not recorded.
+const INDEX_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Model {
     /// The tree of `registry`'s containers, with rates over `window` and
@@ -108,6 +122,7 @@ impl Model {
             ledger: None,
             first_seen: HashMap::new(),
             sweep_owed: AtomicBool::new(false),
+            index: Mutex::default(),
         }
     }
 
@@ -122,7 +137,7 @@ impl Model {
                 .into_iter()
                 .map(|k| {
                     let cgroup = PathBuf::from(k.cgroup.trim_start_matches('/'));
-                    ((cgroup, k.id), k.first_seen)
+                    ((cgroup, k.id, k.cgroup_id), k.first_seen)
                 })
                 .collect();
         }
@@ -162,9 +177,11 @@ impl Model {
         if let Some(ledger) = &self.ledger {
             let before = ledger.pending();
             pending = !ledger.record(records);
-            if vanished || refreshed.added || !refreshed.renamed.is_empty() || before > 0 {
-                ledger.write_index(self.known(ledger));
-            }
+            let changed = vanished
+                || refreshed.added
+                || !refreshed.renamed.is_empty()
+                || before != ledger.pending();
+            self.update_index(ledger, changed);
         }
         if let Some(net) = &self.net {
             if pending {
@@ -189,6 +206,11 @@ impl Model {
     /// Takes the values of a container whose last process left: they are
     /// final, and its cgroups may be removed any moment.
     fn capture(&self, container: &Metered) {
+        log::debug!(
+            "{} container {}: its last process left; taking its values",
+            container.runtime,
+            container.name
+        );
         let mut sample = Sample::default();
         let groups = groups_of(self.sampler.available(container).iter().copied());
         for group in groups {
@@ -285,9 +307,33 @@ impl Model {
 
     fn first_seen_of(&self, container: &Metered) -> String {
         self.first_seen
-            .get(&(container.cgroup.clone(), container.id.clone()))
+            .get(&(
+                container.cgroup.clone(),
+                container.id.clone(),
+                container.net_id,
+            ))
             .cloned()
             .unwrap_or_else(|| timestamp(container.first_seen))
+    }
+
+    /// Writes the index if it lags (`changed` now, or before) and was not
+    /// written within [`INDEX_INTERVAL`]; else the watcher's next wake-up
+    /// ([`Model::rewalk_interval`]) writes it.
+    fn update_index(&self, ledger: &Ledger, changed: bool) {
+        let mut index = self.index.lock();
+        index.dirty |= changed;
+        if !index.dirty
+            || index
+                .written
+                .is_some_and(|at| at.elapsed() < INDEX_INTERVAL)
+        {
+            return;
+        }
+        ledger.write_index(self.known(ledger));
+        *index = IndexState {
+            dirty: false,
+            written: Some(Instant::now()),
+        };
     }
 
     /// The index: every live container, and those whose records are still
@@ -329,6 +375,9 @@ impl Model {
             .collect();
         let now = timestamp(SystemTime::now());
         let mut records = Vec::new();
+        // Recorded already, if the daemon died after writing the record
+        // and before the index.
+        let mut recorded: Option<HashSet<(String, String, Option<u64>, String)>> = None;
         for known in ledger.read_index() {
             let cgroup = PathBuf::from(known.cgroup.trim_start_matches('/'));
             if live.contains(&(cgroup.clone(), known.id.clone()))
@@ -348,6 +397,22 @@ impl Model {
                     .any(|root| root.join(&cgroup).is_dir()),
             };
             if exists {
+                continue;
+            }
+            let recorded = recorded.get_or_insert_with(|| {
+                ledger
+                    .read_current()
+                    .into_iter()
+                    .map(|r| (r.cgroup, r.id, r.cgroup_id, r.first_seen))
+                    .collect()
+            });
+            let key = (
+                known.cgroup.clone(),
+                known.id.clone(),
+                known.cgroup_id,
+                known.first_seen.clone(),
+            );
+            if recorded.contains(&key) {
                 continue;
             }
             let mut sample = Sample::default();
@@ -381,7 +446,7 @@ impl Model {
             });
         }
         let pending = !ledger.record(records);
-        ledger.write_index(self.known(ledger));
+        self.update_index(ledger, true);
         if pending {
             self.sweep_owed.store(true, Ordering::Relaxed);
         }
@@ -402,7 +467,11 @@ impl Model {
 
     /// How often discovery must be refreshed without being told to.
     pub fn rewalk_interval(&self) -> Option<std::time::Duration> {
-        self.registry().discovery().rewalk_interval()
+        let rewalk = self.registry().discovery().rewalk_interval();
+        match self.index.lock().dirty {
+            true => Some(rewalk.map_or(INDEX_INTERVAL, |r| r.min(INDEX_INTERVAL))),
+            false => rewalk,
+        }
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {

@@ -90,7 +90,11 @@ fn an_exited_container_keeps_its_final_values() {
     );
     assert!(!daemon.path("sender").exists());
     for (file, value) in NET.iter().zip(&live) {
-        assert_eq!(daemon.number(&format!("exited/sender/{file}")), *value, "{file}");
+        assert_eq!(
+            daemon.number(&format!("exited/sender/{file}")),
+            *value,
+            "{file}"
+        );
     }
     assert_eq!(daemon.number("exited/sender/cpu_usage_usec"), cpu);
     assert_eq!(daemon.number("exited/sender/cpu_millicores"), 0);
@@ -155,7 +159,10 @@ fn an_exited_container_keeps_its_final_values() {
         assert_eq!(record.counters.get(*file), Some(value), "{file}");
     }
     assert_eq!(record.counters.get("cpu_usage_usec"), Some(&cpu));
-    assert!(!record.counters.contains_key("memory_usage"), "gauges are no bill");
+    assert!(
+        !record.counters.contains_key("memory_usage"),
+        "gauges are no bill"
+    );
 }
 
 #[test]
