@@ -65,6 +65,31 @@ pub struct Record {
     pub counters: BTreeMap<String, u64>,
 }
 
+/// What tells incarnations apart: cgroup path, id, v2 id, first seen.
+pub type Incarnation = (String, String, Option<u64>, String);
+
+impl Record {
+    pub fn incarnation(&self) -> Incarnation {
+        (
+            self.cgroup.clone(),
+            self.id.clone(),
+            self.cgroup_id,
+            self.first_seen.clone(),
+        )
+    }
+}
+
+impl Known {
+    pub fn incarnation(&self) -> Incarnation {
+        (
+            self.cgroup.clone(),
+            self.id.clone(),
+            self.cgroup_id,
+            self.first_seen.clone(),
+        )
+    }
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }

@@ -29,7 +29,7 @@ use super::snapshots::Snapshots;
 use super::DirEntry;
 use crate::cgroup::files::SourceError;
 use crate::containers::registry::{CgroupTree, Metered, Registry, Slot};
-use crate::ledger::{timestamp, Known, Ledger, Record};
+use crate::ledger::{timestamp, Incarnation, Known, Ledger, Record};
 use crate::metrics::{groups_of, Group, MetricId, PromType, Sample, Value, METRICS};
 use crate::net::Net;
 use crate::render;
@@ -377,7 +377,7 @@ impl Model {
         let mut records = Vec::new();
         // Recorded already, if the daemon died after writing the record
         // and before the index.
-        let mut recorded: Option<HashSet<(String, String, Option<u64>, String)>> = None;
+        let mut recorded: Option<HashSet<Incarnation>> = None;
         for known in ledger.read_index() {
             let cgroup = PathBuf::from(known.cgroup.trim_start_matches('/'));
             if live.contains(&(cgroup.clone(), known.id.clone()))
@@ -402,17 +402,11 @@ impl Model {
             let recorded = recorded.get_or_insert_with(|| {
                 ledger
                     .read_current()
-                    .into_iter()
-                    .map(|r| (r.cgroup, r.id, r.cgroup_id, r.first_seen))
+                    .iter()
+                    .map(Record::incarnation)
                     .collect()
             });
-            let key = (
-                known.cgroup.clone(),
-                known.id.clone(),
-                known.cgroup_id,
-                known.first_seen.clone(),
-            );
-            if recorded.contains(&key) {
+            if recorded.contains(&known.incarnation()) {
                 continue;
             }
             let mut sample = Sample::default();
