@@ -18,7 +18,7 @@ use crate::containers::discovery::{Discovery, DiscoveryError, Globs};
 use crate::containers::registry::Registry;
 use crate::containers::runtime::MetadataRoots;
 use crate::fs::fuse::FuseFs;
-use crate::fs::inode::{RESERVED_NAMES, ROOT_INO};
+use crate::fs::inode::RESERVED_NAMES;
 use crate::fs::model::Model;
 use crate::ledger::{Ledger, LedgerError};
 use crate::mounts::{mount_at, read_mount_table, statfs, MountEntry, FS_TYPE};
@@ -237,17 +237,16 @@ struct KernelNotices {
     notifier: fuser::Notifier,
     /// Names to forget, sent from a thread of its own: the kernel takes the
     /// directory's lock for that, and a readdir in a request holds it.
-    names: parking_lot::Mutex<mpsc::Sender<String>>,
+    names: parking_lot::Mutex<mpsc::Sender<(u64, String)>>,
 }
 
 impl KernelNotices {
     fn new(notifier: fuser::Notifier) -> KernelNotices {
-        let (names, queued) = mpsc::channel::<String>();
+        let (names, queued) = mpsc::channel::<(u64, String)>();
         let forgetter = notifier.clone();
         std::thread::spawn(move || {
-            for name in queued {
-                let _ =
-                    forgetter.inval_entry(fuser::INodeNo(ROOT_INO), std::ffi::OsStr::new(&name));
+            for (parent, name) in queued {
+                let _ = forgetter.inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::new(&name));
             }
         });
         KernelNotices {
@@ -258,8 +257,8 @@ impl KernelNotices {
 }
 
 impl crate::fs::model::Kernel for KernelNotices {
-    fn forget_name(&self, name: &str) {
-        let _ = self.names.lock().send(name.to_string());
+    fn forget_name(&self, parent: u64, name: &str) {
+        let _ = self.names.lock().send((parent, name.to_string()));
     }
 
     /// Storing the last byte at its place grows the kernel's size to the

@@ -94,10 +94,11 @@ impl Exited {
             .map_or(true, |age| age <= self.keep)
     }
 
-    /// Drops what has been shown for `--keep-exited`.
-    pub fn expire(&self) {
+    /// Drops what has been shown for `--keep-exited`. Returns the names
+    /// that went.
+    pub fn expire(&self) -> Vec<String> {
         if self.inner.read().by_exit.values().all(|e| self.live(e)) {
-            return;
+            return Vec::new();
         }
         let mut inner = self.inner.write();
         let expired: Vec<(u64, String)> = inner
@@ -106,12 +107,15 @@ impl Exited {
             .filter(|e| !self.live(e))
             .map(|e| (e.exit, e.container.name.clone()))
             .collect();
+        let mut gone = Vec::new();
         for (exit, name) in expired {
             inner.by_exit.remove(&exit);
             if inner.by_name.get(&name).is_some_and(|e| e.exit == exit) {
                 inner.by_name.remove(&name);
+                gone.push(name);
             }
         }
+        gone
     }
 
     pub fn get(&self, exit: u64) -> Option<Arc<Ended>> {

@@ -39,9 +39,10 @@ use crate::sample::Sampler;
 
 /// What the model tells the kernel without being asked; set once mounted.
 pub trait Kernel: Send + Sync {
-    /// Forget a name in the root. The kernel takes the directory's lock for
-    /// that, so this must not wait for it (a readdir holds it).
-    fn forget_name(&self, name: &str);
+    /// Forget a name in the directory `parent` (an inode number). The
+    /// kernel takes the directory's lock for that, so this must not wait
+    /// for it (a readdir holds it).
+    fn forget_name(&self, parent: u64, name: &str);
     /// Raise the size the kernel holds for `ino` to at least `size`, whose
     /// last byte is `last`, before a reader copies through the page cache.
     fn raise_size(&self, ino: u64, size: u64, last: u8);
@@ -195,12 +196,15 @@ impl Model {
                 self.registry.get(slot).is_some() || self.tree.holds_slot(slot)
             });
         }
+        let expired = self.exited.expire();
         if let Some(kernel) = self.kernel.get() {
             refreshed
                 .gone_names()
-                .for_each(|name| kernel.forget_name(name));
+                .for_each(|name| kernel.forget_name(ROOT_INO, name));
+            // An earlier incarnation's, or one that expired.
+            let exited = refreshed.removed.iter().map(|c| &c.name).chain(&expired);
+            exited.for_each(|name| kernel.forget_name(Node::ExitedDir.ino(), name));
         }
-        self.exited.expire();
     }
 
     /// Takes the values of a container whose last process left: they are

@@ -190,6 +190,9 @@ fn a_name_that_comes_back_is_recorded_twice() {
             ledger(&state),
             daemon.stderr()
         );
+        // Looked up (and so cached by the kernel) after each: the name
+        // shows the latest incarnation at once.
+        assert_eq!(daemon.number("exited/job/net_bytes_tx"), tx);
     }
     let records = records_of(&state, "job");
     for (record, (id, tx)) in records.iter().zip(&sent) {
