@@ -242,3 +242,98 @@ fn a_container_removed_while_the_daemon_is_dead_is_recorded_at_the_next_start() 
     assert_eq!(records_of(state.path(), "victim").len(), 1);
     assert!(records_of(state.path(), "server").is_empty());
 }
+
+/// A tmpfs of `size` on a fresh directory, detached on drop.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn new(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "cgmetric-test",
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs");
+        SmallFs(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        crate::support::detach(self.0.path());
+    }
+}
+
+/// The value of an unlabelled series of metrics.prom.
+fn prom_value(daemon: &Daemon, family: &str) -> u64 {
+    let prom = daemon.read("metrics.prom");
+    prom.lines()
+        .find_map(|l| l.strip_prefix(family)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {family}:\n{prom}"))
+}
+
+#[test]
+fn a_full_disk_keeps_the_record_pending_until_it_fits() {
+    require!("mount");
+    let fs = SmallFs::new("256k");
+    let state = fs.path().join("state");
+    let parent = Cgroup::parent("full");
+    let server = parent.child("server");
+    let mut job = parent.child("job");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(prom_value(&daemon, "cgmetric_ledger_write_errors_total"), 0);
+
+    send(&job, &server, 1 << 20);
+    let tx = daemon.number("job/net_bytes_tx");
+    // Fill the disk.
+    let filler = fs.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 512 << 10]);
+    job.remove();
+    assert!(
+        eventually(Duration::from_secs(5), || daemon
+            .path("exited/job")
+            .exists()),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(records_of(&state, "job").is_empty());
+    assert!(prom_value(&daemon, "cgmetric_ledger_write_errors_total") >= 1);
+    assert!(
+        daemon.stderr().contains("records stay pending"),
+        "{}",
+        daemon.stderr()
+    );
+    // The ledger holds no torn line.
+    let text = std::fs::read_to_string(state.join("ledger.jsonl")).unwrap();
+    assert!(text.is_empty() || text.ends_with('\n'), "{text:?}");
+
+    // Room again: the record is written at a later refresh (a read of an
+    // aggregate here), with the values taken when the container ended.
+    std::fs::remove_file(&filler).unwrap();
+    let written = eventually(Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(200));
+        daemon.read("metric");
+        !records_of(&state, "job").is_empty()
+    });
+    assert!(written, "{}", daemon.stderr());
+    let records = records_of(&state, "job");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].counters["net_bytes_tx"], tx);
+    assert!(
+        daemon.stderr().contains("written again"),
+        "{}",
+        daemon.stderr()
+    );
+}
