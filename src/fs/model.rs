@@ -169,6 +169,12 @@ impl Model {
     /// written.
     pub fn refresh(&self) {
         let refreshed = self.registry.refresh();
+        let kernel = self.kernel.get();
+        if let Some(kernel) = kernel {
+            refreshed
+                .gone_names()
+                .for_each(|name| kernel.forget_name(ROOT_INO, name));
+        }
         for container in &refreshed.emptied {
             self.capture(container);
         }
@@ -197,10 +203,7 @@ impl Model {
             });
         }
         let expired = self.exited.expire();
-        if let Some(kernel) = self.kernel.get() {
-            refreshed
-                .gone_names()
-                .for_each(|name| kernel.forget_name(ROOT_INO, name));
+        if let Some(kernel) = kernel {
             // An earlier incarnation's, or one that expired.
             let exited = refreshed.removed.iter().map(|c| &c.name).chain(&expired);
             exited.for_each(|name| kernel.forget_name(Node::ExitedDir.ino(), name));
@@ -466,7 +469,9 @@ impl Model {
     /// How often discovery must be refreshed without being told to.
     pub fn rewalk_interval(&self) -> Option<std::time::Duration> {
         let rewalk = self.registry().discovery().rewalk_interval();
-        match self.index.lock().dirty {
+        // A lagging index, or ledger records waiting for room, are retried.
+        let pending = self.ledger.as_ref().is_some_and(|l| l.pending() > 0);
+        match self.index.lock().dirty || pending {
             true => Some(rewalk.map_or(INDEX_INTERVAL, |r| r.min(INDEX_INTERVAL))),
             false => rewalk,
         }
