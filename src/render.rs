@@ -266,6 +266,34 @@ mod tests {
     }
 
     #[test]
+    fn exited_series_keep_their_labels_unless_a_live_one_has_them() {
+        let c = |slot, name, id| Arc::new(Metered::named(slot, name, id));
+        let live = [(c(0, "web", "1"), sample())];
+        let exited = [
+            // Restarted in place: same name and id as a live one.
+            (c(1, "web", "1"), sample()),
+            // Gone for good.
+            (c(2, "job", "2"), sample()),
+        ];
+        let text = prometheus(&live, &exited, None, Some(3));
+        let series =
+            |labels: &str| format!("cgmetric_cpu_usage_seconds_total{{{labels}}} 2.500001\n");
+        assert!(text.contains(&series("container=\"web\",id=\"1\",runtime=\"cgroup\"")));
+        assert!(text.contains(&series(
+            "container=\"web\",id=\"1\",runtime=\"cgroup\",state=\"exited\""
+        )));
+        assert!(text.contains(&series("container=\"job\",id=\"2\",runtime=\"cgroup\"")));
+        assert_eq!(text.matches("cgmetric_cpu_usage_seconds_total{").count(), 3);
+        assert_eq!(
+            text.matches("# TYPE cgmetric_cpu_usage_seconds_total counter\n")
+                .count(),
+            1
+        );
+        assert!(text.ends_with("cgmetric_ledger_write_errors_total 3\n"));
+        assert!(!prometheus(&live, &[], None, None).contains("ledger"));
+    }
+
+    #[test]
     fn labels_are_escaped() {
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         let mut out = "x=".to_string();

@@ -15,7 +15,7 @@ pub use layout::{Controller, Layout, LayoutKind};
 
 /// The directories of one cgroup (a path relative to the hierarchy roots) in
 /// every hierarchy where it exists.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CgroupDirs {
     pub v2: Option<PathBuf>,
     v1: Vec<(Controller, PathBuf)>,

@@ -361,6 +361,22 @@ fn drop_slot(inner: &mut Inner, slot: Slot) -> Option<Arc<Metered>> {
     Some(container)
 }
 
+#[cfg(test)]
+impl Metered {
+    /// A container of no cgroup, for tests of what is rendered.
+    pub(crate) fn named(slot: Slot, name: &str, id: &str) -> Metered {
+        Metered::new(
+            slot,
+            name.into(),
+            id.into(),
+            PathBuf::from("t").join(name),
+            "cgroup",
+            CgroupDirs::default(),
+            KeptFiles::with_budget(Arc::new(Budget::new(0))),
+        )
+    }
+}
+
 /// Where the `cgroup/` tree's nodes number their slots (for rate keys), far
 /// from containers' slots.
 const CGROUP_SLOTS: Slot = 1 << 40;
