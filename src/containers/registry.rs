@@ -82,6 +82,24 @@ impl Metered {
         }
     }
 
+    /// What is left of it once it ended: its names, owner and ids, with no
+    /// cgroup directories and no files kept open (they close with the
+    /// container, not when it leaves `exited/`).
+    pub fn ended(&self) -> Metered {
+        let mut ended = Metered::new(
+            self.slot,
+            self.name.clone(),
+            self.id.clone(),
+            self.cgroup.clone(),
+            self.runtime,
+            CgroupDirs::default(),
+            KeptFiles::with_budget(Arc::new(Budget::new(0))),
+        )
+        .succeeding(self);
+        ended.owner = self.owner;
+        ended
+    }
+
     /// The same container as `old`, found again: first seen when `old` was,
     /// and with `old`'s v2 id if its v2 directory is gone now.
     fn succeeding(mut self, old: &Metered) -> Self {

@@ -257,7 +257,6 @@ impl Model {
             .lock()
             .remove(&container.slot)
             .unwrap_or_default();
-        let available = self.sampler.available(container);
         if let (Some(net), Some(id)) = (&self.net, container.net_id) {
             let mut read = Sample::default();
             let totals = net.gone_totals(id);
@@ -275,13 +274,14 @@ impl Model {
                 sample.set_value(def.id, value);
             }
         }
-        // Nothing runs there any more.
-        for rate in [
-            MetricId::CpuMillicores,
-            MetricId::NetTxBps,
-            MetricId::NetRxBps,
+        // Nothing runs there any more. (By the values it has: what files it
+        // had is found anew when a hierarchy goes, and may be less by now.)
+        for (rate, counter) in [
+            (MetricId::CpuMillicores, MetricId::CpuUsageUsec),
+            (MetricId::NetTxBps, MetricId::NetBytesTx),
+            (MetricId::NetRxBps, MetricId::NetBytesRx),
         ] {
-            if available.contains(&rate) {
+            if sample.get(counter).is_some() {
                 sample.set(rate, Some(0));
             }
         }
@@ -308,7 +308,7 @@ impl Model {
             container.runtime,
             container.name
         );
-        self.exited.add(container.clone(), sample, now);
+        self.exited.add(Arc::new(container.ended()), sample, now);
         record
     }
 

@@ -300,9 +300,16 @@ fn a_full_disk_keeps_the_record_pending_until_it_fits() {
 
     send(&job, &server, 1 << 20);
     let tx = daemon.number("job/net_bytes_tx");
-    // Fill the disk.
+    // Fill the disk, once the index (rewritten at most once a second) has
+    // settled: replacing it could free a page.
+    std::thread::sleep(Duration::from_millis(1500));
     let filler = fs.path().join("filler");
     let _ = std::fs::write(&filler, vec![0u8; 512 << 10]);
+    for n in 0.. {
+        if std::fs::write(fs.path().join(format!("page-{n}")), [0u8; 4096]).is_err() {
+            break;
+        }
+    }
     job.remove();
     assert!(
         eventually(Duration::from_secs(5), || daemon
@@ -325,6 +332,17 @@ fn a_full_disk_keeps_the_record_pending_until_it_fits() {
     // Room again: the record is written at a later refresh (a read of an
     // aggregate here), with the values taken when the container ended.
     std::fs::remove_file(&filler).unwrap();
+    for entry in std::fs::read_dir(fs.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("page-")
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     let written = eventually(Duration::from_secs(5), || {
         std::thread::sleep(Duration::from_millis(200));
         daemon.read("metric");
