@@ -189,6 +189,14 @@ mod tests {
             ]
         );
         assert!(!r.fake && !r.verbose);
+        let r = parse(&args(
+            "cgmetric /mnt -o state_dir=/var/lib/billing,keep_exited=15m",
+        ))
+        .unwrap();
+        assert_eq!(
+            r.daemon_args,
+            ["--state-dir", "/var/lib/billing", "--keep-exited", "15m"]
+        );
     }
 
     #[test]
