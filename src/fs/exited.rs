@@ -3,7 +3,7 @@
 //! they ended, frozen. Each ended incarnation gets an exit number, never
 //! reused, which fixes its inode numbers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -45,7 +45,8 @@ pub struct Exited {
 #[derive(Default)]
 struct Inner {
     by_name: BTreeMap<String, Arc<Ended>>,
-    by_exit: HashMap<u64, Arc<Ended>>,
+    /// In the order they ended: the oldest first.
+    by_exit: BTreeMap<u64, Arc<Ended>>,
     next: u64,
 }
 
@@ -97,22 +98,21 @@ impl Exited {
     /// Drops what has been shown for `--keep-exited`. Returns the names
     /// that went.
     pub fn expire(&self) -> Vec<String> {
-        if self.inner.read().by_exit.values().all(|e| self.live(e)) {
+        let oldest_live =
+            |inner: &Inner| inner.by_exit.values().next().is_none_or(|e| self.live(e));
+        if oldest_live(&self.inner.read()) {
             return Vec::new();
         }
         let mut inner = self.inner.write();
-        let expired: Vec<(u64, String)> = inner
-            .by_exit
-            .values()
-            .filter(|e| !self.live(e))
-            .map(|e| (e.exit, e.container.name.clone()))
-            .collect();
         let mut gone = Vec::new();
-        for (exit, name) in expired {
-            inner.by_exit.remove(&exit);
-            if inner.by_name.get(&name).is_some_and(|e| e.exit == exit) {
-                inner.by_name.remove(&name);
-                gone.push(name);
+        while !oldest_live(&inner) {
+            let Some((exit, ended)) = inner.by_exit.pop_first() else {
+                break;
+            };
+            let name = &ended.container.name;
+            if inner.by_name.get(name).is_some_and(|e| e.exit == exit) {
+                inner.by_name.remove(name);
+                gone.push(name.clone());
             }
         }
         gone
@@ -137,5 +137,49 @@ impl Exited {
             .filter(|e| self.live(e))
             .cloned()
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::MetricId;
+
+    fn ended(exited: &Exited, name: &str, tx: u64, at: SystemTime) {
+        let mut sample = Sample::default();
+        sample.set(MetricId::NetBytesTx, Some(tx));
+        exited.add(Arc::new(Metered::named(0, name, "1")), sample, at);
+    }
+
+    #[test]
+    fn a_name_shows_its_last_incarnation_until_it_expires() {
+        let exited = Exited::new(Duration::from_secs(60));
+        let now = SystemTime::now();
+        ended(&exited, "web", 1, now - Duration::from_secs(90));
+        ended(&exited, "job", 2, now - Duration::from_secs(30));
+        ended(&exited, "job", 3, now);
+        // Past --keep-exited: not shown even before it is dropped.
+        assert!(exited.by_name("web").is_none());
+        let job = exited.by_name("job").unwrap();
+        assert_eq!(job.sample.count(MetricId::NetBytesTx), Some(3));
+        assert!(job.has(MetricId::NetBytesTx) && !job.has(MetricId::NetBytesRx));
+        assert_eq!(job.available().collect::<Vec<_>>(), [MetricId::NetBytesTx]);
+        // The earlier incarnation's numbers name nothing now.
+        assert!(exited.get(1).is_none());
+        assert_eq!(exited.get(2).unwrap().exit, 2);
+        assert_eq!(exited.expire(), ["web"]);
+        assert!(exited.expire().is_empty());
+        assert_eq!(exited.list().len(), 1);
+        // Never reused.
+        ended(&exited, "web", 4, now);
+        assert_eq!(exited.by_name("web").unwrap().exit, 3);
+    }
+
+    #[test]
+    fn zero_keeps_nothing() {
+        let exited = Exited::new(Duration::ZERO);
+        assert!(exited.is_off());
+        ended(&exited, "web", 1, SystemTime::now());
+        assert!(exited.list().is_empty());
     }
 }
