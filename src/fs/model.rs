@@ -80,6 +80,7 @@ pub struct Model {
     sweep_owed: AtomicBool,
     /// The index lags behind the containers, and when it was last written.
     index: Mutex<IndexState>,
+    refreshing: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -124,6 +125,7 @@ impl Model {
             first_seen: HashMap::new(),
             sweep_owed: AtomicBool::new(false),
             index: Mutex::default(),
+            refreshing: Mutex::new(()),
         }
     }
 
@@ -168,6 +170,9 @@ impl Model {
     /// and to the ledger, and the sweep waits while the ledger cannot be
     /// written.
     pub fn refresh(&self) {
+        // One at a time: a container's values taken when it emptied must be
+        // kept before another refresh ends it.
+        let _serial = self.refreshing.lock();
         let refreshed = self.registry.refresh();
         let kernel = self.kernel.get();
         if let Some(kernel) = kernel {
@@ -226,8 +231,18 @@ impl Model {
                 let _ = self.sampler.read(container, group, &mut sample);
             }
         }
-        let mut finals = self.finals.lock();
-        let kept = finals.entry(container.slot).or_default();
+        self.keep(&mut self.finals.lock(), container.slot, &sample);
+    }
+
+    /// Merges `sample` into what is kept of the container at `slot`, if it
+    /// is still live. (A sample taken while the container ended must not
+    /// leave an entry that nothing removes: `end` removes a container's
+    /// entry, under the same lock, after the registry dropped it.)
+    fn keep(&self, finals: &mut HashMap<Slot, Sample>, slot: Slot, sample: &Sample) {
+        if self.registry.get(slot).is_none() {
+            return;
+        }
+        let kept = finals.entry(slot).or_default();
         for (def, value) in sample.iter() {
             kept.set_value(def.id, value);
         }
@@ -240,10 +255,7 @@ impl Model {
         }
         let mut finals = self.finals.lock();
         for (container, sample) in samples {
-            let kept = finals.entry(container.slot).or_default();
-            for (def, value) in sample.iter() {
-                kept.set_value(def.id, value);
-            }
+            self.keep(&mut finals, container.slot, sample);
         }
     }
 
