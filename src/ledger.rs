@@ -12,6 +12,7 @@
 //! `ledger.jsonl.1` (`.1` becomes `.2`, ...), and [`KEEP_ROTATED`] old files
 //! are kept.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
@@ -62,7 +63,9 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "is_false")]
     pub recovered: bool,
     /// Every final counter, by file name (`net_bytes_tx`, `cpu_usage_usec`...).
-    pub counters: BTreeMap<String, u64>,
+    /// (Names are borrowed from the catalogue when written: no allocation
+    /// per counter.)
+    pub counters: BTreeMap<Cow<'static, str>, u64>,
 }
 
 /// What tells incarnations apart: cgroup path, id, v2 id, first seen.
@@ -449,7 +452,7 @@ mod tests {
             first_seen: "2026-11-27T20:00:00.000Z".into(),
             exited: "2026-11-27T21:00:00.000Z".into(),
             recovered: false,
-            counters: BTreeMap::from([("net_bytes_tx".to_string(), tx)]),
+            counters: BTreeMap::from([("net_bytes_tx".into(), tx)]),
         }
     }
 

@@ -93,7 +93,7 @@ impl Metered {
             self.cgroup.clone(),
             self.runtime,
             CgroupDirs::default(),
-            KeptFiles::with_budget(Arc::new(Budget::new(0))),
+            KeptFiles::with_budget(no_budget()),
         )
         .succeeding(self);
         ended.owner = self.owner;
@@ -393,6 +393,12 @@ impl Metered {
             KeptFiles::with_budget(Arc::new(Budget::new(0))),
         )
     }
+}
+
+/// The budget of ended containers, which keep no files: one for all.
+fn no_budget() -> Arc<Budget> {
+    static NONE: OnceLock<Arc<Budget>> = OnceLock::new();
+    NONE.get_or_init(|| Arc::new(Budget::new(0))).clone()
 }
 
 /// Where the `cgroup/` tree's nodes number their slots (for rate keys), far

@@ -310,7 +310,7 @@ impl Model {
                 .iter()
                 .filter(|(def, _)| def.kind == PromType::Counter)
                 .filter_map(|(def, value)| match value {
-                    Value::Count(n) => Some((def.file.to_string(), n)),
+                    Value::Count(n) => Some((def.file.into(), n)),
                     Value::Max => None,
                 })
                 .collect(),
@@ -452,7 +452,7 @@ impl Model {
                     .iter()
                     .filter(|(def, _)| def.kind == PromType::Counter)
                     .filter_map(|(def, value)| match value {
-                        Value::Count(n) => Some((def.file.to_string(), n)),
+                        Value::Count(n) => Some((def.file.into(), n)),
                         Value::Max => None,
                     })
                     .collect(),
