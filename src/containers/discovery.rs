@@ -260,7 +260,12 @@ impl Discovery {
                 continue;
             }
             match state.known.get(path) {
-                None => events.push(Event::Removed(path.clone())),
+                None => {
+                    if let Some(watcher) = state.watcher.as_mut() {
+                        watcher.unwatch_events(path);
+                    }
+                    events.push(Event::Removed(path.clone()))
+                }
                 Some(now) if now.hierarchies != known.hierarchies => {
                     events.push(Event::Changed(path.clone()))
                 }
@@ -442,6 +447,9 @@ fn forget_cgroup(state: &mut State, hierarchy: usize, path: &Path, events: &mut 
             continue;
         }
         known.hierarchies &= !bit;
+        if let (Class::Container(_), Some(watcher)) = (&known.class, state.watcher.as_mut()) {
+            watcher.unwatch_events(&cgroup);
+        }
         if known.hierarchies != 0 {
             if matches!(known.class, Class::Container(_)) {
                 events.push(Event::Changed(cgroup));

@@ -41,8 +41,11 @@ pub struct Watcher {
     dirs: HashMap<WatchDescriptor, (usize, PathBuf)>,
     /// The same, the other way: a rewalk adds no watch twice.
     watched: HashSet<(usize, PathBuf)>,
-    /// The containers' `cgroup.events` files watched, by relative path.
+    /// The containers' `cgroup.events` files watched, by relative path,
+    /// and the other way. The kernel does not end such a watch when the
+    /// cgroup goes (kernfs files send no IN_IGNORED): it must be removed.
     events_files: HashMap<WatchDescriptor, PathBuf>,
+    events_watches: HashMap<PathBuf, WatchDescriptor>,
     buffer: Vec<u8>,
 }
 
@@ -53,6 +56,7 @@ impl Watcher {
             dirs: HashMap::new(),
             watched: HashSet::new(),
             events_files: HashMap::new(),
+            events_watches: HashMap::new(),
             buffer: vec![0u8; 64 * 1024],
         })
     }
@@ -90,7 +94,18 @@ impl Watcher {
     pub fn watch_events(&mut self, root: &Path, path: &Path) {
         let file = root.join(path).join("cgroup.events");
         if let Ok(wd) = self.inotify.watches().add(file, WatchMask::MODIFY) {
-            self.events_files.insert(wd, path.to_path_buf());
+            self.events_files.insert(wd.clone(), path.to_path_buf());
+            self.events_watches.insert(path.to_path_buf(), wd);
+        }
+    }
+
+    /// Ends the watch of the `cgroup.events` file of `path`, if any: the
+    /// container is going (its last process left before any of its
+    /// directories could be removed).
+    pub fn unwatch_events(&mut self, path: &Path) {
+        if let Some(wd) = self.events_watches.remove(path) {
+            self.events_files.remove(&wd);
+            let _ = self.inotify.watches().remove(wd);
         }
     }
 
@@ -112,7 +127,9 @@ impl Watcher {
                     if let Some(key) = self.dirs.remove(&event.wd) {
                         self.watched.remove(&key);
                     }
-                    self.events_files.remove(&event.wd);
+                    if let Some(path) = self.events_files.remove(&event.wd) {
+                        self.events_watches.remove(&path);
+                    }
                 } else if event.mask.contains(EventMask::MODIFY) {
                     if let Some(path) = self.events_files.get(&event.wd) {
                         changes.push(Change::Events { path: path.clone() });
