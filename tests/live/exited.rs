@@ -358,3 +358,54 @@ fn a_full_disk_keeps_the_record_pending_until_it_fits() {
         daemon.stderr()
     );
 }
+
+/// The inode numbers the inotify watches of the process `pid` are on.
+fn watched_inodes(pid: u32) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        for line in text.lines().filter(|l| l.starts_with("inotify ")) {
+            let ino = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("ino:"))
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            inodes.extend(ino);
+        }
+    }
+    inodes
+}
+
+#[test]
+fn the_watch_of_a_containers_last_process_ends_with_it() {
+    require!();
+    let parent = Cgroup::parent("watches");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    let layout = crate::support::host_layout();
+    let Some(v2) = layout.unified.clone() else {
+        return; // No v2 tree: no cgroup.events to watch.
+    };
+    let mut boxes: Vec<Cgroup> = (0..20).map(|n| parent.child(&format!("b{n}"))).collect();
+    assert!(eventually(Duration::from_secs(5), || daemon
+        .path("b19")
+        .exists()));
+    let files: Vec<u64> = boxes
+        .iter()
+        .map(|b| {
+            std::fs::metadata(v2.join(&b.relative).join("cgroup.events"))
+                .unwrap()
+                .ino()
+        })
+        .collect();
+    let watched = watched_inodes(daemon.pid());
+    assert!(files.iter().all(|f| watched.contains(f)));
+    boxes.iter_mut().for_each(Cgroup::remove);
+    // kernfs ends no watch on a removed cgroup's file: the daemon must.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let watched = watched_inodes(daemon.pid());
+            files.iter().all(|f| !watched.contains(f))
+        }),
+        "the cgroup.events watches of removed containers stay"
+    );
+}
