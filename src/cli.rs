@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub const DEFAULT_MOUNTPOINT: &str = "/run/cgmetric";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/cgmetric";
 
 /// Per-container metrics (network, CPU, memory, I/O, processes) as a
 /// procfs-style FUSE filesystem. Without a subcommand it runs the daemon in
@@ -56,6 +57,18 @@ pub struct Options {
     /// there while no daemon runs, and a restart picks them up.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/cgmetric")]
     pub bpf_dir: PathBuf,
+
+    /// Durable state: the billing ledger (ledger.jsonl, one line per ended
+    /// container incarnation) and the index of known containers, from
+    /// which the next start records containers that ended while no daemon
+    /// ran. Created when missing; must be writable.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+
+    /// How long a container that ended stays under exited/<name>/ (and its
+    /// final series in metrics.prom); 0 keeps none.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_keep)]
+    pub keep_exited: Duration,
 
     /// Run without eBPF: no network accounting, no net_* files.
     #[arg(long)]
@@ -194,6 +207,10 @@ fn parse_window(text: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_keep(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 5m, 30s, 1h, 0)"))
+}
+
 fn parse_spin(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
         Ok(d) if d <= Duration::from_millis(10) => Ok(d),
@@ -214,6 +231,13 @@ mod tests {
         assert!(o.cgroups.is_empty());
         assert_eq!(o.bpf_dir, PathBuf::from("/sys/fs/bpf/cgmetric"));
         assert!(!o.no_ebpf);
+        assert_eq!(o.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(o.keep_exited, Duration::from_secs(300));
+        let o = Options::try_parse_from(["cgmetric", "--keep-exited", "0", "--state-dir", "/s"])
+            .unwrap();
+        assert_eq!(o.keep_exited, Duration::ZERO);
+        assert_eq!(o.state_dir, PathBuf::from("/s"));
+        assert!(Options::try_parse_from(["cgmetric", "--keep-exited", "a while"]).is_err());
     }
 
     #[test]

@@ -18,8 +18,9 @@ use crate::containers::discovery::{Discovery, DiscoveryError, Globs};
 use crate::containers::registry::Registry;
 use crate::containers::runtime::MetadataRoots;
 use crate::fs::fuse::{FuseFs, Uring};
-use crate::fs::inode::{RESERVED_NAMES, ROOT_INO};
+use crate::fs::inode::RESERVED_NAMES;
 use crate::fs::model::Model;
+use crate::ledger::{Ledger, LedgerError};
 use crate::mounts::{mount_at, read_mount_table, statfs, MountEntry, FS_TYPE};
 use crate::net::{Net, NetError};
 
@@ -66,6 +67,8 @@ pub enum DaemonError {
     Discovery(#[from] DiscoveryError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
     #[error("cannot mount {path}: {source}")]
     Mount { path: PathBuf, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
@@ -151,6 +154,9 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
         options.mountpoint == Path::new(DEFAULT_MOUNTPOINT),
     )?;
     Layout::detect(&options.cgroup_root)?;
+    // The server opens it too; a state directory that cannot be written is
+    // the daemon's refusal, one line, before anything is mounted.
+    Ledger::open(&options.state_dir)?;
     if options.no_supervise {
         serve_own_mount(&options, &mountpoint)
     } else {
@@ -172,6 +178,7 @@ impl Server {
     fn build(options: &Options, uring: Uring) -> Result<Server, DaemonError> {
         let globs = Globs::new(&options.cgroups)?;
         let layout = Layout::detect(&options.cgroup_root)?;
+        let ledger = Arc::new(Ledger::open(&options.state_dir)?);
         log::info!("cgroup layout: {}", layout.kind);
         let open_files = keep_open_files(options.open_files);
 
@@ -205,12 +212,13 @@ impl Server {
         }
         registry.refresh();
         log::info!("{} containers found", registry.list().len());
-        let model = Arc::new(Model::new(
-            registry,
-            net.map(Arc::new),
-            options.window,
-            options.private,
-        ));
+        let model = Arc::new(
+            Model::new(registry, net.map(Arc::new), options.window, options.private)
+                .with_lifecycle(Some(ledger), options.keep_exited),
+        );
+        // Before anything is swept: what ended while no daemon (or server)
+        // ran.
+        model.recover();
         crate::sample::pool::remember_daemon_cpus();
         let fs = FuseFs::new(model.clone(), uring);
         Ok(Server { model, fs, changes })
@@ -378,17 +386,16 @@ struct KernelNotices {
     notifier: fuser::Notifier,
     /// Names to forget, sent from a thread of its own: the kernel takes the
     /// directory's lock for that, and a readdir in a request holds it.
-    names: parking_lot::Mutex<mpsc::Sender<String>>,
+    names: parking_lot::Mutex<mpsc::Sender<(u64, String)>>,
 }
 
 impl KernelNotices {
     fn new(notifier: fuser::Notifier) -> KernelNotices {
-        let (names, queued) = mpsc::channel::<String>();
+        let (names, queued) = mpsc::channel::<(u64, String)>();
         let forgetter = notifier.clone();
         std::thread::spawn(move || {
-            for name in queued {
-                let _ =
-                    forgetter.inval_entry(fuser::INodeNo(ROOT_INO), std::ffi::OsStr::new(&name));
+            for (parent, name) in queued {
+                let _ = forgetter.inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::new(&name));
             }
         });
         KernelNotices {
@@ -399,8 +406,8 @@ impl KernelNotices {
 }
 
 impl crate::fs::model::Kernel for KernelNotices {
-    fn forget_name(&self, name: &str) {
-        let _ = self.names.lock().send(name.to_string());
+    fn forget_name(&self, parent: u64, name: &str) {
+        let _ = self.names.lock().send((parent, name.to_string()));
     }
 
     /// Storing the last byte at its place grows the kernel's size to the

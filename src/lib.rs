@@ -19,6 +19,8 @@
 //! - [`metrics`]: the catalogue, one table that drives every listing.
 //! - [`render`]: values as file text and Prometheus exposition.
 //! - [`fs`]: the filesystem: a model of the tree and a thin FUSE adapter.
+//! - [`ledger`]: the durable state: the billing ledger and the index of
+//!   known containers.
 //! - [`report`]: `cgmetric top` and `cgmetric billing`.
 
 pub mod cgroup;
@@ -26,6 +28,7 @@ pub mod cli;
 pub mod containers;
 pub mod daemon;
 pub mod fs;
+pub mod ledger;
 pub mod metrics;
 pub mod mounts;
 pub mod net;

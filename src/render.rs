@@ -67,9 +67,28 @@ fn push_fixed(out: &mut String, n: u64, digits: u32) {
 /// Every container's metrics in Prometheus text format: one family per
 /// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
 /// label on every series, no timestamps.
-pub fn prometheus(samples: &[(Arc<Metered>, Sample)], ebpf_health: Option<[u64; 3]>) -> String {
+///
+/// The containers that ended lately (`exited`) keep their series, with the
+/// labels they had, so that each series goes on to its final value. Should
+/// a live container have the very same labels (a runtime restarted the
+/// same container), the ended one's series add `state="exited"`.
+pub fn prometheus(
+    live: &[(Arc<Metered>, Sample)],
+    exited: &[(Arc<Metered>, Sample)],
+    ebpf_health: Option<[u64; 3]>,
+    ledger_write_errors: Option<u64>,
+) -> String {
     // Each container's labels are escaped once, not once a series.
-    let labels: Vec<String> = samples.iter().map(|(c, _)| label_set(c)).collect();
+    let mut labels: Vec<String> = live.iter().map(|(c, _)| label_set(c)).collect();
+    let taken: std::collections::HashSet<String> = labels.iter().cloned().collect();
+    for (c, _) in exited {
+        let mut set = label_set(c);
+        if taken.contains(&set) {
+            set.push_str(",state=\"exited\"");
+        }
+        labels.push(set);
+    }
+    let samples: Vec<&(Arc<Metered>, Sample)> = live.iter().chain(exited).collect();
     // Sized once (6,000 series for 200 containers): each series is its
     // labels plus a family name and a number, and the headers come on top.
     let series_bytes: usize = samples
@@ -100,6 +119,15 @@ pub fn prometheus(samples: &[(Arc<Metered>, Sample)], ebpf_health: Option<[u64; 
     }
     if let Some(health) = ebpf_health {
         ebpf_health_family(&mut out, health);
+    }
+    if let Some(errors) = ledger_write_errors {
+        let _ = writeln!(
+            out,
+            "# HELP cgmetric_ledger_write_errors_total Failed writes of the billing ledger \
+             and its index (records stay pending and are retried)."
+        );
+        let _ = writeln!(out, "# TYPE cgmetric_ledger_write_errors_total counter");
+        let _ = writeln!(out, "cgmetric_ledger_write_errors_total {errors}");
     }
     out
 }
@@ -235,6 +263,34 @@ mod tests {
             prom_value(Value::Count(u64::MAX), Scale::Micro),
             "18446744073709.551615"
         );
+    }
+
+    #[test]
+    fn exited_series_keep_their_labels_unless_a_live_one_has_them() {
+        let c = |slot, name, id| Arc::new(Metered::named(slot, name, id));
+        let live = [(c(0, "web", "1"), sample())];
+        let exited = [
+            // Restarted in place: same name and id as a live one.
+            (c(1, "web", "1"), sample()),
+            // Gone for good.
+            (c(2, "job", "2"), sample()),
+        ];
+        let text = prometheus(&live, &exited, None, Some(3));
+        let series =
+            |labels: &str| format!("cgmetric_cpu_usage_seconds_total{{{labels}}} 2.500001\n");
+        assert!(text.contains(&series("container=\"web\",id=\"1\",runtime=\"cgroup\"")));
+        assert!(text.contains(&series(
+            "container=\"web\",id=\"1\",runtime=\"cgroup\",state=\"exited\""
+        )));
+        assert!(text.contains(&series("container=\"job\",id=\"2\",runtime=\"cgroup\"")));
+        assert_eq!(text.matches("cgmetric_cpu_usage_seconds_total{").count(), 3);
+        assert_eq!(
+            text.matches("# TYPE cgmetric_cpu_usage_seconds_total counter\n")
+                .count(),
+            1
+        );
+        assert!(text.ends_with("cgmetric_ledger_write_errors_total 3\n"));
+        assert!(!prometheus(&live, &[], None, None).contains("ledger"));
     }
 
     #[test]

@@ -57,6 +57,8 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("containers_storage", true),
     ("cgroup_root", true),
     ("bpf_dir", true),
+    ("state_dir", true),
+    ("keep_exited", true),
     ("window", true),
     ("fuse_spin", true),
     ("open_files", true),
@@ -189,6 +191,14 @@ mod tests {
             ]
         );
         assert!(!r.fake && !r.verbose);
+        let r = parse(&args(
+            "cgmetric /mnt -o state_dir=/var/lib/billing,keep_exited=15m",
+        ))
+        .unwrap();
+        assert_eq!(
+            r.daemon_args,
+            ["--state-dir", "/var/lib/billing", "--keep-exited", "15m"]
+        );
     }
 
     #[test]

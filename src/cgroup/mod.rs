@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 pub use layout::{Controller, Layout, LayoutKind};
 
 /// Cgroup keys ([`CgroupDirs::key`]) are below 2^KEY_BITS.
-pub const KEY_BITS: u32 = 46;
+pub const KEY_BITS: u32 = 45;
 
 /// The directories of one cgroup (a path relative to the hierarchy roots) in
 /// every hierarchy where it exists.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CgroupDirs {
     pub v2: Option<PathBuf>,
     v1: Vec<(Controller, PathBuf)>,
@@ -72,7 +72,7 @@ impl CgroupDirs {
         let (controller, dir) = self.v1.first()?;
         let hierarchy = Controller::ALL.iter().position(|c| c == controller)? as u64;
         let ino = std::fs::metadata(dir).ok()?.ino();
-        Some(1 << (KEY_BITS - 1) | (hierarchy & 31) << 40 | ino & ((1 << 40) - 1))
+        Some(1 << (KEY_BITS - 1) | (hierarchy & 15) << 40 | ino & ((1 << 40) - 1))
     }
 
     /// The cgroup's id: the inode of its directory, in the v2 tree when it has

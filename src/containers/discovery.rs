@@ -54,6 +54,9 @@ pub enum Event {
     Changed(PathBuf),
     /// The container of this cgroup path vanished.
     Removed(PathBuf),
+    /// The last process of the container at this cgroup path left (v2
+    /// `cgroup.events` says `populated 0`); its cgroups still exist.
+    Emptied(PathBuf),
 }
 
 /// Every source of containers, and what is known of the hierarchies: one
@@ -205,6 +208,20 @@ impl Discovery {
                     Change::Removed { hierarchy, path } => {
                         forget_cgroup(&mut state, hierarchy, &path, &mut events)
                     }
+                    Change::Events { path } => {
+                        let container = matches!(
+                            state.known.get(&path),
+                            Some(Known {
+                                class: Class::Container(_),
+                                ..
+                            })
+                        );
+                        let events_file =
+                            roots.first().map(|r| r.join(&path).join("cgroup.events"));
+                        if container && events_file.is_some_and(|f| is_unpopulated(&f)) {
+                            events.push(Event::Emptied(path));
+                        }
+                    }
                     Change::Lost => {
                         state.walked = false;
                         break;
@@ -243,7 +260,12 @@ impl Discovery {
                 continue;
             }
             match state.known.get(path) {
-                None => events.push(Event::Removed(path.clone())),
+                None => {
+                    if let Some(watcher) = state.watcher.as_mut() {
+                        watcher.unwatch_events(path);
+                    }
+                    events.push(Event::Removed(path.clone()))
+                }
                 Some(now) if now.hierarchies != known.hierarchies => {
                     events.push(Event::Changed(path.clone()))
                 }
@@ -324,6 +346,13 @@ impl Discovery {
                     class
                 }
             };
+            if let (Class::Container(_), Some(watcher)) = (&class, state.watcher.as_mut()) {
+                // Only v2 cgroups have the file: the kernel says there when
+                // the last process left.
+                if root.join(path).join("cgroup.events").exists() {
+                    watcher.watch_events(root, path);
+                }
+            }
             if !matches!(class, Class::Plain) {
                 return;
             }
@@ -396,6 +425,11 @@ impl Discovery {
     }
 }
 
+/// Whether the `cgroup.events` file at `path` says `populated 0`.
+fn is_unpopulated(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| text.lines().any(|l| l.trim() == "populated 0"))
+}
+
 /// `path` is gone from `hierarchy`, and so is everything below it.
 fn forget_cgroup(state: &mut State, hierarchy: usize, path: &Path, events: &mut Vec<Event>) {
     let below: Vec<PathBuf> = state
@@ -413,6 +447,9 @@ fn forget_cgroup(state: &mut State, hierarchy: usize, path: &Path, events: &mut 
             continue;
         }
         known.hierarchies &= !bit;
+        if let (Class::Container(_), Some(watcher)) = (&known.class, state.watcher.as_mut()) {
+            watcher.unwatch_events(&cgroup);
+        }
         if known.hierarchies != 0 {
             if matches!(known.class, Class::Container(_)) {
                 events.push(Event::Changed(cgroup));
@@ -564,6 +601,7 @@ mod tests {
                     Event::Added(f) => format!("+{}", f.name),
                     Event::Removed(p) => format!("-{}", p.display()),
                     Event::Changed(p) => format!("~{}", p.display()),
+                    Event::Emptied(p) => format!("0{}", p.display()),
                 })
                 .collect()
         };

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
 
@@ -42,6 +43,12 @@ pub struct Metered {
     pub dirs: CgroupDirs,
     /// Its cgroup files kept open between reads; closed when it goes.
     pub kept: KeptFiles,
+    /// When the daemon first saw it.
+    pub first_seen: SystemTime,
+    /// The inode number of its v2 directory, eBPF's key: kept when the
+    /// directory goes before the container does, so its counts can still
+    /// be read until they are swept.
+    pub net_id: Option<u64>,
     available: OnceLock<Vec<MetricId>>,
 }
 
@@ -55,6 +62,12 @@ impl Metered {
         dirs: CgroupDirs,
         kept: KeptFiles,
     ) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let net_id = dirs
+            .v2
+            .as_deref()
+            .and_then(|dir| std::fs::metadata(dir).ok())
+            .map(|m| m.ino());
         Metered {
             slot,
             name,
@@ -64,14 +77,66 @@ impl Metered {
             owner: dirs.owner().unwrap_or((0, 0)),
             dirs,
             kept,
+            first_seen: SystemTime::now(),
+            net_id,
             available: OnceLock::new(),
         }
+    }
+
+    /// What is left of it once it ended: its names, owner and ids, with no
+    /// cgroup directories and no files kept open (they close with the
+    /// container, not when it leaves `exited/`).
+    pub fn ended(&self) -> Metered {
+        let mut ended = Metered::new(
+            self.slot,
+            self.name.clone(),
+            self.id.clone(),
+            self.cgroup.clone(),
+            self.runtime,
+            CgroupDirs::default(),
+            KeptFiles::with_budget(no_budget()),
+        )
+        .succeeding(self);
+        ended.owner = self.owner;
+        ended
+    }
+
+    /// The same container as `old`, found again: first seen when `old` was,
+    /// and with `old`'s v2 id if its v2 directory is gone now.
+    fn succeeding(mut self, old: &Metered) -> Self {
+        self.first_seen = old.first_seen;
+        self.net_id = self.net_id.or(old.net_id);
+        self
     }
 
     /// The metrics this container has files for, computed by `compute` the
     /// first time and kept for the container's life.
     pub fn available_with(&self, compute: impl FnOnce() -> Vec<MetricId>) -> &[MetricId] {
         self.available.get_or_init(compute)
+    }
+}
+
+/// What a [`Registry::refresh`] changed.
+#[derive(Default)]
+pub struct Refreshed {
+    /// The containers that vanished, as they were last.
+    pub removed: Vec<Arc<Metered>>,
+    /// The old names of renamed containers.
+    pub renamed: Vec<String>,
+    /// Live containers whose last process left (v2 `populated 0`): their
+    /// counters are final now, while their cgroups still exist.
+    pub emptied: Vec<Arc<Metered>>,
+    /// Whether a container was added.
+    pub added: bool,
+}
+
+impl Refreshed {
+    /// The names the kernel must forget: vanished and renamed containers'.
+    pub fn gone_names(&self) -> impl Iterator<Item = &str> {
+        self.removed
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(self.renamed.iter().map(String::as_str))
     }
 }
 
@@ -125,14 +190,14 @@ impl Registry {
 
     /// Brings the registry in line with what discovery learnt since the
     /// last call. Returns the names of the containers that vanished.
-    pub fn refresh(&self) -> Vec<String> {
+    pub fn refresh(&self) -> Refreshed {
         // One refresh at a time, so none sees discovery's changes before
         // they are applied.
         let _serial = self.refreshing.lock();
         let events = self.discovery.changes(&self.layout);
-        let mut gone = self.apply(events);
-        gone.extend(self.follow_renames());
-        gone
+        let mut refreshed = self.apply(events);
+        refreshed.renamed = self.follow_renames();
+        refreshed
     }
 
     /// Gives containers their runtime's new names (`docker rename`).
@@ -165,15 +230,18 @@ impl Registry {
                 continue;
             }
             log::info!("{} container {} is now {name}", old.runtime, old.name);
-            let container = Arc::new(Metered::new(
-                old.slot,
-                name.clone(),
-                old.id.clone(),
-                old.cgroup.clone(),
-                old.runtime,
-                old.dirs.clone(),
-                KeptFiles::with_budget(self.budget.clone()),
-            ));
+            let container = Arc::new(
+                Metered::new(
+                    old.slot,
+                    name.clone(),
+                    old.id.clone(),
+                    old.cgroup.clone(),
+                    old.runtime,
+                    old.dirs.clone(),
+                    KeptFiles::with_budget(self.budget.clone()),
+                )
+                .succeeding(&old),
+            );
             inner.by_slot.insert(old.slot, container.clone());
             inner.by_name.insert(name, container);
             old_names.push(old.name.clone());
@@ -181,38 +249,52 @@ impl Registry {
         old_names
     }
 
-    /// Returns the names of the containers that vanished.
-    fn apply(&self, events: Vec<Event>) -> Vec<String> {
+    fn apply(&self, events: Vec<Event>) -> Refreshed {
+        let mut refreshed = Refreshed::default();
         if events.is_empty() {
-            return Vec::new();
+            return refreshed;
         }
         let mut inner = self.inner.write();
-        let mut removed = Vec::new();
         for event in events {
             match event {
                 Event::Removed(cgroup) => {
                     let slot = inner.by_cgroup.get(&cgroup).copied();
                     if let Some(container) = slot.and_then(|slot| drop_slot(&mut inner, slot)) {
-                        removed.push(container.name.clone());
+                        refreshed.emptied.retain(|c| c.slot != container.slot);
+                        refreshed.removed.push(container);
                     }
                 }
-                Event::Added(found) => self.add(&mut inner, found),
+                Event::Added(found) => refreshed.added |= self.add(&mut inner, found),
                 Event::Changed(cgroup) => self.reresolve(&mut inner, &cgroup),
+                Event::Emptied(cgroup) => {
+                    if let Some(c) = inner
+                        .by_cgroup
+                        .get(&cgroup)
+                        .and_then(|s| inner.by_slot.get(s))
+                    {
+                        refreshed.emptied.push(c.clone());
+                    }
+                }
             }
         }
-        removed
+        refreshed
     }
 
-    fn add(&self, inner: &mut Inner, found: Found) {
+    /// Returns whether it added a container.
+    fn add(&self, inner: &mut Inner, found: Found) -> bool {
         if inner.by_cgroup.contains_key(&found.cgroup) {
-            return;
+            return false;
         }
         let dirs = CgroupDirs::resolve(&self.layout, &found.cgroup);
         // Gone between the walk and now: nothing to add.
-        let Some(cgroup_id) = dirs.id() else { return };
+        let Some(cgroup_id) = dirs.id() else {
+            return false;
+        };
         let id = found.id.clone().unwrap_or_else(|| cgroup_id.to_string());
         let name = self.unique_name(inner, &found.name, &id);
-        let Some(mut slot) = dirs.key() else { return };
+        let Some(mut slot) = dirs.key() else {
+            return false;
+        };
         // Keys are distinct; this only guards against masked bits that a
         // kernel might one day use.
         while inner.by_slot.contains_key(&slot) {
@@ -230,6 +312,7 @@ impl Registry {
         inner.by_cgroup.insert(found.cgroup, slot);
         inner.by_slot.insert(slot, container.clone());
         inner.by_name.insert(name, container);
+        true
     }
 
     /// The container at `cgroup` in the hierarchies that hold it now; its
@@ -250,15 +333,18 @@ impl Registry {
             "cgroup" => cgroup_id.to_string(),
             _ => old.id.clone(),
         };
-        let container = Arc::new(Metered::new(
-            old.slot,
-            old.name.clone(),
-            id,
-            old.cgroup.clone(),
-            old.runtime,
-            dirs,
-            KeptFiles::with_budget(self.budget.clone()),
-        ));
+        let container = Arc::new(
+            Metered::new(
+                old.slot,
+                old.name.clone(),
+                id,
+                old.cgroup.clone(),
+                old.runtime,
+                dirs,
+                KeptFiles::with_budget(self.budget.clone()),
+            )
+            .succeeding(old),
+        );
         inner.by_slot.insert(container.slot, container.clone());
         inner.by_name.insert(container.name.clone(), container);
     }
@@ -297,6 +383,28 @@ fn drop_slot(inner: &mut Inner, slot: Slot) -> Option<Arc<Metered>> {
     inner.by_name.remove(&container.name);
     inner.by_cgroup.remove(&container.cgroup);
     Some(container)
+}
+
+#[cfg(test)]
+impl Metered {
+    /// A container of no cgroup, for tests of what is rendered.
+    pub(crate) fn named(slot: Slot, name: &str, id: &str) -> Metered {
+        Metered::new(
+            slot,
+            name.into(),
+            id.into(),
+            PathBuf::from("t").join(name),
+            "cgroup",
+            CgroupDirs::default(),
+            KeptFiles::with_budget(Arc::new(Budget::new(0))),
+        )
+    }
+}
+
+/// The budget of ended containers, which keep no files: one for all.
+fn no_budget() -> Arc<Budget> {
+    static NONE: OnceLock<Arc<Budget>> = OnceLock::new();
+    NONE.get_or_init(|| Arc::new(Budget::new(0))).clone()
 }
 
 /// Where the `cgroup/` tree's nodes number their slots (for rate keys), above
@@ -488,8 +596,8 @@ mod tests {
         r.apply(vec![found("tenants/alpha", "web")]);
         assert_eq!(r.by_name("web").unwrap().slot, slot);
         // Removal frees the name and the slot is never reused.
-        let removed = r.apply(vec![Event::Removed("tenants/beta".into())]);
-        assert_eq!(removed, ["web"]);
+        let refreshed = r.apply(vec![Event::Removed("tenants/beta".into())]);
+        assert_eq!(refreshed.gone_names().collect::<Vec<_>>(), ["web"]);
         assert_eq!(r.list().len(), 1);
         assert!(r.get(slot).is_none());
         assert!(r.by_name("web").is_none());

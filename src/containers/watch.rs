@@ -25,6 +25,11 @@ pub enum Change {
         hierarchy: usize,
         path: PathBuf,
     },
+    /// The `cgroup.events` of the v2 cgroup `path` changed: its last
+    /// process may have left (`populated 0`).
+    Events {
+        path: PathBuf,
+    },
     /// The kernel's queue overflowed (events were lost), or a cgroup was
     /// renamed: only a walk tells what exists.
     Lost,
@@ -36,6 +41,11 @@ pub struct Watcher {
     dirs: HashMap<WatchDescriptor, (usize, PathBuf)>,
     /// The same, the other way: a rewalk adds no watch twice.
     watched: HashSet<(usize, PathBuf)>,
+    /// The containers' `cgroup.events` files watched, by relative path,
+    /// and the other way. The kernel does not end such a watch when the
+    /// cgroup goes (kernfs files send no IN_IGNORED): it must be removed.
+    events_files: HashMap<WatchDescriptor, PathBuf>,
+    events_watches: HashMap<PathBuf, WatchDescriptor>,
     buffer: Vec<u8>,
 }
 
@@ -45,6 +55,8 @@ impl Watcher {
             inotify: Inotify::init()?,
             dirs: HashMap::new(),
             watched: HashSet::new(),
+            events_files: HashMap::new(),
+            events_watches: HashMap::new(),
             buffer: vec![0u8; 64 * 1024],
         })
     }
@@ -76,6 +88,27 @@ impl Watcher {
         }
     }
 
+    /// Watches the `cgroup.events` file of the v2 cgroup `root/path`, which
+    /// the kernel modifies when the cgroup's last process leaves. Best
+    /// effort: without it, a container's final values are its last read.
+    pub fn watch_events(&mut self, root: &Path, path: &Path) {
+        let file = root.join(path).join("cgroup.events");
+        if let Ok(wd) = self.inotify.watches().add(file, WatchMask::MODIFY) {
+            self.events_files.insert(wd.clone(), path.to_path_buf());
+            self.events_watches.insert(path.to_path_buf(), wd);
+        }
+    }
+
+    /// Ends the watch of the `cgroup.events` file of `path`, if any: the
+    /// container is going (its last process left before any of its
+    /// directories could be removed).
+    pub fn unwatch_events(&mut self, path: &Path) {
+        if let Some(wd) = self.events_watches.remove(path) {
+            self.events_files.remove(&wd);
+            let _ = self.inotify.watches().remove(wd);
+        }
+    }
+
     /// Every change queued so far, without waiting.
     pub fn changes(&mut self) -> io::Result<Vec<Change>> {
         let mut changes = Vec::new();
@@ -93,6 +126,13 @@ impl Watcher {
                 } else if event.mask.contains(EventMask::IGNORED) {
                     if let Some(key) = self.dirs.remove(&event.wd) {
                         self.watched.remove(&key);
+                    }
+                    if let Some(path) = self.events_files.remove(&event.wd) {
+                        self.events_watches.remove(&path);
+                    }
+                } else if event.mask.contains(EventMask::MODIFY) {
+                    if let Some(path) = self.events_files.get(&event.wd) {
+                        changes.push(Change::Events { path: path.clone() });
                     }
                 } else if event.mask.contains(EventMask::ISDIR) {
                     if let Some(change) = change(&self.dirs, &event.wd, event.mask, event.name) {

@@ -14,7 +14,8 @@ pub struct Attr {
     /// is opened now. Zero for directories and `self`.
     pub size: u64,
     /// Whether the node stays what it is until the daemon says otherwise
-    /// (everything but the `cgroup/` tree, whose removals nobody reports).
+    /// (everything but the `cgroup/` tree, whose removals nobody reports,
+    /// and `exited/`, whose entries expire and are replaced unannounced).
     pub lasting: bool,
 }
 
@@ -35,7 +36,8 @@ impl Attr {
             size: 0,
             lasting: !matches!(
                 node,
-                Node::Dir(Owner::Cgroup(_)) | Node::File(Owner::Cgroup(_), _)
+                Node::Dir(Owner::Cgroup(_) | Owner::Exited(_))
+                    | Node::File(Owner::Cgroup(_) | Owner::Exited(_), _)
             ),
         }
     }
@@ -56,7 +58,7 @@ pub(super) fn make_private(
             (attr.uid, attr.gid) = ids;
             attr.perm = if attr.kind == Kind::Dir { 0o500 } else { 0o400 };
         }
-        Node::Root | Node::SelfLink => {}
+        Node::Root | Node::SelfLink | Node::ExitedDir => {}
     }
     true
 }

@@ -1,12 +1,16 @@
 //! Inode numbers, computed from what a node is rather than stored.
 //!
-//! `1` is the root, `2..` the root's own files, then `self`. A directory of
-//! metrics owns a range of 2^16 numbers: offset 0 is the directory, then its
-//! metadata files, then one number per catalogue row. Containers' ranges
-//! start at 2^16 (by slot); the `cgroup/` tree's are flagged by bit 62 (by
-//! node). Slots and nodes are their cgroups' keys (`CgroupDirs::key`): a
-//! number never names two things, and a server that takes the connection
-//! over from another gives every node the number the kernel already holds.
+//! `1` is the root, `2..` the root's own files, then `self`, then `exited/`.
+//! A directory of metrics owns a range of 2^16 numbers: offset 0 is the
+//! directory, then its metadata files, then one number per catalogue row.
+//! Containers' ranges start at 2^16 (by slot); the `cgroup/` tree's are
+//! flagged by bit 62 (by node), `exited/`'s by bit 61 (by exit number).
+//! Slots and nodes are their cgroups' keys (`CgroupDirs::key`, below 2^45,
+//! so below both flags once shifted): a number never names two things, and
+//! a server that takes the connection over from another gives every live
+//! container's and cgroup's node the number the kernel already holds.
+//! Exit numbers count from the server's start (`exited/` is the server's
+//! own memory).
 
 use crate::metrics::MetricId;
 
@@ -15,6 +19,7 @@ const SLOT_SHIFT: u32 = 16;
 const META_BASE: u64 = 1;
 const METRIC_BASE: u64 = 16;
 const CGROUP_TREE: u64 = 1 << 62;
+const EXITED_TREE: u64 = 1 << 61;
 
 /// The daemon's own files in the root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,9 +40,16 @@ impl RootFile {
 }
 
 /// Every name the daemon owns in the root: they win over containers'.
-pub const RESERVED_NAMES: &[&str] = &["metric", "metrics.prom", SELF_NAME, CGROUP_NAME];
+pub const RESERVED_NAMES: &[&str] = &[
+    "metric",
+    "metrics.prom",
+    SELF_NAME,
+    CGROUP_NAME,
+    EXITED_NAME,
+];
 pub const SELF_NAME: &str = "self";
 pub const CGROUP_NAME: &str = "cgroup";
+pub const EXITED_NAME: &str = "exited";
 
 /// A directory's files that are not metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,15 +59,18 @@ pub enum Meta {
     Id,
     Cgroup,
     Runtime,
+    /// Only in `exited/<name>/`: when the container ended.
+    ExitedAt,
 }
 
 impl Meta {
-    pub const ALL: [Meta; 5] = [
+    pub const ALL: [Meta; 6] = [
         Meta::Metrics,
         Meta::Name,
         Meta::Id,
         Meta::Cgroup,
         Meta::Runtime,
+        Meta::ExitedAt,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +80,7 @@ impl Meta {
             Meta::Id => "id",
             Meta::Cgroup => "cgroup",
             Meta::Runtime => "runtime",
+            Meta::ExitedAt => "exited_at",
         }
     }
 }
@@ -82,6 +98,15 @@ pub enum Owner {
     Container(u64),
     /// A cgroup of the `cgroup/` tree, by node (0 is the root cgroup).
     Cgroup(u64),
+    /// A container that ended, under `exited/`, by exit number.
+    Exited(u64),
+}
+
+impl Owner {
+    /// Whether a directory of this owner has the file `meta`.
+    pub fn has(self, meta: Meta) -> bool {
+        meta != Meta::ExitedAt || matches!(self, Owner::Exited(_))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +115,8 @@ pub enum Node {
     RootFile(RootFile),
     /// `self`: a symlink to the reader's own container.
     SelfLink,
+    /// `exited/`: the containers that ended lately.
+    ExitedDir,
     Dir(Owner),
     File(Owner, Entry),
 }
@@ -99,11 +126,13 @@ impl Node {
         let base = |owner: Owner| match owner {
             Owner::Container(slot) => (slot + 1) << SLOT_SHIFT,
             Owner::Cgroup(node) => CGROUP_TREE | ((node + 1) << SLOT_SHIFT),
+            Owner::Exited(exit) => EXITED_TREE | ((exit + 1) << SLOT_SHIFT),
         };
         match self {
             Node::Root => ROOT_INO,
             Node::RootFile(f) => 2 + f as u64,
             Node::SelfLink => 2 + RootFile::ALL.len() as u64,
+            Node::ExitedDir => 3 + RootFile::ALL.len() as u64,
             Node::Dir(owner) => base(owner),
             Node::File(owner, Entry::Meta(m)) => base(owner) + META_BASE + m as u64,
             Node::File(owner, Entry::Metric(id)) => base(owner) + METRIC_BASE + id as u64,
@@ -117,29 +146,36 @@ impl Node {
         if ino == Node::SelfLink.ino() {
             return Some(Node::SelfLink);
         }
-        let index = ((ino & !CGROUP_TREE) >> SLOT_SHIFT).checked_sub(1);
+        if ino == Node::ExitedDir.ino() {
+            return Some(Node::ExitedDir);
+        }
+        let flags = ino & (CGROUP_TREE | EXITED_TREE);
+        let index = ((ino & !flags) >> SLOT_SHIFT).checked_sub(1);
         let offset = ino & ((1 << SLOT_SHIFT) - 1);
-        let owner = |index| match ino & CGROUP_TREE {
-            0 => Owner::Container(index),
-            _ => Owner::Cgroup(index),
+        let owner = |index| match flags {
+            0 => Some(Owner::Container(index)),
+            CGROUP_TREE => Some(Owner::Cgroup(index)),
+            EXITED_TREE => Some(Owner::Exited(index)),
+            _ => None,
         };
         match index {
-            None if ino & CGROUP_TREE == 0 => RootFile::ALL
+            None if flags == 0 => RootFile::ALL
                 .get(ino.checked_sub(2)? as usize)
                 .map(|f| Node::RootFile(*f)),
             None => None,
-            Some(index) if offset == 0 => Some(Node::Dir(owner(index))),
+            Some(index) if offset == 0 => Some(Node::Dir(owner(index)?)),
             Some(index) if offset < METRIC_BASE => Meta::ALL
                 .get((offset - META_BASE) as usize)
-                .map(|m| Node::File(owner(index), Entry::Meta(*m))),
+                .filter(|m| owner(index).is_some_and(|o| o.has(**m)))
+                .map(|m| Node::File(owner(index).unwrap(), Entry::Meta(*m))),
             Some(index) => MetricId::from_index((offset - METRIC_BASE) as usize)
-                .map(|id| Node::File(owner(index), Entry::Metric(id))),
+                .and_then(|id| Some(Node::File(owner(index)?, Entry::Metric(id)))),
         }
     }
 
     pub fn kind(self) -> Kind {
         match self {
-            Node::Root | Node::Dir(_) => Kind::Dir,
+            Node::Root | Node::ExitedDir | Node::Dir(_) => Kind::Dir,
             Node::SelfLink => Kind::Symlink,
             Node::RootFile(_) | Node::File(..) => Kind::File,
         }
@@ -160,12 +196,21 @@ mod tests {
 
     #[test]
     fn every_node_round_trips() {
-        let mut nodes = vec![Node::Root, Node::SelfLink];
+        let mut nodes = vec![Node::Root, Node::SelfLink, Node::ExitedDir];
         nodes.extend(RootFile::ALL.map(Node::RootFile));
         for index in [0, 1, 4096, u32::MAX as u64] {
-            for owner in [Owner::Container(index), Owner::Cgroup(index)] {
+            for owner in [
+                Owner::Container(index),
+                Owner::Cgroup(index),
+                Owner::Exited(index),
+            ] {
                 nodes.push(Node::Dir(owner));
-                nodes.extend(Meta::ALL.map(|m| Node::File(owner, Entry::Meta(m))));
+                nodes.extend(
+                    Meta::ALL
+                        .into_iter()
+                        .filter(|m| owner.has(*m))
+                        .map(|m| Node::File(owner, Entry::Meta(m))),
+                );
                 nodes.extend(
                     METRICS
                         .iter()
@@ -185,7 +230,13 @@ mod tests {
     #[test]
     fn unknown_numbers_are_none() {
         assert_eq!(Node::from_ino(0), None);
-        assert_eq!(Node::from_ino(Node::SelfLink.ino() + 1), None);
+        assert_eq!(Node::from_ino(Node::ExitedDir.ino() + 1), None);
+        assert_eq!(
+            Node::from_ino(CGROUP_TREE | EXITED_TREE | (1 << SLOT_SHIFT)),
+            None
+        );
+        let exited_at = 1 + META_BASE + Meta::ExitedAt as u64;
+        assert_eq!(Node::from_ino((1 << SLOT_SHIFT) + exited_at - 1), None);
         assert_eq!(Node::from_ino(CGROUP_TREE), None);
         assert_eq!(
             Node::from_ino((1 << SLOT_SHIFT) + METRIC_BASE + METRICS.len() as u64),

@@ -10,18 +10,27 @@
 //! slot) or a cgroup of the `cgroup/` tree (by node); both are served by the
 //! same code from the same kind of [`Metered`] cgroup.
 
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
 
 use super::attr::{make_private, Attr};
 use super::error::{FsError, Result};
+use super::exited::{Ended, Exited};
 use super::handles::{Chunk, Handle, Handles};
-use super::inode::{Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, ROOT_INO, SELF_NAME};
+use super::inode::{
+    Entry, Kind, Meta, Node, Owner, RootFile, CGROUP_NAME, EXITED_NAME, ROOT_INO, SELF_NAME,
+};
 use super::snapshots::Snapshots;
 use super::DirEntry;
 use crate::cgroup::files::SourceError;
-use crate::containers::registry::{CgroupTree, Metered, Registry};
-use crate::metrics::{MetricId, Sample, METRICS};
+use crate::containers::registry::{CgroupTree, Metered, Registry, Slot};
+use crate::ledger::{timestamp, Incarnation, Known, Ledger, Record};
+use crate::metrics::{groups_of, Group, MetricId, PromType, Sample, Value, METRICS};
 use crate::net::Net;
 use crate::render;
 use crate::sample::fanout;
@@ -30,9 +39,10 @@ use crate::sample::Sampler;
 
 /// What the model tells the kernel without being asked; set once mounted.
 pub trait Kernel: Send + Sync {
-    /// Forget a name in the root. The kernel takes the directory's lock for
-    /// that, so this must not wait for it (a readdir holds it).
-    fn forget_name(&self, name: &str);
+    /// Forget a name in the directory `parent` (an inode number). The
+    /// kernel takes the directory's lock for that, so this must not wait
+    /// for it (a readdir holds it).
+    fn forget_name(&self, parent: u64, name: &str);
     /// Raise the size the kernel holds for `ino` to at least `size`, whose
     /// last byte is `last`, before a reader copies through the page cache.
     fn raise_size(&self, ino: u64, size: u64, last: u8);
@@ -54,7 +64,36 @@ pub struct Model {
     handles: Handles,
     snapshots: Snapshots,
     kernel: std::sync::OnceLock<Box<dyn Kernel>>,
+    /// What each live container's values were when last sampled whole, or
+    /// when its last process left: its final values if it goes without
+    /// another chance to read them.
+    finals: Mutex<HashMap<Slot, Sample>>,
+    /// `exited/`.
+    exited: Exited,
+    /// The billing ledger and the index, with `--state-dir`.
+    ledger: Option<Arc<Ledger>>,
+    /// When containers the last daemon knew were first seen, by cgroup
+    /// path, id and v2 id: a restart does not reset that.
+    first_seen: HashMap<(PathBuf, String, Option<u64>), String>,
+    /// A sweep of the eBPF maps was put off while ledger records were
+    /// pending: the next refresh owes one.
+    sweep_owed: AtomicBool,
+    /// The index lags behind the containers, and when it was last written.
+    index: Mutex<IndexState>,
+    refreshing: Mutex<()>,
 }
+
+#[derive(Default)]
+struct IndexState {
+    dirty: bool,
+    written: Option<Instant>,
+}
+
+/// The index is written at most this often: under churn, writing the
+/// whole list for every container that comes or goes would cost more than
+/// the containers. A container that comes and goes within this time of a
+/// daemon crash, with no daemon running when it goes, is not recorded.
+const INDEX_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Model {
     /// The tree of `registry`'s containers, with rates over `window` and
@@ -80,7 +119,33 @@ impl Model {
             handles: Handles::default(),
             snapshots: Snapshots::default(),
             kernel: std::sync::OnceLock::new(),
+            finals: Mutex::default(),
+            exited: Exited::new(Duration::ZERO),
+            ledger: None,
+            first_seen: HashMap::new(),
+            sweep_owed: AtomicBool::new(false),
+            index: Mutex::default(),
+            refreshing: Mutex::new(()),
         }
+    }
+
+    /// Keeps ended containers under `exited/` for `keep`, and records each
+    /// in `ledger`, whose index says when the containers the last daemon
+    /// knew were first seen.
+    pub fn with_lifecycle(mut self, ledger: Option<Arc<Ledger>>, keep: Duration) -> Model {
+        self.exited = Exited::new(keep);
+        if let Some(ledger) = &ledger {
+            self.first_seen = ledger
+                .read_index()
+                .into_iter()
+                .map(|k| {
+                    let cgroup = PathBuf::from(k.cgroup.trim_start_matches('/'));
+                    ((cgroup, k.id, k.cgroup_id), k.first_seen)
+                })
+                .collect();
+        }
+        self.ledger = ledger;
+        self
     }
 
     /// Registers how the model reaches the kernel once mounted.
@@ -98,18 +163,305 @@ impl Model {
 
     /// Discovery; the eBPF entries of removed cgroups are swept and the
     /// kernel forgets the names of vanished containers.
+    ///
+    /// A container that vanished is recorded first: its final values (the
+    /// cgroup values taken when its last process left, or else last read;
+    /// the network counters read now, before the sweep) go to `exited/`
+    /// and to the ledger, and the sweep waits while the ledger cannot be
+    /// written.
     pub fn refresh(&self) {
-        let removed = self.registry.refresh();
-        if let Some(net) = &self.net {
-            net.sweep(!removed.is_empty());
+        // One at a time: a container's values taken when it emptied must be
+        // kept before another refresh ends it.
+        let _serial = self.refreshing.lock();
+        let refreshed = self.registry.refresh();
+        let kernel = self.kernel.get();
+        if let Some(kernel) = kernel {
+            refreshed
+                .gone_names()
+                .for_each(|name| kernel.forget_name(ROOT_INO, name));
         }
-        if !removed.is_empty() {
+        for container in &refreshed.emptied {
+            self.capture(container);
+        }
+        let records: Vec<Record> = refreshed.removed.iter().map(|c| self.end(c)).collect();
+        let vanished = !refreshed.removed.is_empty();
+        let mut pending = false;
+        if let Some(ledger) = &self.ledger {
+            let before = ledger.pending();
+            pending = !ledger.record(records);
+            let changed = vanished
+                || refreshed.added
+                || !refreshed.renamed.is_empty()
+                || before != ledger.pending();
+            self.update_index(ledger, changed);
+        }
+        if let Some(net) = &self.net {
+            if pending {
+                self.sweep_owed.fetch_or(vanished, Ordering::Relaxed);
+            } else {
+                net.sweep(vanished || self.sweep_owed.swap(false, Ordering::Relaxed));
+            }
+        }
+        if vanished {
             self.sampler.forget_rates(|slot| {
                 self.registry.get(slot).is_some() || self.tree.holds_slot(slot)
             });
         }
-        if let Some(kernel) = self.kernel.get() {
-            removed.iter().for_each(|name| kernel.forget_name(name));
+        let expired = self.exited.expire();
+        if let Some(kernel) = kernel {
+            // An earlier incarnation's, or one that expired.
+            let exited = refreshed.removed.iter().map(|c| &c.name).chain(&expired);
+            exited.for_each(|name| kernel.forget_name(Node::ExitedDir.ino(), name));
+        }
+    }
+
+    /// Takes the values of a container whose last process left: they are
+    /// final, and its cgroups may be removed any moment.
+    fn capture(&self, container: &Metered) {
+        log::debug!(
+            "{} container {}: its last process left; taking its values",
+            container.runtime,
+            container.name
+        );
+        let mut sample = Sample::default();
+        let groups = groups_of(self.sampler.available(container).iter().copied());
+        for group in groups {
+            // Rates would wait a window; the container's are 0 from now on.
+            if !matches!(group, Group::CpuRate | Group::NetRate) {
+                let _ = self.sampler.read(container, group, &mut sample);
+            }
+        }
+        self.keep(&mut self.finals.lock(), container.slot, &sample);
+    }
+
+    /// Merges `sample` into what is kept of the container at `slot`, if it
+    /// is still live. (A sample taken while the container ended must not
+    /// leave an entry that nothing removes: `end` removes a container's
+    /// entry, under the same lock, after the registry dropped it.)
+    fn keep(&self, finals: &mut HashMap<Slot, Sample>, slot: Slot, sample: &Sample) {
+        if self.registry.get(slot).is_none() {
+            return;
+        }
+        let kept = finals.entry(slot).or_default();
+        for (def, value) in sample.iter() {
+            kept.set_value(def.id, value);
+        }
+    }
+
+    /// Keeps whole samples as the containers' values so far.
+    fn remember(&self, samples: &[(Arc<Metered>, Sample)]) {
+        if self.ledger.is_none() && self.exited.is_off() {
+            return;
+        }
+        let mut finals = self.finals.lock();
+        for (container, sample) in samples {
+            self.keep(&mut finals, container.slot, sample);
+        }
+    }
+
+    /// A container vanished: its final values, shown under `exited/`, and
+    /// its ledger record. Network counters are read from the maps, which
+    /// hold them until the next sweep.
+    fn end(&self, container: &Arc<Metered>) -> Record {
+        let now = SystemTime::now();
+        let mut sample = self
+            .finals
+            .lock()
+            .remove(&container.slot)
+            .unwrap_or_default();
+        if let (Some(net), Some(id)) = (&self.net, container.net_id) {
+            let mut read = Sample::default();
+            let totals = net.gone_totals(id);
+            crate::sample::net_values(&totals, Group::NetTraffic, &mut read);
+            crate::sample::net_values(&totals, Group::NetConn, &mut read);
+            for (def, value) in read.iter() {
+                // Counters only grow: a value read before (with cgroups
+                // below the container still there) is not undercut.
+                let value = match (value, sample.count(def.id)) {
+                    (Value::Count(now), Some(before)) if def.kind == PromType::Counter => {
+                        Value::Count(now.max(before))
+                    }
+                    _ => value,
+                };
+                sample.set_value(def.id, value);
+            }
+        }
+        // Nothing runs there any more. (By the values it has: what files it
+        // had is found anew when a hierarchy goes, and may be less by now.)
+        for (rate, counter) in [
+            (MetricId::CpuMillicores, MetricId::CpuUsageUsec),
+            (MetricId::NetTxBps, MetricId::NetBytesTx),
+            (MetricId::NetRxBps, MetricId::NetBytesRx),
+        ] {
+            if sample.get(counter).is_some() {
+                sample.set(rate, Some(0));
+            }
+        }
+        let record = Record {
+            name: container.name.clone(),
+            id: container.id.clone(),
+            runtime: container.runtime.to_string(),
+            cgroup: format!("/{}", container.cgroup.display()),
+            cgroup_id: container.net_id,
+            first_seen: self.first_seen_of(container),
+            exited: timestamp(now),
+            recovered: false,
+            counters: sample
+                .iter()
+                .filter(|(def, _)| def.kind == PromType::Counter)
+                .filter_map(|(def, value)| match value {
+                    Value::Count(n) => Some((def.file.into(), n)),
+                    Value::Max => None,
+                })
+                .collect(),
+        };
+        log::info!(
+            "{} container {} ended; its final values are kept",
+            container.runtime,
+            container.name
+        );
+        self.exited.add(Arc::new(container.ended()), sample, now);
+        record
+    }
+
+    fn first_seen_of(&self, container: &Metered) -> String {
+        self.first_seen
+            .get(&(
+                container.cgroup.clone(),
+                container.id.clone(),
+                container.net_id,
+            ))
+            .cloned()
+            .unwrap_or_else(|| timestamp(container.first_seen))
+    }
+
+    /// Writes the index if it lags (`changed` now, or before) and was not
+    /// written within [`INDEX_INTERVAL`]; else the watcher's next wake-up
+    /// ([`Model::rewalk_interval`]) writes it.
+    fn update_index(&self, ledger: &Ledger, changed: bool) {
+        let mut index = self.index.lock();
+        index.dirty |= changed;
+        if !index.dirty
+            || index
+                .written
+                .is_some_and(|at| at.elapsed() < INDEX_INTERVAL)
+        {
+            return;
+        }
+        ledger.write_index(self.known(ledger));
+        *index = IndexState {
+            dirty: false,
+            written: Some(Instant::now()),
+        };
+    }
+
+    /// The index: every live container, and those whose records are still
+    /// pending (so that a crash now leaves them to the next start).
+    fn known(&self, ledger: &Ledger) -> Vec<Known> {
+        let mut known: Vec<Known> = self
+            .registry
+            .list()
+            .iter()
+            .map(|c| Known {
+                name: c.name.clone(),
+                id: c.id.clone(),
+                runtime: c.runtime.to_string(),
+                cgroup: format!("/{}", c.cgroup.display()),
+                cgroup_id: c.net_id,
+                first_seen: self.first_seen_of(c),
+            })
+            .collect();
+        known.extend(ledger.pending_known());
+        known
+    }
+
+    /// Records the containers the last daemon knew (its index) that ended
+    /// while no daemon ran, from what the pinned eBPF maps kept. Runs once,
+    /// after the first discovery and before anything is swept.
+    pub fn recover(&self) {
+        let Some(ledger) = &self.ledger else { return };
+        let live: HashSet<(PathBuf, String)> = self
+            .registry
+            .list()
+            .iter()
+            .map(|c| (c.cgroup.clone(), c.id.clone()))
+            .collect();
+        let live_ids: HashSet<u64> = self
+            .registry
+            .list()
+            .iter()
+            .filter_map(|c| c.net_id)
+            .collect();
+        let now = timestamp(SystemTime::now());
+        let mut records = Vec::new();
+        // Recorded already, if the daemon died after writing the record
+        // and before the index.
+        let mut recorded: Option<HashSet<Incarnation>> = None;
+        for known in ledger.read_index() {
+            let cgroup = PathBuf::from(known.cgroup.trim_start_matches('/'));
+            if live.contains(&(cgroup.clone(), known.id.clone()))
+                && known.cgroup_id.is_none_or(|id| live_ids.contains(&id))
+            {
+                continue;
+            }
+            // Still there, but not a container to this daemon (other
+            // --cgroup patterns): it has not ended.
+            let exists = match (&self.net, known.cgroup_id) {
+                (Some(net), Some(id)) => net.cgroup_exists(id),
+                _ => self
+                    .registry
+                    .layout()
+                    .hierarchies()
+                    .iter()
+                    .any(|root| root.join(&cgroup).is_dir()),
+            };
+            if exists {
+                continue;
+            }
+            let recorded = recorded.get_or_insert_with(|| {
+                ledger
+                    .read_current()
+                    .iter()
+                    .map(Record::incarnation)
+                    .collect()
+            });
+            if recorded.contains(&known.incarnation()) {
+                continue;
+            }
+            let mut sample = Sample::default();
+            if let (Some(net), Some(id)) = (&self.net, known.cgroup_id) {
+                let totals = net.gone_totals(id);
+                crate::sample::net_values(&totals, Group::NetTraffic, &mut sample);
+                crate::sample::net_values(&totals, Group::NetConn, &mut sample);
+            }
+            log::info!(
+                "{} container {} ended while no daemon ran; recorded from the pinned counters",
+                known.runtime,
+                known.name
+            );
+            records.push(Record {
+                name: known.name,
+                id: known.id,
+                runtime: known.runtime,
+                cgroup: known.cgroup,
+                cgroup_id: known.cgroup_id,
+                first_seen: known.first_seen,
+                exited: now.clone(),
+                recovered: true,
+                counters: sample
+                    .iter()
+                    .filter(|(def, _)| def.kind == PromType::Counter)
+                    .filter_map(|(def, value)| match value {
+                        Value::Count(n) => Some((def.file.into(), n)),
+                        Value::Max => None,
+                    })
+                    .collect(),
+            });
+        }
+        let pending = !ledger.record(records);
+        self.update_index(ledger, true);
+        if pending {
+            self.sweep_owed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -128,12 +480,26 @@ impl Model {
 
     /// How often discovery must be refreshed without being told to.
     pub fn rewalk_interval(&self) -> Option<std::time::Duration> {
-        self.registry().discovery().rewalk_interval()
+        let rewalk = self.registry().discovery().rewalk_interval();
+        // A lagging index, or ledger records waiting for room, are retried.
+        let pending = self.ledger.as_ref().is_some_and(|l| l.pending() > 0);
+        match self.index.lock().dirty || pending {
+            true => Some(rewalk.map_or(INDEX_INTERVAL, |r| r.min(INDEX_INTERVAL))),
+            false => rewalk,
+        }
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
         let node = match Node::from_ino(parent).ok_or(FsError::NotFound)? {
             Node::Root => self.root_child(name)?,
+            Node::ExitedDir => {
+                let ended = self.exited.by_name(name).ok_or(FsError::NotFound)?;
+                Node::Dir(Owner::Exited(ended.exit))
+            }
+            Node::Dir(Owner::Exited(exit)) => {
+                let ended = self.ended(exit)?;
+                Node::File(Owner::Exited(exit), exited_entry(&ended, name)?)
+            }
             Node::Dir(owner) => {
                 let dir = self.owner(owner)?;
                 match self.entry(&dir, name) {
@@ -150,7 +516,7 @@ impl Model {
                             self.refresh();
                             Node::File(owner, self.entry(&*self.owner(owner)?, name)?)
                         }
-                        Owner::Container(_) => return Err(e),
+                        Owner::Container(_) | Owner::Exited(_) => return Err(e),
                     },
                 }
             }
@@ -183,6 +549,7 @@ impl Model {
         match name {
             SELF_NAME => return Ok(Node::SelfLink),
             CGROUP_NAME => return Ok(Node::Dir(Owner::Cgroup(0))),
+            EXITED_NAME => return Ok(Node::ExitedDir),
             _ => {}
         }
         // Not known yet: resolved now, so a new container is there the
@@ -203,7 +570,8 @@ impl Model {
     }
 
     fn entry(&self, dir: &Metered, name: &str) -> Result<Entry> {
-        if let Some(meta) = Meta::ALL.into_iter().find(|m| m.name() == name) {
+        let live = |m: &Meta| m.name() == name && *m != Meta::ExitedAt;
+        if let Some(meta) = Meta::ALL.into_iter().find(live) {
             return Ok(Entry::Meta(meta));
         }
         let id = MetricId::by_file(name).ok_or(FsError::NotFound)?;
@@ -222,14 +590,27 @@ impl Model {
         match owner {
             Owner::Container(slot) => self.registry().get(slot),
             Owner::Cgroup(node) => self.tree().get(node),
+            Owner::Exited(exit) => self.exited.get(exit).map(|e| e.container.clone()),
         }
         .ok_or(FsError::NotFound)
+    }
+
+    fn ended(&self, exit: u64) -> Result<Arc<Ended>> {
+        self.exited.get(exit).ok_or(FsError::NotFound)
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
         let node = Node::from_ino(ino).ok_or(FsError::NotFound)?;
         match node {
-            Node::Root | Node::RootFile(_) | Node::SelfLink => {}
+            Node::Root | Node::RootFile(_) | Node::SelfLink | Node::ExitedDir => {}
+            Node::Dir(Owner::Exited(exit)) | Node::File(Owner::Exited(exit), Entry::Meta(_)) => {
+                self.ended(exit)?;
+            }
+            Node::File(Owner::Exited(exit), Entry::Metric(id)) => {
+                if !self.ended(exit)?.has(id) {
+                    return Err(FsError::NotFound);
+                }
+            }
             Node::Dir(owner) | Node::File(owner, Entry::Meta(_)) => {
                 self.owner(owner)?;
             }
@@ -330,6 +711,8 @@ impl Model {
     fn list(&self, ino: u64) -> Result<Vec<DirEntry>> {
         Ok(match Node::from_ino(ino).ok_or(FsError::NotFound)? {
             Node::Root => self.list_root(),
+            Node::ExitedDir => self.list_exited(),
+            Node::Dir(Owner::Exited(exit)) => list_ended(&*self.ended(exit)?),
             Node::Dir(owner) => {
                 let dir = self.owner(owner)?;
                 self.list_dir(owner, &dir)
@@ -357,6 +740,7 @@ impl Model {
         entries.extend(RootFile::ALL.map(|f| entry(Node::RootFile(f), f.name())));
         entries.push(entry(Node::SelfLink, SELF_NAME));
         entries.push(entry(Node::Dir(Owner::Cgroup(0)), CGROUP_NAME));
+        entries.push(entry(Node::ExitedDir, EXITED_NAME));
         entries.extend(
             self.registry()
                 .list()
@@ -366,9 +750,26 @@ impl Model {
         entries
     }
 
+    fn list_exited(&self) -> Vec<DirEntry> {
+        self.refresh();
+        let mut entries = dots(Node::ExitedDir.ino());
+        entries.extend(
+            self.exited
+                .list()
+                .iter()
+                .map(|e| entry(Node::Dir(Owner::Exited(e.exit)), &e.container.name)),
+        );
+        entries
+    }
+
     fn list_dir(&self, owner: Owner, dir: &Metered) -> Vec<DirEntry> {
         let mut entries = dots(Node::Dir(owner).ino());
-        entries.extend(Meta::ALL.map(|m| entry(Node::File(owner, Entry::Meta(m)), m.name())));
+        entries.extend(
+            Meta::ALL
+                .into_iter()
+                .filter(|m| owner.has(*m))
+                .map(|m| entry(Node::File(owner, Entry::Meta(m)), m.name())),
+        );
         entries.extend(
             self.sampler
                 .available(dir)
@@ -387,7 +788,7 @@ impl Model {
 
     fn render(&self, node: Node) -> Result<String> {
         match node {
-            Node::Root | Node::Dir(_) => Err(FsError::IsDir),
+            Node::Root | Node::Dir(_) | Node::ExitedDir => Err(FsError::IsDir),
             Node::SelfLink => Err(FsError::NotFound),
             Node::RootFile(RootFile::Metric) => {
                 let mut out = String::new();
@@ -396,10 +797,22 @@ impl Model {
                 }
                 Ok(out)
             }
-            Node::RootFile(RootFile::MetricsProm) => Ok(render::prometheus(
-                &self.sample_all(),
-                self.sampler.health(),
-            )),
+            Node::RootFile(RootFile::MetricsProm) => {
+                let live = self.sample_all();
+                let exited: Vec<(Arc<Metered>, Sample)> = self
+                    .exited
+                    .list()
+                    .iter()
+                    .map(|e| (e.container.clone(), e.sample.clone()))
+                    .collect();
+                Ok(render::prometheus(
+                    &live,
+                    &exited,
+                    self.sampler.health(),
+                    self.ledger.as_ref().map(|l| l.write_errors()),
+                ))
+            }
+            Node::File(Owner::Exited(exit), entry) => render_ended(&*self.ended(exit)?, entry),
             Node::File(owner, entry) => {
                 let dir = self.owner(owner)?;
                 self.render_file(&dir, entry)
@@ -418,6 +831,7 @@ impl Model {
                 let sample = self.sampler.sample(dir).map_err(FsError::Source)?;
                 Ok(render::container_metrics(&sample))
             }
+            Entry::Meta(Meta::ExitedAt) => Err(FsError::NotFound),
             Entry::Metric(id) => {
                 self.check_available(dir, id)?;
                 let mut sample = Sample::default();
@@ -442,7 +856,9 @@ impl Model {
         if self.sampler.prime_rates(&containers) {
             self.refresh();
         }
-        fanout::sample_all(&self.sampler, &self.helpers, self.registry().list())
+        let samples = fanout::sample_all(&self.sampler, &self.helpers, self.registry().list());
+        self.remember(&samples);
+        samples
     }
 
     fn note_failure(&self, owner: Owner, dir: &Metered, error: &FsError) {
@@ -453,9 +869,51 @@ impl Model {
             (FsError::Source(SourceError::Vanished(_)), Owner::Cgroup(node)) => {
                 self.tree().forget(node)
             }
+            (FsError::Source(_), Owner::Exited(_)) => {}
             (FsError::Source(e), _) => log::warn!("{} {}: {e}", dir.runtime, dir.name),
             _ => {}
         }
+    }
+}
+
+/// The file `name` of an ended container's directory.
+fn exited_entry(ended: &Ended, name: &str) -> Result<Entry> {
+    if let Some(meta) = Meta::ALL.into_iter().find(|m| m.name() == name) {
+        return Ok(Entry::Meta(meta));
+    }
+    match MetricId::by_file(name) {
+        Some(id) if ended.has(id) => Ok(Entry::Metric(id)),
+        _ => Err(FsError::NotFound),
+    }
+}
+
+fn list_ended(ended: &Ended) -> Vec<DirEntry> {
+    let owner = Owner::Exited(ended.exit);
+    let mut entries = dots(Node::Dir(owner).ino());
+    entries.extend(Meta::ALL.map(|m| entry(Node::File(owner, Entry::Meta(m)), m.name())));
+    entries.extend(
+        ended
+            .available()
+            .map(|id| entry(Node::File(owner, Entry::Metric(id)), id.def().file)),
+    );
+    entries
+}
+
+/// A file of an ended container: its frozen values.
+fn render_ended(ended: &Ended, entry: Entry) -> Result<String> {
+    let c = &ended.container;
+    match entry {
+        Entry::Meta(Meta::Name) => Ok(format!("{}\n", c.name)),
+        Entry::Meta(Meta::Id) => Ok(format!("{}\n", c.id)),
+        Entry::Meta(Meta::Cgroup) => Ok(format!("/{}\n", c.cgroup.display())),
+        Entry::Meta(Meta::Runtime) => Ok(format!("{}\n", c.runtime)),
+        Entry::Meta(Meta::ExitedAt) => Ok(format!("{}\n", timestamp(ended.exited_at))),
+        Entry::Meta(Meta::Metrics) => Ok(render::container_metrics(&ended.sample)),
+        Entry::Metric(id) => ended
+            .sample
+            .get(id)
+            .map(render::value_file)
+            .ok_or(FsError::NotFound),
     }
 }
 
@@ -583,6 +1041,7 @@ mod tests {
                 "metrics.prom",
                 "self",
                 "cgroup",
+                "exited",
                 "alpha",
                 "beta",
                 "broken"
@@ -681,6 +1140,7 @@ mod tests {
                 "metrics.prom",
                 "self",
                 "cgroup",
+                "exited",
                 "alpha"
             ]
         );

@@ -180,6 +180,35 @@ impl Net {
         Some(totals)
     }
 
+    /// Totals of a container whose v2 cgroup `id` is gone (or going), from
+    /// what the maps still hold: its own entry, what removed descendants
+    /// left in `RETIRED`, and the entries of every cgroup last seen below
+    /// it. Only exact until the next sweep.
+    pub fn gone_totals(&self, id: u64) -> Totals {
+        let below: Vec<u64> = self
+            .owners
+            .lock()
+            .iter()
+            .filter(|(cgroup, owner)| **owner == id && **cgroup != id)
+            .map(|(cgroup, _)| *cgroup)
+            .collect();
+        let maps = self.maps.read();
+        let mut totals = Totals::default();
+        if let Ok(retired) = maps.retired.get(&id, 0) {
+            totals.add(&retired.net, &retired.conn);
+        }
+        for cgroup in std::iter::once(id).chain(below) {
+            let (net, conn) = read_entry(&maps, cgroup);
+            totals.add(&net, &conn);
+        }
+        totals
+    }
+
+    /// Whether the cgroup with this id (a v2 directory's inode) exists.
+    pub fn cgroup_exists(&self, id: u64) -> bool {
+        sys::cgroup_exists(self.cgroup_root.as_fd(), id)
+    }
+
     /// Removes the entries of cgroups that no longer exist. A removed cgroup
     /// seen inside a live container is first folded into that container, so
     /// its totals never go down.

@@ -214,23 +214,7 @@ impl Sampler {
                 let t = scratch
                     .totals(self.net.as_deref(), c)
                     .ok_or_else(vanished)?;
-                if group == Group::NetTraffic {
-                    out.set(M::NetBytesTx, Some(t.net.tx_bytes));
-                    out.set(M::NetBytesRx, Some(t.net.rx_bytes));
-                    out.set(M::NetPacketsTx, Some(t.net.tx_packets));
-                    out.set(M::NetPacketsRx, Some(t.net.rx_packets));
-                } else {
-                    let conn = t.conn;
-                    out.set(M::NetConnectionsTotal, Some(conn.established));
-                    out.set(M::NetConnectionsClosed, Some(conn.closed));
-                    out.set(
-                        M::NetConnectionsActive,
-                        Some(conn.established.saturating_sub(conn.closed)),
-                    );
-                    let avg_ms = conn.lifetime_ns.checked_div(conn.closed).unwrap_or(0) / 1_000_000;
-                    out.set(M::NetConnectionLifetimeAvgMs, Some(avg_ms));
-                    out.set(M::NetTcpRetransmits, Some(conn.retransmits));
-                }
+                net_values(&t, group, out);
             }
             group => read_group(&self.layout, &c.dirs, group, out, &mut scratch.files)?,
         }
@@ -276,6 +260,27 @@ impl<'c> Scratch<'c> {
             self.totals = net_totals(net, container);
         }
         self.totals
+    }
+}
+
+/// The values of `group` (`NetTraffic` or `NetConn`) in `t`.
+pub fn net_values(t: &Totals, group: Group, out: &mut Sample) {
+    if group == Group::NetTraffic {
+        out.set(M::NetBytesTx, Some(t.net.tx_bytes));
+        out.set(M::NetBytesRx, Some(t.net.rx_bytes));
+        out.set(M::NetPacketsTx, Some(t.net.tx_packets));
+        out.set(M::NetPacketsRx, Some(t.net.rx_packets));
+    } else {
+        let conn = t.conn;
+        out.set(M::NetConnectionsTotal, Some(conn.established));
+        out.set(M::NetConnectionsClosed, Some(conn.closed));
+        out.set(
+            M::NetConnectionsActive,
+            Some(conn.established.saturating_sub(conn.closed)),
+        );
+        let avg_ms = conn.lifetime_ns.checked_div(conn.closed).unwrap_or(0) / 1_000_000;
+        out.set(M::NetConnectionLifetimeAvgMs, Some(avg_ms));
+        out.set(M::NetTcpRetransmits, Some(conn.retransmits));
     }
 }
 

@@ -251,3 +251,39 @@ fn rust_log_controls_logging() {
         assert!(!Path::new(&mountpoint).join("metric").exists());
     }
 }
+
+#[test]
+fn refuses_an_unwritable_state_dir() {
+    require!("unshare", "mount");
+    let mountpoint = tempfile::tempdir().unwrap();
+    // A path below a file.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let (code, stderr) = refusal(
+        Command::new(binary())
+            .arg("--state-dir")
+            .arg(file.path().join("state"))
+            .arg(mountpoint.path()),
+    );
+    assert_ne!(code, 0);
+    assert_one_line(&stderr, "--state-dir");
+    // A read-only bind mount, in a mount namespace of its own (nothing to
+    // clean up on the host).
+    let state = tempfile::tempdir().unwrap();
+    let script = format!(
+        "mount --bind -o ro {state} {state} && exec {cgmetric} --state-dir {state} {mnt}",
+        state = state.path().display(),
+        cgmetric = binary(),
+        mnt = mountpoint.path().display()
+    );
+    let (code, stderr) = refusal(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    assert_ne!(code, 0);
+    assert_one_line(&stderr, "Read-only file system");
+    assert!(stderr.contains("--state-dir"), "{stderr}");
+}

@@ -11,6 +11,7 @@ mod churn;
 mod cpu;
 mod crash;
 mod discovery;
+mod exited;
 mod fixtures;
 mod input;
 mod lifecycle;

@@ -68,7 +68,13 @@ fn mount_t_cgmetric_mounts_and_umount_ends_the_daemon() {
     let _box1 = parent.child("box1");
     let bpf = BpfDir::new();
     let (_dir, mountpoint) = fresh_mountpoint();
-    let options = format!("cgroup={}/*,bpf_dir={}", parent.relative, bpf.arg());
+    let state = tempfile::tempdir().unwrap();
+    let options = format!(
+        "cgroup={}/*,bpf_dir={},state_dir={}",
+        parent.relative,
+        bpf.arg(),
+        state.path().display()
+    );
     let out = mount(&[
         "-t",
         "cgmetric",

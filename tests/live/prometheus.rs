@@ -25,12 +25,13 @@ fn promtool_accepts_metrics_prom() {
     );
 
     // Every container sample carries the container label (the daemon's own
-    // cgmetric_ebpf_* series describe the programs, not a container); label
-    // values are escaped.
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("cgmetric_ebpf_"))
-    {
+    // cgmetric_ebpf_* and cgmetric_ledger_* series describe the programs
+    // and the ledger, not a container); label values are escaped.
+    for line in text.lines().filter(|l| {
+        !l.starts_with('#')
+            && !l.starts_with("cgmetric_ebpf_")
+            && !l.starts_with("cgmetric_ledger_")
+    }) {
         assert!(line.starts_with("cgmetric_"), "{line}");
         assert!(line.contains("{container=\""), "{line}");
     }
@@ -47,6 +48,10 @@ fn promtool_accepts_metrics_prom() {
     );
     assert!(
         text.contains("cgmetric_ebpf_uncounted_total{reason=\"traffic_map_full\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE cgmetric_ledger_write_errors_total counter\ncgmetric_ledger_write_errors_total 0\n"),
         "{text}"
     );
 }

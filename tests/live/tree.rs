@@ -13,7 +13,7 @@ use crate::require;
 use crate::support::{fd_targets, Cgroup, Daemon};
 
 /// The root of a tree with no containers, sorted.
-const ROOT: [&str; 4] = ["cgroup", "metric", "metrics.prom", "self"];
+const ROOT: [&str; 5] = ["cgroup", "exited", "metric", "metrics.prom", "self"];
 
 /// The entries of `dir`, sorted, without other tests' runtime containers:
 /// the discovery tests create `docker/<id>` cgroups that every daemon finds
@@ -163,7 +163,7 @@ fn containers_appear_and_vanish_with_their_cgroups() {
     assert_eq!(daemon.read("late/pids_current"), "0\n");
     assert_eq!(
         listing(&daemon, ""),
-        ["cgroup", "late", "metric", "metrics.prom", "self"]
+        ["cgroup", "exited", "late", "metric", "metrics.prom", "self"]
     );
     let odd = parent.child("odd name\twith \"quotes\"");
     assert!(listing(&daemon, "").contains(&"odd name_with \"quotes\"".to_string()));

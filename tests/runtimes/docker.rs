@@ -360,3 +360,105 @@ fn a_container_reads_through_server_crashes_and_upgrades() {
     }
     assert!(before >= 30, "only {before} reads in about 10 s");
 }
+
+/// The ledger's records of `name`, oldest first.
+fn ledger_records(daemon: &Daemon, name: &str) -> Vec<cgmetric::ledger::Record> {
+    let path = daemon.state_dir().unwrap().join("ledger.jsonl");
+    let Ok(file) = fs::File::open(&path) else {
+        return Vec::new();
+    };
+    cgmetric::ledger::read_records(std::io::BufReader::new(file), &path)
+        .into_iter()
+        .filter(|r| r.name == name)
+        .collect()
+}
+
+#[test]
+fn a_docker_container_that_stops_is_billed_for_each_run() {
+    require!("dockerd");
+    let _engine = Dockerd::acquire();
+    let daemon = Daemon::start(&[]);
+    let (server, client) = (name("shop"), name("buyer"));
+    let serve = format!(
+        "mkdir -p /www && dd if=/dev/zero of=/www/blob bs=1024 count={} 2>/dev/null \
+         && exec httpd -f -p 8080 -h /www",
+        BLOB / 1024
+    );
+    let served = run(&["--name", &server, IMAGE, "sh", "-c", &serve]);
+    let buyer = run(&["--name", &client, IMAGE, "sleep", "600"]);
+    let url = format!(
+        "http://{}:8080/blob",
+        served.inspect("{{.NetworkSettings.IPAddress}}")
+    );
+    assert!(eventually(Duration::from_secs(5), || daemon
+        .path(&client)
+        .exists()));
+
+    let mut runs = Vec::new();
+    for run_number in 0..2 {
+        assert!(
+            eventually(Duration::from_secs(10), || std::process::Command::new(
+                DOCKER.program
+            )
+            .args(["exec", &buyer.id, "wget", "-q", "-O", "/dev/null", &url])
+            .status()
+            .is_ok_and(|s| s.success())),
+            "wget {url} failed"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let get = |f: &str| daemon.number(&format!("{client}/{f}"));
+        let (rx, tx, cpu) = (
+            get("net_bytes_rx"),
+            get("net_bytes_tx"),
+            get("cpu_usage_usec"),
+        );
+        assert!(rx >= BLOB, "run {run_number}: rx {rx}");
+        // Docker stops it and removes its cgroup: no aggregate was read, so
+        // its CPU time in exited/ is what the daemon took when its last
+        // process left, before Docker's teardown removed the cgroups.
+        cli(DOCKER, &["stop", "-t", "0", &client]);
+        assert!(
+            eventually(Duration::from_secs(5), || !daemon.path(&client).exists()
+                && ledger_records(&daemon, &client).len() == run_number + 1),
+            "run {run_number}: {:?}\n{}",
+            ledger_records(&daemon, &client),
+            daemon.stderr()
+        );
+        let exited = |f: &str| daemon.number(&format!("exited/{client}/{f}"));
+        assert_eq!(exited("net_bytes_rx"), rx);
+        assert_eq!(exited("net_bytes_tx"), tx);
+        // The kill and exit of `sleep` cost a little more.
+        let final_cpu = exited("cpu_usage_usec");
+        assert!(
+            final_cpu >= cpu && final_cpu < cpu + 200_000,
+            "run {run_number}: cpu {cpu} then {final_cpu}"
+        );
+        let record = ledger_records(&daemon, &client).pop().unwrap();
+        assert_eq!(record.id, buyer.id);
+        assert_eq!(record.runtime, "docker");
+        assert_eq!(record.counters["net_bytes_rx"], rx);
+        assert_eq!(record.counters["cpu_usage_usec"], final_cpu);
+        runs.push(record);
+        // docker start: the same name, id and cgroup path, a new cgroup.
+        cli(DOCKER, &["start", &client]);
+        assert!(eventually(Duration::from_secs(5), || daemon
+            .path(&format!("{client}/net_bytes_rx"))
+            .exists()));
+    }
+    assert_ne!(runs[0].cgroup_id, runs[1].cgroup_id);
+    assert_eq!(runs[0].cgroup, runs[1].cgroup);
+    // Live again beside its ended run: the ended series is told apart.
+    let prom = daemon.read("metrics.prom");
+    let series = format!(
+        "cgmetric_network_receive_bytes_total{{container=\"{client}\",id=\"{}\",runtime=\"docker\"",
+        buyer.id
+    );
+    assert!(prom.contains(&format!("{series}}} ")), "{prom}");
+    assert!(
+        prom.contains(&format!(
+            "{series},state=\"exited\"}} {}\n",
+            runs[1].counters["net_bytes_rx"]
+        )),
+        "{prom}"
+    );
+}

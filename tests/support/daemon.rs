@@ -27,6 +27,9 @@ pub struct Daemon {
     _log_dir: tempfile::TempDir,
     /// The daemon's own pins, unless the test passed --bpf-dir or --no-ebpf.
     _bpf_dir: Option<BpfDir>,
+    /// The daemon's own --state-dir (ledger and index), unless the test
+    /// passed one: parallel daemons never share /var/lib/cgmetric.
+    state_dir: Option<tempfile::TempDir>,
     leave_mount: bool,
 }
 
@@ -102,6 +105,7 @@ impl Daemon {
         let log = log_dir.path().join("stderr");
         let own_bpf_dir =
             (!args.iter().any(|a| *a == "--bpf-dir" || *a == "--no-ebpf")).then(BpfDir::new);
+        let own_state_dir = (!args.contains(&"--state-dir")).then(|| tempfile::tempdir().unwrap());
         let mut command = match wrapper.split_first() {
             Some((program, rest)) => {
                 let mut command = Command::new(program);
@@ -113,6 +117,9 @@ impl Daemon {
         command.args(args);
         if let Some(dir) = &own_bpf_dir {
             command.args(["--bpf-dir", dir.arg()]);
+        }
+        if let Some(dir) = &own_state_dir {
+            command.arg("--state-dir").arg(dir.path());
         }
         configure(&mut command);
         let child = command
@@ -136,6 +143,7 @@ impl Daemon {
             log,
             _log_dir: log_dir,
             _bpf_dir: own_bpf_dir,
+            state_dir: own_state_dir,
             leave_mount: false,
         }
     }
@@ -156,6 +164,11 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The daemon's own state directory (none if the test passed one).
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_ref().map(|d| d.path())
     }
 
     pub fn path(&self, relative: &str) -> PathBuf {
