@@ -126,7 +126,16 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
     let parent = Cgroup::parent("churn");
     let server_cg = parent.child("server");
     let glob = format!("{}/*", parent.relative);
-    let daemon = Daemon::start(&["--cgroup", &glob, "--bpf-dir", bpf.arg()]);
+    // Ended containers stay under exited/ for 2 s: the footprint is
+    // measured once they expired.
+    let daemon = Daemon::start(&[
+        "--cgroup",
+        &glob,
+        "--bpf-dir",
+        bpf.arg(),
+        "--keep-exited",
+        "2s",
+    ]);
     let pid = daemon.server_pid();
 
     let talkers = CONTAINERS / TALKER_EVERY;
@@ -203,6 +212,46 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
         left.len(),
         talkers.len()
     );
+
+    // Every incarnation is in the ledger, the talkers with their traffic.
+    // (Other tests' runtime containers, which every daemon finds, too.)
+    let path = daemon.state_dir().unwrap().join("ledger.jsonl");
+    let ours = format!("/{}/", parent.relative);
+    let records: Vec<_> = cgmetric::ledger::read_records(
+        std::io::BufReader::new(std::fs::File::open(&path).unwrap()),
+        &path,
+    )
+    .into_iter()
+    .filter(|r| r.cgroup.starts_with(&ours))
+    .collect();
+    let churned: HashSet<&str> = records
+        .iter()
+        .map(|r| r.name.as_str())
+        .filter(|n| n.starts_with('k'))
+        .collect();
+    assert_eq!(churned.len(), CONTAINERS, "containers in the ledger");
+    if records.len() != CONTAINERS {
+        let mut seen = HashSet::new();
+        let extra: Vec<_> = records
+            .iter()
+            .filter(|r| !r.name.starts_with('k') || !seen.insert(&r.name))
+            .collect();
+        panic!(
+            "{} records for {CONTAINERS} containers; extra: {extra:#?}\n{}",
+            records.len(),
+            daemon.stderr()
+        );
+    }
+    for record in records
+        .iter()
+        .filter(|r| talkers.contains(&r.cgroup_id.unwrap()))
+    {
+        assert!(record.counters["net_bytes_tx"] > 1000, "{record:?}");
+    }
+    // And exited/ lets them go after --keep-exited.
+    assert!(eventually(Duration::from_secs(10), || {
+        std::fs::read_dir(daemon.path("exited")).unwrap().count() == 0
+    }));
 
     std::thread::sleep(Duration::from_millis(500));
     let (rss0, fds0) = baseline.unwrap();
