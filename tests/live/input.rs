@@ -98,7 +98,15 @@ fn ten_thousand_entries_read_in_small_buffers_and_from_offsets() {
     for i in 0..CONTAINERS {
         assert!(unique.contains(format!("k{i}").as_str()), "k{i} is missing");
     }
-    let fixed = [".", "..", "metric", "metrics.prom", "self", "cgroup", "exited"];
+    let fixed = [
+        ".",
+        "..",
+        "metric",
+        "metrics.prom",
+        "self",
+        "cgroup",
+        "exited",
+    ];
     for name in fixed {
         assert!(unique.contains(name), "{name} is missing");
     }
