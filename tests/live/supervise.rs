@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::require;
 use crate::support::{
-    eventually, finish, finish_client, heavy_turn, is_mounted, is_running, scratch_mountpoint,
-    tcp_peer, BpfDir, Cgroup, Daemon, Rng,
+    eventually, finish, finish_client, heavy_turn, is_mounted, is_running, reading,
+    scratch_mountpoint, tcp_peer, BpfDir, Cgroup, Daemon, Rng,
 };
 
 /// What a read may take while servers die: a restart is one discovery walk
@@ -102,7 +102,11 @@ fn readers_never_fail_across_twenty_server_kills_and_five_upgrades() {
                     let file = FILES[i % FILES.len()];
                     i += 1;
                     let started = Instant::now();
-                    let read = std::fs::read_to_string(root.join(file));
+                    let read = {
+                        // Upgrades spawn daemons from this process.
+                        let _reading = reading();
+                        std::fs::read_to_string(root.join(file))
+                    };
                     let took = match has_rates(file) {
                         true => started.elapsed().saturating_sub(2 * WINDOW),
                         false => started.elapsed(),

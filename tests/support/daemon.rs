@@ -122,6 +122,9 @@ impl Daemon {
             command.arg("--state-dir").arg(dir.path());
         }
         configure(&mut command);
+        // A spawn may fork (pre_exec, a process group): not while this
+        // process's threads read (see `timing::FORKING`).
+        let _forking = super::timing::forking();
         let child = command
             .arg(mountpoint)
             .env(
