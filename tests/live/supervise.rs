@@ -505,7 +505,16 @@ fn a_restart_under_systemd_keeps_the_mount_through_its_descriptor_store() {
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
     let (failures, slowest) = reader.join().unwrap();
-    assert!(failures.is_empty(), "{failures:?}\n{}", second.stderr());
+    if cgmetric::supervise::kernel_resends() {
+        assert!(failures.is_empty(), "{failures:?}\n{}", second.stderr());
+    } else {
+        // Before Linux 6.9 the read the stopping server held fails once.
+        assert!(
+            failures.len() <= 1 && failures.iter().all(|f| f.contains("ConnectionAborted")),
+            "{failures:?}\n{}",
+            second.stderr()
+        );
+    }
     // The reader waited through the pause rather than fail.
     assert!(
         slowest >= Duration::from_millis(400),
