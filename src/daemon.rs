@@ -366,12 +366,7 @@ fn warn_about_net_cls() {
                 .split(',')
                 .any(|o| o == "net_cls" || o == "net_prio")
     });
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut version = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (version.next().unwrap_or(0), version.next().unwrap_or(0));
+    let (major, minor) = crate::supervise::kernel_version();
     if mounted && (major, minor) < (5, 15) {
         log::warn!(
             "cgroup v1 net_cls/net_prio is mounted on Linux {major}.{minor}: once used, the kernel stops \

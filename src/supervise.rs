@@ -315,7 +315,8 @@ pub fn kernel_resends() -> bool {
     kernel_version() >= (6, 9)
 }
 
-fn kernel_version() -> (u32, u32) {
+/// The running kernel's major and minor version (0 for what cannot be read).
+pub(crate) fn kernel_version() -> (u32, u32) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut parts = release
         .trim()

@@ -306,14 +306,7 @@ impl Model {
             first_seen: self.first_seen_of(container),
             exited: timestamp(now),
             recovered: false,
-            counters: sample
-                .iter()
-                .filter(|(def, _)| def.kind == PromType::Counter)
-                .filter_map(|(def, value)| match value {
-                    Value::Count(n) => Some((def.file.into(), n)),
-                    Value::Max => None,
-                })
-                .collect(),
+            counters: ledger_counters(&sample),
         };
         log::info!(
             "{} container {} ended; its final values are kept",
@@ -448,14 +441,7 @@ impl Model {
                 first_seen: known.first_seen,
                 exited: now.clone(),
                 recovered: true,
-                counters: sample
-                    .iter()
-                    .filter(|(def, _)| def.kind == PromType::Counter)
-                    .filter_map(|(def, value)| match value {
-                        Value::Count(n) => Some((def.file.into(), n)),
-                        Value::Max => None,
-                    })
-                    .collect(),
+                counters: ledger_counters(&sample),
             });
         }
         let pending = !ledger.record(records);
@@ -938,6 +924,20 @@ fn dots(ino: u64) -> Vec<DirEntry> {
             name: "..".into(),
         },
     ]
+}
+
+/// What a ledger record keeps of a container's final sample: its counters.
+fn ledger_counters(
+    sample: &Sample,
+) -> std::collections::BTreeMap<std::borrow::Cow<'static, str>, u64> {
+    sample
+        .iter()
+        .filter(|(def, _)| def.kind == PromType::Counter)
+        .filter_map(|(def, value)| match value {
+            Value::Count(n) => Some((def.file.into(), n)),
+            Value::Max => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
