@@ -2,6 +2,7 @@
 //! mount (the mountpoint appears only once the tree is complete), serve until
 //! SIGTERM, SIGINT or an external `umount`, and unmount cleanly.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -170,6 +171,10 @@ struct Server {
     fs: FuseFs,
     /// Discovery's inotify descriptor, or why there is none.
     changes: io::Result<std::os::fd::RawFd>,
+    /// Containers whose slots the last server's index did not give (new
+    /// since it wrote it): a kernel that holds their names from that
+    /// server is told to forget them.
+    renumbered: Vec<String>,
 }
 
 impl Server {
@@ -210,7 +215,19 @@ impl Server {
         if let Err(e) = &changes {
             log::warn!("cannot watch cgroups ({e}); they are walked on every read instead");
         }
-        registry.refresh();
+        // The slots the last server gave (if any): see `refresh_resuming`.
+        let remembered: HashMap<PathBuf, u64> = ledger
+            .read_index()
+            .into_iter()
+            .filter_map(|k| Some((PathBuf::from(k.cgroup.trim_start_matches('/')), k.slot?)))
+            .collect();
+        registry.refresh_resuming(remembered.clone());
+        let renumbered: Vec<String> = registry
+            .list()
+            .iter()
+            .filter(|c| remembered.get(&c.cgroup) != Some(&c.slot))
+            .map(|c| c.name.clone())
+            .collect();
         log::info!("{} containers found", registry.list().len());
         let model = Arc::new(
             Model::new(registry, net.map(Arc::new), options.window, options.private)
@@ -221,7 +238,12 @@ impl Server {
         model.recover();
         crate::sample::pool::remember_daemon_cpus();
         let fs = FuseFs::new(model.clone(), uring);
-        Ok(Server { model, fs, changes })
+        Ok(Server {
+            model,
+            fs,
+            changes,
+            renumbered,
+        })
     }
 
     /// Starts what serving needs beside the session: the kernel notices and
@@ -267,7 +289,12 @@ fn serve_inherited(options: &Options, fd: i32) -> Result<(), DaemonError> {
         true => Uring::Refuse,
         false => Uring::Supervised,
     };
-    let Server { model, fs, changes } = Server::build(options, uring)?;
+    let Server {
+        model,
+        fs,
+        changes,
+        renumbered,
+    } = Server::build(options, uring)?;
     let resends = crate::supervise::kernel_resends();
     let mut config = fuse_config(fuse_spin(options.fuse_spin), options.private);
     // Where the kernel resends what a dead server held, every thread reads
@@ -288,6 +315,9 @@ fn serve_inherited(options: &Options, fd: i32) -> Result<(), DaemonError> {
         Session::from_fd(fs, fd, SessionACL::All, config).map_err(DaemonError::Session)?
     };
     Server::attach(&model, changes, session.notifier())?;
+    if options.resume {
+        model.forget_root_names(&renumbered);
+    }
     if let Some(ready) = options.ready_fd {
         crate::supervise::tell_ready(ready);
     }
@@ -303,7 +333,9 @@ fn serve_own_mount(options: &Options, mountpoint: &Path) -> Result<(), DaemonErr
         true => Uring::Refuse,
         false => Uring::Take,
     };
-    let Server { model, fs, changes } = Server::build(options, uring)?;
+    let Server {
+        model, fs, changes, ..
+    } = Server::build(options, uring)?;
 
     let (events, next_event) = mpsc::channel();
     let mut signals =

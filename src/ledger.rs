@@ -107,6 +107,13 @@ pub struct Known {
     pub cgroup: String,
     pub cgroup_id: Option<u64>,
     pub first_seen: String,
+    /// The container's slot (whence its inode numbers) under the server
+    /// that wrote the index: the next server on the same mount
+    /// gives it the same one, so the names the kernel keeps still lead to
+    /// it. A cgroup's key can differ between two walks (on a hybrid host
+    /// its v2 directory may appear after its v1 ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -197,6 +204,7 @@ impl Ledger {
                 cgroup: r.cgroup.clone(),
                 cgroup_id: r.cgroup_id,
                 first_seen: r.first_seen.clone(),
+                slot: None,
             })
             .collect()
     }
@@ -533,6 +541,7 @@ mod tests {
             cgroup: "/t/a".into(),
             cgroup_id: Some(1),
             first_seen: timestamp(SystemTime::now()),
+            slot: Some(7),
         };
         ledger.write_index(vec![known.clone()]);
         assert_eq!(ledger.read_index(), [known]);

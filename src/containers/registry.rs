@@ -145,6 +145,9 @@ struct Inner {
     by_name: BTreeMap<String, Arc<Metered>>,
     by_slot: HashMap<Slot, Arc<Metered>>,
     by_cgroup: HashMap<PathBuf, Slot>,
+    /// Slots the last server gave containers, by cgroup: taken by those
+    /// containers in [`Registry::refresh_resuming`].
+    remembered: HashMap<PathBuf, Slot>,
 }
 
 pub struct Registry {
@@ -197,6 +200,25 @@ impl Registry {
         let events = self.discovery.changes(&self.layout);
         let mut refreshed = self.apply(events);
         refreshed.renamed = self.follow_renames();
+        refreshed
+    }
+
+    /// The first refresh of a server that takes over a mount: containers the
+    /// last server knew get the slots it gave them (`remembered`), so the
+    /// inode numbers the kernel holds (in names it keeps for a minute, and
+    /// in requests it resends) still mean them. Slots are otherwise cgroup
+    /// keys, which can differ between two walks: on a hybrid host a
+    /// container's v2 directory may appear after its v1 ones.
+    ///
+    /// By cgroup alone: a `--cgroup` container's id is its cgroup's, which
+    /// changes with that v2 directory; and should the cgroup be a new one
+    /// by the same path, the names the kernel holds are meant for it.
+    pub fn refresh_resuming(&self, remembered: HashMap<PathBuf, Slot>) -> Refreshed {
+        self.inner.write().remembered = remembered;
+        let refreshed = self.refresh();
+        // Only for the containers found now: a later one, even in the same
+        // cgroup, is another incarnation and gets a fresh slot.
+        self.inner.write().remembered.clear();
         refreshed
     }
 
@@ -292,11 +314,16 @@ impl Registry {
         };
         let id = found.id.clone().unwrap_or_else(|| cgroup_id.to_string());
         let name = self.unique_name(inner, &found.name, &id);
-        let Some(mut slot) = dirs.key() else {
+        let remembered = inner
+            .remembered
+            .remove(&found.cgroup)
+            .filter(|slot| *slot < 1 << crate::cgroup::KEY_BITS);
+        let Some(mut slot) = remembered.or_else(|| dirs.key()) else {
             return false;
         };
         // Keys are distinct; this only guards against masked bits that a
-        // kernel might one day use.
+        // kernel might one day use, and against a remembered slot that a
+        // key now takes.
         while inner.by_slot.contains_key(&slot) {
             slot = (slot + 1) % (1 << crate::cgroup::KEY_BITS);
         }

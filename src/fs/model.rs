@@ -148,6 +148,17 @@ impl Model {
         self
     }
 
+    /// Tells the kernel to forget the root's `names`: a server that resumed
+    /// a connection gave these containers other slots than the kernel may
+    /// hold for them.
+    pub fn forget_root_names(&self, names: &[String]) {
+        if let Some(kernel) = self.kernel.get() {
+            names
+                .iter()
+                .for_each(|name| kernel.forget_name(ROOT_INO, name));
+        }
+    }
+
     /// Registers how the model reaches the kernel once mounted.
     pub fn set_kernel(&self, kernel: Box<dyn Kernel>) {
         let _ = self.kernel.set(kernel);
@@ -362,6 +373,7 @@ impl Model {
                 cgroup: format!("/{}", c.cgroup.display()),
                 cgroup_id: c.net_id,
                 first_seen: self.first_seen_of(c),
+                slot: Some(c.slot),
             })
             .collect();
         known.extend(ledger.pending_known());

@@ -2,6 +2,7 @@
 //! and is replaced: readers never see a stale mount, and where the kernel
 //! resends what a dead server held (Linux 6.9+), not one failed read.
 
+use std::os::unix::fs::DirEntryExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -254,6 +255,43 @@ fn a_read_held_by_a_server_that_dies_is_answered_by_the_next() {
     }
     assert!(took < Duration::from_secs(10), "the read took {took:?}");
     assert_eq!(daemon.read("box/name"), "box\n");
+}
+
+/// A server gives each container the slot (and so the inode numbers) the
+/// last one gave it, though the two may key its cgroup differently: on a
+/// hybrid host runc makes the v2 directory after the v1 ones, and a
+/// container found in between is keyed by a v1 directory, later by the v2
+/// one. The kernel keeps names for a minute; one that led to a number the
+/// new server does not know failed every read below it.
+#[test]
+fn a_new_server_gives_a_container_the_inode_numbers_the_kernel_holds() {
+    require!();
+    let parent = Cgroup::parent("rekey");
+    let mut late = parent.child_v2_later("late");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob]);
+    assert_eq!(daemon.read("late/name"), "late\n");
+    late.add_v2_dir();
+    let listed = |daemon: &Daemon| {
+        std::fs::read_dir(daemon.path(""))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.file_name() == "late")
+            .map(|e| e.ino())
+    };
+    let ino = listed(&daemon).expect("late is listed");
+    // The index the next server starts from has it.
+    let index = daemon.state_dir().unwrap().join("containers.json");
+    assert!(eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&index).is_ok_and(|t| t.contains(&late.relative))
+    }));
+    let killed = daemon.kill_server();
+    assert!(eventually(Duration::from_secs(10), || daemon.server_pid() != killed));
+    // Through the name the kernel kept: the old number, asked of the new
+    // server.
+    assert_eq!(daemon.read("late/name"), "late\n");
+    assert_eq!(daemon.read("late/pids_current"), "0\n");
+    assert_eq!(listed(&daemon), Some(ino));
 }
 
 #[test]

@@ -39,6 +39,43 @@ impl Cgroup {
         Cgroup::create(format!("{}/{name}", self.relative))
     }
 
+    /// A cgroup made the way runc makes one on a hybrid host: in the v1
+    /// hierarchies first, its v2 directory later ([`Cgroup::add_v2_dir`]).
+    /// The same as [`Cgroup::child`] where there is no v1.
+    pub fn child_v2_later(&self, name: &str) -> Cgroup {
+        let relative = format!("{}/{name}", self.relative);
+        if self.layout.kind == LayoutKind::Unified {
+            return Cgroup::create(relative);
+        }
+        let v2 = self.layout.unified.as_deref();
+        let mut dirs = Vec::new();
+        for root in self
+            .layout
+            .hierarchies()
+            .into_iter()
+            .filter(|r| Some(*r) != v2)
+        {
+            let dir = root.join(&relative);
+            fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            dirs.push(dir);
+        }
+        Cgroup {
+            relative,
+            layout: self.layout.clone(),
+            dirs,
+            children: Vec::new(),
+        }
+    }
+
+    /// Makes the v2 directory a [`Cgroup::child_v2_later`] lacks.
+    pub fn add_v2_dir(&mut self) {
+        let Some(dir) = self.v2_dir() else { return };
+        if !self.dirs.contains(&dir) {
+            fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+            self.dirs.push(dir);
+        }
+    }
+
     /// A top-level cgroup with exactly this name (make it unique).
     pub fn top(name: &str) -> Cgroup {
         Cgroup::create(name.to_string())
