@@ -1,7 +1,7 @@
 //! The command line: the contract that operators and the tests drive.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -142,12 +142,14 @@ pub struct Options {
 /// on a hybrid one, about 20 MiB of kernel memory at most.
 pub const DEFAULT_OPEN_FILES: usize = 4096;
 
-/// Reports for people, read from a mounted tree.
+/// Reports for people, read from a mounted tree (and the ledger).
 #[derive(Debug, Clone, Subcommand)]
 pub enum Report {
     /// A live table of every container, refreshed, sorted by a column.
     Top(TopOptions),
-    /// Network egress and ingress per container, in GB, and what they cost.
+    /// Network egress and ingress per container name, in GB, and what they
+    /// cost: every incarnation that ended in the period (the ledger), plus
+    /// the running containers when the period reaches now.
     Billing(BillingOptions),
 }
 
@@ -180,9 +182,25 @@ pub enum SortBy {
 
 #[derive(Debug, Clone, Args)]
 pub struct BillingOptions {
-    /// The mounted cgmetric tree.
+    /// The mounted cgmetric tree, for the containers still running. Without
+    /// a live one there, only the ledger is billed (with a warning).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_MOUNTPOINT)]
     pub mount: PathBuf,
+    /// The daemon's --state-dir: the ledger of ended containers
+    /// (ledger.jsonl and its rotated files) is read from there.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Bill containers that ended at or after TIME: RFC 3339
+    /// (2026-11-01T00:00:00Z, 2026-11-01T01:00:00+01:00, 2026-11-01 for
+    /// midnight UTC), a duration ago (24h, 7d, 1h30m), or now. Default: the
+    /// ledger's beginning.
+    #[arg(long, value_name = "TIME", value_parser = parse_since)]
+    pub since: Option<SystemTime>,
+    /// Bill containers that ended before TIME (same forms as --since).
+    /// Default: now, which also bills the running containers' counts so
+    /// far; so does a TIME still to come.
+    #[arg(long, value_name = "TIME", value_parser = parse_until)]
+    pub until: Option<Until>,
     /// The price of one GB (10^9 bytes) of egress.
     #[arg(long, value_name = "PRICE")]
     pub price_per_gb: f64,
@@ -193,10 +211,97 @@ pub struct BillingOptions {
     pub format: Format,
 }
 
+/// Where a billing period ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// Now, whenever the report reads: running containers are billed too.
+    Now,
+    At(SystemTime),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Table,
     Csv,
+    Json,
+}
+
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    let now = SystemTime::now();
+    match parse_time(text, now).map_err(|e| e.to_string())? {
+        Until::Now => Ok(now),
+        Until::At(time) => Ok(time),
+    }
+}
+
+fn parse_until(text: &str) -> Result<Until, String> {
+    parse_time(text, SystemTime::now()).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TimeError {
+    /// Occurs when a --since or --until is none of the accepted forms.
+    #[error(
+        "{0:?} is not a time: give RFC 3339 (2026-11-01T00:00:00Z, \
+         2026-11-01T01:00:00+01:00, 2026-11-01), a duration ago (24h, 7d) or now"
+    )]
+    Unrecognised(String),
+    /// Occurs when a duration ago reaches before 1970.
+    #[error("{0:?} ago is before 1970")]
+    TooLongAgo(String),
+}
+
+/// A point in time as operators write one, relative to `now`: `now`, a
+/// duration ago (`24h`, `7d`, humantime's units), or RFC 3339 with `Z` or
+/// a numeric offset, a space allowed for the `T`, a date alone meaning its
+/// midnight UTC (month boundaries are the usual bills).
+pub fn parse_time(text: &str, now: SystemTime) -> Result<Until, TimeError> {
+    let text = text.trim();
+    if text == "now" {
+        return Ok(Until::Now);
+    }
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return now
+            .checked_sub(ago)
+            .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+            .map(Until::At)
+            .ok_or_else(|| TimeError::TooLongAgo(text.to_string()));
+    }
+    let unrecognised = || TimeError::Unrecognised(text.to_string());
+    if !text.is_ascii() {
+        return Err(unrecognised());
+    }
+    if text.len() == 10 {
+        return humantime::parse_rfc3339(&format!("{text}T00:00:00Z"))
+            .map(Until::At)
+            .map_err(|_| unrecognised());
+    }
+    // humantime reads UTC only (`Z`, `+00:00` or nothing): another offset
+    // is taken off and applied here.
+    let (local, offset) = match text.len().checked_sub(6).map(|at| text.split_at(at)) {
+        Some((local, offset))
+            if local.len() > 10
+                && (offset.starts_with('+') || offset.starts_with('-'))
+                && offset.as_bytes()[3] == b':' =>
+        {
+            let number = |s: &str| s.parse::<u64>().ok().filter(|_| s.len() == 2);
+            let (hours, minutes) = number(&offset[1..3])
+                .zip(number(&offset[4..]))
+                .filter(|(h, m)| *h < 24 && *m < 60)
+                .ok_or_else(unrecognised)?;
+            let seconds = Duration::from_secs(hours * 3600 + minutes * 60);
+            (local, Some((offset.starts_with('+'), seconds)))
+        }
+        _ => (text, None),
+    };
+    let time = humantime::parse_rfc3339_weak(local).map_err(|_| unrecognised())?;
+    let utc = match offset {
+        // 01:00+01:00 is 00:00 UTC.
+        Some((true, by)) => time.checked_sub(by),
+        Some((false, by)) => time.checked_add(by),
+        None => Some(time),
+    };
+    utc.map(Until::At).ok_or_else(unrecognised)
 }
 
 fn parse_window(text: &str) -> Result<Duration, String> {
@@ -312,6 +417,47 @@ mod tests {
             Options::try_parse_from(["cgmetric", "billing"]).is_err(),
             "a price is required"
         );
+        let o = Options::try_parse_from([
+            "cgmetric",
+            "billing",
+            "--price-per-gb",
+            "1",
+            "--since",
+            "2026-11-01",
+            "--until",
+            "now",
+            "--state-dir",
+            "/s",
+            "--format",
+            "json",
+        ])
+        .unwrap();
+        let Some(Report::Billing(billing)) = o.report else {
+            panic!("{o:?}")
+        };
+        assert_eq!(
+            billing.since,
+            Some(humantime::parse_rfc3339("2026-11-01T00:00:00Z").unwrap())
+        );
+        assert_eq!(billing.until, Some(Until::Now));
+        assert_eq!(billing.state_dir, PathBuf::from("/s"));
+        assert_eq!(billing.format, Format::Json);
+        let o = Options::try_parse_from(["cgmetric", "billing", "--price-per-gb", "1"]).unwrap();
+        let Some(Report::Billing(billing)) = o.report else {
+            panic!("{o:?}")
+        };
+        assert_eq!(billing.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!((billing.since, billing.until), (None, None));
+        let error = Options::try_parse_from([
+            "cgmetric",
+            "billing",
+            "--price-per-gb",
+            "1",
+            "--since",
+            "last tuesday",
+        ])
+        .unwrap_err();
+        assert!(error.to_string().contains("RFC 3339"), "{error}");
         let o = Options::try_parse_from(["cgmetric", "/mnt"]).unwrap();
         assert!(o.report.is_none());
     }

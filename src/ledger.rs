@@ -306,17 +306,10 @@ impl Ledger {
     /// A line that is not a record (torn by a crash, edited by hand) is
     /// skipped with a warning.
     pub fn read_all(&self) -> Vec<Record> {
-        let mut records = Vec::new();
-        for n in (1..=KEEP_ROTATED).rev() {
-            let path = self.dir.join(format!("{LEDGER_FILE}.{n}"));
-            if let Ok(file) = File::open(&path) {
-                records.extend(read_records(BufReader::new(file), &path));
-            }
-        }
-        if let Ok(file) = File::open(self.path()) {
-            records.extend(read_records(BufReader::new(file), &self.path()));
-        }
-        records
+        read_ledger(&self.dir).unwrap_or_else(|e| {
+            log::warn!("ledger in {}: {e}", self.dir.display());
+            Vec::new()
+        })
     }
 
     /// The records of the current file, `ledger.jsonl`, oldest first.
@@ -418,6 +411,51 @@ fn end_torn_line(path: &Path, file: &mut File) -> io::Result<()> {
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Every record of the ledger in the state directory `dir`, oldest first:
+/// the rotated files (`ledger.jsonl.4` ... `.1`), then `ledger.jsonl`. It
+/// only reads, so it serves readers other than the daemon (`cgmetric
+/// billing`) while a daemon appends. Missing files are no records; a line
+/// that is not a record (torn by a crash, edited by hand) is skipped with a
+/// warning. A rotation while it reads would shift records between files
+/// already read and not yet read, so the files are read again when
+/// `ledger.jsonl` was replaced meanwhile.
+pub fn read_ledger(dir: &Path) -> io::Result<Vec<Record>> {
+    use std::os::unix::fs::MetadataExt;
+    let current = dir.join(LEDGER_FILE);
+    let identity = || match std::fs::metadata(&current) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    };
+    let mut records = Vec::new();
+    for _ in 0..READ_ATTEMPTS {
+        let before = identity()?;
+        records.clear();
+        for n in (1..=KEEP_ROTATED).rev() {
+            records.extend(read_file(&dir.join(format!("{LEDGER_FILE}.{n}")))?);
+        }
+        records.extend(read_file(&current)?);
+        if identity()? == before {
+            break;
+        }
+    }
+    Ok(records)
+}
+
+/// How often [`read_ledger`] reads again when a rotation overlapped its
+/// read: rotations are 16 MiB apart, so a second read overlapping one
+/// too means the ledger is written faster than it can be read.
+const READ_ATTEMPTS: usize = 3;
+
+/// The records of one ledger file; none if it does not exist.
+fn read_file(path: &Path) -> io::Result<Vec<Record>> {
+    match File::open(path) {
+        Ok(file) => Ok(read_records(BufReader::new(file), path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+    }
 }
 
 /// The records of one ledger file; other lines are skipped with a warning.
@@ -527,6 +565,31 @@ mod tests {
         let tx: Vec<u64> = all.iter().map(|r| r.counters["net_bytes_tx"]).collect();
         assert!(tx.windows(2).all(|w| w[0] < w[1]), "{tx:?}");
         assert_eq!(*tx.last().unwrap(), 16 * (KEEP_ROTATED as u64 + 2) - 1);
+    }
+
+    #[test]
+    fn a_reader_reads_every_file_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_ledger(&dir.path().join("none")).unwrap().is_empty());
+        let good = serde_json::to_string(&record("old", 1)).unwrap();
+        std::fs::write(
+            dir.path().join(format!("{LEDGER_FILE}.2")),
+            format!("{good}\n"),
+        )
+        .unwrap();
+        let newer = serde_json::to_string(&record("new", 2)).unwrap();
+        // A torn last line is skipped, and left as it is: only the daemon
+        // ends it.
+        let text = format!("{newer}\n{}", &newer[..9]);
+        std::fs::write(dir.path().join(LEDGER_FILE), &text).unwrap();
+        assert_eq!(
+            read_ledger(dir.path()).unwrap(),
+            [record("old", 1), record("new", 2)]
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(LEDGER_FILE)).unwrap(),
+            text
+        );
     }
 
     #[test]

@@ -21,8 +21,11 @@
 //! - [`fs`]: the filesystem: a model of the tree and a thin FUSE adapter.
 //! - [`ledger`]: the durable state: the billing ledger and the index of
 //!   known containers.
-//! - [`report`]: `cgmetric top` and `cgmetric billing`.
+//! - [`report`]: `cgmetric top`, and the mounted tree's snapshot it reads.
+//! - [`billing`]: `cgmetric billing`: the ledger and the live tree, per
+//!   name, over a period.
 
+pub mod billing;
 pub mod cgroup;
 pub mod cli;
 pub mod containers;

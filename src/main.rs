@@ -12,7 +12,7 @@ fn main() -> ExitCode {
             cgmetric::report::top(top).map_err(|e| format!("cgmetric top: {e}"))
         }
         Some(Report::Billing(billing)) => {
-            cgmetric::report::billing(billing).map_err(|e| format!("cgmetric billing: {e}"))
+            cgmetric::billing::billing(billing).map_err(|e| format!("cgmetric billing: {e}"))
         }
         None => cgmetric::daemon::run(options).map_err(|e| e.to_string()),
     };

@@ -1,13 +1,13 @@
-//! Reports for people (`cgmetric top`, `cgmetric billing`), read from a
-//! mounted tree like any other client: one read of the root `metric` file is
-//! one consistent snapshot of every container.
+//! Reports for people (`cgmetric top`, and the live half of `cgmetric
+//! billing`), read from a mounted tree like any other client: one read of
+//! the root `metric` file is one consistent snapshot of every container.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::cli::{BillingOptions, Format, SortBy, TopOptions};
+use crate::cli::{SortBy, TopOptions};
 use crate::metrics::METRICS;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,7 @@ pub fn parse_metric(text: &str) -> Snapshot {
     snapshot
 }
 
-fn read_snapshot(mount: &Path) -> Result<Snapshot, ReportError> {
+pub(crate) fn read_snapshot(mount: &Path) -> Result<Snapshot, ReportError> {
     if !crate::mounts::is_live_cgmetric(mount) {
         return Err(ReportError::NotMounted(mount.to_path_buf()));
     }
@@ -58,7 +58,7 @@ fn read_snapshot(mount: &Path) -> Result<Snapshot, ReportError> {
     Ok(parse_metric(&text))
 }
 
-fn number(values: &BTreeMap<&'static str, String>, file: &str) -> Option<u64> {
+pub(crate) fn number(values: &BTreeMap<&'static str, String>, file: &str) -> Option<u64> {
     values.get(file)?.parse().ok()
 }
 
@@ -153,72 +153,6 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-/// Egress and ingress in GB (10^9 bytes) per container and their cost.
-pub fn render_billing(
-    snapshot: &Snapshot,
-    price_per_gb: f64,
-    include_ingress: bool,
-    format: Format,
-) -> String {
-    let rows: Vec<(&String, f64, f64, f64)> = snapshot
-        .iter()
-        .filter_map(|(name, values)| {
-            let egress = number(values, "net_bytes_tx")? as f64 / 1e9;
-            let ingress = number(values, "net_bytes_rx")? as f64 / 1e9;
-            let billed = egress + if include_ingress { ingress } else { 0.0 };
-            Some((name, egress, ingress, billed * price_per_gb))
-        })
-        .collect();
-    let mut out = String::new();
-    match format {
-        Format::Csv => {
-            out.push_str("container,egress_gb,ingress_gb,cost\n");
-            for (name, egress, ingress, cost) in &rows {
-                let _ = writeln!(
-                    out,
-                    "{},{egress:.9},{ingress:.9},{cost:.6}",
-                    csv_field(name)
-                );
-            }
-        }
-        Format::Table => {
-            let width = rows
-                .iter()
-                .map(|r| r.0.chars().count())
-                .max()
-                .unwrap_or(0)
-                .max(9);
-            let _ = writeln!(
-                out,
-                "{:<width$} {:>14} {:>14} {:>12}",
-                "CONTAINER", "EGRESS GB", "INGRESS GB", "COST"
-            );
-            let total: f64 = rows.iter().map(|r| r.3).sum();
-            for (name, egress, ingress, cost) in &rows {
-                let _ = writeln!(
-                    out,
-                    "{name:<width$} {egress:>14.6} {ingress:>14.6} {cost:>12.4}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "{:<width$} {:>14} {:>14} {total:>12.4}",
-                "TOTAL", "", ""
-            );
-        }
-    }
-    out
-}
-
-/// Quotes a CSV field that needs it (RFC 4180).
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_string()
-    }
-}
-
 pub fn top(options: &TopOptions) -> Result<(), ReportError> {
     // SAFETY: isatty has no memory preconditions.
     let is_tty = unsafe { libc::isatty(1) } == 1;
@@ -236,20 +170,6 @@ pub fn top(options: &TopOptions) -> Result<(), ReportError> {
         }
         std::thread::sleep(options.interval);
     }
-}
-
-pub fn billing(options: &BillingOptions) -> Result<(), ReportError> {
-    let snapshot = read_snapshot(&options.mount)?;
-    print!(
-        "{}",
-        render_billing(
-            &snapshot,
-            options.price_per_gb,
-            options.include_ingress,
-            options.format
-        )
-    );
-    Ok(())
 }
 
 #[cfg(test)]
@@ -286,23 +206,5 @@ mod tests {
         assert!(lines[3].starts_with("we ird") && lines[3].contains(" -"));
         let by_cpu = render_top(&parse_metric(METRIC), SortBy::Cpu);
         assert!(by_cpu.lines().nth(1).unwrap().starts_with("web_1"));
-    }
-
-    #[test]
-    fn billing_in_gb_as_table_and_csv() {
-        let s = parse_metric(METRIC);
-        let csv = render_billing(&s, 0.09, false, Format::Csv);
-        assert_eq!(
-            csv,
-            "container,egress_gb,ingress_gb,cost\nwe ird,0.000000000,0.000000000,0.000000\n\
-             web_1,2.000000000,0.500000000,0.180000\n"
-        );
-        let both = render_billing(&s, 0.09, true, Format::Csv);
-        assert!(both.contains("web_1,2.000000000,0.500000000,0.225000"));
-        let table = render_billing(&s, 0.09, false, Format::Table);
-        assert!(table.lines().last().unwrap().starts_with("TOTAL") && table.contains("0.1800"));
-        // Containers without network accounting are not billed.
-        assert!(!csv.contains("shop_api"));
-        assert_eq!(csv_field("a,\"b\""), "\"a,\"\"b\"\"\"");
     }
 }
