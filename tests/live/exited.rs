@@ -30,7 +30,7 @@ fn records_of(state_dir: &Path, name: &str) -> Vec<Record> {
 
 /// Sends `payload` bytes from `client` to a server in `server`, waits for
 /// both and for TCP to finish.
-fn send(client: &Cgroup, server: &Cgroup, payload: u64) {
+pub(crate) fn send(client: &Cgroup, server: &Cgroup, payload: u64) {
     let (listener, addr) = server.serve("127.0.0.1", 1);
     let peer = client.start(Command::new(tcp_peer()).args([
         "client",

@@ -7,6 +7,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod billing;
 mod churn;
 mod cpu;
 mod crash;

@@ -843,6 +843,14 @@ fn top_and_billing_read_the_mounted_tree() {
     assert!(lines.iter().any(|l| l.starts_with("client ")), "{top}");
     assert!(lines.iter().any(|l| l.starts_with("server ")), "{top}");
 
+    // Its own ledger (empty), not the host's /var/lib/cgmetric.
+    let state = pair
+        .daemon
+        .state_dir()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
     let csv = run(&[
         "billing",
         "--price-per-gb",
@@ -851,6 +859,8 @@ fn top_and_billing_read_the_mounted_tree() {
         "csv",
         "--mount",
         &mount,
+        "--state-dir",
+        &state,
     ]);
     let client = csv
         .lines()
@@ -868,7 +878,15 @@ fn top_and_billing_read_the_mounted_tree() {
         (fields[2] - fields[0] * 10.0).abs() < 1e-6,
         "cost is egress × price: {client}"
     );
-    let table = run(&["billing", "--price-per-gb", "10", "--mount", &mount]);
+    let table = run(&[
+        "billing",
+        "--price-per-gb",
+        "10",
+        "--mount",
+        &mount,
+        "--state-dir",
+        &state,
+    ]);
     assert!(
         table.lines().last().unwrap().starts_with("TOTAL"),
         "{table}"
