@@ -306,6 +306,12 @@ struct JsonBill<'a> {
     total_cost: f64,
 }
 
+/// A cost as CSV prints it, to millionths: JSON readers get `1.402431`,
+/// not the float's last digits (`1.40243121198`).
+fn millionths(cost: f64) -> f64 {
+    (cost * 1e6).round() / 1e6
+}
+
 #[derive(Serialize)]
 struct JsonRow<'a> {
     #[serde(flatten)]
@@ -396,11 +402,14 @@ pub fn render(
                 include_ingress,
                 containers: rows
                     .iter()
-                    .map(|(row, cost)| JsonRow { row, cost: *cost })
+                    .map(|(row, cost)| JsonRow {
+                        row,
+                        cost: millionths(*cost),
+                    })
                     .collect(),
                 total_egress_bytes: total_egress,
                 total_ingress_bytes: total_ingress,
-                total_cost,
+                total_cost: millionths(total_cost),
             };
             // Serialising plain structs of strings and numbers cannot fail.
             out = serde_json::to_string_pretty(&json).expect("a bill serialises");
@@ -646,7 +655,8 @@ mod tests {
         assert_eq!(web["live"], true);
         assert_eq!(web["egress_bytes"], 2_000_000_002u64);
         assert_eq!(web["ingress_bytes"], 500_000_000u64);
-        assert!((web["cost"].as_f64().unwrap() - 0.18).abs() < 1e-9);
+        assert_eq!(web["cost"].as_f64(), Some(0.18));
+        assert_eq!(json["total_cost"].as_f64(), Some(1.30339));
         assert_eq!(json["total_egress_bytes"], 14_482_113_904u64);
         assert_eq!(csv_field("a,\"b\""), "\"a,\"\"b\"\"\"");
     }
