@@ -103,7 +103,14 @@ impl Sampler {
                 }
             }
             let has_cpu = sample.get(M::CpuUsageUsec).is_some();
-            let has_net = self.net.is_some() && container.dirs.v2.is_some();
+            // A container that had a v2 directory keeps its network files
+            // when a teardown removes that directory before the v1 ones:
+            // reading them then fails as vanished, which leaves the whole
+            // container out of an aggregate, as for any ended container.
+            // Listed without them, it would show in `metric` with no
+            // network counters, and a bill read then would miss them.
+            let has_net =
+                self.net.is_some() && (container.dirs.v2.is_some() || container.net_id.is_some());
             METRICS
                 .iter()
                 .filter(|m| match m.group {
