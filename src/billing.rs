@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::cli::{BillingOptions, Format, Until};
+use crate::fs::inode::RESERVED_NAMES;
 use crate::ledger::{read_ledger, timestamp, Incarnation, Record};
 use crate::report::{number, read_snapshot, ReportError, Snapshot};
 
@@ -42,6 +43,14 @@ pub enum BillingError {
         state_dir.display()
     )]
     NothingToBill { mount: PathBuf, state_dir: PathBuf },
+    /// Occurs when a period that has ended is billed without a state
+    /// directory: only the ledger bills it.
+    #[error(
+        "no state directory {}: a period that has ended is billed from the ledger \
+         (pass the daemon's --state-dir)",
+        .0.display()
+    )]
+    NoLedger(PathBuf),
     /// Occurs when the mounted tree cannot be read.
     #[error(transparent)]
     Live(#[from] ReportError),
@@ -194,23 +203,36 @@ pub fn overlap(live: &Snapshot, records: &[Record], taken: SystemTime) -> HashSe
         .collect()
 }
 
-/// How many snapshots are taken at most while containers of the same names
-/// end during them; then their records win (see [`gather`]).
-const SNAPSHOT_ATTEMPTS: usize = 5;
+/// How many snapshots are taken at most while containers end during them;
+/// then what is left is resolved as [`gather`] says.
+const SNAPSHOT_ATTEMPTS: u32 = 5;
+
+/// The pause before the next snapshot, times the attempts so far: a
+/// runtime's teardown removes a container's cgroup one hierarchy at a time,
+/// and the daemon drops it from its list some milliseconds after the first.
+const SNAPSHOT_PAUSE: Duration = Duration::from_millis(10);
 
 /// The running containers (when `period` reaches now and a daemon serves
 /// `mount`) and the ledger's records, with no incarnation in both and none
 /// in neither.
 ///
-/// The snapshot is read first, then the root is listed, which runs the
-/// daemon's refresh after any refresh in flight: a container dropped from
-/// the snapshot has its record written by then (a record the daemon cannot
-/// write, a full disk, is written and billed later). Then the ledger is
-/// read. A record of a name the snapshot shows, ended since the snapshot
-/// began, may be the same incarnation: the snapshot is taken again. If that
-/// keeps happening, the record wins over the running entry of its name: it
-/// holds the final counts, where the entry could only be a newer
-/// incarnation a few milliseconds old.
+/// The snapshot (`metric`) is read first, then the root is listed, which
+/// runs the daemon's refresh after any refresh in flight: a container it
+/// dropped from its list before the snapshot has its record written by
+/// then (a record the daemon cannot write, a full disk, is written and
+/// billed later). Then the ledger is read. The snapshot is taken again
+/// when either check fails:
+///
+/// - a record of a name the snapshot shows ended since the snapshot began:
+///   it may be the very incarnation the snapshot shows;
+/// - a container of the listing is not in the snapshot: its cgroup was
+///   being removed while it was sampled (the snapshot leaves out what it
+///   cannot read whole), and it is not recorded yet. (Or it is new.)
+///
+/// If that keeps happening, a record wins over the running entry of its
+/// name, as it holds the final counts where the entry could only be a
+/// newer incarnation a few milliseconds old; and containers that could not
+/// be read are named in a warning, to be billed when they end.
 pub fn gather(
     mount: &Path,
     state_dir: &Path,
@@ -225,7 +247,7 @@ pub fn gather(
     let no_state = !state_dir.is_dir();
     if !period.reaches(SystemTime::now()) {
         if no_state {
-            log::warn!("no state directory {}: no ledger", state_dir.display());
+            return Err(BillingError::NoLedger(state_dir.to_path_buf()));
         }
         return Ok((Snapshot::new(), ledger()?));
     }
@@ -253,27 +275,55 @@ pub fn gather(
     loop {
         let taken = SystemTime::now();
         let mut live = read_snapshot(mount)?;
-        std::fs::read_dir(mount)
-            .and_then(|mut listing| listing.try_for_each(|e| e.map(drop)))
-            .map_err(|source| ReportError::Read {
-                path: mount.to_path_buf(),
-                source,
-            })?;
+        let listed = containers_listed(mount)?;
         let records = ledger()?;
         let overlap = overlap(&live, &records, taken);
-        if overlap.is_empty() {
+        let unread: Vec<&String> = listed.iter().filter(|n| !live.contains_key(*n)).collect();
+        if overlap.is_empty() && unread.is_empty() {
             return Ok((live, records));
         }
         if attempt == SNAPSHOT_ATTEMPTS {
-            log::warn!(
-                "containers of these names kept ending while they were read: {overlap:?}; \
-                 billed by their records"
-            );
-            live.retain(|name, _| !overlap.contains(name));
+            if !overlap.is_empty() {
+                log::warn!(
+                    "containers of these names kept ending while they were read: \
+                     {overlap:?}; billed by their records"
+                );
+                live.retain(|name, _| !overlap.contains(name));
+            }
+            if !unread.is_empty() {
+                log::warn!(
+                    "containers that could not be read (ending, or new): {unread:?}; \
+                     what they counted is billed once they end"
+                );
+            }
             return Ok((live, records));
         }
+        log::debug!(
+            "snapshot {attempt} taken again: records of running names {overlap:?}, \
+             containers not in it {unread:?}"
+        );
+        std::thread::sleep(SNAPSHOT_PAUSE * attempt);
         attempt += 1;
     }
+}
+
+/// The containers of the tree's root listing. Listing the root also makes
+/// the daemon refresh, after any refresh in flight.
+fn containers_listed(mount: &Path) -> Result<HashSet<String>, BillingError> {
+    let failed = |source| ReportError::Read {
+        path: mount.to_path_buf(),
+        source,
+    };
+    let mut names = HashSet::new();
+    for entry in std::fs::read_dir(mount).map_err(failed)? {
+        let entry = entry.map_err(failed)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Containers are the directories the daemon does not own.
+        if entry.file_type().map_err(failed)?.is_dir() && !RESERVED_NAMES.contains(&name.as_str()) {
+            names.insert(name);
+        }
+    }
+    Ok(names)
 }
 
 /// `bytes` in GB (10^9 bytes), exactly: nine decimals are whole bytes.

@@ -305,6 +305,13 @@ fn since_and_until_leave_out_incarnations_outside_the_period() {
             "{args:?}: {stderr}"
         );
     }
+    // A period that has ended, and no ledger where one was said to be.
+    let out = billing(&mount, &state.join("elsewhere"), &["--until", "1h"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no state directory"),
+        "{stderr}"
+    );
 }
 
 /// One bill of the name `job`: (incarnations, live, egress bytes).
@@ -330,7 +337,9 @@ fn bills_taken_while_a_name_restarts_count_each_incarnation_once() {
         std::thread::spawn(move || {
             let mut bills: Vec<JobBill> = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (bill, _) = json_bill(&mount, &state, &[]);
+                let (bill, stderr) = json_bill(&mount, &state, &[]);
+                // Bills resolved only by giving up would not be exact.
+                assert!(stderr.is_empty(), "{stderr}");
                 bills.push(match row(&bill, "job") {
                     Some(_) => {
                         let (runs, live, tx, _) = summary(&bill, "job");
@@ -369,7 +378,14 @@ fn bills_taken_while_a_name_restarts_count_each_incarnation_once() {
     );
     for (n, &(runs, live, tx)) in bills.iter().enumerate() {
         let ended = (runs - u64::from(live)) as usize;
-        let context = || format!("bill {n} {:?} of {bills:?}, runs {txs:?}", bills[n]);
+        let context = || {
+            let around = &bills[n.saturating_sub(2)..(n + 3).min(bills.len())];
+            format!(
+                "bill {n} {:?}: {around:?} of {} bills; runs {txs:?}",
+                bills[n],
+                bills.len()
+            )
+        };
         assert!(ended <= RUNS as usize, "{}", context());
         if live {
             // Every ended run, plus what the running one sent so far.
