@@ -363,11 +363,8 @@ fn a_container_reads_through_server_crashes_and_upgrades() {
 
 /// The ledger's records of `name`, oldest first.
 fn ledger_records(daemon: &Daemon, name: &str) -> Vec<cgmetric::ledger::Record> {
-    let path = daemon.state_dir().unwrap().join("ledger.jsonl");
-    let Ok(file) = fs::File::open(&path) else {
-        return Vec::new();
-    };
-    cgmetric::ledger::read_records(std::io::BufReader::new(file), &path)
+    cgmetric::ledger::read_ledger(daemon.state_dir().unwrap())
+        .unwrap()
         .into_iter()
         .filter(|r| r.name == name)
         .collect()
@@ -447,6 +444,46 @@ fn a_docker_container_that_stops_is_billed_for_each_run() {
     }
     assert_ne!(runs[0].cgroup_id, runs[1].cgroup_id);
     assert_eq!(runs[0].cgroup, runs[1].cgroup);
+
+    // Its bill: both ended runs and the one running, though all three have
+    // one name, id and cgroup path.
+    let live_rx = || daemon.number(&format!("{client}/net_bytes_rx"));
+    let before = live_rx();
+    let out = std::process::Command::new(crate::support::binary())
+        .args([
+            "billing",
+            "--price-per-gb",
+            "1",
+            "--format",
+            "json",
+            "--mount",
+        ])
+        .arg(&daemon.mountpoint)
+        .arg("--state-dir")
+        .arg(daemon.state_dir().unwrap())
+        .output()
+        .unwrap();
+    let after = live_rx();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bill: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = bill["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["container"] == client.as_str())
+        .unwrap_or_else(|| panic!("{bill:#}"));
+    assert_eq!(row["incarnations"], 3, "{bill:#}");
+    assert_eq!(row["live"], true);
+    let ended: u64 = runs.iter().map(|r| r.counters["net_bytes_rx"]).sum();
+    let billed = row["ingress_bytes"].as_u64().unwrap();
+    assert!(
+        (ended + before..=ended + after).contains(&billed),
+        "billed {billed}: ended runs {ended}, running {before}..{after}"
+    );
     // Live again beside its ended run: the ended series is told apart.
     let prom = daemon.read("metrics.prom");
     let series = format!(
