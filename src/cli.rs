@@ -190,13 +190,13 @@ pub struct BillingOptions {
     /// (ledger.jsonl and its rotated files) is read from there.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// Bill containers that ended at or after TIME: RFC 3339
+    /// Bill incarnations that ended at or after TIME: RFC 3339
     /// (2026-11-01T00:00:00Z, 2026-11-01T01:00:00+01:00, 2026-11-01 for
     /// midnight UTC), a duration ago (24h, 7d, 1h30m), or now. Default: the
     /// ledger's beginning.
     #[arg(long, value_name = "TIME", value_parser = parse_since)]
     pub since: Option<SystemTime>,
-    /// Bill containers that ended before TIME (same forms as --since).
+    /// Bill incarnations that ended before TIME (same forms as --since).
     /// Default: now, which also bills the running containers' counts so
     /// far; so does a TIME still to come.
     #[arg(long, value_name = "TIME", value_parser = parse_until)]
@@ -207,6 +207,7 @@ pub struct BillingOptions {
     /// Bill ingress at the same price too.
     #[arg(long)]
     pub include_ingress: bool,
+    /// A table with a total, CSV, or JSON; all three give bytes exactly.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
