@@ -65,8 +65,8 @@ fn push_fixed(out: &mut String, n: u64, digits: u32) {
 }
 
 /// Every container's metrics in Prometheus text format: one family per
-/// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
-/// label on every series, no timestamps.
+/// catalogue row, HELP and TYPE once, the container's labels (see
+/// [`label_set`]) on every series, no timestamps.
 ///
 /// The containers that ended lately (`exited`) keep their series, with the
 /// labels they had, so that each series goes on to its final value. Should
@@ -161,14 +161,38 @@ fn family_header(out: &mut String, def: &MetricDef) {
     let _ = writeln!(out, "# TYPE cgmetric_{} {kind}", def.prom);
 }
 
-/// `container="…",id="…",runtime="…"`, escaped.
+/// A container's labels, escaped: the ones cAdvisor and the kubelet give
+/// the same container, so that rules and dashboards can move between them.
+///
+/// - `container`: the Kubernetes container name (as the kubelet labels it),
+///   or the directory name for a container Kubernetes does not run;
+/// - `namespace`, `pod`: Kubernetes containers only;
+/// - `name`: the directory name, unique on the host at any time (cAdvisor's
+///   `name` is the runtime's name for it), so the key to join series on;
+/// - `id`: the runtime's container id (the cgroup's for `--cgroup` ones);
+/// - `image`: where the runtime records it;
+/// - `runtime`.
+///
+/// Each is one value for the container's whole life: the labels add no
+/// series beyond one set per container.
 fn label_set(container: &Metered) -> String {
+    let identity = &container.identity;
+    let k8s = identity.kubernetes.as_ref();
+    let labels = [
+        (
+            "container",
+            Some(k8s.map_or(container.name.as_str(), |k| k.container.as_str())),
+        ),
+        ("namespace", k8s.map(|k| k.namespace.as_str())),
+        ("pod", k8s.map(|k| k.pod.as_str())),
+        ("name", Some(container.name.as_str())),
+        ("id", Some(container.id.as_str())),
+        ("image", identity.image.as_deref()),
+        ("runtime", Some(container.runtime)),
+    ];
     let mut out = String::new();
-    for (name, value) in [
-        ("container", container.name.as_str()),
-        ("id", container.id.as_str()),
-        ("runtime", container.runtime),
-    ] {
+    for (name, value) in labels {
+        let Some(value) = value else { continue };
         if !out.is_empty() {
             out.push(',');
         }
@@ -278,11 +302,12 @@ mod tests {
         let text = prometheus(&live, &exited, None, Some(3));
         let series =
             |labels: &str| format!("cgmetric_cpu_usage_seconds_total{{{labels}}} 2.500001\n");
-        assert!(text.contains(&series("container=\"web\",id=\"1\",runtime=\"cgroup\"")));
+        let web = "container=\"web\",name=\"web\",id=\"1\",runtime=\"cgroup\"";
+        assert!(text.contains(&series(web)));
+        assert!(text.contains(&series(&format!("{web},state=\"exited\""))));
         assert!(text.contains(&series(
-            "container=\"web\",id=\"1\",runtime=\"cgroup\",state=\"exited\""
+            "container=\"job\",name=\"job\",id=\"2\",runtime=\"cgroup\""
         )));
-        assert!(text.contains(&series("container=\"job\",id=\"2\",runtime=\"cgroup\"")));
         assert_eq!(text.matches("cgmetric_cpu_usage_seconds_total{").count(), 3);
         assert_eq!(
             text.matches("# TYPE cgmetric_cpu_usage_seconds_total counter\n")
@@ -291,6 +316,39 @@ mod tests {
         );
         assert!(text.ends_with("cgmetric_ledger_write_errors_total 3\n"));
         assert!(!prometheus(&live, &[], None, None).contains("ledger"));
+    }
+
+    #[test]
+    fn kubernetes_containers_are_labelled_as_the_kubelet_labels_them() {
+        use crate::containers::runtime::{Identity, Kubernetes};
+        let mut nginx = Metered::named(0, "shop_web-7d4f_nginx", "b1");
+        nginx.identity = Identity {
+            kubernetes: Some(Kubernetes {
+                namespace: "shop".into(),
+                pod: "web-7d4f".into(),
+                container: "nginx".into(),
+            }),
+            image: Some("docker.io/library/nginx:1.27".into()),
+        };
+        let mut cache = Metered::named(1, "cache", "d1");
+        cache.identity.image = Some("redis \"7\"".into());
+        let text = prometheus(
+            &[(Arc::new(nginx), sample()), (Arc::new(cache), sample())],
+            &[],
+            None,
+            None,
+        );
+        assert!(text.contains(
+            "cgmetric_cpu_usage_seconds_total{container=\"nginx\",namespace=\"shop\",\
+             pod=\"web-7d4f\",name=\"shop_web-7d4f_nginx\",id=\"b1\",\
+             image=\"docker.io/library/nginx:1.27\",runtime=\"cgroup\"} 2.500001\n"
+        ));
+        // Not Kubernetes: no namespace or pod, the container label is the
+        // directory name; an image is escaped as any label value.
+        assert!(text.contains(
+            "cgmetric_cpu_usage_seconds_total{container=\"cache\",name=\"cache\",id=\"d1\",\
+             image=\"redis \\\"7\\\"\",runtime=\"cgroup\"} 2.500001\n"
+        ));
     }
 
     #[test]

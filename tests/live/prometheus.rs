@@ -129,4 +129,16 @@ fn the_example_alert_rules_are_valid() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("SUCCESS: 6 rules found"), "{said}");
+
+    // The rules' own unit tests: two pods' containers of one name on one
+    // node, which the joins must keep apart.
+    let tests = rules.with_file_name("cgmetric-alerts.test.yml");
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&tests)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("SUCCESS"), "{said}");
 }
