@@ -231,6 +231,7 @@ impl Server {
         log::info!("{} containers found", registry.list().len());
         let model = Arc::new(
             Model::new(registry, net.map(Arc::new), options.window, options.private)
+                .with_prometheus_names(options.prometheus_names)
                 .with_lifecycle(Some(ledger), options.keep_exited),
         );
         // Before anything is swept: what ended while no daemon (or server)

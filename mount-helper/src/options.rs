@@ -62,6 +62,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("window", true),
     ("fuse_spin", true),
     ("open_files", true),
+    ("prometheus_names", true),
     ("no_ebpf", false),
     ("no_fuse_uring", false),
     ("no_supervise", false),
@@ -192,12 +193,19 @@ mod tests {
         );
         assert!(!r.fake && !r.verbose);
         let r = parse(&args(
-            "cgmetric /mnt -o state_dir=/var/lib/billing,keep_exited=15m",
+            "cgmetric /mnt -o state_dir=/var/lib/billing,keep_exited=15m,prometheus_names=cadvisor",
         ))
         .unwrap();
         assert_eq!(
             r.daemon_args,
-            ["--state-dir", "/var/lib/billing", "--keep-exited", "15m"]
+            [
+                "--state-dir",
+                "/var/lib/billing",
+                "--keep-exited",
+                "15m",
+                "--prometheus-names",
+                "cadvisor"
+            ]
         );
     }
 

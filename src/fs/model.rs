@@ -28,6 +28,7 @@ use super::inode::{
 use super::snapshots::Snapshots;
 use super::DirEntry;
 use crate::cgroup::files::SourceError;
+use crate::cli::PrometheusNames;
 use crate::containers::registry::{CgroupTree, Metered, Registry, Slot};
 use crate::ledger::{timestamp, Incarnation, Known, Ledger, Record};
 use crate::metrics::{groups_of, Group, MetricId, PromType, Sample, Value, METRICS};
@@ -61,6 +62,8 @@ pub struct Model {
     /// `--private`: a directory of metrics belongs to its cgroup's owner and
     /// only they read it; the all-containers files only root.
     private: bool,
+    /// `--prometheus-names`: whose families `metrics.prom` uses.
+    prometheus_names: PrometheusNames,
     handles: Handles,
     snapshots: Snapshots,
     kernel: std::sync::OnceLock<Box<dyn Kernel>>,
@@ -116,6 +119,7 @@ impl Model {
             sampler: Arc::new(sampler),
             helpers: Helpers::default(),
             private,
+            prometheus_names: PrometheusNames::Cgmetric,
             handles: Handles::default(),
             snapshots: Snapshots::default(),
             kernel: std::sync::OnceLock::new(),
@@ -127,6 +131,12 @@ impl Model {
             index: Mutex::default(),
             refreshing: Mutex::new(()),
         }
+    }
+
+    /// Renders `metrics.prom` with `names`' families and labels.
+    pub fn with_prometheus_names(mut self, names: PrometheusNames) -> Model {
+        self.prometheus_names = names;
+        self
     }
 
     /// Keeps ended containers under `exited/` for `keep`, and records each
@@ -808,6 +818,7 @@ impl Model {
                     &exited,
                     self.sampler.health(),
                     self.ledger.as_ref().map(|l| l.write_errors()),
+                    self.prometheus_names,
                 ))
             }
             Node::File(Owner::Exited(exit), entry) => render_ended(&*self.ended(exit)?, entry),

@@ -144,7 +144,7 @@ fn an_exited_container_keeps_its_final_values() {
     // Its series stay in metrics.prom, with the labels they had.
     let prom = daemon.read("metrics.prom");
     let tx_line = format!(
-        "cgmetric_network_transmit_bytes_total{{container=\"sender\",id=\"{}\",runtime=\"cgroup\"}} {}",
+        "cgmetric_network_transmit_bytes_total{{container=\"sender\",name=\"sender\",id=\"{}\",runtime=\"cgroup\"}} {}",
         daemon.read("exited/sender/id").trim(),
         live[0]
     );
