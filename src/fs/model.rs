@@ -1040,6 +1040,8 @@ fn ledger_counters(
             Value::Count(n) => Some((def.file.into(), n)),
             Value::Max => None,
         })
+        // And each class's bytes, for a bill priced by destination.
+        .chain(sample.class_files().map(|(file, n)| (file.into(), n)))
         .collect()
 }
 
