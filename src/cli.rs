@@ -77,6 +77,15 @@ pub struct Options {
     #[arg(long, value_enum, value_name = "NAMES", default_value_t = PrometheusNames::Cgmetric)]
     pub prometheus_names: PrometheusNames,
 
+    /// Split each container's traffic by the peer's address: NAME=CIDR[,CIDR...]
+    /// (repeatable; IPv4 and IPv6; `+` may stand for `,`, as in a mount -o
+    /// word). Each container then has net_bytes_tx_NAME and net_bytes_rx_NAME,
+    /// plus `loopback` (127.0.0.0/8, ::1) and `external` (peers in no class);
+    /// the classes sum to net_bytes_tx and net_bytes_rx. With none, the
+    /// programs look no address up.
+    #[arg(long = "net-class", value_name = "NAME=CIDR[,CIDR...]")]
+    pub net_classes: Vec<crate::net::NetClass>,
+
     /// Run without eBPF: no network accounting, no net_* files.
     #[arg(long)]
     pub no_ebpf: bool,

@@ -339,28 +339,95 @@ impl fmt::Display for Value {
     }
 }
 
+/// One destination class's bytes (`--net-class`), read with the network
+/// counters: the classes of a container sum to its `net_bytes_tx` and
+/// `net_bytes_rx`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassBytes {
+    pub class: std::sync::Arc<str>,
+    pub tx: u64,
+    pub rx: u64,
+}
+
+/// A metric kept per destination class: a file `<file>_<class>` beside the
+/// catalogue's, and one Prometheus family with a `class` label (apart from
+/// the totals' family, which a `sum` would otherwise count twice).
+#[derive(Debug)]
+pub struct ClassMetricDef {
+    pub file: &'static str,
+    /// The Prometheus family name, without the `cgmetric_` prefix.
+    pub prom: &'static str,
+    pub help: &'static str,
+    pub pick: fn(&ClassBytes) -> u64,
+}
+
+/// The per-class metrics, in the order files are listed.
+pub static CLASS_METRICS: [ClassMetricDef; 2] = [
+    ClassMetricDef {
+        file: "net_bytes_tx",
+        prom: "network_class_transmit_bytes_total",
+        help: "IP bytes sent to peers of the class (--net-class; external: in no class).",
+        pick: |c| c.tx,
+    },
+    ClassMetricDef {
+        file: "net_bytes_rx",
+        prom: "network_class_receive_bytes_total",
+        help: "IP bytes received from peers of the class (--net-class; external: in no class).",
+        pick: |c| c.rx,
+    },
+];
+
+impl ClassMetricDef {
+    /// The file of class `class`.
+    pub fn file_of(&self, class: &str) -> String {
+        format!("{}_{class}", self.file)
+    }
+
+    /// The class a file `name` of this metric is for, if it is one.
+    pub fn class_of<'n>(&self, name: &'n str) -> Option<&'n str> {
+        name.strip_prefix(self.file)?.strip_prefix('_')
+    }
+}
+
 /// The values one read produced; `None` where the host does not provide a
 /// metric (so it has no file).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sample([Option<Value>; METRIC_COUNT]);
+pub struct Sample {
+    values: [Option<Value>; METRIC_COUNT],
+    /// Per destination class, with the network counters, when classes are
+    /// configured.
+    pub classes: Vec<ClassBytes>,
+}
 
 impl Default for Sample {
     fn default() -> Self {
-        Sample([None; METRIC_COUNT])
+        Sample {
+            values: [None; METRIC_COUNT],
+            classes: Vec::new(),
+        }
     }
 }
 
 impl Sample {
     pub fn set(&mut self, id: MetricId, value: Option<u64>) {
-        self.0[id as usize] = value.map(Value::Count);
+        self.values[id as usize] = value.map(Value::Count);
     }
 
     pub fn set_value(&mut self, id: MetricId, value: Value) {
-        self.0[id as usize] = Some(value);
+        self.values[id as usize] = Some(value);
     }
 
     pub fn get(&self, id: MetricId) -> Option<Value> {
-        self.0[id as usize]
+        self.values[id as usize]
+    }
+
+    /// Every per-class file and its value, metric by metric.
+    pub fn class_files(&self) -> impl Iterator<Item = (String, u64)> + '_ {
+        CLASS_METRICS.iter().flat_map(move |def| {
+            self.classes
+                .iter()
+                .map(move |c| (def.file_of(&c.class), (def.pick)(c)))
+        })
     }
 
     pub fn count(&self, id: MetricId) -> Option<u64> {
@@ -374,7 +441,7 @@ impl Sample {
     pub fn iter(&self) -> impl Iterator<Item = (&'static MetricDef, Value)> + '_ {
         METRICS
             .iter()
-            .zip(self.0.iter())
+            .zip(self.values.iter())
             .filter_map(|(def, v)| v.map(|v| (def, v)))
     }
 }

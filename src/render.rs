@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::cli::PrometheusNames;
 use crate::containers::registry::Metered;
-use crate::metrics::{MetricDef, Sample, Scale, Value, METRICS};
+use crate::metrics::{ClassMetricDef, MetricDef, Sample, Scale, Value, CLASS_METRICS, METRICS};
 
 /// A single-value file: the value and a newline.
 pub fn value_file(value: Value) -> String {
@@ -23,6 +23,12 @@ pub fn container_metrics(sample: &Sample) -> String {
         push_value(&mut out, value);
         out.push('\n');
     }
+    for (file, value) in sample.class_files() {
+        out.push_str(&file);
+        out.push(' ');
+        push_count(&mut out, value);
+        out.push('\n');
+    }
     out
 }
 
@@ -34,6 +40,14 @@ pub fn metric_lines(out: &mut String, name: &str, sample: &Sample) {
         out.push_str(def.file);
         out.push(' ');
         push_value(out, value);
+        out.push('\n');
+    }
+    for (file, value) in sample.class_files() {
+        out.push_str(name);
+        out.push('_');
+        out.push_str(&file);
+        out.push(' ');
+        push_count(out, value);
         out.push('\n');
     }
 }
@@ -129,6 +143,9 @@ pub fn prometheus(
             out.push('\n');
         }
     }
+    for def in &CLASS_METRICS {
+        class_family(&mut out, def, samples.iter().map(|(_, s)| s).zip(&labels));
+    }
     if let Some(health) = ebpf_health {
         ebpf_health_family(&mut out, health);
     }
@@ -142,6 +159,34 @@ pub fn prometheus(
         let _ = writeln!(out, "cgmetric_ledger_write_errors_total {errors}");
     }
     out
+}
+
+/// One per-class family: a series per container and class, the class as a
+/// label.
+fn class_family<'a>(
+    out: &mut String,
+    def: &ClassMetricDef,
+    samples: impl Iterator<Item = (&'a Sample, &'a String)>,
+) {
+    let mut header = false;
+    for (sample, labels) in samples {
+        for class in &sample.classes {
+            if !header {
+                let _ = writeln!(out, "# HELP cgmetric_{} {}", def.prom, def.help);
+                let _ = writeln!(out, "# TYPE cgmetric_{} counter", def.prom);
+                header = true;
+            }
+            out.push_str("cgmetric_");
+            out.push_str(def.prom);
+            out.push('{');
+            out.push_str(labels);
+            out.push_str(",class=\"");
+            write_escaped(out, &class.class);
+            out.push_str("\"} ");
+            push_count(out, (def.pick)(class));
+            out.push('\n');
+        }
+    }
 }
 
 /// Events the eBPF programs could not count, so that an undercount is seen.
@@ -442,6 +487,44 @@ mod tests {
         }
         assert!(!text.contains("cgmetric_cpu_usage_seconds_total"), "{text}");
         assert!(!text.contains("runtime="), "{text}");
+    }
+
+    #[test]
+    fn classes_are_files_and_a_labelled_family() {
+        let mut s = Sample::default();
+        s.set(M::NetBytesTx, Some(30));
+        s.classes = vec![
+            crate::metrics::ClassBytes {
+                class: "lan".into(),
+                tx: 10,
+                rx: 1,
+            },
+            crate::metrics::ClassBytes {
+                class: "external".into(),
+                tx: 20,
+                rx: 2,
+            },
+        ];
+        assert_eq!(
+            container_metrics(&s),
+            "net_bytes_tx 30\nnet_bytes_tx_lan 10\nnet_bytes_tx_external 20\n\
+             net_bytes_rx_lan 1\nnet_bytes_rx_external 2\n"
+        );
+        let c = Arc::new(Metered::named(0, "web", "1"));
+        let text = prometheus(&[(c, s)], &[], None, None, PrometheusNames::Cgmetric);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cgmetric_network_class_transmit_bytes_total{"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.contains("name=\"web\"") && line.ends_with(",class=\"lan\"} 10"),
+            "{line}"
+        );
+        assert_eq!(
+            text.matches("# TYPE cgmetric_network_class_receive_bytes_total counter")
+                .count(),
+            1
+        );
     }
 
     #[test]

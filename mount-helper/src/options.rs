@@ -59,6 +59,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("bpf_dir", true),
     ("state_dir", true),
     ("keep_exited", true),
+    ("net_class", true),
     ("window", true),
     ("fuse_spin", true),
     ("open_files", true),

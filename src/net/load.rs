@@ -46,14 +46,12 @@ pub fn load_and_attach(bpf_dir: &Path, cgroup_root: &Path) -> Result<Ebpf, NetEr
         path: bpf_dir.to_path_buf(),
         source,
     })?;
-    // Links only count into the maps they were loaded with: when any map is
-    // missing (first start, or removed by hand) every link is redone.
+    // Links only count into the maps they were loaded with: a pinned link
+    // whose program is this build's, with a map missing (removed by hand),
+    // counts where nobody reads, and is redone. A link running an older
+    // program is updated in place to this build's, which uses the pinned
+    // maps and creates the ones that older program lacked.
     let maps_pinned = PINNED_MAPS.iter().all(|m| bpf_dir.join(m).exists());
-    if !maps_pinned {
-        for program in PROGRAMS {
-            let _ = std::fs::remove_file(link_pin(bpf_dir, program));
-        }
-    }
 
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(bpf_dir)
@@ -94,17 +92,20 @@ pub fn load_and_attach(bpf_dir: &Path, cgroup_root: &Path) -> Result<Ebpf, NetEr
                 .map_err(BoxError::from)
                 .and_then(|info| program_tag(info.program_id()))
                 .map_err(link_error)?;
-            if theirs == ours {
+            if theirs != ours {
+                let fd = program.fd().map_err(program_error)?;
+                sys::link_update(&pin, fd.as_fd()).map_err(|e| link_error(e.into()))?;
+                log::info!("eBPF program {name}: replaced by this version's, in place");
+                continue;
+            }
+            if maps_pinned {
                 log::info!(
                     "eBPF program {name}: still attached (pinned at {})",
                     pin.display()
                 );
-            } else {
-                let fd = program.fd().map_err(program_error)?;
-                sys::link_update(&pin, fd.as_fd()).map_err(|e| link_error(e.into()))?;
-                log::info!("eBPF program {name}: replaced by this version's, in place");
+                continue;
             }
-            continue;
+            log::warn!("eBPF program {name}: its maps were removed; attaching it again");
         }
         let _ = std::fs::remove_file(&pin);
         let link = attach(program, &cgroup).map_err(|source| NetError::Attach { name, source })?;
