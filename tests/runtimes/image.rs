@@ -100,15 +100,14 @@ fn mount(args: &[&str]) {
     assert!(status.success(), "mount {args:?}");
 }
 
-/// The propagation of the mount at `path` ("shared:N" among mountinfo's
-/// optional fields), if something is mounted exactly there.
+/// Whether the topmost mount at `path` is shared ("shared:N" among
+/// mountinfo's optional fields).
 fn is_shared_mount(path: &str) -> bool {
     fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
         .map(|line| line.split(' ').collect::<Vec<_>>())
-        .filter(|fields| fields.len() > 6 && fields[4] == path)
-        .last()
+        .rfind(|fields| fields.len() > 6 && fields[4] == path)
         .is_some_and(|fields| {
             fields[6..]
                 .iter()
