@@ -93,7 +93,9 @@ fn build(out: &Path) -> PathBuf {
     debs.pop().unwrap()
 }
 
-/// The package installed; purged when dropped, whatever the test reached.
+/// The package installed; purged when dropped, whatever the test reached,
+/// and the state directory the test's daemon made (there was none before)
+/// removed even when the purge did not.
 struct Installed;
 
 impl Drop for Installed {
@@ -101,6 +103,7 @@ impl Drop for Installed {
         if status().is_some() {
             let _ = run("dpkg", &["--purge", PACKAGE]);
         }
+        let _ = fs::remove_dir_all(STATE_DIR);
     }
 }
 
