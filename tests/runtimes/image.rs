@@ -340,6 +340,20 @@ fn the_image_run_as_the_daemonset_shows_the_host_its_containers() {
     let _engine = Dockerd::acquire();
     let tagged = Tagged(format!("{}:test", name("image")));
     assert_eq!(build_script(&["--tag", &tagged.0]), tagged.0);
+    assert_eq!(
+        cli(
+            DOCKER,
+            &[
+                "image",
+                "inspect",
+                "-f",
+                "{{len .RootFS.Layers}}",
+                &tagged.0
+            ]
+        ),
+        "1",
+        "the image is one imported layer, on no base image"
+    );
 
     // A container of the host's, running before the daemon starts.
     let host_container = name("host");
