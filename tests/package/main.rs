@@ -275,7 +275,7 @@ fn the_package_installs_runs_and_is_removed_without_a_trace() {
     }
     assert_eq!(
         fs::canonicalize(ENABLED).ok(),
-        fs::canonicalize(UNIT).ok(),
+        Some(fs::canonicalize(UNIT).unwrap()),
         "the unit is enabled: {ENABLED} links to it"
     );
     ok(
