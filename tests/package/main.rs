@@ -107,6 +107,38 @@ impl Drop for Installed {
     }
 }
 
+/// A directory moved out of the way for the test's life, then put back.
+struct SetAside {
+    path: PathBuf,
+    aside: Option<PathBuf>,
+}
+
+impl SetAside {
+    fn new(path: &Path) -> SetAside {
+        let aside = path.exists().then(|| {
+            let aside = path.with_extension(format!("set-aside-{}", std::process::id()));
+            fs::rename(path, &aside)
+                .unwrap_or_else(|e| panic!("setting {} aside: {e}", path.display()));
+            aside
+        });
+        SetAside {
+            path: path.to_path_buf(),
+            aside,
+        }
+    }
+}
+
+impl Drop for SetAside {
+    fn drop(&mut self) {
+        if let Some(aside) = &self.aside {
+            let _ = fs::remove_dir_all(&self.path);
+            if let Err(e) = fs::rename(aside, &self.path) {
+                eprintln!("putting {} back: {e}", self.path.display());
+            }
+        }
+    }
+}
+
 /// The daemon as the unit starts it; stopped (and its mount detached) when
 /// dropped.
 struct Service {
@@ -243,14 +275,10 @@ fn the_package_installs_runs_and_is_removed_without_a_trace() {
         "promtool"
     );
     let _turn = host_lock(HELPER_LOCK);
-    require_host!(match status() {
-        Some(s) => Some(format!(
-            "{PACKAGE} is installed here ({s}): not replacing it"
-        )),
-        None if Path::new(STATE_DIR).exists() =>
-            Some(format!("{STATE_DIR} exists: a purge would remove it")),
-        None => None,
-    });
+    require_host!(status().map(|s| format!("{PACKAGE} is installed here ({s}): not replacing it")));
+    // A purge removes the state directory: one that is there already (a
+    // daemon run from source, by default) is set aside and put back.
+    let _kept = SetAside::new(Path::new(STATE_DIR));
 
     let work = tempfile::tempdir().unwrap();
     let deb = build(work.path());
