@@ -147,6 +147,51 @@ fn the_example_alert_rules_are_valid() {
     assert!(out.status.success() && said.contains("SUCCESS"), "{said}");
 }
 
+/// The shipped cost and anomaly rules: valid, their own tests pass, and
+/// every cgmetric family they read is one a daemon with `--net-class`
+/// serves (a renamed family would leave the rules silently empty).
+#[test]
+fn the_cost_rules_read_families_a_daemon_serves() {
+    require!("promtool");
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("contrib/prometheus/cgmetric-cost.yml");
+    let tests = rules.with_file_name("cgmetric-cost.test.yml");
+    for (command, file) in [("check", &rules), ("test", &tests)] {
+        let out = Command::new("promtool")
+            .args([command, "rules"])
+            .arg(file)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && said.contains("SUCCESS"), "{said}");
+    }
+
+    let parent = Cgroup::parent("cost");
+    let mut a = parent.child("alpha");
+    a.spawn(Command::new("sleep").arg("600"));
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--net-class", "cluster=10.0.0.0/8"]);
+    let prom = daemon.read("metrics.prom");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    // The families read (counters); recorded names hold `:`.
+    let read: std::collections::BTreeSet<&str> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("cgmetric_") && w.ends_with("_total"))
+        .collect();
+    assert!(read.len() >= 2, "{read:?}");
+    for family in read {
+        assert!(
+            prom.contains(&format!("# TYPE {family} counter")),
+            "{family} is not served:\n{prom}"
+        );
+    }
+    // The classes the prices name are the daemon's own and a configured one.
+    for class in ["external", "cluster"] {
+        assert!(prom.contains(&format!("class=\"{class}\"")), "{prom}");
+    }
+}
+
 /// One Kubernetes container as containerd's CRI plugin leaves it: a cgroup
 /// `kubepods…/pod<uid>/<id>` and an OCI bundle whose annotations name it.
 struct PodContainer {
