@@ -765,6 +765,42 @@ fn a_changed_program_is_swapped_into_the_pinned_link() {
     drop(daemon);
 }
 
+/// A restart keeps every link whose program's maps are all still pinned,
+/// and redoes only a link whose map was removed (by hand): that link
+/// counted into a map nobody reads any more. Also how an upgrade that adds
+/// maps keeps the links of the programs it did not change.
+#[test]
+fn a_restart_redoes_only_the_links_whose_maps_were_removed() {
+    require!();
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-relink");
+    let server_cg = parent.child("server");
+    let client_cg = parent.child("client");
+    let glob = format!("{}/*", parent.relative);
+    let args = ["--cgroup", &glob, "--bpf-dir", bpf.arg()];
+    let links = || {
+        [cgmetric_common::PROG_EGRESS, cgmetric_common::PROG_SOCK_OPS]
+            .map(|p| pinned_link(&cgmetric::net::link_pin(&bpf.0, p)).0)
+    };
+    let daemon = Daemon::start(&args);
+    let [egress, sock_ops] = links();
+    drop(daemon);
+    // Only the connection program uses CONN_COUNTERS.
+    std::fs::remove_file(bpf.0.join(cgmetric_common::CONN_COUNTERS_MAP)).unwrap();
+
+    let daemon = Daemon::start(&args);
+    let [egress_after, sock_ops_after] = links();
+    assert_eq!(egress_after, egress, "{}", daemon.stderr());
+    assert_ne!(sock_ops_after, sock_ops, "{}", daemon.stderr());
+    // The new link counts into the new, pinned map.
+    let (server, addr) = server_cg.serve("127.0.0.1", 1);
+    finish(client_cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "1000", "0"])));
+    finish(server);
+    settle();
+    assert_eq!(daemon.number("client/net_connections_total"), 1);
+    assert!(bpf.0.join(cgmetric_common::CONN_COUNTERS_MAP).exists());
+}
+
 #[test]
 fn removed_cgroups_leave_the_maps_and_their_container_keeps_their_counts() {
     require!();
