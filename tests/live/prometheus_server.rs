@@ -71,7 +71,7 @@ impl Stack {
             active = self.prometheus.alerts();
             alerts
                 .iter()
-                .all(|name| state(&active, name, container) == Some("firing"))
+                .all(|alert| state(&active, alert, container) == Some("firing"))
         });
         eprintln!(
             "{alerts:?} firing for {container} after waiting {:?}",
@@ -124,23 +124,23 @@ impl Stack {
     }
 }
 
-/// The state (`pending`, `firing`) of alert `name` for `container`, if
-/// active.
-fn state<'a>(active: &'a [Value], name: &str, container: &str) -> Option<&'a str> {
-    find(active, name, container).and_then(|a| a["state"].as_str())
+/// The state (`pending`, `firing`) of `alert` for the container named
+/// `container` (the `name` label, its directory's name), if active.
+fn state<'a>(active: &'a [Value], alert: &str, container: &str) -> Option<&'a str> {
+    find(active, alert, container).and_then(|a| a["state"].as_str())
 }
 
-fn find<'a>(active: &'a [Value], name: &str, container: &str) -> Option<&'a Value> {
+fn find<'a>(active: &'a [Value], alert: &str, container: &str) -> Option<&'a Value> {
     active
         .iter()
-        .find(|a| a["labels"]["alertname"] == name && a["labels"]["container"] == container)
+        .find(|a| a["labels"]["alertname"] == alert && a["labels"]["name"] == container)
 }
 
 /// The value an active alert's expression had at its last evaluation.
-fn alert_value(active: &[Value], name: &str, container: &str) -> f64 {
-    find(active, name, container)
+fn alert_value(active: &[Value], alert: &str, container: &str) -> f64 {
+    find(active, alert, container)
         .and_then(|a| a["value"].as_str()?.parse().ok())
-        .unwrap_or_else(|| panic!("no value for {name} on {container}: {active:#?}"))
+        .unwrap_or_else(|| panic!("no value for {alert} on {container}: {active:#?}"))
 }
 
 fn limit_cpu(cg: &Cgroup, quota_usec: u64, period_usec: u64) {
@@ -240,11 +240,11 @@ fn cpu_alerts_fire_for_a_container_held_at_its_quota() {
         .prometheus
         .query(&rule("ContainerCPUThrottled"), Some(at))
         .iter()
-        .find(|s| s["metric"]["container"] == "throttled")
+        .find(|s| s["metric"]["name"] == "throttled")
         .map(|s| sample_value(&s["value"]))
         .unwrap_or_else(|| panic!("the throttling rule no longer holds"));
     let samples = stack.prometheus.query(
-        "cgmetric_cpu_periods_total{container=\"throttled\"}[5m]",
+        "cgmetric_cpu_periods_total{name=\"throttled\"}[5m]",
         Some(at),
     );
     assert_eq!(samples.len(), 1, "{samples:#?}");
@@ -278,13 +278,10 @@ fn cpu_alerts_fire_for_a_container_held_at_its_quota() {
     assert!(over <= 1.05, "usage at {over:.3} of the limit");
 
     // The sleeper's series were scraped, and no alert is active for it.
-    assert_eq!(
-        stack.value("cgmetric_cpu_limit_cores{container=\"idle\"}"),
-        1.0
-    );
+    assert_eq!(stack.value("cgmetric_cpu_limit_cores{name=\"idle\"}"), 1.0);
     let active = stack.prometheus.alerts();
     assert!(
-        !active.iter().any(|a| a["labels"]["container"] == "idle"),
+        !active.iter().any(|a| a["labels"]["name"] == "idle"),
         "{active:#?}"
     );
     stack.assert_rules_evaluate();
@@ -372,7 +369,7 @@ fn memory_alert_fires_near_the_limit_and_survives_a_restarted_container() {
         "working set at {ratio:.3} of the limit by Prometheus, {kernel_ratio:.3} by the kernel"
     );
     assert_eq!(
-        stack.value("cgmetric_memory_limit_bytes{container=\"roomy\"}"),
+        stack.value("cgmetric_memory_limit_bytes{name=\"roomy\"}"),
         (256 * MIB) as f64
     );
     assert!(
@@ -398,7 +395,7 @@ fn memory_alert_fires_near_the_limit_and_survives_a_restarted_container() {
         eventually(Duration::from_secs(30), || stack
             .prometheus
             .query(
-                "last_over_time(cgmetric_memory_limit_bytes{container=\"roomy\"}[5s])",
+                "last_over_time(cgmetric_memory_limit_bytes{name=\"roomy\"}[5s])",
                 None
             )
             .len()
@@ -487,7 +484,7 @@ fn rate_of_network_bytes_is_the_traffic_sent() {
         ("cgmetric_network_transmit_bytes_total", "client", &tx_log),
         ("cgmetric_network_receive_bytes_total", "server", &rx_log),
     ] {
-        let selector = format!("{family}{{container=\"{container}\"}}[{window}s]");
+        let selector = format!("{family}{{name=\"{container}\"}}[{window}s]");
         let series = stack.prometheus.query(&selector, Some(end));
         assert_eq!(series.len(), 1, "{selector}: {series:#?}");
         let samples = series[0]["values"].as_array().unwrap();
