@@ -287,8 +287,8 @@ fn cpu_alerts_fire_for_a_container_held_at_its_quota() {
     stack.assert_rules_evaluate();
 }
 
-/// The kernel's working set of `cg` (usage less inactive file pages, as
-/// cgmetric computes it) and its limit file.
+/// The kernel's working set of `cg`: usage less inactive file pages, as
+/// cgmetric computes it.
 fn kernel_working_set(cg: &Cgroup) -> u64 {
     let (usage, inactive) = match cg.is_v1(Controller::Memory) {
         true => (
@@ -385,8 +385,8 @@ fn memory_alert_fires_near_the_limit_and_survives_a_restarted_container() {
 
     // The sleeper's container ends and a new one of the same name starts,
     // as a runtime restarts a container: the ended one's series stay
-    // (`--keep-exited`) beside the new one's, under the same `container`
-    // label. Every rule still evaluates, and the alert still fires.
+    // (`--keep-exited`) beside the new one's, under the same `name` (and
+    // `container`). Every rule still evaluates, and the alert still fires.
     drop(roomy);
     let mut roomy = parent.child("roomy");
     limit_memory(&roomy, 256 * MIB);
@@ -514,12 +514,12 @@ fn rate_of_network_bytes_is_the_traffic_sent() {
         );
         // The two span the same sample instants. What separates them:
         // node_exporter reads the file a little after the instant a scrape
-        // is stamped with (tens of milliseconds; its variation between the
-        // first and last sample is a few percent of a 3 MB/s second at
-        // most), and rate() extrapolating to the window's edges, exactly
-        // when the edge samples are within 1.1 intervals of them, else by
-        // half an interval: a scrape lost at an edge makes it at most
-        // (1.1 - 0.5) / 8 = 7.5% low.
+        // is stamped with (tens of milliseconds, differing between the
+        // first and last sample by well under a tenth of a second: under 2%
+        // of the 5 s or more they span), and rate() extrapolating to the
+        // window's edges, exactly when the edge samples are within 1.1
+        // intervals of them, else by half an interval: a scrape lost at an
+        // edge makes it at most (1.1 - 0.5) / 8 = 7.5% low.
         assert!(
             (rate / truth - 1.0).abs() <= 0.10,
             "rate({selector}) = {rate:.0} B/s, the daemon's counter moved {truth:.0} B/s \
