@@ -122,8 +122,7 @@ fn node_exporter_exports_every_container_from_the_mountpoint() {
 #[test]
 fn the_example_alert_rules_are_valid() {
     require!("promtool");
-    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("contrib/prometheus/cgmetric-alerts.yml");
+    let rules = crate::support::shipped_rules();
     let out = Command::new("promtool")
         .args(["check", "rules"])
         .arg(&rules)

@@ -10,6 +10,7 @@
 //! | [`cgroup`] | [`Cgroup`], [`Nest`], [`host_layout`] |
 //! | [`daemon`] | the [`Daemon`] harness, [`BpfDir`], the workspace's binaries ([`daemon::PREBUILT_ENV`]), mount checks |
 //! | [`net`]    | the `tcp_peer` helper: [`tcp_peer`], [`Cgroup::serve`], [`finish`], [`Sent`] |
+//! | [`prometheus`] | a real Prometheus server scraping node_exporter over a daemon's mountpoint: [`Prometheus`], [`shipped_rules_holding_for`] |
 //! | [`host`]   | host probes ([`rss_kib`], [`cpu_time`], [`cpu_time_outside`], [`fd_targets`], [`map_ids`], ...), [`promtool_check`], [`TestUser`], [`host_lock`] |
 //! | [`timing`] | [`eventually`], [`heavy_turn`], [`reading`], [`Rng`] |
 //! | [`names`]  | [`unique`], [`hex_id`] |
@@ -23,6 +24,7 @@ pub mod gate;
 pub mod host;
 pub mod names;
 pub mod net;
+pub mod prometheus;
 pub mod timing;
 
 pub use cgroup::{host_layout, Cgroup, Nest};
@@ -37,4 +39,5 @@ pub use host::{
 };
 pub use names::{hex_id, unique};
 pub use net::{finish, finish_client, tcp_peer, Sent};
+pub use prometheus::{sample_value, shipped_rules, shipped_rules_holding_for, Prometheus};
 pub use timing::{eventually, heavy_turn, reading, Rng};
