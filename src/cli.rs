@@ -70,6 +70,22 @@ pub struct Options {
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_keep)]
     pub keep_exited: Duration,
 
+    /// The family names and labels of metrics.prom: cgmetric's own
+    /// (`cgmetric_*`), or cAdvisor's for every value cAdvisor has (rules and
+    /// dashboards written for cAdvisor and the kubelet work unchanged; the
+    /// rest keep their `cgmetric_` names).
+    #[arg(long, value_enum, value_name = "NAMES", default_value_t = PrometheusNames::Cgmetric)]
+    pub prometheus_names: PrometheusNames,
+
+    /// Split each container's traffic by the peer's address: NAME=CIDR[,CIDR...]
+    /// (repeatable; IPv4 and IPv6; `+` may stand for `,`, as in a mount -o
+    /// word). Each container then has net_bytes_tx_NAME and net_bytes_rx_NAME,
+    /// plus `loopback` (127.0.0.0/8, ::1) and `external` (peers in no class);
+    /// the classes sum to net_bytes_tx and net_bytes_rx. With none, the
+    /// programs look no address up.
+    #[arg(long = "net-class", value_name = "NAME=CIDR[,CIDR...]")]
+    pub net_classes: Vec<crate::net::NetClass>,
+
     /// Run without eBPF: no network accounting, no net_* files.
     #[arg(long)]
     pub no_ebpf: bool,
@@ -141,6 +157,17 @@ pub struct Options {
 /// Enough for about 290 containers on a v2 host, 270 on a v1 one and 220
 /// on a hybrid one, about 20 MiB of kernel memory at most.
 pub const DEFAULT_OPEN_FILES: usize = 4096;
+
+/// Whose family names and labels `metrics.prom` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrometheusNames {
+    /// `cgmetric_*` families; labels `container`, `namespace`, `pod`,
+    /// `name`, `id` (the runtime's), `image`, `runtime`.
+    Cgmetric,
+    /// cAdvisor's families where it has the value; labels `container`,
+    /// `namespace`, `pod`, `name`, `id` (the cgroup path), `image`.
+    Cadvisor,
+}
 
 /// Reports for people, read from a mounted tree (and the ledger).
 #[derive(Debug, Clone, Subcommand)]
@@ -344,6 +371,16 @@ mod tests {
         assert_eq!(o.keep_exited, Duration::ZERO);
         assert_eq!(o.state_dir, PathBuf::from("/s"));
         assert!(Options::try_parse_from(["cgmetric", "--keep-exited", "a while"]).is_err());
+        assert_eq!(o.prometheus_names, PrometheusNames::Cgmetric);
+    }
+
+    #[test]
+    fn prometheus_names() {
+        let o = Options::try_parse_from(["cgmetric", "--prometheus-names", "cadvisor"]).unwrap();
+        assert_eq!(o.prometheus_names, PrometheusNames::Cadvisor);
+        let o = Options::try_parse_from(["cgmetric", "--prometheus-names", "cgmetric"]).unwrap();
+        assert_eq!(o.prometheus_names, PrometheusNames::Cgmetric);
+        assert!(Options::try_parse_from(["cgmetric", "--prometheus-names", "datadog"]).is_err());
     }
 
     #[test]

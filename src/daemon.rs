@@ -23,7 +23,8 @@ use crate::fs::inode::RESERVED_NAMES;
 use crate::fs::model::Model;
 use crate::ledger::{Ledger, LedgerError};
 use crate::mounts::{mount_at, read_mount_table, statfs, MountEntry, FS_TYPE};
-use crate::net::{Net, NetError};
+use crate::net::class::ClassError;
+use crate::net::{Classes, Net, NetError};
 
 /// FUSE worker threads: a read of a rate may wait one window, and the others
 /// must not queue behind it.
@@ -68,6 +69,8 @@ pub enum DaemonError {
     Discovery(#[from] DiscoveryError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Classes(#[from] ClassError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error("cannot mount {path}: {source}")]
@@ -158,6 +161,7 @@ pub fn run(options: Options) -> Result<(), DaemonError> {
     // The server opens it too; a state directory that cannot be written is
     // the daemon's refusal, one line, before anything is mounted.
     Ledger::open(&options.state_dir)?;
+    Classes::new(&options.net_classes)?;
     if options.no_supervise {
         serve_own_mount(&options, &mountpoint)
     } else {
@@ -195,7 +199,8 @@ impl Server {
             }
             (Some(v2_root), false) => {
                 warn_about_net_cls();
-                Some(Net::start(&options.bpf_dir, v2_root)?)
+                let classes = Classes::new(&options.net_classes)?;
+                Some(Net::start(&options.bpf_dir, v2_root, classes)?)
             }
         };
         let runtimes = MetadataRoots {
@@ -231,6 +236,7 @@ impl Server {
         log::info!("{} containers found", registry.list().len());
         let model = Arc::new(
             Model::new(registry, net.map(Arc::new), options.window, options.private)
+                .with_prometheus_names(options.prometheus_names)
                 .with_lifecycle(Some(ledger), options.keep_exited),
         );
         // Before anything is swept: what ended while no daemon (or server)

@@ -5,8 +5,9 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
+use crate::cli::PrometheusNames;
 use crate::containers::registry::Metered;
-use crate::metrics::{MetricDef, Sample, Scale, Value, METRICS};
+use crate::metrics::{ClassMetricDef, MetricDef, Sample, Scale, Value, CLASS_METRICS, METRICS};
 
 /// A single-value file: the value and a newline.
 pub fn value_file(value: Value) -> String {
@@ -22,6 +23,12 @@ pub fn container_metrics(sample: &Sample) -> String {
         push_value(&mut out, value);
         out.push('\n');
     }
+    for (file, value) in sample.class_files() {
+        out.push_str(&file);
+        out.push(' ');
+        push_count(&mut out, value);
+        out.push('\n');
+    }
     out
 }
 
@@ -33,6 +40,14 @@ pub fn metric_lines(out: &mut String, name: &str, sample: &Sample) {
         out.push_str(def.file);
         out.push(' ');
         push_value(out, value);
+        out.push('\n');
+    }
+    for (file, value) in sample.class_files() {
+        out.push_str(name);
+        out.push('_');
+        out.push_str(&file);
+        out.push(' ');
+        push_count(out, value);
         out.push('\n');
     }
 }
@@ -65,8 +80,10 @@ fn push_fixed(out: &mut String, n: u64, digits: u32) {
 }
 
 /// Every container's metrics in Prometheus text format: one family per
-/// catalogue row, HELP and TYPE once, a `container`, `id` and `runtime`
-/// label on every series, no timestamps.
+/// catalogue row, HELP and TYPE once, the container's labels (see
+/// [`label_set`]) on every series, no timestamps. With `names` cAdvisor, a
+/// row cAdvisor has is rendered under cAdvisor's family, with its labels and
+/// its way of writing an unset limit (see [`Family`]).
 ///
 /// The containers that ended lately (`exited`) keep their series, with the
 /// labels they had, so that each series goes on to its final value. Should
@@ -77,12 +94,13 @@ pub fn prometheus(
     exited: &[(Arc<Metered>, Sample)],
     ebpf_health: Option<[u64; 3]>,
     ledger_write_errors: Option<u64>,
+    names: PrometheusNames,
 ) -> String {
     // Each container's labels are escaped once, not once a series.
-    let mut labels: Vec<String> = live.iter().map(|(c, _)| label_set(c)).collect();
+    let mut labels: Vec<String> = live.iter().map(|(c, _)| label_set(c, names)).collect();
     let taken: std::collections::HashSet<String> = labels.iter().cloned().collect();
     for (c, _) in exited {
-        let mut set = label_set(c);
+        let mut set = label_set(c, names);
         if taken.contains(&set) {
             set.push_str(",state=\"exited\"");
         }
@@ -106,16 +124,27 @@ pub fn prometheus(
         if series.peek().is_none() {
             continue;
         }
-        family_header(&mut out, def);
+        let family = Family::of(def, names);
+        family_header(&mut out, def, &family);
         for (labels, value) in series {
-            out.push_str("cgmetric_");
-            out.push_str(def.prom);
+            out.push_str(family.prefix);
+            out.push_str(family.name);
             out.push('{');
             out.push_str(labels);
+            if !family.labels.is_empty() {
+                out.push(',');
+                out.push_str(family.labels);
+            }
             out.push_str("} ");
-            write_prom_value(&mut out, value, def.scale);
+            match value {
+                Value::Max if family.unset_as_zero => out.push('0'),
+                value => write_prom_value(&mut out, value, def.scale),
+            }
             out.push('\n');
         }
+    }
+    for def in &CLASS_METRICS {
+        class_family(&mut out, def, samples.iter().map(|(_, s)| s).zip(&labels));
     }
     if let Some(health) = ebpf_health {
         ebpf_health_family(&mut out, health);
@@ -130,6 +159,34 @@ pub fn prometheus(
         let _ = writeln!(out, "cgmetric_ledger_write_errors_total {errors}");
     }
     out
+}
+
+/// One per-class family: a series per container and class, the class as a
+/// label.
+fn class_family<'a>(
+    out: &mut String,
+    def: &ClassMetricDef,
+    samples: impl Iterator<Item = (&'a Sample, &'a String)>,
+) {
+    let mut header = false;
+    for (sample, labels) in samples {
+        for class in &sample.classes {
+            if !header {
+                let _ = writeln!(out, "# HELP cgmetric_{} {}", def.prom, def.help);
+                let _ = writeln!(out, "# TYPE cgmetric_{} counter", def.prom);
+                header = true;
+            }
+            out.push_str("cgmetric_");
+            out.push_str(def.prom);
+            out.push('{');
+            out.push_str(labels);
+            out.push_str(",class=\"");
+            write_escaped(out, &class.class);
+            out.push_str("\"} ");
+            push_count(out, (def.pick)(class));
+            out.push('\n');
+        }
+    }
 }
 
 /// Events the eBPF programs could not count, so that an undercount is seen.
@@ -152,23 +209,85 @@ fn ebpf_health_family(out: &mut String, health: [u64; 3]) {
     }
 }
 
-fn family_header(out: &mut String, def: &MetricDef) {
+/// The family a catalogue row is rendered under.
+struct Family {
+    prefix: &'static str,
+    name: &'static str,
+    /// The family's own labels, rendered, after the container's.
+    labels: &'static str,
+    /// Whether an unset limit reads 0 instead of `+Inf`.
+    unset_as_zero: bool,
+}
+
+impl Family {
+    /// cAdvisor's family where asked for and cAdvisor has the value, the
+    /// row's `cgmetric_` family otherwise: a value cAdvisor lacks is not
+    /// dropped.
+    fn of(def: &MetricDef, names: PrometheusNames) -> Family {
+        match (names, def.cadvisor) {
+            (PrometheusNames::Cadvisor, Some(c)) => Family {
+                prefix: "",
+                name: c.family,
+                labels: c.labels,
+                unset_as_zero: c.unset_as_zero,
+            },
+            _ => Family {
+                prefix: "cgmetric_",
+                name: def.prom,
+                labels: "",
+                unset_as_zero: false,
+            },
+        }
+    }
+}
+
+fn family_header(out: &mut String, def: &MetricDef, family: &Family) {
     let kind = match def.kind {
         crate::metrics::PromType::Counter => "counter",
         crate::metrics::PromType::Gauge => "gauge",
     };
-    let _ = writeln!(out, "# HELP cgmetric_{} {}", def.prom, def.help);
-    let _ = writeln!(out, "# TYPE cgmetric_{} {kind}", def.prom);
+    let (prefix, name) = (family.prefix, family.name);
+    let help = def.help;
+    let _ = writeln!(out, "# HELP {prefix}{name} {help}");
+    let _ = writeln!(out, "# TYPE {prefix}{name} {kind}");
 }
 
-/// `container="…",id="…",runtime="…"`, escaped.
-fn label_set(container: &Metered) -> String {
+/// A container's labels, escaped: the ones cAdvisor and the kubelet give
+/// the same container, so that rules and dashboards can move between them.
+///
+/// - `container`: the Kubernetes container name (as the kubelet labels it),
+///   or the directory name for a container Kubernetes does not run;
+/// - `namespace`, `pod`: Kubernetes containers only;
+/// - `name`: the directory name, unique on the host at any time (cAdvisor's
+///   `name` is the runtime's name for it), so the key to join series on;
+/// - `id`: the runtime's container id (the cgroup's for `--cgroup` ones);
+///   with cAdvisor's names, the cgroup path, as cAdvisor's `id` is;
+/// - `image`: where the runtime records it;
+/// - `runtime`, with cgmetric's names only (cAdvisor has no such label).
+///
+/// Each is one value for the container's whole life: the labels add no
+/// series beyond one set per container.
+fn label_set(container: &Metered, names: PrometheusNames) -> String {
+    let identity = &container.identity;
+    let k8s = identity.kubernetes.as_ref();
+    let cadvisor = names == PrometheusNames::Cadvisor;
+    let cgroup_path = cadvisor.then(|| format!("/{}", container.cgroup.display()));
+    let id = cgroup_path.as_deref().unwrap_or(container.id.as_str());
+    let labels = [
+        (
+            "container",
+            Some(k8s.map_or(container.name.as_str(), |k| k.container.as_str())),
+        ),
+        ("namespace", k8s.map(|k| k.namespace.as_str())),
+        ("pod", k8s.map(|k| k.pod.as_str())),
+        ("name", Some(container.name.as_str())),
+        ("id", Some(id)),
+        ("image", identity.image.as_deref()),
+        ("runtime", (!cadvisor).then_some(container.runtime)),
+    ];
     let mut out = String::new();
-    for (name, value) in [
-        ("container", container.name.as_str()),
-        ("id", container.id.as_str()),
-        ("runtime", container.runtime),
-    ] {
+    for (name, value) in labels {
+        let Some(value) = value else { continue };
         if !out.is_empty() {
             out.push(',');
         }
@@ -275,14 +394,15 @@ mod tests {
             // Gone for good.
             (c(2, "job", "2"), sample()),
         ];
-        let text = prometheus(&live, &exited, None, Some(3));
+        let text = prometheus(&live, &exited, None, Some(3), PrometheusNames::Cgmetric);
         let series =
             |labels: &str| format!("cgmetric_cpu_usage_seconds_total{{{labels}}} 2.500001\n");
-        assert!(text.contains(&series("container=\"web\",id=\"1\",runtime=\"cgroup\"")));
+        let web = "container=\"web\",name=\"web\",id=\"1\",runtime=\"cgroup\"";
+        assert!(text.contains(&series(web)));
+        assert!(text.contains(&series(&format!("{web},state=\"exited\""))));
         assert!(text.contains(&series(
-            "container=\"web\",id=\"1\",runtime=\"cgroup\",state=\"exited\""
+            "container=\"job\",name=\"job\",id=\"2\",runtime=\"cgroup\""
         )));
-        assert!(text.contains(&series("container=\"job\",id=\"2\",runtime=\"cgroup\"")));
         assert_eq!(text.matches("cgmetric_cpu_usage_seconds_total{").count(), 3);
         assert_eq!(
             text.matches("# TYPE cgmetric_cpu_usage_seconds_total counter\n")
@@ -290,7 +410,121 @@ mod tests {
             1
         );
         assert!(text.ends_with("cgmetric_ledger_write_errors_total 3\n"));
-        assert!(!prometheus(&live, &[], None, None).contains("ledger"));
+        assert!(!prometheus(&live, &[], None, None, PrometheusNames::Cgmetric).contains("ledger"));
+    }
+
+    #[test]
+    fn kubernetes_containers_are_labelled_as_the_kubelet_labels_them() {
+        use crate::containers::runtime::{Identity, Kubernetes};
+        let mut nginx = Metered::named(0, "shop_web-7d4f_nginx", "b1");
+        nginx.identity = Identity {
+            kubernetes: Some(Kubernetes {
+                namespace: "shop".into(),
+                pod: "web-7d4f".into(),
+                container: "nginx".into(),
+            }),
+            image: Some("docker.io/library/nginx:1.27".into()),
+        };
+        let mut cache = Metered::named(1, "cache", "d1");
+        cache.identity.image = Some("redis \"7\"".into());
+        let text = prometheus(
+            &[(Arc::new(nginx), sample()), (Arc::new(cache), sample())],
+            &[],
+            None,
+            None,
+            PrometheusNames::Cgmetric,
+        );
+        assert!(text.contains(
+            "cgmetric_cpu_usage_seconds_total{container=\"nginx\",namespace=\"shop\",\
+             pod=\"web-7d4f\",name=\"shop_web-7d4f_nginx\",id=\"b1\",\
+             image=\"docker.io/library/nginx:1.27\",runtime=\"cgroup\"} 2.500001\n"
+        ));
+        // Not Kubernetes: no namespace or pod, the container label is the
+        // directory name; an image is escaped as any label value.
+        assert!(text.contains(
+            "cgmetric_cpu_usage_seconds_total{container=\"cache\",name=\"cache\",id=\"d1\",\
+             image=\"redis \\\"7\\\"\",runtime=\"cgroup\"} 2.500001\n"
+        ));
+    }
+
+    #[test]
+    fn cadvisor_names_units_labels_and_unset_limits() {
+        use crate::containers::runtime::{Identity, Kubernetes};
+        let mut app = Metered::named(0, "shop_api-1_app", "b1");
+        app.identity = Identity {
+            kubernetes: Some(Kubernetes {
+                namespace: "shop".into(),
+                pod: "api-1".into(),
+                container: "app".into(),
+            }),
+            image: Some("shop/api:2".into()),
+        };
+        let mut s = sample();
+        s.set(M::PidsCurrent, Some(3));
+        s.set_value(M::PidsLimit, Value::Max);
+        let text = prometheus(
+            &[(Arc::new(app), s)],
+            &[],
+            Some([0, 0, 0]),
+            Some(0),
+            PrometheusNames::Cadvisor,
+        );
+        // cAdvisor's `id` is the cgroup path; there is no `runtime` label.
+        let labels = "container=\"app\",namespace=\"shop\",pod=\"api-1\",\
+                      name=\"shop_api-1_app\",id=\"/t/shop_api-1_app\",image=\"shop/api:2\"";
+        for line in [
+            "# TYPE container_cpu_usage_seconds_total counter\n".to_string(),
+            format!("container_cpu_usage_seconds_total{{{labels},cpu=\"total\"}} 2.500001\n"),
+            // cAdvisor writes an unset limit as 0.
+            format!("container_spec_memory_limit_bytes{{{labels}}} 0\n"),
+            format!("container_threads{{{labels}}} 3\n"),
+            format!("container_threads_max{{{labels}}} 0\n"),
+            // What cAdvisor has no family for keeps its own.
+            format!("cgmetric_cpu_usage_cores{{{labels}}} 1.500\n"),
+            "cgmetric_ebpf_uncounted_total{reason=\"traffic_map_full\"} 0\n".to_string(),
+        ] {
+            assert!(text.contains(&line), "{line}not in\n{text}");
+        }
+        assert!(!text.contains("cgmetric_cpu_usage_seconds_total"), "{text}");
+        assert!(!text.contains("runtime="), "{text}");
+    }
+
+    #[test]
+    fn classes_are_files_and_a_labelled_family() {
+        let mut s = Sample::default();
+        s.set(M::NetBytesTx, Some(30));
+        s.classes = vec![
+            crate::metrics::ClassBytes {
+                class: "lan".into(),
+                tx: 10,
+                rx: 1,
+            },
+            crate::metrics::ClassBytes {
+                class: "external".into(),
+                tx: 20,
+                rx: 2,
+            },
+        ];
+        assert_eq!(
+            container_metrics(&s),
+            "net_bytes_tx 30\nnet_bytes_tx_lan 10\nnet_bytes_tx_external 20\n\
+             net_bytes_rx_lan 1\nnet_bytes_rx_external 2\n"
+        );
+        let c = Arc::new(Metered::named(0, "web", "1"));
+        let text = prometheus(&[(c, s)], &[], None, None, PrometheusNames::Cgmetric);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cgmetric_network_class_transmit_bytes_total{"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.contains("name=\"web\"") && line.ends_with(",class=\"lan\"} 10"),
+            "{line}"
+        );
+        assert_eq!(
+            text.matches("# TYPE cgmetric_network_class_receive_bytes_total counter")
+                .count(),
+            1
+        );
     }
 
     #[test]

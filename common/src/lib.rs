@@ -19,13 +19,30 @@ pub const SOCKETS_MAP: &str = "SOCKETS";
 /// Hash: container cgroup id → [`Retired`]. Written only by user space.
 pub const RETIRED_MAP: &str = "RETIRED";
 
+/// LPM trie: peer address (IPv6, IPv4 mapped: [`class_prefix_v4`]) →
+/// class ([`class_id`]).
+/// Written only by user space (`--net-class`).
+pub const NET_CLASSES_MAP: &str = "NET_CLASSES";
+/// Per-CPU hash: [`ClassKey`] → [`ClassCounters`].
+pub const CLASS_COUNTERS_MAP: &str = "CLASS_COUNTERS";
+/// Hash: [`ClassKey`] of a container → [`ClassCounters`] its removed
+/// descendants left. Written only by user space.
+pub const RETIRED_CLASSES_MAP: &str = "RETIRED_CLASSES";
+/// Array of one `u32`: non-zero when classes are configured, so that with
+/// none the programs look no address up.
+pub const NET_CONFIG_MAP: &str = "NET_CONFIG";
+
 /// The maps a restart must find pinned to reuse the attached programs.
-pub const PINNED_MAPS: [&str; 5] = [
+pub const PINNED_MAPS: [&str; 9] = [
     NET_COUNTERS_MAP,
     CONN_COUNTERS_MAP,
     HEALTH_MAP,
     SOCKETS_MAP,
     RETIRED_MAP,
+    NET_CLASSES_MAP,
+    CLASS_COUNTERS_MAP,
+    RETIRED_CLASSES_MAP,
+    NET_CONFIG_MAP,
 ];
 
 /// Program names (the eBPF functions), as user space finds them.
@@ -37,6 +54,59 @@ pub const PROG_SOCK_OPS: &str = "track_connections";
 /// How many cgroups the counter maps hold. A full map is counted in
 /// [`health::NET_MAP_FULL`] / [`health::CONN_MAP_FULL`], never a crash.
 pub const MAX_CGROUPS: u32 = 16384;
+
+/// How many prefixes the classes may hold between them.
+pub const MAX_CLASS_PREFIXES: u32 = 4096;
+
+/// The name of the class the daemon adds for loopback peers (127.0.0.0/8,
+/// ::1).
+pub const LOOPBACK_CLASS: &str = "loopback";
+
+/// A class's id in the maps: a hash of its name (FNV-1a, 64 bits), so that
+/// counts stay with a name when the classes are reordered or changed
+/// between starts, and need no table kept in step.
+pub const fn class_id(name: &str) -> u64 {
+    let bytes = name.as_bytes();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// An address as the class trie holds it: IPv6, with IPv4 as IPv4-mapped
+/// (`::ffff:a.b.c.d`), so one trie serves both. Returns the bytes and the
+/// prefix length that `prefix_len` bits of the original address become.
+pub const fn class_prefix_v4(addr: [u8; 4], prefix_len: u32) -> ([u8; 16], u32) {
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12] = addr[0];
+    out[13] = addr[1];
+    out[14] = addr[2];
+    out[15] = addr[3];
+    (out, 96 + prefix_len)
+}
+
+/// A container's (or cgroup's) counters for one class.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClassKey {
+    pub cgroup: u64,
+    pub class: u64,
+}
+
+/// Bytes to and from the peers of one class, counted as [`NetCounters`]
+/// counts them.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClassCounters {
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+}
 
 /// IP traffic of one cgroup's sockets.
 #[repr(C)]
@@ -83,7 +153,8 @@ pub struct Retired {
 
 /// Indices of the health counters.
 pub mod health {
-    /// Packets not counted because the traffic map was full.
+    /// Packets not counted because the traffic map was full, or not split
+    /// by class because the class map was.
     pub const NET_MAP_FULL: u32 = 0;
     /// Connection events not counted because the connection map was full.
     pub const CONN_MAP_FULL: u32 = 1;
@@ -100,4 +171,6 @@ mod user {
     unsafe impl aya::Pod for super::ConnCounters {}
     unsafe impl aya::Pod for super::SocketState {}
     unsafe impl aya::Pod for super::Retired {}
+    unsafe impl aya::Pod for super::ClassKey {}
+    unsafe impl aya::Pod for super::ClassCounters {}
 }

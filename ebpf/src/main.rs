@@ -9,6 +9,11 @@
 //! - `track_connections` (sock_ops): established (both sides), closed with
 //!   lifetime, retransmits, attributed through that socket storage.
 //!
+//! - With `--net-class` configured, `count_egress` / `count_ingress` also
+//!   look the peer address up in a trie and count the bytes under the
+//!   peer's class; peers in no class are the rest of the totals (user space
+//!   derives `external`), so the classes sum to the totals exactly.
+//!
 //! Counters are per-CPU and added atomically, so a softirq interrupting a
 //! program on the same CPU loses nothing.
 
@@ -30,9 +35,13 @@ use aya_ebpf::bindings::{
 };
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id};
 use aya_ebpf::macros::{cgroup_skb, cgroup_sock, map, sock_ops};
-use aya_ebpf::maps::{HashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::{SkBuffContext, SockContext, SockOpsContext};
-use cgmetric_common::{health, ConnCounters, NetCounters, Retired, SocketState, MAX_CGROUPS};
+use cgmetric_common::{
+    health, ClassCounters, ClassKey, ConnCounters, NetCounters, Retired, SocketState,
+    MAX_CGROUPS, MAX_CLASS_PREFIXES,
+};
 
 use crate::sk_storage::SkStorage;
 
@@ -54,6 +63,19 @@ static HEALTH: PerCpuArray<u64> = PerCpuArray::pinned(health::COUNT, 0);
 #[map]
 static RETIRED: HashMap<u64, Retired> = HashMap::pinned(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 
+#[map]
+static NET_CLASSES: LpmTrie<[u8; 16], u64> = LpmTrie::pinned(MAX_CLASS_PREFIXES, 0);
+// A cgroup's entries for the classes its traffic met; a class per cgroup
+// is rarely more than a few.
+#[map]
+static CLASS_COUNTERS: PerCpuHashMap<ClassKey, ClassCounters> =
+    PerCpuHashMap::pinned(MAX_CGROUPS * 4, BPF_F_NO_PREALLOC);
+#[map]
+static RETIRED_CLASSES: HashMap<ClassKey, ClassCounters> =
+    HashMap::pinned(MAX_CGROUPS * 4, BPF_F_NO_PREALLOC);
+#[map]
+static NET_CONFIG: Array<u32> = Array::pinned(1, 0);
+
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".maps")]
 static SOCKETS: SkStorage<SocketState> = SkStorage::new();
@@ -74,16 +96,16 @@ fn note(index: u32) {
     }
 }
 
-/// This CPU's counters of `cgroup`, created on first use; `None` (and a
+/// This CPU's counters under `key`, created on first use; `None` (and a
 /// health note) when the map is full.
-fn counters<V: Default>(map: &PerCpuHashMap<u64, V>, cgroup: u64, full: u32) -> Option<&mut V> {
-    if let Some(value) = map.get_ptr_mut(&cgroup) {
+fn counters<K, V: Default>(map: &PerCpuHashMap<K, V>, key: K, full: u32) -> Option<&mut V> {
+    if let Some(value) = map.get_ptr_mut(&key) {
         // SAFETY: lookup results stay valid for the program's run.
         return Some(unsafe { &mut *value });
     }
     // Another CPU may insert first (EEXIST): either way, look again.
-    let _ = map.insert(&cgroup, &V::default(), BPF_NOEXIST.into());
-    match map.get_ptr_mut(&cgroup) {
+    let _ = map.insert(&key, &V::default(), BPF_NOEXIST.into());
+    match map.get_ptr_mut(&key) {
         // SAFETY: as above.
         Some(value) => Some(unsafe { &mut *value }),
         None => {
@@ -117,6 +139,42 @@ fn count_packet(ctx: &SkBuffContext, egress: bool) {
     } else {
         add(&mut c.rx_bytes, bytes);
         add(&mut c.rx_packets, packets);
+    }
+    if NET_CONFIG.get(0).is_some_and(|on| *on != 0) {
+        count_class(ctx, cgroup, egress, bytes);
+    }
+}
+
+/// Adds `bytes` to the class of the packet's peer, if it has one. The same
+/// bytes as the totals, so the classes and the rest sum to them exactly.
+fn count_class(ctx: &SkBuffContext, cgroup: u64, egress: bool, bytes: u64) {
+    let Some(peer) = peer_address(ctx, egress) else {
+        return;
+    };
+    let Some(&class) = NET_CLASSES.get(&Key::new(128, peer)) else {
+        return;
+    };
+    let key = ClassKey { cgroup, class };
+    let Some(c) = counters(&CLASS_COUNTERS, key, health::NET_MAP_FULL) else {
+        return;
+    };
+    match egress {
+        true => add(&mut c.tx_bytes, bytes),
+        false => add(&mut c.rx_bytes, bytes),
+    }
+}
+
+/// The peer's address, as the class trie holds addresses (IPv4 mapped into
+/// IPv6): the destination of what leaves, the source of what arrives.
+fn peer_address(ctx: &SkBuffContext, egress: bool) -> Option<[u8; 16]> {
+    let first: u8 = ctx.load(0).ok()?;
+    match first >> 4 {
+        4 => {
+            let v4: [u8; 4] = ctx.load(if egress { 16 } else { 12 }).ok()?;
+            Some(cgmetric_common::class_prefix_v4(v4, 32).0)
+        }
+        6 => ctx.load(if egress { 24 } else { 8 }).ok(),
+        _ => None,
     }
 }
 

@@ -31,7 +31,9 @@ fn main() -> ExitCode {
              fstab: cgmetric /run/cgmetric cgmetric cgroup=tenants/*,nofail 0 0\n\n\
              OPTIONS mirror cgmetric's long options: cgroup=GLOB (repeatable), docker_root=DIR,\n\
              containerd_state=DIR, containers_storage=DIR, cgroup_root=DIR, bpf_dir=DIR,\n\
-             state_dir=DIR, keep_exited=DURATION, window=DURATION, fuse_spin=DURATION, no_fuse_uring, no_supervise, takeover, open_files=N, no_ebpf, private. Generic mount words (defaults, nofail, x-*) are ignored.\n\
+             state_dir=DIR, keep_exited=DURATION, net_class=NAME=CIDR[+CIDR...] (repeatable),\n\
+             window=DURATION, fuse_spin=DURATION, no_fuse_uring, no_supervise, takeover, open_files=N,\n\
+             prometheus_names=cgmetric|cadvisor, no_ebpf, private. Generic mount words (defaults, nofail, x-*) are ignored.\n\
              The daemon logs to {LOG_DIR}/<mountpoint>.log; umount ends it."
         );
         return ExitCode::SUCCESS;

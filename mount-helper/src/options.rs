@@ -59,9 +59,11 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("bpf_dir", true),
     ("state_dir", true),
     ("keep_exited", true),
+    ("net_class", true),
     ("window", true),
     ("fuse_spin", true),
     ("open_files", true),
+    ("prometheus_names", true),
     ("no_ebpf", false),
     ("no_fuse_uring", false),
     ("no_supervise", false),
@@ -192,12 +194,19 @@ mod tests {
         );
         assert!(!r.fake && !r.verbose);
         let r = parse(&args(
-            "cgmetric /mnt -o state_dir=/var/lib/billing,keep_exited=15m",
+            "cgmetric /mnt -o state_dir=/var/lib/billing,keep_exited=15m,prometheus_names=cadvisor",
         ))
         .unwrap();
         assert_eq!(
             r.daemon_args,
-            ["--state-dir", "/var/lib/billing", "--keep-exited", "15m"]
+            [
+                "--state-dir",
+                "/var/lib/billing",
+                "--keep-exited",
+                "15m",
+                "--prometheus-names",
+                "cadvisor"
+            ]
         );
     }
 

@@ -15,7 +15,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use parking_lot::Mutex;
 
 use crate::cgroup::Layout;
-use crate::containers::runtime::{classify, MetadataRoots, Resolution, Runtime};
+use crate::containers::runtime::{classify, Identity, MetadataRoots, Resolution, Runtime};
 use crate::containers::watch::{Change, Watcher};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,9 @@ pub struct Found {
     /// id is their cgroup's.
     pub id: Option<String>,
     pub runtime: &'static str,
+    /// What its runtime records besides the name (Kubernetes identity,
+    /// image); empty for `--cgroup` containers.
+    pub identity: Identity,
 }
 
 /// How often cgroups are walked when inotify cannot follow them all.
@@ -156,7 +159,7 @@ impl Discovery {
                 // First seen: discovery has just resolved its name.
                 _ => continue,
             }
-            if let Resolution::Named(name, _) = roots.resolve(runtime, id) {
+            if let Resolution::Named(name, _, _) = roots.resolve(runtime, id) {
                 renamed.push((cgroup.clone(), sanitize(&name)));
             }
         }
@@ -390,6 +393,7 @@ impl Discovery {
                 cgroup: cgroup.to_path_buf(),
                 id: None,
                 runtime: "cgroup",
+                identity: Identity::default(),
             });
         }
         let Some(roots) = &self.runtimes else {
@@ -402,8 +406,8 @@ impl Discovery {
         let Some((runtime, id)) = classify(cgroup) else {
             return Class::Plain;
         };
-        let (name, runtime) = match roots.resolve(runtime, &id) {
-            Resolution::Named(name, runtime) => (sanitize(&name), runtime),
+        let (name, identity, runtime) = match roots.resolve(runtime, &id) {
+            Resolution::Named(name, identity, runtime) => (sanitize(&name), identity, runtime),
             Resolution::Sandbox => return Class::Skipped,
             Resolution::Unknown(why) => {
                 if reported.insert(id.clone()) {
@@ -413,7 +417,7 @@ impl Discovery {
                         &id[..12]
                     );
                 }
-                (id[..12].to_string(), runtime)
+                (id[..12].to_string(), Identity::default(), runtime)
             }
         };
         Class::Container(Found {
@@ -421,6 +425,7 @@ impl Discovery {
             name,
             id: Some(id),
             runtime: runtime.name(),
+            identity,
         })
     }
 }

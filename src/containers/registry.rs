@@ -19,6 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::cgroup::kept::{Budget, KeptFiles};
 use crate::cgroup::{CgroupDirs, Layout};
 use crate::containers::discovery::{Discovery, Event, Found};
+use crate::containers::runtime::Identity;
 use crate::metrics::MetricId;
 
 pub type Slot = u64;
@@ -38,6 +39,9 @@ pub struct Metered {
     /// Path relative to the hierarchy roots.
     pub cgroup: PathBuf,
     pub runtime: &'static str,
+    /// What its runtime records besides the name: its labels in
+    /// `metrics.prom`.
+    pub identity: Identity,
     /// The owner (uid, gid) of the cgroup directory when it was found.
     pub owner: (u32, u32),
     pub dirs: CgroupDirs,
@@ -74,6 +78,7 @@ impl Metered {
             id,
             cgroup,
             runtime,
+            identity: Identity::default(),
             owner: dirs.owner().unwrap_or((0, 0)),
             dirs,
             kept,
@@ -102,9 +107,11 @@ impl Metered {
     }
 
     /// The same container as `old`, found again: first seen when `old` was,
-    /// and with `old`'s v2 id if its v2 directory is gone now.
+    /// with what its runtime recorded (a rename changes only the name), and
+    /// with `old`'s v2 id if its v2 directory is gone now.
     fn succeeding(mut self, old: &Metered) -> Self {
         self.first_seen = old.first_seen;
+        self.identity = old.identity.clone();
         self.net_id = self.net_id.or(old.net_id);
         self
     }
@@ -327,7 +334,7 @@ impl Registry {
         while inner.by_slot.contains_key(&slot) {
             slot = (slot + 1) % (1 << crate::cgroup::KEY_BITS);
         }
-        let container = Arc::new(Metered::new(
+        let mut container = Metered::new(
             slot,
             name.clone(),
             id,
@@ -335,7 +342,9 @@ impl Registry {
             found.runtime,
             dirs,
             KeptFiles::with_budget(self.budget.clone()),
-        ));
+        );
+        container.identity = found.identity;
+        let container = Arc::new(container);
         inner.by_cgroup.insert(found.cgroup, slot);
         inner.by_slot.insert(slot, container.clone());
         inner.by_name.insert(name, container);
@@ -575,6 +584,7 @@ mod tests {
             name: name.into(),
             id: None,
             runtime: "cgroup",
+            identity: Identity::default(),
         })
     }
 

@@ -10,6 +10,16 @@
 //!
 //! Kubernetes containers are named `<namespace>_<pod>_<container>`; pause
 //! (sandbox) containers are not containers here.
+//!
+//! The same files say who a container is to Kubernetes and which image it
+//! runs ([`Identity`]), for the labels of `metrics.prom`:
+//!
+//! | runtime | Kubernetes namespace, pod, container | image |
+//! |---|---|---|
+//! | Docker (cri-dockerd, dockershim) | `Config.Labels` `io.kubernetes.pod.namespace`, `io.kubernetes.pod.name`, `io.kubernetes.container.name` | `Config.Image` |
+//! | containerd | annotations `io.kubernetes.cri.sandbox-namespace`, `-sandbox-name`, `-container-name` | annotation `io.kubernetes.cri.image-name` |
+//! | CRI-O | annotations `io.kubernetes.pod.namespace`, `io.kubernetes.pod.name`, `io.kubernetes.container.name` | annotation `io.kubernetes.cri-o.ImageName` |
+//! | Podman | (none: its labels live in its database) | `containers.json` `metadata` `image-name` |
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +54,14 @@ impl Runtime {
         }
     }
 }
+
+/// The labels (Docker) and annotations (CRI-O) under which the CRI records
+/// a container's pod namespace, pod name and container name.
+const CRI_LABELS: [&str; 3] = [
+    "io.kubernetes.pod.namespace",
+    "io.kubernetes.pod.name",
+    "io.kubernetes.container.name",
+];
 
 /// A container id as runtimes write them: hex, 12 to 64 characters.
 fn is_id(text: &str) -> bool {
@@ -97,11 +115,60 @@ pub fn classify(cgroup: &Path) -> Option<(Runtime, String)> {
     None
 }
 
+/// Who a container is to Kubernetes: its pod's namespace and name, and its
+/// own name in the pod spec.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Kubernetes {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
+impl Kubernetes {
+    /// From the three values, all present and non-empty: a container with
+    /// only some of them is not one Kubernetes runs.
+    fn from_values([namespace, pod, container]: [Option<&str>; 3]) -> Option<Kubernetes> {
+        let value = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_string);
+        Some(Kubernetes {
+            namespace: value(namespace)?,
+            pod: value(pod)?,
+            container: value(container)?,
+        })
+    }
+
+    /// The name a Kubernetes container asks for as a directory.
+    fn directory_name(&self) -> String {
+        format!("{}_{}_{}", self.namespace, self.pod, self.container)
+    }
+}
+
+/// What the runtime records about a container besides its name: the labels
+/// it gets in `metrics.prom`. One value each, fixed for the container's life,
+/// so they add no series of their own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub kubernetes: Option<Kubernetes>,
+    /// The image as the runtime was asked for it (`busybox`,
+    /// `docker.io/library/nginx:1.27`).
+    pub image: Option<String>,
+}
+
+/// A JSON string that is there and not empty.
+fn text(value: &Json) -> Option<String> {
+    value.as_str().filter(|v| !v.is_empty()).map(str::to_string)
+}
+
+/// The value of each key of `keys` in the JSON object `map`.
+fn values<'a>(map: &'a Json, keys: [&str; 3]) -> [Option<&'a str>; 3] {
+    keys.map(|key| map[key].as_str())
+}
+
 /// What the runtime's files say about a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolution {
-    /// Its name, and the runtime that turned out to own it.
-    Named(String, Runtime),
+    /// Its name, what else its runtime records, and the runtime that turned
+    /// out to own it.
+    Named(String, Identity, Runtime),
     /// A pause/sandbox container: not listed.
     Sandbox,
     /// No usable metadata: the reason, for one log line.
@@ -159,8 +226,16 @@ impl MetadataRoots {
             Ok(config) => config,
             Err(why) => return Resolution::Unknown(why),
         };
+        // cri-dockerd (and dockershim before it) put the pod's identity in
+        // the labels of the containers it creates.
+        let identity = Identity {
+            kubernetes: Kubernetes::from_values(values(&config["Config"]["Labels"], CRI_LABELS)),
+            image: text(&config["Config"]["Image"]),
+        };
         match config["Name"].as_str().map(|n| n.trim_start_matches('/')) {
-            Some(name) if !name.is_empty() => Resolution::Named(name.to_string(), Runtime::Docker),
+            Some(name) if !name.is_empty() => {
+                Resolution::Named(name.to_string(), identity, Runtime::Docker)
+            }
             _ => Resolution::Unknown(format!("{}: no \"Name\"", path.display())),
         }
     }
@@ -184,18 +259,32 @@ impl MetadataRoots {
             if annotations["io.kubernetes.cri.container-type"] == "sandbox" {
                 return Resolution::Sandbox;
             }
-            let k8s = [
-                "io.kubernetes.cri.sandbox-namespace",
-                "io.kubernetes.cri.sandbox-name",
-                "io.kubernetes.cri.container-name",
-            ]
-            .map(|key| annotations[key].as_str());
-            if let [Some(ns), Some(pod), Some(container)] = k8s {
-                return Resolution::Named(format!("{ns}_{pod}_{container}"), Runtime::Containerd);
+            let kubernetes = Kubernetes::from_values(values(
+                annotations,
+                [
+                    "io.kubernetes.cri.sandbox-namespace",
+                    "io.kubernetes.cri.sandbox-name",
+                    "io.kubernetes.cri.container-name",
+                ],
+            ));
+            // The CRI plugin writes the image into the bundle; nerdctl keeps
+            // it only in containerd's database, which is not read here.
+            let image = text(&annotations["io.kubernetes.cri.image-name"]);
+            if let Some(k8s) = kubernetes {
+                let name = k8s.directory_name();
+                let identity = Identity {
+                    kubernetes: Some(k8s),
+                    image,
+                };
+                return Resolution::Named(name, identity, Runtime::Containerd);
             }
             // Plain containerd (nerdctl) names its containers in an annotation.
             if let Some(name) = annotations["nerdctl/name"].as_str() {
-                return Resolution::Named(name.to_string(), Runtime::Containerd);
+                let identity = Identity {
+                    kubernetes: None,
+                    image,
+                };
+                return Resolution::Named(name.to_string(), identity, Runtime::Containerd);
             }
             return Resolution::Unknown(format!("{}: no name annotations", path.display()));
         }
@@ -216,17 +305,20 @@ impl MetadataRoots {
         if annotations["io.kubernetes.cri-o.ContainerType"] == "sandbox" {
             return Resolution::Sandbox;
         }
-        let k8s = [
-            "io.kubernetes.pod.namespace",
-            "io.kubernetes.pod.name",
-            "io.kubernetes.container.name",
-        ]
-        .map(|key| annotations[key].as_str());
-        match k8s {
-            [Some(ns), Some(pod), Some(container)] => {
-                Resolution::Named(format!("{ns}_{pod}_{container}"), Runtime::Crio)
+        match Kubernetes::from_values(values(annotations, CRI_LABELS)) {
+            Some(k8s) => {
+                let name = k8s.directory_name();
+                // ImageName is the image as the pod spec asked for it; Image
+                // may be its id once resolved.
+                let image = text(&annotations["io.kubernetes.cri-o.ImageName"])
+                    .or_else(|| text(&annotations["io.kubernetes.cri-o.Image"]));
+                let identity = Identity {
+                    kubernetes: Some(k8s),
+                    image,
+                };
+                Resolution::Named(name, identity, Runtime::Crio)
             }
-            _ => Resolution::Unknown(format!("{}: no name annotations", path.display())),
+            None => Resolution::Unknown(format!("{}: no name annotations", path.display())),
         }
     }
 
@@ -241,10 +333,23 @@ impl MetadataRoots {
         let entry = list
             .as_array()
             .and_then(|l| l.iter().find(|c| c["id"] == id));
-        match entry.and_then(|c| c["names"][0].as_str()) {
-            Some(name) => Resolution::Named(name.to_string(), Runtime::Podman),
-            None => Resolution::Unknown(format!("{}: no container {id}", path.display())),
-        }
+        let Some(entry) = entry else {
+            return Resolution::Unknown(format!("{}: no container {id}", path.display()));
+        };
+        let Some(name) = entry["names"][0].as_str() else {
+            return Resolution::Unknown(format!("{}: container {id} has no name", path.display()));
+        };
+        // The entry's own "image" is the image's id; the name Podman was
+        // asked for is in the metadata libpod stores, itself a JSON string.
+        let image = entry["metadata"]
+            .as_str()
+            .and_then(|m| serde_json::from_str::<Json>(m).ok())
+            .and_then(|m| text(&m["image-name"]));
+        let identity = Identity {
+            kubernetes: None,
+            image,
+        };
+        Resolution::Named(name.to_string(), identity, Runtime::Podman)
     }
 }
 
@@ -328,17 +433,36 @@ mod tests {
         }
     }
 
+    fn k8s(namespace: &str, pod: &str, container: &str) -> Option<Kubernetes> {
+        Some(Kubernetes {
+            namespace: namespace.into(),
+            pod: pod.into(),
+            container: container.into(),
+        })
+    }
+
+    fn identity(kubernetes: Option<Kubernetes>, image: Option<&str>) -> Identity {
+        Identity {
+            kubernetes,
+            image: image.map(str::to_string),
+        }
+    }
+
     #[test]
     fn names_from_runtime_files() {
         let r = roots();
-        let named = |name: &str, rt| Resolution::Named(name.to_string(), rt);
+        let named = |name: &str, identity, rt| Resolution::Named(name.to_string(), identity, rt);
         assert_eq!(
             r.resolve(Runtime::Docker, "aaaaaaaaaaaa1"),
-            named("busybox1", Runtime::Docker)
+            named("busybox1", identity(None, Some("busybox")), Runtime::Docker)
+        );
+        let nginx = identity(
+            k8s("shop", "web-7d4f", "nginx"),
+            Some("docker.io/library/nginx:1.27"),
         );
         assert_eq!(
             r.resolve(Runtime::Containerd, "bbbbbbbbbbbb1"),
-            named("shop_web-7d4f_nginx", Runtime::Containerd)
+            named("shop_web-7d4f_nginx", nginx.clone(), Runtime::Containerd)
         );
         assert_eq!(
             r.resolve(Runtime::Containerd, "bbbbbbbbbbbb2"),
@@ -346,11 +470,18 @@ mod tests {
         );
         assert_eq!(
             r.resolve(Runtime::Kubernetes, "bbbbbbbbbbbb1"),
-            named("shop_web-7d4f_nginx", Runtime::Containerd)
+            named("shop_web-7d4f_nginx", nginx, Runtime::Containerd)
         );
         assert_eq!(
             r.resolve(Runtime::Kubernetes, "cccccccccccc1"),
-            named("db_pg-0_postgres", Runtime::Crio)
+            named(
+                "db_pg-0_postgres",
+                identity(
+                    k8s("db", "pg-0", "postgres"),
+                    Some("docker.io/library/postgres:16")
+                ),
+                Runtime::Crio
+            )
         );
         assert_eq!(
             r.resolve(Runtime::Crio, "cccccccccccc2"),
@@ -358,7 +489,49 @@ mod tests {
         );
         assert_eq!(
             r.resolve(Runtime::Podman, "dddddddddddd1"),
-            named("cache", Runtime::Podman)
+            named(
+                "cache",
+                identity(None, Some("docker.io/library/redis:7")),
+                Runtime::Podman
+            )
+        );
+        // A container made from no image (podman create --rootfs).
+        assert_eq!(
+            r.resolve(Runtime::Podman, "dddddddddddd2"),
+            named("scratch", identity(None, None), Runtime::Podman)
+        );
+    }
+
+    /// cri-dockerd's containers: Docker names them `k8s_<container>_<pod>_
+    /// <namespace>_<uid>_<attempt>` and labels them with the CRI's keys.
+    #[test]
+    fn kubernetes_identity_from_docker_labels() {
+        assert_eq!(
+            roots().resolve(Runtime::Docker, "aaaaaaaaaaaa3"),
+            Resolution::Named(
+                "k8s_app_api-5c9b_shop_0d3c2b1a-9f8e-7d6c-5b4a-392817161514_0".into(),
+                identity(
+                    k8s("shop", "api-5c9b", "app"),
+                    Some("registry.example/shop/api:2.3")
+                ),
+                Runtime::Docker
+            )
+        );
+    }
+
+    #[test]
+    fn kubernetes_identity_needs_all_three_values() {
+        let labels = serde_json::json!({
+            "io.kubernetes.pod.namespace": "shop",
+            "io.kubernetes.pod.name": "",
+            "io.kubernetes.container.name": "app",
+        });
+        assert_eq!(Kubernetes::from_values(values(&labels, CRI_LABELS)), None);
+        let labels = serde_json::json!({"io.kubernetes.pod.namespace": "shop"});
+        assert_eq!(Kubernetes::from_values(values(&labels, CRI_LABELS)), None);
+        assert_eq!(
+            Kubernetes::from_values(values(&Json::Null, CRI_LABELS)),
+            None
         );
     }
 

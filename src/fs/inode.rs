@@ -12,12 +12,15 @@
 //! Exit numbers count from the server's start (`exited/` is the server's
 //! own memory).
 
-use crate::metrics::MetricId;
+use crate::metrics::{MetricId, CLASS_METRICS};
 
 pub const ROOT_INO: u64 = 1;
 const SLOT_SHIFT: u32 = 16;
 const META_BASE: u64 = 1;
 const METRIC_BASE: u64 = 16;
+/// Per-class files: `CLASS_BASE + metric * CLASS_STRIDE + class`.
+const CLASS_BASE: u64 = 1 << 12;
+const CLASS_STRIDE: u64 = 1 << 8;
 const CGROUP_TREE: u64 = 1 << 62;
 const EXITED_TREE: u64 = 1 << 61;
 
@@ -89,6 +92,12 @@ impl Meta {
 pub enum Entry {
     Meta(Meta),
     Metric(MetricId),
+    /// A per-class file: the index of its metric in `CLASS_METRICS` and
+    /// the class's among the classes' names.
+    Class {
+        metric: u8,
+        class: u8,
+    },
 }
 
 /// Whose metrics a directory shows.
@@ -136,6 +145,9 @@ impl Node {
             Node::Dir(owner) => base(owner),
             Node::File(owner, Entry::Meta(m)) => base(owner) + META_BASE + m as u64,
             Node::File(owner, Entry::Metric(id)) => base(owner) + METRIC_BASE + id as u64,
+            Node::File(owner, Entry::Class { metric, class }) => {
+                base(owner) + CLASS_BASE + u64::from(metric) * CLASS_STRIDE + u64::from(class)
+            }
         }
     }
 
@@ -168,8 +180,19 @@ impl Node {
                 .get((offset - META_BASE) as usize)
                 .filter(|m| owner(index).is_some_and(|o| o.has(**m)))
                 .map(|m| Node::File(owner(index).unwrap(), Entry::Meta(*m))),
-            Some(index) => MetricId::from_index((offset - METRIC_BASE) as usize)
-                .and_then(|id| Some(Node::File(owner(index)?, Entry::Metric(id)))),
+            Some(index) if offset < CLASS_BASE => {
+                MetricId::from_index((offset - METRIC_BASE) as usize)
+                    .and_then(|id| Some(Node::File(owner(index)?, Entry::Metric(id))))
+            }
+            Some(index) => {
+                let metric = (offset - CLASS_BASE) / CLASS_STRIDE;
+                let class = (offset - CLASS_BASE) % CLASS_STRIDE;
+                let entry = Entry::Class {
+                    metric: u8::try_from(metric).ok()?,
+                    class: class as u8,
+                };
+                (metric < CLASS_METRICS.len() as u64).then_some(Node::File(owner(index)?, entry))
+            }
         }
     }
 
@@ -216,6 +239,12 @@ mod tests {
                         .iter()
                         .map(|m| Node::File(owner, Entry::Metric(m.id))),
                 );
+                for metric in 0..CLASS_METRICS.len() as u8 {
+                    nodes.extend(
+                        [0, 1, 15, 255]
+                            .map(|class| Node::File(owner, Entry::Class { metric, class })),
+                    );
+                }
             }
         }
         let mut inos: Vec<u64> = nodes.iter().map(|n| n.ino()).collect();
@@ -250,6 +279,8 @@ mod tests {
             assert!(RESERVED_NAMES.contains(&f.name()));
         }
         assert!(METRIC_BASE as usize > META_BASE as usize + Meta::ALL.len());
+        assert!(CLASS_BASE as usize > METRIC_BASE as usize + METRICS.len());
+        assert!(CLASS_BASE + CLASS_METRICS.len() as u64 * CLASS_STRIDE <= 1 << SLOT_SHIFT);
         for m in Meta::ALL {
             assert!(METRICS.iter().all(|def| def.file != m.name()));
         }

@@ -28,9 +28,10 @@ use super::inode::{
 use super::snapshots::Snapshots;
 use super::DirEntry;
 use crate::cgroup::files::SourceError;
+use crate::cli::PrometheusNames;
 use crate::containers::registry::{CgroupTree, Metered, Registry, Slot};
 use crate::ledger::{timestamp, Incarnation, Known, Ledger, Record};
-use crate::metrics::{groups_of, Group, MetricId, PromType, Sample, Value, METRICS};
+use crate::metrics::{groups_of, Group, MetricId, PromType, Sample, Value, CLASS_METRICS, METRICS};
 use crate::net::Net;
 use crate::render;
 use crate::sample::fanout;
@@ -61,6 +62,8 @@ pub struct Model {
     /// `--private`: a directory of metrics belongs to its cgroup's owner and
     /// only they read it; the all-containers files only root.
     private: bool,
+    /// `--prometheus-names`: whose families `metrics.prom` uses.
+    prometheus_names: PrometheusNames,
     handles: Handles,
     snapshots: Snapshots,
     kernel: std::sync::OnceLock<Box<dyn Kernel>>,
@@ -116,6 +119,7 @@ impl Model {
             sampler: Arc::new(sampler),
             helpers: Helpers::default(),
             private,
+            prometheus_names: PrometheusNames::Cgmetric,
             handles: Handles::default(),
             snapshots: Snapshots::default(),
             kernel: std::sync::OnceLock::new(),
@@ -127,6 +131,12 @@ impl Model {
             index: Mutex::default(),
             refreshing: Mutex::new(()),
         }
+    }
+
+    /// Renders `metrics.prom` with `names`' families and labels.
+    pub fn with_prometheus_names(mut self, names: PrometheusNames) -> Model {
+        self.prometheus_names = names;
+        self
     }
 
     /// Keeps ended containers under `exited/` for `keep`, and records each
@@ -283,8 +293,13 @@ impl Model {
         if let (Some(net), Some(id)) = (&self.net, container.net_id) {
             let mut read = Sample::default();
             let totals = net.gone_totals(id);
-            crate::sample::net_values(&totals, Group::NetTraffic, &mut read);
-            crate::sample::net_values(&totals, Group::NetConn, &mut read);
+            let classes = Some(net.classes());
+            crate::sample::net_values(&totals, classes, Group::NetTraffic, &mut read);
+            crate::sample::net_values(&totals, classes, Group::NetConn, &mut read);
+            // Taken at the end, from the maps: the totals are too.
+            if !read.classes.is_empty() {
+                sample.classes = std::mem::take(&mut read.classes);
+            }
             for (def, value) in read.iter() {
                 // Counters only grow: a value read before (with cgroups
                 // below the container still there) is not undercut.
@@ -436,8 +451,9 @@ impl Model {
             let mut sample = Sample::default();
             if let (Some(net), Some(id)) = (&self.net, known.cgroup_id) {
                 let totals = net.gone_totals(id);
-                crate::sample::net_values(&totals, Group::NetTraffic, &mut sample);
-                crate::sample::net_values(&totals, Group::NetConn, &mut sample);
+                let classes = Some(net.classes());
+                crate::sample::net_values(&totals, classes, Group::NetTraffic, &mut sample);
+                crate::sample::net_values(&totals, classes, Group::NetConn, &mut sample);
             }
             log::info!(
                 "{} container {} ended while no daemon ran; recorded from the pinned counters",
@@ -572,9 +588,23 @@ impl Model {
         if let Some(meta) = Meta::ALL.into_iter().find(live) {
             return Ok(Entry::Meta(meta));
         }
-        let id = MetricId::by_file(name).ok_or(FsError::NotFound)?;
-        self.check_available(dir, id)?;
-        Ok(Entry::Metric(id))
+        if let Some(id) = MetricId::by_file(name) {
+            self.check_available(dir, id)?;
+            return Ok(Entry::Metric(id));
+        }
+        let classes = self.sampler.classes().ok_or(FsError::NotFound)?;
+        let entry = class_entry(classes.names(), name).ok_or(FsError::NotFound)?;
+        self.check_available(dir, MetricId::NetBytesTx)?;
+        Ok(entry)
+    }
+
+    /// Whether `dir` has the files of the class at `class`.
+    fn check_class(&self, dir: &Metered, class: u8) -> Result<()> {
+        let count = self.sampler.classes().map_or(0, |c| c.names().count());
+        if usize::from(class) >= count {
+            return Err(FsError::NotFound);
+        }
+        self.check_available(dir, MetricId::NetBytesTx)
     }
 
     fn check_available(&self, dir: &Metered, id: MetricId) -> Result<()> {
@@ -609,11 +639,19 @@ impl Model {
                     return Err(FsError::NotFound);
                 }
             }
+            Node::File(Owner::Exited(exit), Entry::Class { class, .. }) => {
+                if self.ended(exit)?.sample.classes.len() <= usize::from(class) {
+                    return Err(FsError::NotFound);
+                }
+            }
             Node::Dir(owner) | Node::File(owner, Entry::Meta(_)) => {
                 self.owner(owner)?;
             }
             Node::File(owner, Entry::Metric(id)) => {
                 self.check_available(&*self.owner(owner)?, id)?
+            }
+            Node::File(owner, Entry::Class { class, .. }) => {
+                self.check_class(&*self.owner(owner)?, class)?
             }
         }
         self.attr(node)
@@ -774,6 +812,11 @@ impl Model {
                 .iter()
                 .map(|id| entry(Node::File(owner, Entry::Metric(*id)), id.def().file)),
         );
+        if let Some(classes) = self.sampler.classes() {
+            if self.check_available(dir, MetricId::NetBytesTx).is_ok() {
+                entries.extend(class_entries(owner, classes.names()));
+            }
+        }
         if let Owner::Cgroup(_) = owner {
             for name in self.tree().children(dir) {
                 if let Some((node, _)) = self.tree().node(&dir.cgroup.join(&name)) {
@@ -808,6 +851,7 @@ impl Model {
                     &exited,
                     self.sampler.health(),
                     self.ledger.as_ref().map(|l| l.write_errors()),
+                    self.prometheus_names,
                 ))
             }
             Node::File(Owner::Exited(exit), entry) => render_ended(&*self.ended(exit)?, entry),
@@ -840,6 +884,14 @@ impl Model {
                     .get(id)
                     .map(render::value_file)
                     .ok_or(FsError::NotFound)
+            }
+            Entry::Class { metric, class } => {
+                self.check_class(dir, class)?;
+                let mut sample = Sample::default();
+                self.sampler
+                    .read(dir, Group::NetTraffic, &mut sample)
+                    .map_err(FsError::Source)?;
+                class_value(&sample, metric, class)
             }
         }
     }
@@ -881,8 +933,55 @@ fn exited_entry(ended: &Ended, name: &str) -> Result<Entry> {
     }
     match MetricId::by_file(name) {
         Some(id) if ended.has(id) => Ok(Entry::Metric(id)),
-        _ => Err(FsError::NotFound),
+        Some(_) => Err(FsError::NotFound),
+        None => class_entry(ended.sample.classes.iter().map(|c| &*c.class), name)
+            .ok_or(FsError::NotFound),
     }
+}
+
+/// The per-class file `name` among `classes`, if it is one.
+fn class_entry<'c>(classes: impl Iterator<Item = &'c str> + Clone, name: &str) -> Option<Entry> {
+    CLASS_METRICS.iter().enumerate().find_map(|(metric, def)| {
+        let wanted = def.class_of(name)?;
+        let class = classes.clone().position(|c| c == wanted)?;
+        Some(Entry::Class {
+            metric: metric as u8,
+            class: u8::try_from(class).ok()?,
+        })
+    })
+}
+
+/// The per-class files of `owner`, metric by metric.
+fn class_entries<'c>(
+    owner: Owner,
+    classes: impl Iterator<Item = &'c str> + Clone,
+) -> Vec<DirEntry> {
+    let mut entries = Vec::new();
+    for (metric, def) in CLASS_METRICS.iter().enumerate() {
+        for (class, name) in classes.clone().enumerate() {
+            let node = Node::File(
+                owner,
+                Entry::Class {
+                    metric: metric as u8,
+                    class: class as u8,
+                },
+            );
+            entries.push(entry(node, &def.file_of(name)));
+        }
+    }
+    entries
+}
+
+/// The value of a per-class file, from a sample that read the traffic.
+fn class_value(sample: &Sample, metric: u8, class: u8) -> Result<String> {
+    let def = CLASS_METRICS
+        .get(usize::from(metric))
+        .ok_or(FsError::NotFound)?;
+    let bytes = sample
+        .classes
+        .get(usize::from(class))
+        .ok_or(FsError::NotFound)?;
+    Ok(render::value_file(Value::Count((def.pick)(bytes))))
 }
 
 fn list_ended(ended: &Ended) -> Vec<DirEntry> {
@@ -894,6 +993,8 @@ fn list_ended(ended: &Ended) -> Vec<DirEntry> {
             .available()
             .map(|id| entry(Node::File(owner, Entry::Metric(id)), id.def().file)),
     );
+    let classes = ended.sample.classes.iter().map(|c| &*c.class);
+    entries.extend(class_entries(owner, classes));
     entries
 }
 
@@ -912,6 +1013,7 @@ fn render_ended(ended: &Ended, entry: Entry) -> Result<String> {
             .get(id)
             .map(render::value_file)
             .ok_or(FsError::NotFound),
+        Entry::Class { metric, class } => class_value(&ended.sample, metric, class),
     }
 }
 
@@ -949,6 +1051,8 @@ fn ledger_counters(
             Value::Count(n) => Some((def.file.into(), n)),
             Value::Max => None,
         })
+        // And each class's bytes, for a bill priced by destination.
+        .chain(sample.class_files().map(|(file, n)| (file.into(), n)))
         .collect()
 }
 

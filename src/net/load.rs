@@ -3,11 +3,13 @@
 //! no daemon runs, and a restarted daemon picks up what is pinned instead of
 //! attaching a second time.
 
+use std::collections::HashSet;
 use std::error::Error;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
+use aya::maps::MapInfo;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{loaded_programs, CgroupAttachMode, Program};
 use aya::{Ebpf, EbpfLoader};
@@ -46,14 +48,12 @@ pub fn load_and_attach(bpf_dir: &Path, cgroup_root: &Path) -> Result<Ebpf, NetEr
         path: bpf_dir.to_path_buf(),
         source,
     })?;
-    // Links only count into the maps they were loaded with: when any map is
-    // missing (first start, or removed by hand) every link is redone.
-    let maps_pinned = PINNED_MAPS.iter().all(|m| bpf_dir.join(m).exists());
-    if !maps_pinned {
-        for program in PROGRAMS {
-            let _ = std::fs::remove_file(link_pin(bpf_dir, program));
-        }
-    }
+    // Links only count into the maps they were loaded with: a pinned link
+    // whose program is this build's but uses a map no longer pinned (removed
+    // by hand) counts where nobody reads, and is redone. A link running an
+    // older program is updated in place to this build's, which uses the
+    // pinned maps and creates the ones that older program lacked.
+    let pinned = pinned_map_ids(bpf_dir);
 
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(bpf_dir)
@@ -92,19 +92,28 @@ pub fn load_and_attach(bpf_dir: &Path, cgroup_root: &Path) -> Result<Ebpf, NetEr
             let theirs = FdLink::from(link)
                 .info()
                 .map_err(BoxError::from)
-                .and_then(|info| program_tag(info.program_id()))
+                .and_then(|info| linked_program(info.program_id()))
                 .map_err(link_error)?;
-            if theirs == ours {
+            if theirs.tag != ours {
+                let fd = program.fd().map_err(program_error)?;
+                sys::link_update(&pin, fd.as_fd()).map_err(|e| link_error(e.into()))?;
+                log::info!("eBPF program {name}: replaced by this version's, in place");
+                continue;
+            }
+            // Without the kernel's list of a program's maps (before 4.15),
+            // every map this build pins must have been pinned already.
+            let sound = match &theirs.map_ids {
+                Some(ids) => ids.iter().all(|id| pinned.contains(id)),
+                None => pinned.len() == PINNED_MAPS.len(),
+            };
+            if sound {
                 log::info!(
                     "eBPF program {name}: still attached (pinned at {})",
                     pin.display()
                 );
-            } else {
-                let fd = program.fd().map_err(program_error)?;
-                sys::link_update(&pin, fd.as_fd()).map_err(|e| link_error(e.into()))?;
-                log::info!("eBPF program {name}: replaced by this version's, in place");
+                continue;
             }
-            continue;
+            log::warn!("eBPF program {name}: its maps were removed; attaching it again");
         }
         let _ = std::fs::remove_file(&pin);
         let link = attach(program, &cgroup).map_err(|source| NetError::Attach { name, source })?;
@@ -146,20 +155,42 @@ fn attach(program: &mut Program, cgroup: &File) -> Result<FdLink, BoxError> {
     Ok(link)
 }
 
-/// The tag (a hash of the instructions) of the loaded program with this id.
-/// aya 0.14 looks programs up by id only internally; its public list of the
-/// host's programs gives the same answer (run once per pinned link, at start).
-fn program_tag(id: u32) -> Result<u64, BoxError> {
+/// What matters of a linked program: its tag (a hash of its instructions,
+/// which does not depend on the maps it uses) and the ids of those maps.
+struct Linked {
+    tag: u64,
+    map_ids: Option<Vec<u32>>,
+}
+
+/// The loaded program with this id. aya 0.14 looks programs up by id only
+/// internally; its public list of the host's programs gives the same answer
+/// (run once per pinned link, at start).
+fn linked_program(id: u32) -> Result<Linked, BoxError> {
     let mut error: Option<BoxError> = None;
     for program in loaded_programs() {
         match program {
-            Ok(program) if program.id() == id => return Ok(program.tag()),
+            Ok(program) if program.id() == id => {
+                return Ok(Linked {
+                    tag: program.tag(),
+                    map_ids: program.map_ids()?,
+                })
+            }
             Ok(_) => {}
             // Another program unloaded while listing, or no listing at all.
             Err(e) => error = Some(e.into()),
         }
     }
     Err(error.unwrap_or_else(|| format!("its program (id {id}) is not loaded").into()))
+}
+
+/// The ids of the maps pinned under `bpf_dir` now, before this build's
+/// object is loaded.
+fn pinned_map_ids(bpf_dir: &Path) -> HashSet<u32> {
+    PINNED_MAPS
+        .iter()
+        .filter_map(|name| MapInfo::from_pin(bpf_dir.join(name)).ok())
+        .map(|info| info.id())
+        .collect()
 }
 
 /// bpffs is not always mounted (a fresh machine here has an empty

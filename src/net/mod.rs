@@ -1,6 +1,7 @@
 //! Network accounting: the eBPF programs ([`load`]) and reading what they
 //! counted, summed over CPUs and over a container's whole cgroup subtree.
 
+pub mod class;
 mod load;
 pub mod sys;
 
@@ -11,14 +12,21 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::lpm_trie::{Key as TrieKey, LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use cgmetric_common::{
-    health, ConnCounters, NetCounters, Retired, CONN_COUNTERS_MAP, HEALTH_MAP, NET_COUNTERS_MAP,
-    RETIRED_MAP,
+    health, ClassCounters, ClassKey, ConnCounters, NetCounters, Retired, CLASS_COUNTERS_MAP,
+    CONN_COUNTERS_MAP, HEALTH_MAP, NET_CLASSES_MAP, NET_CONFIG_MAP, NET_COUNTERS_MAP,
+    RETIRED_CLASSES_MAP, RETIRED_MAP,
 };
 use parking_lot::{Mutex, RwLock};
 
+pub use class::{Classes, NetClass};
 pub use load::link_pin;
+
+/// How many classes the programs count at most: the named ones and
+/// `loopback`.
+pub const MAX_COUNTED_CLASSES: usize = class::MAX_NAMED_CLASSES + 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -65,14 +73,40 @@ pub enum NetError {
     },
 }
 
-/// Totals of one container: traffic and TCP connections.
+/// Totals of one container: traffic, TCP connections, and the bytes of each
+/// counted class (by index among [`Classes`]; `external` is the rest).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Totals {
     pub net: NetCounters,
     pub conn: ConnCounters,
+    pub classes: [ClassCounters; MAX_COUNTED_CLASSES],
 }
 
 impl Totals {
+    /// The bytes sent to and received from peers of the class at `index`
+    /// among [`Classes::names`]: `external` (the last) is what no counted
+    /// class took.
+    pub fn class_bytes(&self, classes: &Classes, index: usize) -> (u64, u64) {
+        if index < classes.counted() {
+            let c = self.classes[index];
+            return (c.tx_bytes, c.rx_bytes);
+        }
+        let counted = &self.classes[..classes.counted()];
+        let tx: u64 = counted.iter().map(|c| c.tx_bytes).sum();
+        let rx: u64 = counted.iter().map(|c| c.rx_bytes).sum();
+        (
+            self.net.tx_bytes.saturating_sub(tx),
+            self.net.rx_bytes.saturating_sub(rx),
+        )
+    }
+
+    fn add_classes(&mut self, classes: &[ClassCounters]) {
+        for (total, c) in self.classes.iter_mut().zip(classes) {
+            total.tx_bytes += c.tx_bytes;
+            total.rx_bytes += c.rx_bytes;
+        }
+    }
+
     fn add(&mut self, net: &NetCounters, conn: &ConnCounters) {
         self.net.tx_bytes += net.tx_bytes;
         self.net.tx_packets += net.tx_packets;
@@ -89,11 +123,15 @@ struct Maps {
     traffic: PerCpuHashMap<MapData, u64, NetCounters>,
     connections: PerCpuHashMap<MapData, u64, ConnCounters>,
     retired: BpfHashMap<MapData, u64, Retired>,
+    classes: PerCpuHashMap<MapData, ClassKey, ClassCounters>,
+    retired_classes: BpfHashMap<MapData, ClassKey, ClassCounters>,
 }
 
 /// The attached programs' counters.
 pub struct Net {
     maps: RwLock<Maps>,
+    /// The classes configured at this start (none: nothing is split).
+    classes: Classes,
     health: PerCpuArray<MapData, u64>,
     /// The v2 root, for resolving cgroup ids.
     cgroup_root: File,
@@ -125,15 +163,20 @@ where
 }
 
 impl Net {
-    /// Attaches (or finds attached) the programs at the v2 root `cgroup_root`.
-    pub fn start(bpf_dir: &Path, cgroup_root: &Path) -> Result<Net, NetError> {
+    /// Attaches (or finds attached) the programs at the v2 root `cgroup_root`
+    /// and gives them `classes` to split traffic by.
+    pub fn start(bpf_dir: &Path, cgroup_root: &Path, classes: Classes) -> Result<Net, NetError> {
         let mut ebpf = load::load_and_attach(bpf_dir, cgroup_root)?;
+        configure_classes(&mut ebpf, &classes)?;
         Ok(Net {
             maps: RwLock::new(Maps {
                 traffic: take(&mut ebpf, NET_COUNTERS_MAP)?,
                 connections: take(&mut ebpf, CONN_COUNTERS_MAP)?,
                 retired: take(&mut ebpf, RETIRED_MAP)?,
+                classes: take(&mut ebpf, CLASS_COUNTERS_MAP)?,
+                retired_classes: take(&mut ebpf, RETIRED_CLASSES_MAP)?,
             }),
+            classes,
             health: take(&mut ebpf, HEALTH_MAP)?,
             cgroup_root: File::open(cgroup_root).map_err(|source| NetError::Io {
                 path: cgroup_root.to_path_buf(),
@@ -173,9 +216,11 @@ impl Net {
         if let Ok(retired) = maps.retired.get(&container, 0) {
             totals.add(&retired.net, &retired.conn);
         }
+        totals.add_classes(&self.retired_classes(&maps, container));
         for id in ids {
             let (net, conn) = read_entry(&maps, id);
             totals.add(&net, &conn);
+            totals.add_classes(&self.class_entries(&maps, id));
         }
         Some(totals)
     }
@@ -197,11 +242,52 @@ impl Net {
         if let Ok(retired) = maps.retired.get(&id, 0) {
             totals.add(&retired.net, &retired.conn);
         }
+        totals.add_classes(&self.retired_classes(&maps, id));
         for cgroup in std::iter::once(id).chain(below) {
             let (net, conn) = read_entry(&maps, cgroup);
             totals.add(&net, &conn);
+            totals.add_classes(&self.class_entries(&maps, cgroup));
         }
         totals
+    }
+
+    /// The classes configured at this start.
+    pub fn classes(&self) -> &Classes {
+        &self.classes
+    }
+
+    /// The class counters of `cgroup`'s own entries, summed over CPUs, by
+    /// class index.
+    fn class_entries(&self, maps: &Maps, cgroup: u64) -> Vec<ClassCounters> {
+        (0..self.classes.counted())
+            .map(|index| {
+                let key = ClassKey {
+                    cgroup,
+                    class: self.classes.id(index),
+                };
+                let mut sum = ClassCounters::default();
+                if let Ok(values) = maps.classes.get(&key, 0) {
+                    for v in values.iter() {
+                        sum.tx_bytes += v.tx_bytes;
+                        sum.rx_bytes += v.rx_bytes;
+                    }
+                }
+                sum
+            })
+            .collect()
+    }
+
+    /// What `container`'s removed descendants left per class.
+    fn retired_classes(&self, maps: &Maps, container: u64) -> Vec<ClassCounters> {
+        (0..self.classes.counted())
+            .map(|index| {
+                let key = ClassKey {
+                    cgroup: container,
+                    class: self.classes.id(index),
+                };
+                maps.retired_classes.get(&key, 0).unwrap_or_default()
+            })
+            .collect()
     }
 
     /// Whether the cgroup with this id (a v2 directory's inode) exists.
@@ -218,6 +304,13 @@ impl Net {
         let mut ids: Vec<u64> = maps.traffic.keys().filter_map(Result::ok).collect();
         ids.extend(maps.connections.keys().filter_map(Result::ok));
         ids.extend(maps.retired.keys().filter_map(Result::ok));
+        // Every class a cgroup met, configured now or not: a class dropped
+        // from the command line still has entries to fold and free.
+        let class_keys: Vec<ClassKey> = maps.classes.keys().filter_map(Result::ok).collect();
+        let retired_class_keys: Vec<ClassKey> =
+            maps.retired_classes.keys().filter_map(Result::ok).collect();
+        ids.extend(class_keys.iter().map(|k| k.cgroup));
+        ids.extend(retired_class_keys.iter().map(|k| k.cgroup));
         ids.sort_unstable();
         ids.dedup();
         let mut owners = self.owners.lock();
@@ -242,10 +335,23 @@ impl Net {
                     );
                     continue;
                 }
+                if let Err(e) = fold_classes(&mut maps, &class_keys, id, owner) {
+                    log::warn!(
+                        "cannot fold the classes of removed cgroup {id} into {owner}: {e}; \
+                         keeping its entries"
+                    );
+                    continue;
+                }
             }
             let _ = maps.traffic.remove(&id);
             let _ = maps.connections.remove(&id);
             let _ = maps.retired.remove(&id);
+            for key in class_keys.iter().chain(&retired_class_keys) {
+                if key.cgroup == id {
+                    let _ = maps.classes.remove(key);
+                    let _ = maps.retired_classes.remove(key);
+                }
+            }
         }
         // Ids seen under containers that are gone fold into nothing: forget
         // them, or every container that ever lived stays in memory.
@@ -282,6 +388,58 @@ impl Net {
         *reported = now;
         now
     }
+}
+
+/// Adds the class entries of the removed cgroup `id` to what `owner`'s
+/// removed descendants left.
+fn fold_classes(maps: &mut Maps, keys: &[ClassKey], id: u64, owner: u64) -> Result<(), MapError> {
+    for key in keys.iter().filter(|k| k.cgroup == id) {
+        let mut sum = ClassCounters::default();
+        if let Ok(values) = maps.classes.get(key, 0) {
+            for v in values.iter() {
+                sum.tx_bytes += v.tx_bytes;
+                sum.rx_bytes += v.rx_bytes;
+            }
+        }
+        let to = ClassKey {
+            cgroup: owner,
+            class: key.class,
+        };
+        let before = maps.retired_classes.get(&to, 0).unwrap_or_default();
+        let folded = ClassCounters {
+            tx_bytes: before.tx_bytes + sum.tx_bytes,
+            rx_bytes: before.rx_bytes + sum.rx_bytes,
+        };
+        maps.retired_classes.insert(to, folded, 0)?;
+    }
+    Ok(())
+}
+
+/// Writes the classes into the trie (what an earlier start left there goes)
+/// and turns the programs' lookups on, or off when there are none.
+fn configure_classes(ebpf: &mut aya::Ebpf, classes: &Classes) -> Result<(), NetError> {
+    let map_error = |name: &'static str| {
+        move |e: MapError| NetError::Map {
+            name,
+            source: Box::new(e),
+        }
+    };
+    let mut config: Array<MapData, u32> = take(ebpf, NET_CONFIG_MAP)?;
+    let mut trie: LpmTrie<MapData, [u8; 16], u64> = take(ebpf, NET_CLASSES_MAP)?;
+    // Off while the trie changes: a packet meanwhile is counted as
+    // `external` rather than under a half-written class.
+    config.set(0, 0, 0).map_err(map_error(NET_CONFIG_MAP))?;
+    let old: Vec<TrieKey<[u8; 16]>> = trie.keys().filter_map(Result::ok).collect();
+    for key in old {
+        let _ = trie.remove(&key);
+    }
+    for (addr, len, id) in classes.trie_entries() {
+        trie.insert(&TrieKey::new(len, addr), id, 0)
+            .map_err(map_error(NET_CLASSES_MAP))?;
+    }
+    let on = u32::from(!classes.is_empty());
+    config.set(0, on, 0).map_err(map_error(NET_CONFIG_MAP))?;
+    Ok(())
 }
 
 fn read_entry(maps: &Maps, id: u64) -> (NetCounters, ConnCounters) {

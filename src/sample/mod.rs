@@ -16,8 +16,8 @@ use crate::cgroup::files::{Files, SourceError};
 use crate::cgroup::read::read_group;
 use crate::cgroup::Layout;
 use crate::containers::registry::{Metered, Slot};
-use crate::metrics::{groups_of, Group, MetricId as M, MetricId, Sample, METRICS};
-use crate::net::{Net, Totals};
+use crate::metrics::{groups_of, ClassBytes, Group, MetricId as M, MetricId, Sample, METRICS};
+use crate::net::{Classes, Net, Totals};
 use crate::sample::rate::RateTracker;
 
 /// The counters whose rates are served.
@@ -221,7 +221,8 @@ impl Sampler {
                 let t = scratch
                     .totals(self.net.as_deref(), c)
                     .ok_or_else(vanished)?;
-                net_values(&t, group, out);
+                let classes = self.net.as_deref().map(|n| n.classes());
+                net_values(&t, classes, group, out);
             }
             group => read_group(&self.layout, &c.dirs, group, out, &mut scratch.files)?,
         }
@@ -229,6 +230,14 @@ impl Sampler {
     }
 
     /// The eBPF health counters, when network accounting runs.
+    /// The destination classes traffic is split by, when configured.
+    pub fn classes(&self) -> Option<&Classes> {
+        self.net
+            .as_deref()
+            .map(|n| n.classes())
+            .filter(|c| !c.is_empty())
+    }
+
     pub fn health(&self) -> Option<[u64; cgmetric_common::health::COUNT as usize]> {
         self.net.as_ref().map(|n| n.health())
     }
@@ -271,12 +280,29 @@ impl<'c> Scratch<'c> {
 }
 
 /// The values of `group` (`NetTraffic` or `NetConn`) in `t`.
-pub fn net_values(t: &Totals, group: Group, out: &mut Sample) {
+/// With `NetTraffic`, the bytes of each of `classes` too.
+pub fn net_values(t: &Totals, classes: Option<&Classes>, group: Group, out: &mut Sample) {
     if group == Group::NetTraffic {
         out.set(M::NetBytesTx, Some(t.net.tx_bytes));
         out.set(M::NetBytesRx, Some(t.net.rx_bytes));
         out.set(M::NetPacketsTx, Some(t.net.tx_packets));
         out.set(M::NetPacketsRx, Some(t.net.rx_packets));
+        out.classes = classes
+            .map(|classes| {
+                classes
+                    .names()
+                    .enumerate()
+                    .map(|(index, _)| {
+                        let (tx, rx) = t.class_bytes(classes, index);
+                        ClassBytes {
+                            class: classes.shared_name(index),
+                            tx,
+                            rx,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
     } else {
         let conn = t.conn;
         out.set(M::NetConnectionsTotal, Some(conn.established));

@@ -144,7 +144,7 @@ fn an_exited_container_keeps_its_final_values() {
     // Its series stay in metrics.prom, with the labels they had.
     let prom = daemon.read("metrics.prom");
     let tx_line = format!(
-        "cgmetric_network_transmit_bytes_total{{container=\"sender\",id=\"{}\",runtime=\"cgroup\"}} {}",
+        "cgmetric_network_transmit_bytes_total{{container=\"sender\",name=\"sender\",id=\"{}\",runtime=\"cgroup\"}} {}",
         daemon.read("exited/sender/id").trim(),
         live[0]
     );
@@ -408,4 +408,41 @@ fn the_watch_of_a_containers_last_process_ends_with_it() {
         }),
         "the cgroup.events watches of removed containers stay"
     );
+}
+
+/// With `--net-class`, an ended container's classes are kept with its
+/// totals: under `exited/` and in its ledger record, summing to them.
+#[test]
+fn an_exited_container_keeps_its_traffic_by_class() {
+    require!();
+    let parent = Cgroup::parent("exited-class");
+    let server = parent.child("server");
+    let mut sender = parent.child("sender");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--net-class", "lan=10.0.0.0/8"]);
+    let state = daemon.state_dir().unwrap().to_path_buf();
+    send(&sender, &server, 1 << 20);
+    let tx = daemon.number("sender/net_bytes_tx");
+    assert_eq!(daemon.number("sender/net_bytes_tx_loopback"), tx);
+    std::thread::sleep(Duration::from_millis(200));
+    sender.remove();
+    assert!(
+        eventually(Duration::from_secs(5), || daemon
+            .path("exited/sender")
+            .exists()),
+        "{}",
+        daemon.stderr()
+    );
+    let kept = |class: &str| daemon.number(&format!("exited/sender/net_bytes_tx_{class}"));
+    assert_eq!(
+        (kept("loopback"), kept("lan"), kept("external")),
+        (tx, 0, 0)
+    );
+    let records = records_of(&state, "sender");
+    assert_eq!(records.len(), 1, "{records:?}");
+    let counters = &records[0].counters;
+    assert_eq!(counters.get("net_bytes_tx"), Some(&tx));
+    assert_eq!(counters.get("net_bytes_tx_loopback"), Some(&tx));
+    assert_eq!(counters.get("net_bytes_tx_lan"), Some(&0));
+    assert_eq!(counters.get("net_bytes_rx_external"), Some(&0));
 }

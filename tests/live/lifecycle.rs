@@ -227,9 +227,13 @@ fn refuses_a_bad_glob() {
 fn rust_log_controls_logging() {
     require!();
     let (_dir, mountpoint) = scratch_mountpoint();
+    // Not /var/lib/cgmetric, the package test's (tests/package).
+    let state = tempfile::tempdir().unwrap();
     for (level, expect_info) in [("error", false), ("info", true)] {
         let child = Command::new(binary())
             .arg("--no-ebpf")
+            .arg("--state-dir")
+            .arg(state.path())
             .arg(&mountpoint)
             .env("RUST_LOG", level)
             .stderr(Stdio::piped())

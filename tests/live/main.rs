@@ -22,6 +22,7 @@ mod net;
 mod overload;
 mod privilege;
 mod prometheus;
+mod prometheus_server;
 mod readers;
 mod supervise;
 mod tree;

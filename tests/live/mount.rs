@@ -6,14 +6,19 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::require;
-use crate::support::{eventually, is_live, workspace_binary, BpfDir, Cgroup};
+use crate::support::{
+    eventually, host_lock, is_live, workspace_binary, BpfDir, Cgroup, HostLock, HELPER_LOCK,
+};
 
 const HELPER: &str = "/sbin/mount.cgmetric";
 
 /// mount(8) finds helpers in /sbin: the tests link the built helper there
-/// while they run, one at a time, and remove the link afterwards.
+/// while they run, one at a time, and remove the link afterwards. The
+/// package test (tests/package), which installs its own helper there, takes
+/// the same host-wide turn.
 struct Helper {
     _turn: MutexGuard<'static, ()>,
+    _host: HostLock,
 }
 
 impl Helper {
@@ -21,9 +26,13 @@ impl Helper {
         static TURN: Mutex<()> = Mutex::new(());
         let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let built = workspace_binary("mount-cgmetric", "mount-cgmetric");
+        let host = host_lock(HELPER_LOCK);
         let _ = std::fs::remove_file(HELPER);
         std::os::unix::fs::symlink(&built, HELPER).unwrap();
-        Helper { _turn: turn }
+        Helper {
+            _turn: turn,
+            _host: host,
+        }
     }
 }
 
@@ -113,12 +122,16 @@ fn an_fstab_line_mounts() {
     let _box1 = parent.child("box1");
     let (dir, mountpoint) = fresh_mountpoint();
     let fstab = dir.path().join("fstab");
+    // A state directory of its own: the default, /var/lib/cgmetric, is the
+    // package test's (tests/package), and would outlive the test.
+    let state = dir.path().join("state");
     std::fs::write(
         &fstab,
         format!(
-            "cgmetric {} cgmetric cgroup={}/*,no_ebpf,nofail 0 0\n",
+            "cgmetric {} cgmetric cgroup={}/*,no_ebpf,state_dir={},nofail 0 0\n",
             mountpoint.display(),
-            parent.relative
+            parent.relative,
+            state.display()
         ),
     )
     .unwrap();
@@ -158,14 +171,14 @@ fn unknown_words_and_daemon_refusals_are_clear_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown option 'bogus=1'"), "{stderr}");
 
-    let out = mount(&[
-        "-t",
-        "cgmetric",
-        "cgmetric",
-        target,
-        "-o",
-        "bpf_dir=/tmp/not-bpffs",
-    ]);
+    // The daemon opens its ledger before it checks bpf_dir: a state
+    // directory of the test's, not /var/lib/cgmetric.
+    let state = tempfile::tempdir().unwrap();
+    let options = format!(
+        "bpf_dir=/tmp/not-bpffs,state_dir={}",
+        state.path().display()
+    );
+    let out = mount(&["-t", "cgmetric", "cgmetric", target, "-o", &options]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is not on a bpf filesystem"), "{stderr}");

@@ -286,6 +286,11 @@ impl Netns {
     const NS_ADDR: &'static str = "169.254.77.2";
 
     fn new() -> Netns {
+        Netns::with_addresses(Self::HOST_ADDR, Self::NS_ADDR)
+    }
+
+    /// A namespace whose veth pair has these addresses (in one /30).
+    fn with_addresses(host_addr: &str, ns_addr: &str) -> Netns {
         let id = unique("cgmt");
         let suffix = &id[id.len().saturating_sub(8)..];
         let ns = Netns {
@@ -303,12 +308,8 @@ impl Netns {
         // no ARP either way, and segmentation before the veth so that its
         // counters see the packets a physical link would.
         ns.exec("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
-        ip(&format!(
-            "addr add {}/30 dev {}",
-            Self::HOST_ADDR,
-            ns.host_if
-        ));
-        ns.exec(&format!("ip addr add {}/30 dev {ns_if}", Self::NS_ADDR));
+        ip(&format!("addr add {host_addr}/30 dev {}", ns.host_if));
+        ns.exec(&format!("ip addr add {ns_addr}/30 dev {ns_if}"));
         let mac = |dev: &str, in_ns: bool| {
             let mut show = Command::new("ip");
             if in_ns {
@@ -324,13 +325,11 @@ impl Netns {
         };
         let (host_mac, ns_mac) = (mac(&ns.host_if, false), mac(&ns_if, true));
         ip(&format!(
-            "neigh replace {} lladdr {ns_mac} dev {} nud permanent",
-            Self::NS_ADDR,
+            "neigh replace {ns_addr} lladdr {ns_mac} dev {} nud permanent",
             ns.host_if
         ));
         ns.exec(&format!(
-            "ip neigh replace {} lladdr {host_mac} dev {ns_if} nud permanent",
-            Self::HOST_ADDR
+            "ip neigh replace {host_addr} lladdr {host_mac} dev {ns_if} nud permanent"
         ));
         ns.exec(&format!("ethtool -K {ns_if} tso off gso off"));
         ip(&format!("link set {} up", ns.host_if));
@@ -411,6 +410,90 @@ fn run(program: &str, args: &str) {
         .status()
         .unwrap_or_else(|e| panic!("{program} {args}: {e}"));
     assert!(status.success(), "{program} {args}: {status}");
+}
+
+/// `--net-class`: traffic to two namespaces in two classes, to loopback
+/// (IPv4 and IPv6) and to a host address in no class, one connection after
+/// another. Each connection's bytes land in its peer's class and nowhere
+/// else, to the byte, both ways; the files and `metrics.prom` agree.
+#[test]
+fn classes_split_traffic_by_peer_exactly() {
+    require!("ip", "ethtool");
+    let _turn = heavy_turn();
+    let (east_host, east_ns) = ("169.254.78.1", "169.254.78.2");
+    let (west_host, west_ns) = ("169.254.79.1", "169.254.79.2");
+    let pair = Pair::new(
+        "net-class",
+        &[
+            "--net-class",
+            &format!("east={east_ns}/32"),
+            "--net-class",
+            &format!("west={west_ns}/32,fd00:79::/64"),
+        ],
+    );
+    let east = Netns::with_addresses(east_host, east_ns);
+    let west = Netns::with_addresses(west_host, west_ns);
+    const CLASSES: [&str; 4] = ["east", "west", "loopback", "external"];
+    let counts = || {
+        let mut all = Vec::new();
+        for dir in ["tx", "rx"] {
+            all.push(pair.number("client", &format!("net_bytes_{dir}")));
+            for class in CLASSES {
+                all.push(pair.number("client", &format!("net_bytes_{dir}_{class}")));
+            }
+        }
+        all
+    };
+    let payload: u64 = 1 << 20;
+    // Where each connection goes, and the class that must take its bytes.
+    // The host's own end of east's veth is no class's: external (the
+    // packets go over loopback, but by address it is not).
+    let peers = [
+        (Some(&east), east_ns, "east"),
+        (Some(&west), west_ns, "west"),
+        (None, "127.0.0.1", "loopback"),
+        (None, "[::1]", "loopback"),
+        (None, east_host, "external"),
+    ];
+    for (netns, bind, class) in peers {
+        let before = counts();
+        let (server, addr) = pair
+            .server
+            .serve_in(netns.map(|n| n.name.as_str()), bind, 1);
+        pair.transfer(server, &addr, payload);
+        let after = counts();
+        let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let index = 1 + CLASSES.iter().position(|c| *c == class).unwrap();
+        for (dir, base) in [("tx", 0), ("rx", 5)] {
+            let total = delta[base];
+            assert!(total > 0, "{class} {dir}: {delta:?}");
+            for (i, name) in CLASSES.iter().enumerate() {
+                let want = if i + 1 == index { total } else { 0 };
+                assert_eq!(
+                    delta[base + 1 + i],
+                    want,
+                    "to {bind} ({class}), {dir} of class {name}: {delta:?}"
+                );
+            }
+        }
+    }
+    // The classes sum to the totals, in the files and in metrics.prom.
+    let now = counts();
+    assert_eq!(now[0], now[1..5].iter().sum::<u64>(), "{now:?}");
+    assert_eq!(now[5], now[6..10].iter().sum::<u64>(), "{now:?}");
+    let prom = pair.daemon.read("metrics.prom");
+    let class_series = |family: &str| -> u64 {
+        prom.lines()
+            .filter(|l| l.starts_with(family) && l.contains("container=\"client\""))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        class_series("cgmetric_network_class_transmit_bytes_total{"),
+        pair.number("client", "net_bytes_tx"),
+        "{prom}"
+    );
+    assert!(prom.contains("class=\"east\""), "{prom}");
 }
 
 #[test]
@@ -680,6 +763,42 @@ fn a_changed_program_is_swapped_into_the_pinned_link() {
     let tx = daemon.number("client/net_bytes_tx");
     assert!(tx >= 100_000, "the swapped-in program counts: {tx}");
     drop(daemon);
+}
+
+/// A restart keeps every link whose program's maps are all still pinned,
+/// and redoes only a link whose map was removed (by hand): that link
+/// counted into a map nobody reads any more. Also how an upgrade that adds
+/// maps keeps the links of the programs it did not change.
+#[test]
+fn a_restart_redoes_only_the_links_whose_maps_were_removed() {
+    require!();
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-relink");
+    let server_cg = parent.child("server");
+    let client_cg = parent.child("client");
+    let glob = format!("{}/*", parent.relative);
+    let args = ["--cgroup", &glob, "--bpf-dir", bpf.arg()];
+    let links = || {
+        [cgmetric_common::PROG_EGRESS, cgmetric_common::PROG_SOCK_OPS]
+            .map(|p| pinned_link(&cgmetric::net::link_pin(&bpf.0, p)).0)
+    };
+    let daemon = Daemon::start(&args);
+    let [egress, sock_ops] = links();
+    drop(daemon);
+    // Only the connection program uses CONN_COUNTERS.
+    std::fs::remove_file(bpf.0.join(cgmetric_common::CONN_COUNTERS_MAP)).unwrap();
+
+    let daemon = Daemon::start(&args);
+    let [egress_after, sock_ops_after] = links();
+    assert_eq!(egress_after, egress, "{}", daemon.stderr());
+    assert_ne!(sock_ops_after, sock_ops, "{}", daemon.stderr());
+    // The new link counts into the new, pinned map.
+    let (server, addr) = server_cg.serve("127.0.0.1", 1);
+    finish(client_cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "1000", "0"])));
+    finish(server);
+    settle();
+    assert_eq!(daemon.number("client/net_connections_total"), 1);
+    assert!(bpf.0.join(cgmetric_common::CONN_COUNTERS_MAP).exists());
 }
 
 #[test]

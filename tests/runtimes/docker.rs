@@ -105,6 +105,81 @@ fn docker_containers_are_named_followed_and_forgotten() {
     );
 }
 
+/// Containers that cri-dockerd runs carry the CRI's labels: `metrics.prom`
+/// labels them as the kubelet does (`namespace`, `pod`, `container` the
+/// Kubernetes container name), with `name` the directory name, the one label
+/// that tells two pods' `app` containers apart, and `image` as Docker
+/// records it. Docker here, not cri-dockerd: the labels are what it sets.
+#[test]
+fn kubernetes_labels_and_image_from_dockers_metadata() {
+    require!("dockerd", "promtool");
+    let _engine = Dockerd::acquire();
+    let daemon = Daemon::start(&["--no-ebpf"]);
+    let namespace = name("shop");
+    let pods = [name("api-a"), name("api-b")];
+    let mut containers = Vec::new();
+    for pod in &pods {
+        let docker_name = name("k8s_app");
+        let labels = [
+            format!("io.kubernetes.pod.namespace={namespace}"),
+            format!("io.kubernetes.pod.name={pod}"),
+            "io.kubernetes.container.name=app".to_string(),
+        ];
+        let mut args = vec!["--name", docker_name.as_str()];
+        for label in &labels {
+            args.extend(["--label", label.as_str()]);
+        }
+        args.extend([IMAGE, "sleep", "600"]);
+        containers.push((pod, docker_name.clone(), run(&args)));
+    }
+    let plain = name("plain");
+    let plain_container = run(&["--name", &plain, IMAGE, "sleep", "600"]);
+    assert!(
+        eventually(Duration::from_secs(5), || containers
+            .iter()
+            .all(|(_, n, _)| daemon.path(n).exists())
+            && daemon.path(&plain).exists()),
+        "containers not in the tree"
+    );
+
+    let prom = daemon.read("metrics.prom");
+    for (pod, docker_name, container) in &containers {
+        // The directory keeps Docker's name.
+        assert_eq!(
+            daemon.read(&format!("{docker_name}/name")),
+            format!("{docker_name}\n")
+        );
+        let series = format!(
+            "cgmetric_pids{{container=\"app\",namespace=\"{namespace}\",pod=\"{pod}\",\
+             name=\"{docker_name}\",id=\"{}\",image=\"{IMAGE}\",runtime=\"docker\"}} 1\n",
+            container.id
+        );
+        assert!(prom.contains(&series), "{series}not in\n{prom}");
+    }
+    let series = format!(
+        "cgmetric_pids{{container=\"{plain}\",name=\"{plain}\",id=\"{}\",\
+         image=\"{IMAGE}\",runtime=\"docker\"}} 1\n",
+        plain_container.id
+    );
+    assert!(prom.contains(&series), "{series}not in\n{prom}");
+    // One set of labels a container: the pids family has a series for each
+    // container, and none of ours has more than one.
+    for (_, docker_name, _) in &containers {
+        let needle = format!("name=\"{docker_name}\"");
+        assert_eq!(
+            prom.lines()
+                .filter(|l| l.starts_with("cgmetric_pids{") && l.contains(&needle))
+                .count(),
+            1
+        );
+    }
+    let (passed, complaints) = crate::support::promtool_check(&prom);
+    assert!(
+        passed && complaints.trim().is_empty(),
+        "promtool: {complaints}"
+    );
+}
+
 #[test]
 fn docker_limits_and_usage_agree_with_docker() {
     require!("dockerd");
@@ -487,7 +562,7 @@ fn a_docker_container_that_stops_is_billed_for_each_run() {
     // Live again beside its ended run: the ended series is told apart.
     let prom = daemon.read("metrics.prom");
     let series = format!(
-        "cgmetric_network_receive_bytes_total{{container=\"{client}\",id=\"{}\",runtime=\"docker\"",
+        "cgmetric_network_receive_bytes_total{{container=\"{client}\",name=\"{client}\",id=\"{}\",image=\"{IMAGE}\",runtime=\"docker\"",
         buyer.id
     );
     assert!(prom.contains(&format!("{series}}} ")), "{prom}");

@@ -13,4 +13,5 @@ mod support;
 
 mod docker;
 mod engine;
+mod image;
 mod podman;

@@ -40,6 +40,14 @@ fn podman_containers_are_named_from_its_store() {
     assert_eq!(daemon.read(&format!("{first}/runtime")), "podman\n");
     assert_eq!(daemon.read(&format!("{first}/memory_limit")), "67108864\n");
     assert_eq!(daemon.read(&format!("{first}/pids_current")), "1\n");
+    // The image as Podman's store records the name it was asked for.
+    let series = format!(
+        "cgmetric_pids{{container=\"{first}\",name=\"{first}\",id=\"{}\",\
+         image=\"{IMAGE}\",runtime=\"podman\"}} 1\n",
+        container.id
+    );
+    let prom = daemon.read("metrics.prom");
+    assert!(prom.contains(&series), "{series}not in\n{prom}");
 
     let renamed = name("podman-renamed");
     cli(PODMAN, &["rename", &first, &renamed]);

@@ -88,6 +88,31 @@ pub fn promtool_check(text: &str) -> (bool, String) {
     (out.status.success(), said)
 }
 
+/// A lock every test process takes in turn (flock on a file in the temp
+/// directory), for tests of different test binaries that change one host
+/// path: the mount tests link the built helper at /sbin/mount.cgmetric, and
+/// the package test installs its own there. Released when dropped.
+pub struct HostLock {
+    _file: fs::File,
+}
+
+/// The [`host_lock`] of /sbin/mount.cgmetric.
+pub const HELPER_LOCK: &str = "sbin-mount-cgmetric";
+
+pub fn host_lock(name: &str) -> HostLock {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join(format!("cgmetric-test-{name}.lock"));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // SAFETY: flock on a descriptor this function owns.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}", path.display());
+    HostLock { _file: file }
+}
+
 /// A system user created for one test and deleted after it.
 pub struct TestUser {
     pub name: String,

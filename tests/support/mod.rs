@@ -10,7 +10,8 @@
 //! | [`cgroup`] | [`Cgroup`], [`Nest`], [`host_layout`] |
 //! | [`daemon`] | the [`Daemon`] harness, [`BpfDir`], the workspace's binaries ([`daemon::PREBUILT_ENV`]), mount checks |
 //! | [`net`]    | the `tcp_peer` helper: [`tcp_peer`], [`Cgroup::serve`], [`finish`], [`Sent`] |
-//! | [`host`]   | host probes ([`rss_kib`], [`cpu_time`], [`cpu_time_outside`], [`fd_targets`], [`map_ids`], ...), [`promtool_check`], [`TestUser`] |
+//! | [`prometheus`] | a real Prometheus server scraping node_exporter over a daemon's mountpoint: [`Prometheus`], [`shipped_rules_holding_for`] |
+//! | [`host`]   | host probes ([`rss_kib`], [`cpu_time`], [`cpu_time_outside`], [`fd_targets`], [`map_ids`], ...), [`promtool_check`], [`TestUser`], [`host_lock`] |
 //! | [`timing`] | [`eventually`], [`heavy_turn`], [`reading`], [`Rng`] |
 //! | [`names`]  | [`unique`], [`hex_id`] |
 //!
@@ -23,6 +24,7 @@ pub mod gate;
 pub mod host;
 pub mod names;
 pub mod net;
+pub mod prometheus;
 pub mod timing;
 
 pub use cgroup::{host_layout, Cgroup, Nest};
@@ -32,9 +34,10 @@ pub use daemon::{
 };
 pub use gate::{privileged, tool};
 pub use host::{
-    cpu_time, cpu_time_outside, fd_targets, map_ids, online_cpus, open_fds, promtool_check,
-    rss_kib, TestUser,
+    cpu_time, cpu_time_outside, fd_targets, host_lock, map_ids, online_cpus, open_fds,
+    promtool_check, rss_kib, HostLock, TestUser, HELPER_LOCK,
 };
 pub use names::{hex_id, unique};
 pub use net::{finish, finish_client, tcp_peer, Sent};
+pub use prometheus::{sample_value, shipped_rules, shipped_rules_holding_for, Prometheus};
 pub use timing::{eventually, heavy_turn, reading, Rng};
