@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::cli::{BillingOptions, Format, Until};
 use crate::fs::inode::RESERVED_NAMES;
 use crate::ledger::{read_ledger, timestamp, Incarnation, Record};
+use crate::net::class::EXTERNAL_CLASS;
 use crate::report::{number, read_snapshot, ReportError, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +96,71 @@ impl Period {
     }
 }
 
+/// What a GB (10^9 bytes) costs: one price for all traffic, or one per
+/// destination class (`--net-class`; `external` is every peer in no class).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prices {
+    Flat(f64),
+    ByClass(Vec<(String, f64)>),
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PriceError {
+    #[error(
+        "{0:?} is not a price: give PRICE (0.09) or CLASS=PRICE[,CLASS=PRICE...] \
+         (external=0.09,cluster=0)"
+    )]
+    Form(String),
+    #[error("price {0:?} is not a number of at least 0")]
+    Price(String),
+    #[error("class {0:?} is priced twice")]
+    Twice(String),
+}
+
+impl std::str::FromStr for Prices {
+    type Err = PriceError;
+
+    fn from_str(text: &str) -> Result<Prices, PriceError> {
+        let price = |p: &str| match p.trim().parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+            _ => Err(PriceError::Price(p.to_string())),
+        };
+        if !text.contains('=') {
+            return price(text).map(Prices::Flat);
+        }
+        let mut classes: Vec<(String, f64)> = Vec::new();
+        for pair in text.split(',') {
+            let (class, value) = pair
+                .split_once('=')
+                .filter(|(c, _)| !c.trim().is_empty())
+                .ok_or_else(|| PriceError::Form(text.to_string()))?;
+            let class = class.trim().to_string();
+            if classes.iter().any(|(c, _)| *c == class) {
+                return Err(PriceError::Twice(class));
+            }
+            classes.push((class, price(value)?));
+        }
+        Ok(Prices::ByClass(classes))
+    }
+}
+
+impl Prices {
+    /// The classes priced, when priced by class.
+    fn classes(&self) -> &[(String, f64)] {
+        match self {
+            Prices::Flat(_) => &[],
+            Prices::ByClass(classes) => classes,
+        }
+    }
+}
+
+/// One class's traffic in a bill.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ClassTraffic {
+    pub egress_bytes: u64,
+    pub ingress_bytes: u64,
+}
+
 /// One name's bill.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Row {
@@ -105,6 +171,9 @@ pub struct Row {
     pub live: bool,
     pub egress_bytes: u64,
     pub ingress_bytes: u64,
+    /// By priced class, when priced by class.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub classes: BTreeMap<String, ClassTraffic>,
 }
 
 /// Every name's bill, by name.
@@ -122,7 +191,11 @@ impl Bill {
     /// running containers of `live`. A record repeated in the ledger (the
     /// same incarnation, told by its v2 cgroup id, which the kernel never
     /// reuses, and its first sighting) counts once.
-    pub fn new(live: &Snapshot, records: &[Record], period: &Period) -> Bill {
+    ///
+    /// With `classes` (the priced ones), each row also has their traffic:
+    /// from the per-class counters, or, for an incarnation counted with no
+    /// `--net-class`, all as `external` (every peer was in no class).
+    pub fn new(live: &Snapshot, records: &[Record], period: &Period, classes: &[&str]) -> Bill {
         let mut bill = Bill::default();
         let mut seen: HashSet<Incarnation> = HashSet::new();
         for record in records {
@@ -142,17 +215,29 @@ impl Bill {
                 bill.without_network += 1;
                 continue;
             };
-            bill.add(&record.name, tx, rx.unwrap_or(0), false);
+            let rx = rx.unwrap_or(0);
+            let counter = |file: &str| record.counters.get(file).copied();
+            let split = by_class(classes, tx, rx, counter);
+            bill.add(&record.name, tx, rx, false, split);
         }
         for (name, values) in live {
             if let Some(tx) = number(values, "net_bytes_tx") {
-                bill.add(name, tx, number(values, "net_bytes_rx").unwrap_or(0), true);
+                let rx = number(values, "net_bytes_rx").unwrap_or(0);
+                let split = by_class(classes, tx, rx, |file| number(values, file));
+                bill.add(name, tx, rx, true, split);
             }
         }
         bill
     }
 
-    fn add(&mut self, name: &str, tx: u64, rx: u64, live: bool) {
+    fn add(
+        &mut self,
+        name: &str,
+        tx: u64,
+        rx: u64,
+        live: bool,
+        classes: Vec<(&str, ClassTraffic)>,
+    ) {
         let row = self.rows.entry(name.to_string()).or_insert_with(|| Row {
             container: name.to_string(),
             ..Row::default()
@@ -161,7 +246,41 @@ impl Bill {
         row.live |= live;
         row.egress_bytes += tx;
         row.ingress_bytes += rx;
+        for (class, traffic) in classes {
+            let total = row.classes.entry(class.to_string()).or_default();
+            total.egress_bytes += traffic.egress_bytes;
+            total.ingress_bytes += traffic.ingress_bytes;
+        }
     }
+}
+
+/// One incarnation's traffic in each of `classes`, from its per-class
+/// counters (`counter("net_bytes_tx_<class>")`); counted with no classes,
+/// all of it (`tx`, `rx`) is `external`.
+fn by_class<'c>(
+    classes: &[&'c str],
+    tx: u64,
+    rx: u64,
+    counter: impl Fn(&str) -> Option<u64>,
+) -> Vec<(&'c str, ClassTraffic)> {
+    let external = counter("net_bytes_tx_external").is_none();
+    classes
+        .iter()
+        .map(|class| {
+            let traffic = match (external, *class == EXTERNAL_CLASS) {
+                (true, true) => ClassTraffic {
+                    egress_bytes: tx,
+                    ingress_bytes: rx,
+                },
+                (true, false) => ClassTraffic::default(),
+                (false, _) => ClassTraffic {
+                    egress_bytes: counter(&format!("net_bytes_tx_{class}")).unwrap_or(0),
+                    ingress_bytes: counter(&format!("net_bytes_rx_{class}")).unwrap_or(0),
+                },
+            };
+            (*class, traffic)
+        })
+        .collect()
 }
 
 /// When a record's incarnation ended; a record whose time does not parse
@@ -332,14 +451,37 @@ fn gb(bytes: u64) -> String {
 }
 
 /// What a row costs.
-fn cost(row: &Row, price_per_gb: f64, include_ingress: bool) -> f64 {
-    let billed = row.egress_bytes
-        + if include_ingress {
-            row.ingress_bytes
-        } else {
-            0
-        };
-    billed as f64 / 1e9 * price_per_gb
+fn cost(row: &Row, prices: &Prices, include_ingress: bool) -> f64 {
+    let billed = |egress: u64, ingress: u64| egress + if include_ingress { ingress } else { 0 };
+    match prices {
+        Prices::Flat(price) => billed(row.egress_bytes, row.ingress_bytes) as f64 / 1e9 * price,
+        Prices::ByClass(classes) => classes
+            .iter()
+            .map(|(class, price)| {
+                let t = row.classes.get(class).copied().unwrap_or_default();
+                billed(t.egress_bytes, t.ingress_bytes) as f64 / 1e9 * price
+            })
+            .sum(),
+    }
+}
+
+impl Bill {
+    /// Bytes in no priced class (egress, ingress): when priced by class,
+    /// traffic to classes with no price, which costs nothing.
+    pub fn unpriced(&self, prices: &Prices) -> (u64, u64) {
+        if prices.classes().is_empty() {
+            return (0, 0);
+        }
+        let mut unpriced = (0, 0);
+        for row in self.rows.values() {
+            let priced = row.classes.values().fold((0, 0), |(e, i), t| {
+                (e + t.egress_bytes, i + t.ingress_bytes)
+            });
+            unpriced.0 += row.egress_bytes.saturating_sub(priced.0);
+            unpriced.1 += row.ingress_bytes.saturating_sub(priced.1);
+        }
+        unpriced
+    }
 }
 
 #[derive(Serialize)]
@@ -348,7 +490,8 @@ struct JsonBill<'a> {
     /// `null`: now, running containers included.
     until: Option<String>,
     generated: String,
-    price_per_gb: f64,
+    /// A number, or an object of prices by class.
+    price_per_gb: serde_json::Value,
     include_ingress: bool,
     containers: Vec<JsonRow<'a>>,
     total_egress_bytes: u64,
@@ -375,14 +518,14 @@ pub fn render(
     bill: &Bill,
     period: &Period,
     generated: SystemTime,
-    price_per_gb: f64,
+    prices: &Prices,
     include_ingress: bool,
     format: Format,
 ) -> String {
     let rows: Vec<(&Row, f64)> = bill
         .rows
         .values()
-        .map(|row| (row, cost(row, price_per_gb, include_ingress)))
+        .map(|row| (row, cost(row, prices, include_ingress)))
         .collect();
     let total_cost: f64 = rows.iter().map(|r| r.1).sum();
     let total_egress: u64 = rows.iter().map(|r| r.0.egress_bytes).sum();
@@ -391,10 +534,15 @@ pub fn render(
     match format {
         Format::Csv => {
             out.push_str(
-                "container,egress_gb,ingress_gb,cost,incarnations,live,egress_bytes,ingress_bytes\n",
+                "container,egress_gb,ingress_gb,cost,incarnations,live,egress_bytes,ingress_bytes",
             );
+            // Priced by class: each class's bytes, after the columns above.
+            for (class, _) in prices.classes() {
+                let _ = write!(out, ",egress_bytes_{class},ingress_bytes_{class}");
+            }
+            out.push('\n');
             for (row, cost) in &rows {
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "{},{},{},{cost:.6},{},{},{},{}",
                     csv_field(&row.container),
@@ -405,6 +553,11 @@ pub fn render(
                     row.egress_bytes,
                     row.ingress_bytes
                 );
+                for (class, _) in prices.classes() {
+                    let t = row.classes.get(class).copied().unwrap_or_default();
+                    let _ = write!(out, ",{},{}", t.egress_bytes, t.ingress_bytes);
+                }
+                out.push('\n');
             }
         }
         Format::Table => {
@@ -448,7 +601,15 @@ pub fn render(
                     Until::At(until) => Some(timestamp(until)),
                 },
                 generated: timestamp(generated),
-                price_per_gb,
+                price_per_gb: match prices {
+                    Prices::Flat(price) => serde_json::json!(price),
+                    Prices::ByClass(classes) => serde_json::Value::Object(
+                        classes
+                            .iter()
+                            .map(|(c, p)| (c.clone(), serde_json::json!(p)))
+                            .collect(),
+                    ),
+                },
                 include_ingress,
                 containers: rows
                     .iter()
@@ -482,11 +643,24 @@ pub fn billing(options: &BillingOptions) -> Result<(), BillingError> {
     let period = Period::new(options.since, options.until.unwrap_or(Until::Now))?;
     let (live, records) = gather(&options.mount, &options.state_dir, &period)?;
     let generated = SystemTime::now();
-    let bill = Bill::new(&live, &records, &period);
+    let classes: Vec<&str> = options
+        .price_per_gb
+        .classes()
+        .iter()
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let bill = Bill::new(&live, &records, &period, &classes);
     if bill.without_network > 0 {
         log::warn!(
             "{} ended incarnations in the period have no network counters: not billed",
             bill.without_network
+        );
+    }
+    let (egress, ingress) = bill.unpriced(&options.price_per_gb);
+    if egress > 0 || (options.include_ingress && ingress > 0) {
+        log::warn!(
+            "{egress} bytes sent and {ingress} received went to classes without a price: \
+             they cost nothing in this bill"
         );
     }
     print!(
@@ -495,7 +669,7 @@ pub fn billing(options: &BillingOptions) -> Result<(), BillingError> {
             &bill,
             &period,
             generated,
-            options.price_per_gb,
+            &options.price_per_gb,
             options.include_ingress,
             options.format
         )
@@ -603,7 +777,7 @@ mod tests {
             no_network,
         ];
         let open = Period::new(Some(at("2026-11-01T00:00:00Z")), Until::Now).unwrap();
-        let bill = Bill::new(&live, &records, &open);
+        let bill = Bill::new(&live, &records, &open, &[]);
         let job = &bill.rows["job"];
         assert_eq!(
             (
@@ -626,7 +800,7 @@ mod tests {
         )
         .unwrap();
         let (live, records) = (Snapshot::new(), &records[..]);
-        let bill = Bill::new(&live, records, &november);
+        let bill = Bill::new(&live, records, &november, &[]);
         assert_eq!(bill.rows.len(), 1);
         assert_eq!(bill.rows["job"].egress_bytes, 200_000);
         assert!(!bill.rows["job"].live);
@@ -665,9 +839,10 @@ mod tests {
             ),
         ];
         let period = Period::new(Some(at("2026-11-01T00:00:00Z")), Until::Now).unwrap();
-        let bill = Bill::new(&live, &records, &period);
+        let bill = Bill::new(&live, &records, &period, &[]);
         let generated = at("2026-11-27T12:00:00Z");
-        let render = |format, ingress| render(&bill, &period, generated, 0.09, ingress, format);
+        let prices = Prices::Flat(0.09);
+        let render = |format, ingress| render(&bill, &period, generated, &prices, ingress, format);
 
         assert_eq!(
             render(Format::Csv, false),
@@ -709,5 +884,94 @@ mod tests {
         assert_eq!(json["total_cost"].as_f64(), Some(1.30339));
         assert_eq!(json["total_egress_bytes"], 14_482_113_904u64);
         assert_eq!(csv_field("a,\"b\""), "\"a,\"\"b\"\"\"");
+    }
+
+    #[test]
+    fn prices_are_one_or_by_class() {
+        assert_eq!("0.09".parse(), Ok(Prices::Flat(0.09)));
+        assert_eq!(
+            "external=0.09, cluster=0".parse(),
+            Ok(Prices::ByClass(vec![
+                ("external".into(), 0.09),
+                ("cluster".into(), 0.0)
+            ]))
+        );
+        for bad in ["-1", "x", "nan", "inf", "=1", "a=1,a=2", "a=-0.5", "a"] {
+            assert!(bad.parse::<Prices>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bill_by_class_prices_each_class_and_counts_classless_traffic_as_external() {
+        // Running: split by class in `metric` (as a daemon with
+        // --net-class lan=... renders it).
+        let live = parse_metric(
+            "web_net_bytes_tx 3000000000\nweb_net_bytes_rx 30\n\
+             web_net_bytes_tx_lan 1000000000\nweb_net_bytes_tx_loopback 0\n\
+             web_net_bytes_tx_external 2000000000\nweb_net_bytes_rx_lan 10\n\
+             web_net_bytes_rx_loopback 0\nweb_net_bytes_rx_external 20\n",
+        );
+        // Ended: one counted with classes, one without (all external).
+        let mut split = record("web", 1, "2026-11-02T00:00:00.000Z", 500, 5);
+        split.counters.extend([
+            ("net_bytes_tx_lan".into(), 400),
+            ("net_bytes_tx_external".into(), 100),
+            ("net_bytes_rx_lan".into(), 5),
+            ("net_bytes_rx_external".into(), 0),
+        ]);
+        let classless = record("web", 2, "2026-11-03T00:00:00.000Z", 7000, 70);
+        let period = Period::new(Some(at("2026-11-01T00:00:00Z")), Until::Now).unwrap();
+        let prices: Prices = "external=0.09,lan=0.01".parse().unwrap();
+        let bill = Bill::new(&live, &[split, classless], &period, &["external", "lan"]);
+        let web = &bill.rows["web"];
+        assert_eq!(web.incarnations, 3);
+        assert_eq!(
+            web.classes["external"],
+            ClassTraffic {
+                egress_bytes: 2_000_000_000 + 100 + 7000,
+                ingress_bytes: 20 + 70
+            }
+        );
+        assert_eq!(
+            web.classes["lan"],
+            ClassTraffic {
+                egress_bytes: 1_000_000_000 + 400,
+                ingress_bytes: 15
+            }
+        );
+        // loopback has no price: its bytes (none here) cost nothing.
+        assert_eq!(bill.unpriced(&prices), (0, 0));
+        let cost = cost(web, &prices, false);
+        let want = 2_000_007_100.0 / 1e9 * 0.09 + 1_000_000_400.0 / 1e9 * 0.01;
+        assert!((cost - want).abs() < 1e-12, "{cost} vs {want}");
+
+        let generated = at("2026-11-27T12:00:00Z");
+        let csv = render(&bill, &period, generated, &prices, false, Format::Csv);
+        let mut lines = csv.lines();
+        assert!(lines.next().unwrap().ends_with(
+            ",egress_bytes_external,ingress_bytes_external,egress_bytes_lan,ingress_bytes_lan"
+        ));
+        assert!(lines
+            .next()
+            .unwrap()
+            .ends_with(",2000007100,90,1000000400,15"));
+        let json: serde_json::Value = serde_json::from_str(&render(
+            &bill,
+            &period,
+            generated,
+            &prices,
+            false,
+            Format::Json,
+        ))
+        .unwrap();
+        assert_eq!(json["price_per_gb"]["lan"].as_f64(), Some(0.01));
+        assert_eq!(
+            json["containers"][0]["classes"]["lan"]["egress_bytes"],
+            1_000_000_400u64
+        );
+        // Priced by class, the classes not priced are no cost, and said.
+        let only_lan: Prices = "lan=0.01".parse().unwrap();
+        let bill = Bill::new(&live, &[], &period, &["lan"]);
+        assert_eq!(bill.unpriced(&only_lan), (2_000_000_000, 20));
     }
 }

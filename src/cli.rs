@@ -228,9 +228,12 @@ pub struct BillingOptions {
     /// far; so does a TIME still to come.
     #[arg(long, value_name = "TIME", value_parser = parse_until)]
     pub until: Option<Until>,
-    /// The price of one GB (10^9 bytes) of egress.
+    /// The price of one GB (10^9 bytes) of egress: PRICE for all traffic,
+    /// or CLASS=PRICE[,CLASS=PRICE...] by destination class (--net-class;
+    /// `external` is every peer in no class, and all traffic counted
+    /// without classes). Classes without a price cost nothing.
     #[arg(long, value_name = "PRICE")]
-    pub price_per_gb: f64,
+    pub price_per_gb: crate::billing::Prices,
     /// Bill ingress at the same price too.
     #[arg(long)]
     pub include_ingress: bool,

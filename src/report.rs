@@ -2,13 +2,14 @@
 //! billing`), read from a mounted tree like any other client: one read of
 //! the root `metric` file is one consistent snapshot of every container.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::cli::{SortBy, TopOptions};
-use crate::metrics::METRICS;
+use crate::metrics::{CLASS_METRICS, METRICS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -23,10 +24,17 @@ pub enum ReportError {
 }
 
 /// Every container's values, by name, then by file.
-pub type Snapshot = BTreeMap<String, BTreeMap<&'static str, String>>;
+pub type Snapshot = BTreeMap<String, Values>;
+
+/// One container's values by file name (a catalogue name, or a per-class
+/// file such as `net_bytes_tx_external`).
+pub type Values = BTreeMap<Cow<'static, str>, String>;
 
 /// Parses `metric` (`<name>_<file> <value>` a line). Names may hold `_` and
-/// spaces, so the file is recognised as a catalogue name at the end.
+/// spaces, so the file is recognised as a catalogue name at the end, or
+/// else as a per-class file (`<name>_net_bytes_tx_<class>`: class names
+/// hold no `net_bytes` and end in no catalogue name, so neither is
+/// ambiguous).
 pub fn parse_metric(text: &str) -> Snapshot {
     let mut snapshot = Snapshot::new();
     for line in text.lines() {
@@ -37,13 +45,23 @@ pub fn parse_metric(text: &str) -> Snapshot {
             .iter()
             .filter(|m| key.ends_with(m.file) && key[..key.len() - m.file.len()].ends_with('_'))
             .max_by_key(|m| m.file.len());
-        if let Some(def) = file {
-            let name = &key[..key.len() - def.file.len() - 1];
-            snapshot
-                .entry(name.to_string())
-                .or_default()
-                .insert(def.file, value.to_string());
-        }
+        let (name, file): (&str, Cow<'static, str>) = match file {
+            Some(def) => (&key[..key.len() - def.file.len() - 1], def.file.into()),
+            None => {
+                let class_file = CLASS_METRICS.iter().find_map(|def| {
+                    let at = key.rfind(&format!("_{}_", def.file))?;
+                    Some((&key[..at], key[at + 1..].to_string().into()))
+                });
+                match class_file {
+                    Some(found) => found,
+                    None => continue,
+                }
+            }
+        };
+        snapshot
+            .entry(name.to_string())
+            .or_default()
+            .insert(file, value.to_string());
     }
     snapshot
 }
@@ -58,7 +76,7 @@ pub(crate) fn read_snapshot(mount: &Path) -> Result<Snapshot, ReportError> {
     Ok(parse_metric(&text))
 }
 
-pub(crate) fn number(values: &BTreeMap<&'static str, String>, file: &str) -> Option<u64> {
+pub(crate) fn number(values: &Values, file: &str) -> Option<u64> {
     values.get(file)?.parse().ok()
 }
 
@@ -113,7 +131,7 @@ pub fn render_top(snapshot: &Snapshot, sort: SortBy) -> String {
         SortBy::Connections => Some("net_connections_active"),
         SortBy::Pids => Some("pids_current"),
     };
-    let mut rows: Vec<(&String, &BTreeMap<&'static str, String>)> = snapshot.iter().collect();
+    let mut rows: Vec<(&String, &Values)> = snapshot.iter().collect();
     if let Some(key) = key {
         rows.sort_by_key(|(_, values)| std::cmp::Reverse(number(values, key).unwrap_or(0)));
     }

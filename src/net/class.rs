@@ -8,6 +8,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use cgmetric_common::{class_id, class_prefix_v4, LOOPBACK_CLASS};
+
+use crate::metrics::{CLASS_METRICS, METRICS};
 use ipnet::IpNet;
 
 /// The class of peers in no other class.
@@ -36,6 +38,10 @@ pub enum ClassError {
     Name(String),
     #[error("--net-class name {0:?} is the daemon's own class")]
     Reserved(String),
+    #[error(
+        "--net-class name {0:?} would make its files ambiguous in `metric` (it holds net_bytes or ends in a file's name)"
+    )]
+    Ambiguous(String),
     #[error("--net-class {name}: {cidr:?} is not a CIDR (10.0.0.0/8, fd00::/8)")]
     Cidr { name: String, cidr: String },
     #[error("--net-class {0} is given twice")]
@@ -62,6 +68,9 @@ impl FromStr for NetClass {
         if name == EXTERNAL_CLASS || name == LOOPBACK_CLASS {
             return Err(ClassError::Reserved(name.to_string()));
         }
+        if is_ambiguous(name) {
+            return Err(ClassError::Ambiguous(name.to_string()));
+        }
         let nets = cidrs
             .split([',', '+'])
             .map(|cidr| {
@@ -76,6 +85,20 @@ impl FromStr for NetClass {
             nets,
         })
     }
+}
+
+/// Whether a class's files would read as something else in `metric`, whose
+/// lines are `<container>_<file> <value>` and whose names may hold `_`: a
+/// per-class file ending in a catalogue file's name would be taken for it,
+/// and one holding `net_bytes` would split at the wrong place.
+fn is_ambiguous(class: &str) -> bool {
+    class.contains("net_bytes")
+        || CLASS_METRICS.iter().any(|def| {
+            let file = def.file_of(class);
+            METRICS
+                .iter()
+                .any(|m| file.ends_with(&format!("_{}", m.file)))
+        })
 }
 
 impl fmt::Display for NetClass {
@@ -219,6 +242,21 @@ mod tests {
             "external=10.0.0.0/8".parse::<NetClass>(),
             Err(ClassError::Reserved(_))
         ));
+        for ambiguous in [
+            "net_bytes",
+            "x_net_bytes_tx",
+            "pids_current",
+            "memory_usage",
+        ] {
+            assert!(
+                matches!(
+                    format!("{ambiguous}=10.0.0.0/8").parse::<NetClass>(),
+                    Err(ClassError::Ambiguous(_))
+                ),
+                "{ambiguous}"
+            );
+        }
+        assert!("usage=10.0.0.0/8".parse::<NetClass>().is_ok());
         assert!(matches!(
             "lan=10.0.0.300/8".parse::<NetClass>(),
             Err(ClassError::Cidr { .. })

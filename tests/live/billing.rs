@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use cgmetric::ledger::{read_ledger, Record};
 
-use crate::exited::send;
+use crate::exited::{send, send_to};
 use crate::require;
 use crate::support::{eventually, BpfDir, Cgroup, Daemon};
 
@@ -402,4 +402,126 @@ fn bills_taken_while_a_name_restarts_count_each_incarnation_once() {
             assert!(next_runs >= runs && next_tx >= tx, "{}", context());
         }
     }
+}
+
+/// An address of this host's own on one end of a veth pair (this kernel
+/// has no dummy devices), gone on drop: its traffic goes over loopback but
+/// is not `loopback` by address.
+struct LocalAddress {
+    device: String,
+    address: &'static str,
+}
+
+impl LocalAddress {
+    fn new(address: &'static str) -> LocalAddress {
+        let id = crate::support::unique("cgb");
+        let suffix = id.replace('-', "");
+        let device = format!("cgb{}", &suffix[suffix.len().saturating_sub(10)..]);
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().unwrap();
+            assert!(status.success(), "ip {args:?}: {status}");
+        };
+        let peer = format!("{device}p");
+        ip(&["link", "add", &device, "type", "veth", "peer", "name", &peer]);
+        let local = LocalAddress { device, address };
+        ip(&[
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            &local.device,
+        ]);
+        ip(&["link", "set", &local.device, "up"]);
+        local
+    }
+}
+
+impl Drop for LocalAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.device])
+            .status();
+    }
+}
+
+/// Priced by class (`--price-per-gb lan=…,loopback=…`), a bill has each
+/// class's bytes exactly as the classes' files and the ledger's records
+/// counted them, over an ended incarnation and a running one, and costs
+/// each class at its price; `external`, unpriced, costs nothing.
+#[test]
+fn a_bill_by_class_prices_each_destination() {
+    require!("ip");
+    let local = LocalAddress::new("169.254.91.1");
+    let parent = Cgroup::parent("bill-class");
+    let server = parent.child("server");
+    let glob = format!("{}/*", parent.relative);
+    let class = format!("lan={}/32", local.address);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--net-class", &class]);
+    let state = daemon.state_dir().unwrap().to_path_buf();
+    let by_class = |name: &str| -> [u64; 4] {
+        ["tx_lan", "rx_lan", "tx_loopback", "rx_loopback"]
+            .map(|f| daemon.number(&format!("{name}/net_bytes_{f}")))
+    };
+
+    // One incarnation to the LAN address and to loopback, ended.
+    let mut first = parent.child("job");
+    send_to(&first, &server, local.address, 1 << 20);
+    send(&first, &server, 1 << 19);
+    let ended = by_class("job");
+    assert!(ended[0] > 1 << 20 && ended[2] > 1 << 19, "{ended:?}");
+    first.remove();
+    assert!(
+        eventually(Duration::from_secs(5), || records_of(&state, "job").len()
+            == 1),
+        "{}",
+        daemon.stderr()
+    );
+    let record = records_of(&state, "job").pop().unwrap();
+    assert_eq!(record.counters["net_bytes_tx_lan"], ended[0]);
+    // And one running, to the LAN address only.
+    let second = parent.child("job");
+    send_to(&second, &server, local.address, 1 << 18);
+    let running = by_class("job");
+
+    let out = Command::new(crate::support::binary())
+        .args([
+            "billing",
+            "--price-per-gb",
+            "lan=2,loopback=1",
+            "--format",
+            "json",
+        ])
+        .arg("--mount")
+        .arg(daemon.path(""))
+        .arg("--state-dir")
+        .arg(&state)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let bill: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job = row(&bill, "job").unwrap_or_else(|| panic!("{bill:#}"));
+    assert_eq!(job["incarnations"], 2);
+    let classes = &job["classes"];
+    let bytes = |class: &str, way: &str| classes[class][way].as_u64().unwrap();
+    assert_eq!(
+        bytes("lan", "egress_bytes"),
+        ended[0] + running[0],
+        "{bill:#}"
+    );
+    assert_eq!(
+        bytes("lan", "ingress_bytes"),
+        ended[1] + running[1],
+        "{bill:#}"
+    );
+    assert_eq!(
+        bytes("loopback", "egress_bytes"),
+        ended[2] + running[2],
+        "{bill:#}"
+    );
+    let want = (ended[0] + running[0]) as f64 / 1e9 * 2.0 + (ended[2] + running[2]) as f64 / 1e9;
+    let cost = job["cost"].as_f64().unwrap();
+    assert!((cost - want).abs() < 2e-6, "cost {cost}, want {want}");
+    assert_eq!(bill["price_per_gb"]["lan"].as_f64(), Some(2.0));
 }

@@ -31,7 +31,12 @@ fn records_of(state_dir: &Path, name: &str) -> Vec<Record> {
 /// Sends `payload` bytes from `client` to a server in `server`, waits for
 /// both and for TCP to finish.
 pub(crate) fn send(client: &Cgroup, server: &Cgroup, payload: u64) {
-    let (listener, addr) = server.serve("127.0.0.1", 1);
+    send_to(client, server, "127.0.0.1", payload)
+}
+
+/// [`send`] to a server listening on `bind`.
+pub(crate) fn send_to(client: &Cgroup, server: &Cgroup, bind: &str, payload: u64) {
+    let (listener, addr) = server.serve(bind, 1);
     let peer = client.start(Command::new(tcp_peer()).args([
         "client",
         &addr,
