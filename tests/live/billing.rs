@@ -422,7 +422,9 @@ impl LocalAddress {
             assert!(status.success(), "ip {args:?}: {status}");
         };
         let peer = format!("{device}p");
-        ip(&["link", "add", &device, "type", "veth", "peer", "name", &peer]);
+        ip(&[
+            "link", "add", &device, "type", "veth", "peer", "name", &peer,
+        ]);
         let local = LocalAddress { device, address };
         ip(&[
             "addr",

@@ -50,6 +50,22 @@ pub(crate) fn send_to(client: &Cgroup, server: &Cgroup, bind: &str, payload: u64
     std::thread::sleep(Duration::from_millis(300));
 }
 
+/// Ends the container `name` (its cgroup) as a runtime does, and waits for
+/// it under `exited/`.
+fn end(daemon: &Daemon, cgroup: &mut Cgroup, name: &str) {
+    // A runtime's teardown takes some milliseconds after the last process
+    // left; the daemon takes the values in that time.
+    std::thread::sleep(Duration::from_millis(200));
+    cgroup.remove();
+    assert!(
+        eventually(Duration::from_secs(5), || daemon
+            .path(&format!("exited/{name}"))
+            .exists()),
+        "exited/{name} did not appear:\n{}",
+        daemon.stderr()
+    );
+}
+
 /// The network counters a container's files show.
 const NET: [&str; 6] = [
     "net_bytes_tx",
@@ -81,18 +97,7 @@ fn an_exited_container_keeps_its_final_values() {
     assert!(live[0] > 4 << 20, "tx {}", live[0]);
     let cpu = daemon.number("sender/cpu_usage_usec");
     assert!(cpu > 0);
-    // A runtime's teardown takes some milliseconds after the last process
-    // left; the daemon takes the values in that time.
-    std::thread::sleep(Duration::from_millis(200));
-    sender.remove();
-
-    assert!(
-        eventually(Duration::from_secs(5), || daemon
-            .path("exited/sender")
-            .exists()),
-        "exited/sender did not appear:\n{}",
-        daemon.stderr()
-    );
+    end(&daemon, &mut sender, "sender");
     // The kernel is told to forget the name from a thread of its own.
     assert!(eventually(Duration::from_secs(1), || !daemon
         .path("sender")
@@ -429,15 +434,7 @@ fn an_exited_container_keeps_its_traffic_by_class() {
     send(&sender, &server, 1 << 20);
     let tx = daemon.number("sender/net_bytes_tx");
     assert_eq!(daemon.number("sender/net_bytes_tx_loopback"), tx);
-    std::thread::sleep(Duration::from_millis(200));
-    sender.remove();
-    assert!(
-        eventually(Duration::from_secs(5), || daemon
-            .path("exited/sender")
-            .exists()),
-        "{}",
-        daemon.stderr()
-    );
+    end(&daemon, &mut sender, "sender");
     let kept = |class: &str| daemon.number(&format!("exited/sender/net_bytes_tx_{class}"));
     assert_eq!(
         (kept("loopback"), kept("lan"), kept("external")),
