@@ -39,8 +39,8 @@ use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::{SkBuffContext, SockContext, SockOpsContext};
 use cgmetric_common::{
-    health, ClassCounters, ClassKey, ConnCounters, NetCounters, Retired, SocketState,
-    MAX_CGROUPS, MAX_CLASS_PREFIXES,
+    health, ClassCounters, ClassKey, ConnCounters, NetCounters, Retired, SocketState, MAX_CGROUPS,
+    MAX_CLASS_PREFIXES,
 };
 
 use crate::sk_storage::SkStorage;
