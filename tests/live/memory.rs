@@ -15,16 +15,7 @@ fn memory_toucher_rss_agrees_with_the_kernel() {
     require!("stress-ng");
     let parent = Cgroup::parent("mem");
     let mut toucher = parent.child("toucher");
-    // Maps 64 MiB, touches every page once, then holds it.
-    toucher.spawn(Command::new("stress-ng").args([
-        "--vm",
-        "1",
-        "--vm-bytes",
-        "64M",
-        "--vm-keep",
-        "--vm-hang",
-        "0",
-    ]));
+    toucher.spawn_memory_holder("64M");
     let (stat, rss_key) = match toucher.is_v1(Controller::Memory) {
         true => ("memory.stat", "total_rss"),
         false => ("memory.stat", "anon"),
@@ -159,21 +150,12 @@ fn kernel_peak(cg: &Cgroup) -> Option<u64> {
     Some(text.trim().parse().unwrap())
 }
 
-/// Sets a hard limit: v1 `memory.limit_in_bytes`, v2 `memory.max`.
-fn limit_memory(cg: &Cgroup, bytes: u64) {
-    let file = match cg.is_v1(Controller::Memory) {
-        true => "memory.limit_in_bytes",
-        false => "memory.max",
-    };
-    cg.write(Controller::Memory, file, &bytes.to_string());
-}
-
 #[test]
 fn an_oom_kill_shows_in_events_kills_and_peak() {
     require!();
     let parent = Cgroup::parent("oom");
     let oomer = parent.child("oomer");
-    limit_memory(&oomer, 32 * MIB);
+    oomer.limit_memory(32 * MIB);
     let glob = format!("{}/*", parent.relative);
     let daemon = Daemon::start(&["--cgroup", &glob]);
     assert_eq!(daemon.number("oomer/memory_oom_kills"), 0);
@@ -262,7 +244,7 @@ fn pushed_against_its_limit_it_shows_events_and_memory_pressure() {
     };
 
     if v1 {
-        limit_memory(&pushed, 32 * MIB);
+        pushed.limit_memory(32 * MIB);
         // A 128 MiB file on a real disk (the test's target directory),
         // written around the page cache, then read through it in the
         // cgroup: four times the limit of clean cache, which reclaim frees

@@ -310,29 +310,12 @@ fn kernel_working_set(cg: &Cgroup) -> u64 {
         .saturating_sub(inactive)
 }
 
-fn limit_memory(cg: &Cgroup, bytes: u64) {
-    let file = match cg.is_v1(Controller::Memory) {
-        true => "memory.limit_in_bytes",
-        false => "memory.max",
-    };
-    cg.write(Controller::Memory, file, &bytes.to_string());
-}
-
 #[test]
 fn memory_alert_fires_near_the_limit_and_survives_a_restarted_container() {
     require!("prometheus", "prometheus-node-exporter", "stress-ng");
     let parent = Cgroup::parent("prommem");
     let mut toucher = parent.child("toucher");
-    // Maps 64 MiB, touches every page, then holds it.
-    toucher.spawn(Command::new("stress-ng").args([
-        "--vm",
-        "1",
-        "--vm-bytes",
-        "64M",
-        "--vm-keep",
-        "--vm-hang",
-        "0",
-    ]));
+    toucher.spawn_memory_holder("64M");
     // Then it settles: the limit below is set from what it holds.
     let mut last = 0;
     assert!(
@@ -350,10 +333,10 @@ fn memory_alert_fires_near_the_limit_and_survives_a_restarted_container() {
     // reclaims; the anonymous memory (no swap needed) stays, so no OOM.
     let page = 4096;
     let limit = (kernel_working_set(&toucher) * 100 / 95).div_ceil(page) * page;
-    limit_memory(&toucher, limit);
+    toucher.limit_memory(limit);
     // A sleeper with room: its series are scraped, the rule stays quiet.
     let mut roomy = parent.child("roomy");
-    limit_memory(&roomy, 256 * MIB);
+    roomy.limit_memory(256 * MIB);
     roomy.spawn(Command::new("sleep").arg("600"));
 
     let stack = Stack::over(&parent);
@@ -392,7 +375,7 @@ fn memory_alert_fires_near_the_limit_and_survives_a_restarted_container() {
     // `container`). Every rule still evaluates, and the alert still fires.
     drop(roomy);
     let mut roomy = parent.child("roomy");
-    limit_memory(&roomy, 256 * MIB);
+    roomy.limit_memory(256 * MIB);
     roomy.spawn(Command::new("sleep").arg("600"));
     assert!(
         eventually(Duration::from_secs(30), || stack

@@ -147,6 +147,29 @@ impl Cgroup {
     /// The `total` of a line (`some`, `full`) of a pressure file
     /// (`cpu.pressure`, ...) of its v2 directory, as the kernel reports it:
     /// `None` where the kernel has no such file or line.
+    /// Sets a hard memory limit: v1 `memory.limit_in_bytes`, v2 `memory.max`.
+    pub fn limit_memory(&self, bytes: u64) {
+        let file = match self.is_v1(Controller::Memory) {
+            true => "memory.limit_in_bytes",
+            false => "memory.max",
+        };
+        self.write(Controller::Memory, file, &bytes.to_string());
+    }
+
+    /// Starts a memory toucher here: stress-ng maps `size` (`64M`), touches
+    /// every page once, then holds it.
+    pub fn spawn_memory_holder(&mut self, size: &str) -> u32 {
+        self.spawn(Command::new("stress-ng").args([
+            "--vm",
+            "1",
+            "--vm-bytes",
+            size,
+            "--vm-keep",
+            "--vm-hang",
+            "0",
+        ]))
+    }
+
     pub fn pressure(&self, file: &str, line: &str) -> Option<u64> {
         let text = fs::read_to_string(self.v2_dir()?.join(file)).ok()?;
         text.lines()
