@@ -179,7 +179,11 @@ impl ThrottleLog {
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
             let (mut periods, mut throttled) = (Vec::new(), Vec::new());
-            while !stopped.load(Ordering::Relaxed) {
+            // One reading more once stopped: the log then reaches past
+            // every sample the test asked Prometheus about before stopping
+            // it, however late this thread last woke.
+            loop {
+                let done = stopped.load(Ordering::Relaxed);
                 let before = unix_now();
                 let text = std::fs::read_to_string(&stat).unwrap();
                 let at = (before + unix_now()) / 2.0;
@@ -190,6 +194,9 @@ impl ThrottleLog {
                 };
                 periods.push((at, key("nr_periods")));
                 throttled.push((at, key("nr_throttled")));
+                if done {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
             (periods, throttled)
