@@ -897,9 +897,10 @@ impl Model {
     }
 
     /// Logs what a reader cannot see, and drops what was found gone.
-    /// A sample of every container, after a fresh discovery. Rates that
-    /// have nothing to compute against are primed first, with one wait for
-    /// all; a container found meanwhile waits its own window.
+    /// A sample of every container, after a fresh discovery. The first
+    /// aggregate read (or the first after a quiet spell) primes the rates
+    /// that have nothing to compute against, with one wait for all; later
+    /// ones never wait, and newcomers' rates come on the next read.
     fn sample_all(&self) -> Vec<(Arc<Metered>, Sample)> {
         self.refresh();
         let containers = self.registry().list();

@@ -45,11 +45,15 @@ impl Sampler {
         }
     }
 
-    /// Before an aggregate read: the rates it will serve that have nothing
-    /// to compute against get their counters recorded now, and the read
-    /// waits one window once, rather than once per container. Returns
-    /// whether it waited.
+    /// Before an aggregate read. A cold one (the first, or the first after
+    /// a quiet spell) records the counters of the rates it will serve that
+    /// have nothing to compute against and waits one window once, rather
+    /// than once per container; a warm one leaves newcomers' rates out
+    /// until the next (see `rate`). Returns whether it waited.
     pub fn prime_rates(&self, containers: &[Arc<Metered>]) -> bool {
+        if !self.rates.aggregate_begins() {
+            return false;
+        }
         let mut missing = Vec::new();
         let mut files = Files::default();
         for c in containers {

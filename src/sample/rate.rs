@@ -9,9 +9,12 @@
 //! half second the rate over the last one to one and a half windows. With
 //! no such value (the first read, or the first after a quiet spell), the
 //! read records one, waits one window and reads again: it answers over
-//! exactly the window. An aggregate read waits once for all its containers
-//! ([`RateTracker::prime`]), not once each; a container found after that
-//! answers [`Rate::NotYet`] and has its rate on the next read.
+//! exactly the window. An aggregate read (a scrape) waits only when cold,
+//! once for all its containers ([`RateTracker::prime`]): the first since
+//! the daemon started or after a quiet spell of [`MAX_SPAN`]. Once warm, a
+//! container it has no reference for (one found since the previous scrape)
+//! answers [`Rate::NotYet`] and has its rate on the next read: a scrape's
+//! time never depends on how many containers came and went.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -65,6 +68,9 @@ struct State<K> {
     /// The table's size after its last sweep: the next sweep comes when it
     /// has doubled, so sweeping is amortised over the records that grew it.
     swept: usize,
+    /// When the last aggregate read was primed: the next one within
+    /// `max_span` has references for all but newcomers, and never waits.
+    primed: Option<Instant>,
 }
 
 impl<K: Copy + Eq + Hash> RateTracker<K> {
@@ -79,6 +85,7 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
             state: Mutex::new(State {
                 series: HashMap::new(),
                 swept: 0,
+                primed: None,
             }),
         }
     }
@@ -135,10 +142,28 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
             .is_some_and(|s| self.reference(s, now).is_some())
     }
 
-    /// Records `(key, value)` for every counter an aggregate read is about
-    /// to need but has no reference for (`missing`, read by the caller),
-    /// then waits one window, once: every rate of the read that follows is
-    /// ready. Returns whether it waited.
+    /// Called as an aggregate read begins: whether it is cold (no
+    /// aggregate read in the last `max_span`) and should [`prime`] its
+    /// rates. When warm, the counters it lacks references for are only
+    /// newcomers': they answer [`Rate::NotYet`] rather than hold the whole
+    /// read for a window (a scrape with a deadline, with containers coming
+    /// and going, would time out).
+    ///
+    /// [`prime`]: RateTracker::prime
+    pub fn aggregate_begins(&self) -> bool {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        let cold = state
+            .primed
+            .is_none_or(|then| now.duration_since(then) > self.max_span);
+        state.primed = Some(now);
+        cold
+    }
+
+    /// Records `(key, value)` for every counter a cold aggregate read is
+    /// about to need but has no reference for (`missing`, read by the
+    /// caller), then waits one window, once: every rate of the read that
+    /// follows is ready. Returns whether it waited.
     pub fn prime(&self, missing: Vec<(K, u64)>) -> bool {
         if missing.is_empty() {
             return false;
@@ -304,6 +329,30 @@ mod tests {
         }
         assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
         assert!(!tracker.prime(Vec::new()), "nothing missing, no wait");
+    }
+
+    #[test]
+    fn a_warm_aggregate_never_waits_for_newcomers() {
+        let tracker = RateTracker::new(Duration::from_millis(200));
+        let start = Instant::now();
+        assert!(tracker.aggregate_begins(), "the first is cold");
+        assert!(tracker.prime(vec![(1, clock_counter(start))]));
+        assert!(!tracker.aggregate_begins(), "the next is warm");
+        // A newcomer answers on a later read, over a window.
+        let rate = |key| tracker.per_second(key, false, |_| Some(clock_counter(start)));
+        assert!(rate(1).unwrap().value().is_some());
+        assert_eq!(rate(2), Some(Rate::NotYet));
+    }
+
+    #[test]
+    fn an_aggregate_after_a_quiet_spell_is_cold_again() {
+        let span = Duration::from_millis(300);
+        let tracker: RateTracker<u32> =
+            RateTracker::with_max_span(Duration::from_millis(100), span);
+        assert!(tracker.aggregate_begins());
+        assert!(!tracker.aggregate_begins());
+        std::thread::sleep(span + Duration::from_millis(50));
+        assert!(tracker.aggregate_begins(), "cold again");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use cgmetric::cgroup::Controller;
 
 use crate::require;
-use crate::support::{cpu_time_outside, heavy_turn, Cgroup, Daemon};
+use crate::support::{cpu_time_outside, eventually, heavy_turn, Cgroup, Daemon};
 
 /// Lets a workload run long enough for a full window behind the read.
 const WARM_UP: Duration = Duration::from_millis(2500);
@@ -127,6 +127,65 @@ fn idle_container_reads_zero_and_rate_reads_are_fast_after_the_first() {
             started.elapsed()
         );
     }
+}
+
+/// A scrape with a deadline must not wait for containers that came since
+/// the previous one: with churn, one comes before nearly every scrape.
+#[test]
+fn a_scrape_never_waits_for_containers_found_since_the_last() {
+    require!();
+    let _turn = heavy_turn();
+    let parent = Cgroup::parent("scrapewait");
+    let mut old = parent.child("old");
+    old.spawn_burner();
+    let glob = format!("{}/*", parent.relative);
+    // A long window keeps "waited a window" and "did not" apart on a
+    // loaded machine.
+    let window = Duration::from_secs(5);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--window", "5s"]);
+    let rate_of = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("cgmetric_cpu_usage_cores{")
+                    && l.contains(&format!("name=\"{name}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+    };
+    let started = std::time::Instant::now();
+    let first = daemon.read("metrics.prom");
+    // The first scrape is cold: it waits one window, for every container.
+    assert!(started.elapsed() >= window);
+    assert!(rate_of(&first, "old").is_some_and(|r| r > 0.2), "{first}");
+
+    let mut new = parent.child("new");
+    new.spawn_burner();
+    assert!(
+        eventually(Duration::from_secs(5), || daemon.path("new").exists()),
+        "new did not appear"
+    );
+    let started = std::time::Instant::now();
+    let second = daemon.read("metrics.prom");
+    assert!(
+        started.elapsed() < window,
+        "a scrape waited {:?} for a newcomer",
+        started.elapsed()
+    );
+    // The newcomer's counters are there at once, its rate on a later
+    // scrape; the others' rates span the time since the first.
+    assert!(
+        second.contains("cgmetric_cpu_usage_seconds_total{")
+            && second
+                .lines()
+                .any(|l| l.starts_with("cgmetric_cpu_usage_seconds_total{")
+                    && l.contains("name=\"new\"")),
+        "{second}"
+    );
+    assert_eq!(rate_of(&second, "new"), None, "{second}");
+    assert!(rate_of(&second, "old").is_some_and(|r| r > 0.2), "{second}");
+    std::thread::sleep(window);
+    let third = daemon.read("metrics.prom");
+    assert!(rate_of(&third, "new").is_some_and(|r| r > 0.2), "{third}");
+    drop((old, new));
 }
 
 #[test]

@@ -47,12 +47,11 @@ struct Stack {
 impl Stack {
     fn over(parent: &Cgroup) -> Stack {
         let glob = format!("{}/*", parent.relative);
-        // A rate window well inside the one-second scrape timeout: an
-        // aggregate read that finds a container with no rate reference yet
-        // (the first scrape, a container just started) waits one window.
-        // With the default 1 s that scrape times out, and Prometheus marks
-        // every series of the target stale: each alert's `for:` starts
-        // over. Rates still span the second between two scrapes.
+        // A rate window well inside the one-second scrape timeout: the
+        // first aggregate read waits one window (later ones never do). With
+        // the default 1 s that scrape times out, and Prometheus marks every
+        // series of the target stale. Rates still span the second between
+        // two scrapes.
         let daemon = Daemon::start(&["--cgroup", &glob, "--window", "250ms"]);
         let rules_dir = tempfile::tempdir().unwrap();
         let rules = shipped_rules_holding_for(rules_dir.path(), HOLD);
