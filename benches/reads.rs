@@ -50,13 +50,14 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let run = |section: &str| wanted.is_empty() || wanted.iter().any(|w| w == section);
-    // Every daemon below that may run on every CPU takes io_uring if the
-    // kernel has it.
+    // An unsupervised daemon below that may run on every CPU takes io_uring
+    // if the kernel has it.
     let uring = enable_uring(&mut cleanup);
     println!(
         "FUSE over io_uring: {}\n",
         if uring {
-            "on for this run (fuse.enable_uring=Y); daemons free to run on every CPU use it"
+            "on for this run (fuse.enable_uring=Y); an unsupervised daemon free to run on \
+             every CPU uses it (a supervised one, the default, keeps /dev/fuse)"
         } else {
             "not in this kernel; every daemon uses /dev/fuse"
         }
@@ -89,6 +90,8 @@ struct Cleanup {
     mounts: Vec<PathBuf>,
     /// `fuse.enable_uring` as it was, if the benchmark changed it.
     uring_param: Option<String>,
+    /// Directories of pinned eBPF objects (bpffs).
+    bpf_dirs: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup {
@@ -104,6 +107,9 @@ impl Drop for Cleanup {
         }
         if let Some(before) = &self.uring_param {
             let _ = fs::write(URING_PARAM, before);
+        }
+        for dir in &self.bpf_dirs {
+            let _ = fs::remove_dir_all(dir);
         }
         // Deepest first.
         for (roots, relative) in self.cgroups.iter().rev() {
@@ -149,13 +155,14 @@ impl Daemon {
             Some(cpu) => command.args(["-c", &cpu.to_string()]),
             None => command.args(["-a", "-c", &format!("0-{}", cpus() - 1)]),
         };
+        command.arg(env!("CARGO_BIN_EXE_cgmetric"));
+        // Network accounting only where a section asks for it (with a
+        // --bpf-dir of its own, removed by `Cleanup`).
+        if !options.contains(&"--bpf-dir") {
+            command.arg("--no-ebpf");
+        }
         let child = command
-            .args([
-                env!("CARGO_BIN_EXE_cgmetric"),
-                "--no-ebpf",
-                "--cgroup",
-                glob,
-            ])
+            .args(["--cgroup", glob])
             .args(options)
             .arg(&mnt)
             .env("RUST_LOG", "error")
@@ -356,16 +363,16 @@ fn single_file_reads(layout: &Layout, base: &str, uring: bool, cleanup: &mut Cle
                 )),
             );
         };
-        // The default, then what each transport choice gains or costs here:
-        // FUSE threads that sleep as soon as the queue is empty, and
-        // /dev/fuse where io_uring would be used. Each daemon is measured
-        // alone.
+        // The default (supervised, so /dev/fuse), then what each transport
+        // choice gains or costs here: FUSE threads that sleep as soon as
+        // the queue is empty, and io_uring, which only an unsupervised
+        // daemon takes. Each daemon is measured alone.
         let mut variants: Vec<(&str, &[&str])> = vec![
             ("cgmetric memory_usage", &[]),
             ("cgmetric, --fuse-spin 0", &["--fuse-spin", "0"]),
         ];
         if uring && daemon_cpu.is_none() {
-            variants.push(("cgmetric, --no-fuse-uring", &["--no-fuse-uring"]));
+            variants.push(("cgmetric, io_uring (--no-supervise)", &["--no-supervise"]));
         }
         for (i, (label, options)) in variants.into_iter().enumerate() {
             let daemon = Daemon::start_with(&format!("{base}/single/*"), daemon_cpu, options);
@@ -579,8 +586,28 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     );
 }
 
+/// CPU time of the daemon's processes (see [`family`]) to the nanosecond:
+/// the sum of their threads' run times (`/proc/<tid>/schedstat`). A thread
+/// that ended in between is not counted; the daemon's threads live as long
+/// as it does.
+fn cpu_time(pid: u32) -> Duration {
+    family(pid)
+        .into_iter()
+        .filter_map(|pid| fs::read_dir(format!("/proc/{pid}/task")).ok())
+        .flat_map(|tasks| tasks.flatten())
+        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .sum()
+}
+
+/// Descriptors open in the daemon's processes (see [`family`]).
 fn open_fds(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    family(pid)
+        .into_iter()
+        .filter_map(|pid| fs::read_dir(format!("/proc/{pid}/fd")).ok())
+        .map(|fds| fds.count())
+        .sum()
 }
 
 /// The kernel's slab memory (KiB), from /proc/meminfo.
@@ -593,23 +620,48 @@ fn slab_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (user + system, in clock ticks) and RSS (KiB) of a process.
+/// `pid` and every process below it: the daemon is a supervisor that
+/// holds the mount and a server child that does the work, and a figure of
+/// the supervisor alone would read zero.
+fn family(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut next = 0;
+    while next < all.len() {
+        let tasks = format!("/proc/{}/task", all[next]);
+        next += 1;
+        for task in fs::read_dir(tasks).into_iter().flatten().flatten() {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    all
+}
+
+/// CPU time (user + system, in clock ticks) and RSS (KiB) of a process and
+/// those below it (see [`family`]). A process that ended between the two
+/// looks counts as nothing.
 fn usage(pid: u32) -> (u64, u64) {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    family(pid).into_iter().fold((0, 0), |(ticks, rss), pid| {
+        let (t, r) = process_usage(pid).unwrap_or((0, 0));
+        (ticks + t, rss + r)
+    })
+}
+
+fn process_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
         .unwrap_or(0);
-    (ticks, rss)
+    Some((ticks, rss))
 }
 
 /// CPU share of `pid` over `seconds`, and its RSS (MiB) at the end.
@@ -667,9 +719,11 @@ const SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
 const SCRAPES: u32 = 4;
 
 /// A daemon scraped as node_exporter's textfile collector or Prometheus
-/// would: `metrics.prom` every 15 s. Its CPU over the minute is set against
-/// one thread reading the same cgroup files directly at each scrape, the
-/// floor for any reader of cgroupfs.
+/// would: `metrics.prom` every 15 s, network accounting on. Its CPU over
+/// the minute is set against one thread reading the same cgroup files
+/// directly at each scrape, the floor for any reader of cgroupfs; then one
+/// scrape's cost per container by source, from the daemon's own
+/// `cgmetric_aggregate_cpu_seconds_total`.
 fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     println!(
         "Being scraped: metrics.prom every {} s for {} s (daemon CPU, % of a core)\n",
@@ -680,29 +734,34 @@ fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         "{:<12} {:>10} {:>14} {:>14} {:>10} {:>10}",
         "containers", "daemon", "per scrape", "direct", "ratio", "target"
     );
+    let mut splits = Vec::new();
     for count in [200, 1000] {
         let group = format!("{base}/scrape{count}");
         let files = container_group(layout, &group, count, cleanup);
         let direct = direct_reads(&files, 10);
-        let daemon = Daemon::start(&format!("{group}/*"), None);
+        let bpf_dir = PathBuf::from(format!("/sys/fs/bpf/{base}-scrape{count}"));
+        cleanup.bpf_dirs.push(bpf_dir.clone());
+        let daemon = Daemon::start_with(
+            &format!("{group}/*"),
+            None,
+            &["--bpf-dir", bpf_dir.to_str().unwrap()],
+        );
         let pid = daemon.pid();
         let prom = daemon.mnt.join("metrics.prom");
         // The first scrape primes the rates (it waits one window); the
         // minute measured is the steady state after it.
-        let _ = fs::read(&prom);
-        let (t0, _) = usage(pid);
+        let first = fs::read_to_string(&prom).unwrap();
+        let cpu0 = cpu_time(pid);
         let started = Instant::now();
+        let mut last = first.clone();
         for n in 1..=SCRAPES {
-            let _ = fs::read(&prom);
+            last = fs::read_to_string(&prom).unwrap();
             let next = SCRAPE_INTERVAL * n;
             std::thread::sleep(next.saturating_sub(started.elapsed()));
         }
-        let (t1, _) = usage(pid);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let cpu = (t1 - t0) as f64 / hz;
-        let share = cpu / started.elapsed().as_secs_f64() * 100.0;
-        let per_scrape = cpu / SCRAPES as f64 * 1000.0;
+        let cpu = cpu_time(pid) - cpu0;
+        let share = cpu.as_secs_f64() / started.elapsed().as_secs_f64() * 100.0;
+        let per_scrape = cpu.as_secs_f64() / SCRAPES as f64 * 1000.0;
         let direct_ms = direct.as_secs_f64() * 1000.0;
         println!(
             "{:<12} {:>9.3}% {:>11.2} ms {:>11.2} ms {:>10.2} {:>10}",
@@ -713,11 +772,59 @@ fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             per_scrape / direct_ms,
             if count == 200 { "≤ 0.5%" } else { "" }
         );
+        // The last scrape's counters hold every scrape before it: the
+        // first's included, the last's not, so SCRAPES reads in all.
+        let (reads0, before) = spent(&first);
+        let (reads1, after) = spent(&last);
+        let per_container = |i: usize| {
+            (after[i] - before[i]) / (reads1 - reads0).max(1) as f64 / count as f64 * 1e6
+        };
+        splits.push((count, per_scrape, direct_ms, [0, 1, 2].map(per_container)));
     }
     println!(
-        "\n(per scrape: the daemon's CPU time per scrape, from /proc ticks; direct: one \
-         thread reading the same cgroup files once, median of 10)\n"
+        "\n(per scrape: the daemon's CPU time per scrape, from the kernel's per-thread \
+         run times; direct: one thread reading the same cgroup files once, median of 10)\n"
     );
+    println!("One scrape's CPU per container, by source (µs; the daemon's own counters)\n");
+    println!(
+        "{:<12} {:>14} {:>10} {:>10} {:>10} {:>16}",
+        "containers", "cgroup files", "eBPF", "render", "the rest", "direct files"
+    );
+    for (count, per_scrape, direct_ms, [files, ebpf, render]) in splits {
+        let whole = per_scrape * 1000.0 / count as f64;
+        println!(
+            "{:<12} {:>14.1} {:>10.1} {:>10.1} {:>10.1} {:>16.1}",
+            count,
+            files,
+            ebpf,
+            render,
+            (whole - files - ebpf - render).max(0.0),
+            direct_ms * 1000.0 / count as f64
+        );
+    }
+    println!(
+        "\n(the rest: FUSE requests, discovery and everything else the daemon did in \
+         the minute; direct files: one thread reading the same files, per container)\n"
+    );
+}
+
+/// `cgmetric_aggregate_reads_total` and the CPU seconds by source
+/// (cgroup files, eBPF, render) from a `metrics.prom` text.
+fn spent(text: &str) -> (u64, [f64; 3]) {
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("cgmetric_aggregate_reads_total") as u64,
+        ["cgroup_files", "ebpf", "render"].map(|source| {
+            value(&format!(
+                "cgmetric_aggregate_cpu_seconds_total{{source=\"{source}\"}}"
+            ))
+        }),
+    )
 }
 
 fn visibility(layout: &Layout, base: &str, cleanup: &mut Cleanup) {

@@ -47,6 +47,12 @@ impl Group {
             Group::CpuRate | Group::NetTraffic | Group::NetRate | Group::NetConn
         )
     }
+
+    /// Whether the group's values come from the eBPF maps (its rate
+    /// included).
+    pub fn reads_ebpf(self) -> bool {
+        matches!(self, Group::NetTraffic | Group::NetRate | Group::NetConn)
+    }
 }
 
 /// The Prometheus type of a metric.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::cli::PrometheusNames;
 use crate::containers::registry::Metered;
 use crate::metrics::{ClassMetricDef, MetricDef, Sample, Scale, Value, CLASS_METRICS, METRICS};
+use crate::sample::spent::{Source, Spent};
 
 /// A single-value file: the value and a newline.
 pub fn value_file(value: Value) -> String {
@@ -92,8 +93,7 @@ fn push_fixed(out: &mut String, n: u64, digits: u32) {
 pub fn prometheus(
     live: &[(Arc<Metered>, Sample)],
     exited: &[(Arc<Metered>, Sample)],
-    ebpf_health: Option<[u64; 3]>,
-    ledger_write_errors: Option<u64>,
+    own: &OwnMetrics,
     names: PrometheusNames,
 ) -> String {
     // Each container's labels are escaped once, not once a series.
@@ -146,10 +146,13 @@ pub fn prometheus(
     for def in &CLASS_METRICS {
         class_family(&mut out, def, samples.iter().map(|(_, s)| s).zip(&labels));
     }
-    if let Some(health) = ebpf_health {
+    if let Some(health) = own.ebpf_health {
         ebpf_health_family(&mut out, health);
     }
-    if let Some(errors) = ledger_write_errors {
+    if let Some(spent) = own.spent {
+        spent_families(&mut out, spent);
+    }
+    if let Some(errors) = own.ledger_write_errors {
         let _ = writeln!(
             out,
             "# HELP cgmetric_ledger_write_errors_total Failed writes of the billing ledger \
@@ -159,6 +162,44 @@ pub fn prometheus(
         let _ = writeln!(out, "cgmetric_ledger_write_errors_total {errors}");
     }
     out
+}
+
+/// The daemon's own figures that `metrics.prom` carries after the
+/// containers': each is left out where it does not apply.
+#[derive(Default)]
+pub struct OwnMetrics<'a> {
+    /// Events the eBPF programs could not count (with network accounting).
+    pub ebpf_health: Option<[u64; 3]>,
+    /// Failed ledger writes (with a state directory).
+    pub ledger_write_errors: Option<u64>,
+    /// What aggregate reads cost, by source.
+    pub spent: Option<&'a Spent>,
+}
+
+/// What aggregate reads cost, so that being scraped is visible in what is
+/// scraped: `rate()` of the seconds over `rate()` of the reads is one
+/// read's cost by source.
+fn spent_families(out: &mut String, spent: &Spent) {
+    let _ = writeln!(
+        out,
+        "# HELP cgmetric_aggregate_reads_total Reads of metric and metrics.prom served."
+    );
+    let _ = writeln!(out, "# TYPE cgmetric_aggregate_reads_total counter");
+    let _ = writeln!(out, "cgmetric_aggregate_reads_total {}", spent.reads());
+    let _ = writeln!(
+        out,
+        "# HELP cgmetric_aggregate_cpu_seconds_total CPU time the daemon spent on those \
+         reads, by source (not counting the read being served)."
+    );
+    let _ = writeln!(out, "# TYPE cgmetric_aggregate_cpu_seconds_total counter");
+    for source in Source::ALL {
+        let _ = writeln!(
+            out,
+            "cgmetric_aggregate_cpu_seconds_total{{source=\"{}\"}} {:.6}",
+            source.label(),
+            spent.total(source).as_secs_f64()
+        );
+    }
 }
 
 /// One per-class family: a series per container and class, the class as a
@@ -394,7 +435,15 @@ mod tests {
             // Gone for good.
             (c(2, "job", "2"), sample()),
         ];
-        let text = prometheus(&live, &exited, None, Some(3), PrometheusNames::Cgmetric);
+        let text = prometheus(
+            &live,
+            &exited,
+            &OwnMetrics {
+                ledger_write_errors: Some(3),
+                ..OwnMetrics::default()
+            },
+            PrometheusNames::Cgmetric,
+        );
         let series =
             |labels: &str| format!("cgmetric_cpu_usage_seconds_total{{{labels}}} 2.500001\n");
         let web = "container=\"web\",name=\"web\",id=\"1\",runtime=\"cgroup\"";
@@ -410,7 +459,13 @@ mod tests {
             1
         );
         assert!(text.ends_with("cgmetric_ledger_write_errors_total 3\n"));
-        assert!(!prometheus(&live, &[], None, None, PrometheusNames::Cgmetric).contains("ledger"));
+        assert!(!prometheus(
+            &live,
+            &[],
+            &OwnMetrics::default(),
+            PrometheusNames::Cgmetric
+        )
+        .contains("ledger"));
     }
 
     #[test]
@@ -430,8 +485,7 @@ mod tests {
         let text = prometheus(
             &[(Arc::new(nginx), sample()), (Arc::new(cache), sample())],
             &[],
-            None,
-            None,
+            &OwnMetrics::default(),
             PrometheusNames::Cgmetric,
         );
         assert!(text.contains(
@@ -465,8 +519,11 @@ mod tests {
         let text = prometheus(
             &[(Arc::new(app), s)],
             &[],
-            Some([0, 0, 0]),
-            Some(0),
+            &OwnMetrics {
+                ebpf_health: Some([0, 0, 0]),
+                ledger_write_errors: Some(0),
+                ..OwnMetrics::default()
+            },
             PrometheusNames::Cadvisor,
         );
         // cAdvisor's `id` is the cgroup path; there is no `runtime` label.
@@ -511,7 +568,12 @@ mod tests {
              net_bytes_rx_lan 1\nnet_bytes_rx_external 2\n"
         );
         let c = Arc::new(Metered::named(0, "web", "1"));
-        let text = prometheus(&[(c, s)], &[], None, None, PrometheusNames::Cgmetric);
+        let text = prometheus(
+            &[(c, s)],
+            &[],
+            &OwnMetrics::default(),
+            PrometheusNames::Cgmetric,
+        );
         let line = text
             .lines()
             .find(|l| l.starts_with("cgmetric_network_class_transmit_bytes_total{"))

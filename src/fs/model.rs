@@ -36,6 +36,7 @@ use crate::net::Net;
 use crate::render;
 use crate::sample::fanout;
 use crate::sample::pool::Helpers;
+use crate::sample::spent::{thread_cpu, Source};
 use crate::sample::Sampler;
 
 /// What the model tells the kernel without being asked; set once mounted.
@@ -832,11 +833,14 @@ impl Model {
             Node::Root | Node::Dir(_) | Node::ExitedDir => Err(FsError::IsDir),
             Node::SelfLink => Err(FsError::NotFound),
             Node::RootFile(RootFile::Metric) => {
-                let mut out = String::new();
-                for (container, sample) in self.sample_all() {
-                    render::metric_lines(&mut out, &container.name, &sample);
-                }
-                Ok(out)
+                let samples = self.sample_all();
+                Ok(self.rendering(|| {
+                    let mut out = String::new();
+                    for (container, sample) in samples {
+                        render::metric_lines(&mut out, &container.name, &sample);
+                    }
+                    out
+                }))
             }
             Node::RootFile(RootFile::MetricsProm) => {
                 let live = self.sample_all();
@@ -846,13 +850,13 @@ impl Model {
                     .iter()
                     .map(|e| (e.container.clone(), e.sample.clone()))
                     .collect();
-                Ok(render::prometheus(
-                    &live,
-                    &exited,
-                    self.sampler.health(),
-                    self.ledger.as_ref().map(|l| l.write_errors()),
-                    self.prometheus_names,
-                ))
+                let own = render::OwnMetrics {
+                    ebpf_health: self.sampler.health(),
+                    ledger_write_errors: self.ledger.as_ref().map(|l| l.write_errors()),
+                    spent: Some(&self.sampler.spent),
+                };
+                Ok(self
+                    .rendering(|| render::prometheus(&live, &exited, &own, self.prometheus_names)))
             }
             Node::File(Owner::Exited(exit), entry) => render_ended(&*self.ended(exit)?, entry),
             Node::File(owner, entry) => {
@@ -910,6 +914,16 @@ impl Model {
         let samples = fanout::sample_all(&self.sampler, &self.helpers, self.registry().list());
         self.remember(&samples);
         samples
+    }
+
+    /// Renders an aggregate, its CPU time counted as its rendering's.
+    fn rendering(&self, render: impl FnOnce() -> String) -> String {
+        let started = thread_cpu();
+        let text = render();
+        let spent = &self.sampler.spent;
+        spent.add(Source::Render, thread_cpu().saturating_sub(started));
+        spent.count_read();
+        text
     }
 
     fn note_failure(&self, owner: Owner, dir: &Metered, error: &FsError) {

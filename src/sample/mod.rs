@@ -7,6 +7,7 @@
 pub mod fanout;
 pub mod pool;
 pub mod rate;
+pub mod spent;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::containers::registry::{Metered, Slot};
 use crate::metrics::{groups_of, ClassBytes, Group, MetricId as M, MetricId, Sample, METRICS};
 use crate::net::{Classes, Net, Totals};
 use crate::sample::rate::RateTracker;
+use crate::sample::spent::{thread_cpu, Source, Spent};
 
 /// The counters whose rates are served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,6 +36,8 @@ pub struct Sampler {
     layout: Layout,
     rates: RateTracker<(Slot, RateCounter)>,
     net: Option<Arc<Net>>,
+    /// What aggregate reads cost, by source.
+    pub spent: Spent,
 }
 
 impl Sampler {
@@ -42,6 +46,7 @@ impl Sampler {
             layout,
             rates: RateTracker::new(window),
             net,
+            spent: Spent::default(),
         }
     }
 
@@ -144,16 +149,24 @@ impl Sampler {
     }
 
     /// [`Sampler::sample`] of each container, leaving out those that vanish;
-    /// one buffer serves them all.
+    /// one buffer serves them all. The CPU time it takes is added to
+    /// [`Sampler::spent`] by source.
     pub fn sample_each(&self, containers: &[Arc<Metered>]) -> Vec<(Arc<Metered>, Sample)> {
         let mut scratch = Scratch::default();
-        containers
+        let mut clock = Clock::default();
+        let samples = containers
             .iter()
             .filter_map(|c| {
                 scratch.reset(c);
-                Some((c.clone(), self.sample_with(c, &mut scratch).ok()?))
+                Some((
+                    c.clone(),
+                    self.sample_timed(c, &mut scratch, Some(&mut clock)).ok()?,
+                ))
             })
-            .collect()
+            .collect();
+        self.spent.add(Source::CgroupFiles, clock.files);
+        self.spent.add(Source::Ebpf, clock.ebpf);
+        samples
     }
 
     fn sample_with<'c>(
@@ -161,13 +174,35 @@ impl Sampler {
         container: &'c Metered,
         scratch: &mut Scratch<'c>,
     ) -> Result<Sample, SourceError> {
-        let groups = groups_of(self.available(container).iter().copied());
+        self.sample_timed(container, scratch, None)
+    }
+
+    /// A sample, cgroup files first and then the eBPF maps, with the CPU
+    /// time each took added to `clock` when given.
+    fn sample_timed<'c>(
+        &self,
+        container: &'c Metered,
+        scratch: &mut Scratch<'c>,
+        mut clock: Option<&mut Clock>,
+    ) -> Result<Sample, SourceError> {
+        let (files, maps): (Vec<Group>, Vec<Group>) =
+            groups_of(self.available(container).iter().copied())
+                .into_iter()
+                .partition(|g| !g.reads_ebpf());
         let mut out = Sample::default();
-        for group in groups {
-            match self.read_cached(container, group, &mut out, scratch) {
-                Ok(()) => {}
-                Err(e @ SourceError::Vanished(_)) => return Err(e),
-                Err(e) => log::warn!("container {}: {e}", container.name),
+        let mut last = clock.is_some().then(thread_cpu);
+        for (source, groups) in [(Source::CgroupFiles, files), (Source::Ebpf, maps)] {
+            for group in groups {
+                match self.read_cached(container, group, &mut out, scratch) {
+                    Ok(()) => {}
+                    Err(e @ SourceError::Vanished(_)) => return Err(e),
+                    Err(e) => log::warn!("container {}: {e}", container.name),
+                }
+            }
+            if let (Some(clock), Some(then)) = (clock.as_deref_mut(), last) {
+                let now = thread_cpu();
+                *clock.of(source) += now.saturating_sub(then);
+                last = Some(now);
             }
         }
         Ok(out)
@@ -244,6 +279,22 @@ impl Sampler {
 
     pub fn health(&self) -> Option<[u64; cgmetric_common::health::COUNT as usize]> {
         self.net.as_ref().map(|n| n.health())
+    }
+}
+
+/// CPU time one thread spent sampling, by source.
+#[derive(Default)]
+struct Clock {
+    files: Duration,
+    ebpf: Duration,
+}
+
+impl Clock {
+    fn of(&mut self, source: Source) -> &mut Duration {
+        match source {
+            Source::Ebpf => &mut self.ebpf,
+            _ => &mut self.files,
+        }
     }
 }
 

@@ -29,11 +29,13 @@ fn promtool_accepts_metrics_prom() {
     );
 
     // Every container sample carries the container label (the daemon's own
-    // cgmetric_ebpf_* and cgmetric_ledger_* series describe the programs
-    // and the ledger, not a container); label values are escaped.
+    // cgmetric_ebpf_*, cgmetric_aggregate_* and cgmetric_ledger_* series
+    // describe the programs, the reads and the ledger, not a container);
+    // label values are escaped.
     for line in text.lines().filter(|l| {
         !l.starts_with('#')
             && !l.starts_with("cgmetric_ebpf_")
+            && !l.starts_with("cgmetric_aggregate_")
             && !l.starts_with("cgmetric_ledger_")
     }) {
         assert!(line.starts_with("cgmetric_"), "{line}");
@@ -58,6 +60,58 @@ fn promtool_accepts_metrics_prom() {
         text.contains("# TYPE cgmetric_ledger_write_errors_total counter\ncgmetric_ledger_write_errors_total 0\n"),
         "{text}"
     );
+}
+
+/// The cost of a scrape by source, as `metrics.prom` reports it: every
+/// source is charged, and together they are no more than the CPU time the
+/// kernel charged the serving process over the same reads.
+#[test]
+fn a_scrape_reports_what_reads_cost_by_source() {
+    require!();
+    let parent = Cgroup::parent("spent");
+    let boxes: Vec<Cgroup> = (0..100).map(|i| parent.child(&format!("s{i}"))).collect();
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--window", "100ms"]);
+    let spent = |text: &str| -> (u64, [f64; 3]) {
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+                .parse::<f64>()
+                .unwrap()
+        };
+        (
+            value("cgmetric_aggregate_reads_total") as u64,
+            ["cgroup_files", "ebpf", "render"].map(|source| {
+                value(&format!(
+                    "cgmetric_aggregate_cpu_seconds_total{{source=\"{source}\"}}"
+                ))
+            }),
+        )
+    };
+    // The first read primes the rates; what is measured comes after it.
+    let (reads0, before) = spent(&daemon.read("metrics.prom"));
+    let cpu0 = crate::support::cpu_time_outside(daemon.server_pid(), "cgroup-watch");
+    for _ in 0..20 {
+        let _ = daemon.read("metric");
+    }
+    let (reads1, after) = spent(&daemon.read("metrics.prom"));
+    let cpu1 = crate::support::cpu_time_outside(daemon.server_pid(), "cgroup-watch");
+    // Each read counts once (a stat that renders is a read too).
+    assert!(reads1 - reads0 >= 21, "{reads0} -> {reads1}");
+    let charged: Vec<f64> = (0..3).map(|i| after[i] - before[i]).collect();
+    assert!(charged.iter().all(|c| *c > 0.0), "{charged:?}");
+    // Reading 100 containers' cgroup files costs more than looking them
+    // up in the eBPF maps.
+    assert!(charged[0] > charged[1], "{charged:?}");
+    let sum: f64 = charged.iter().sum();
+    // The kernel counts in clock ticks: two ticks of slack.
+    let process = (cpu1 - cpu0).as_secs_f64();
+    assert!(
+        sum <= process + 0.02,
+        "charged {sum:.4} s by source, the process used {process:.4} s"
+    );
+    drop(boxes);
 }
 
 /// node_exporter's textfile collector pointed at the mountpoint, with no
