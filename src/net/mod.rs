@@ -474,6 +474,13 @@ pub fn subtree_ids(dir: &Path) -> Vec<u64> {
             continue;
         };
         ids.push(meta.ino());
+        // A directory's link count is 2 plus its subdirectories (kernfs
+        // keeps it so): most containers have none, and listing a cgroup's
+        // forty-odd files per read would cost more than its map lookups.
+        // Some filesystems report 1 for every directory; those are listed.
+        if meta.nlink() == 2 {
+            continue;
+        }
         if let Ok(entries) = std::fs::read_dir(&dir) {
             pending.extend(
                 entries
