@@ -68,9 +68,12 @@ struct State<K> {
     /// The table's size after its last sweep: the next sweep comes when it
     /// has doubled, so sweeping is amortised over the records that grew it.
     swept: usize,
-    /// When the last aggregate read was primed: the next one within
-    /// `max_span` has references for all but newcomers, and never waits.
-    primed: Option<Instant>,
+    /// When the last aggregate read began: the next one within `max_span`
+    /// has references for all but newcomers.
+    last_aggregate: Option<Instant>,
+    /// When the last priming recorded its values: they are references from
+    /// a window later, and an aggregate read before then waits for that.
+    primed_at: Option<Instant>,
 }
 
 impl<K: Copy + Eq + Hash> RateTracker<K> {
@@ -85,7 +88,8 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
             state: Mutex::new(State {
                 series: HashMap::new(),
                 swept: 0,
-                primed: None,
+                last_aggregate: None,
+                primed_at: None,
             }),
         }
     }
@@ -147,16 +151,35 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
     /// rates. When warm, the counters it lacks references for are only
     /// newcomers': they answer [`Rate::NotYet`] rather than hold the whole
     /// read for a window (a scrape with a deadline, with containers coming
-    /// and going, would time out).
+    /// and going, would time out). A warm read that comes while a cold one
+    /// waits out its window waits for the rest of it, so that both answer
+    /// with the same rates.
     ///
     /// [`prime`]: RateTracker::prime
     pub fn aggregate_begins(&self) -> bool {
         let now = Instant::now();
-        let mut state = self.state.lock();
-        let cold = state
-            .primed
-            .is_none_or(|then| now.duration_since(then) > self.max_span);
-        state.primed = Some(now);
+        let cold = {
+            let mut state = self.state.lock();
+            let cold = state
+                .last_aggregate
+                .is_none_or(|then| now.duration_since(then) > self.max_span);
+            state.last_aggregate = Some(now);
+            if cold {
+                state.primed_at = Some(now);
+            }
+            cold
+        };
+        // The priming moves `primed_at` to when it recorded its values,
+        // which may be later than when it began: look again after a wait.
+        if !cold {
+            loop {
+                let ready = self.state.lock().primed_at.map(|at| at + self.window);
+                match ready.map(|r| r.saturating_duration_since(Instant::now())) {
+                    Some(wait) if !wait.is_zero() => std::thread::sleep(wait),
+                    _ => break,
+                }
+            }
+        }
         cold
     }
 
@@ -166,12 +189,15 @@ impl<K: Copy + Eq + Hash> RateTracker<K> {
     /// follows is ready. Returns whether it waited.
     pub fn prime(&self, missing: Vec<(K, u64)>) -> bool {
         if missing.is_empty() {
+            // Nothing to wait for, for this read or any beside it.
+            self.state.lock().primed_at = None;
             return false;
         }
         let now = Instant::now();
         for (key, value) in missing {
             self.record(key, now, value);
         }
+        self.state.lock().primed_at = Some(now);
         std::thread::sleep(self.window);
         true
     }
@@ -337,11 +363,36 @@ mod tests {
         let start = Instant::now();
         assert!(tracker.aggregate_begins(), "the first is cold");
         assert!(tracker.prime(vec![(1, clock_counter(start))]));
+        let t = Instant::now();
         assert!(!tracker.aggregate_begins(), "the next is warm");
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "and does not wait"
+        );
         // A newcomer answers on a later read, over a window.
         let rate = |key| tracker.per_second(key, false, |_| Some(clock_counter(start)));
         assert!(rate(1).unwrap().value().is_some());
         assert_eq!(rate(2), Some(Rate::NotYet));
+    }
+
+    #[test]
+    fn an_aggregate_that_comes_during_a_priming_waits_for_its_references() {
+        let window = Duration::from_millis(300);
+        let tracker = std::sync::Arc::new(RateTracker::new(window));
+        let start = Instant::now();
+        assert!(tracker.aggregate_begins());
+        let priming = {
+            let tracker = tracker.clone();
+            std::thread::spawn(move || tracker.prime(vec![(1u32, clock_counter(start))]))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        // Warm, but the cold read's references are not ready: it waits for
+        // them, and then has the rate.
+        assert!(!tracker.aggregate_begins());
+        assert!(start.elapsed() >= window);
+        let rate = tracker.per_second(1, false, |_| Some(clock_counter(start)));
+        assert!(rate.unwrap().value().is_some(), "{rate:?}");
+        assert!(priming.join().unwrap());
     }
 
     #[test]
