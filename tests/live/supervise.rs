@@ -52,6 +52,10 @@ struct Seen {
     slowest: Duration,
     slowest_read: String,
     went_back: Vec<String>,
+    /// When each reader's latest read began: the next switch waits until
+    /// every reader has begun one since the last, so no read is held
+    /// across two (the bound below is for one).
+    began_at: Vec<Instant>,
 }
 
 #[test]
@@ -91,7 +95,10 @@ fn readers_never_fail_across_twenty_server_kills_and_five_upgrades() {
 
     let began = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(Seen::default()));
+    let seen = Arc::new(Mutex::new(Seen {
+        began_at: vec![began; 8],
+        ..Seen::default()
+    }));
     let readers: Vec<_> = (0..8)
         .map(|reader| {
             let root = mountpoint.clone();
@@ -103,6 +110,7 @@ fn readers_never_fail_across_twenty_server_kills_and_five_upgrades() {
                     let file = FILES[i % FILES.len()];
                     i += 1;
                     let started = Instant::now();
+                    seen.lock().unwrap().began_at[reader] = started;
                     let read = {
                         // Upgrades spawn daemons from this process.
                         let _reading = reading();
@@ -153,6 +161,18 @@ fn readers_never_fail_across_twenty_server_kills_and_five_upgrades() {
         let _ = std::fs::read_to_string(mountpoint.join("server/name"));
         if let Some(at) = switched.take() {
             slowest_switch = slowest_switch.max(Instant::elapsed(&at));
+            // The reads held across this switch are answered (each reader
+            // has begun another) before the next one.
+            assert!(
+                eventually(Duration::from_secs(20), || seen
+                    .lock()
+                    .unwrap()
+                    .began_at
+                    .iter()
+                    .all(|b| *b > at)),
+                "a read held across the switch at {:?} was not answered in 20 s",
+                at.duration_since(began)
+            );
         }
         if round == KILLS + UPGRADES {
             break;
