@@ -164,8 +164,9 @@ impl Sampler {
                 ))
             })
             .collect();
-        self.spent.add(Source::CgroupFiles, clock.files);
-        self.spent.add(Source::Ebpf, clock.ebpf);
+        for source in Source::ALL {
+            self.spent.add(source, clock[source as usize]);
+        }
         samples
     }
 
@@ -185,14 +186,12 @@ impl Sampler {
         scratch: &mut Scratch<'c>,
         mut clock: Option<&mut Clock>,
     ) -> Result<Sample, SourceError> {
-        let (files, maps): (Vec<Group>, Vec<Group>) =
-            groups_of(self.available(container).iter().copied())
-                .into_iter()
-                .partition(|g| !g.reads_ebpf());
+        let groups = groups_of(self.available(container).iter().copied());
         let mut out = Sample::default();
         let mut last = clock.is_some().then(thread_cpu);
-        for (source, groups) in [(Source::CgroupFiles, files), (Source::Ebpf, maps)] {
-            for group in groups {
+        for source in [Source::CgroupFiles, Source::Ebpf] {
+            let from_ebpf = source == Source::Ebpf;
+            for &group in groups.iter().filter(|g| g.reads_ebpf() == from_ebpf) {
                 match self.read_cached(container, group, &mut out, scratch) {
                     Ok(()) => {}
                     Err(e @ SourceError::Vanished(_)) => return Err(e),
@@ -201,7 +200,7 @@ impl Sampler {
             }
             if let (Some(clock), Some(then)) = (clock.as_deref_mut(), last) {
                 let now = thread_cpu();
-                *clock.of(source) += now.saturating_sub(then);
+                clock[source as usize] += now.saturating_sub(then);
                 last = Some(now);
             }
         }
@@ -282,21 +281,8 @@ impl Sampler {
     }
 }
 
-/// CPU time one thread spent sampling, by source.
-#[derive(Default)]
-struct Clock {
-    files: Duration,
-    ebpf: Duration,
-}
-
-impl Clock {
-    fn of(&mut self, source: Source) -> &mut Duration {
-        match source {
-            Source::Ebpf => &mut self.ebpf,
-            _ => &mut self.files,
-        }
-    }
-}
+/// CPU time one thread spent sampling, by [`Source`] (rendering stays 0).
+type Clock = [Duration; Source::ALL.len()];
 
 /// What one sample has read so far: each source (a cgroup file, the eBPF
 /// totals) is read once however many groups use it.
