@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cgmetric::net::PROGRAMS;
+
 const ROUNDS: usize = 5;
 const IPERF_SECONDS: u32 = 3;
 const CONNECT_SECONDS: f64 = 3.0;
@@ -49,13 +51,26 @@ fn main() {
     ];
     // rows[metric][config]: one value a round.
     let mut rows = vec![vec![Vec::new(); configs.len()]; names.len()];
+    // The kernel's own count of the programs' run time, per connection:
+    // spent[config][program], one value a round. Unlike the rates, this
+    // does not move with what else the machine runs.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let mut spent = vec![vec![Vec::new(); PROGRAMS.len()]; configs.len()];
     for round in 0..ROUNDS {
         for (index, config) in configs.iter().enumerate() {
             let net = config.clone().map(|classes| {
                 cgmetric::net::Net::start(&bpf_dir, &v2_root, classes).expect("attach")
             });
             rows[0][index].push(iperf3_gbps(5400 + round as u16));
-            rows[1][index].push(connect_close_rate());
+            let before = net.as_ref().map(|_| program_stats(&bpf_dir));
+            let (rate, connections) = connect_close_rate();
+            rows[1][index].push(rate);
+            if let Some(before) = before {
+                let after = program_stats(&bpf_dir);
+                for (p, (b, a)) in before.iter().zip(&after).enumerate() {
+                    spent[index][p].push(a.per(b, connections));
+                }
+            }
             drop(net);
             // Unpinning the links detaches the programs.
             let _ = std::fs::remove_dir_all(&bpf_dir);
@@ -83,6 +98,30 @@ fn main() {
             format!("≥{target} {}", if met { "ok" } else { "MISS" })
         );
     }
+    drop(stats);
+    println!("\nprogram time per connection (the kernel's run_time_ns and run_cnt, medians of {ROUNDS} rounds)\n");
+    println!(
+        "{:<20} {:>16} {:>16} {:>16}",
+        "", "runs", "ns (with)", "ns (+classes)"
+    );
+    let mut totals = [0.0, 0.0];
+    for (p, program) in PROGRAMS.iter().enumerate() {
+        let with = &spent[1][p];
+        let classes = &spent[2][p];
+        let runs = median(&with.iter().map(|s| s.runs).collect::<Vec<_>>());
+        let ns = [with, classes].map(|s| median(&s.iter().map(|s| s.ns).collect::<Vec<_>>()));
+        totals[0] += ns[0];
+        totals[1] += ns[1];
+        println!("{program:<20} {runs:>16.1} {:>16.0} {:>16.0}", ns[0], ns[1]);
+    }
+    println!(
+        "{:<20} {:>16} {:>16.0} {:>16.0}",
+        "all", "", totals[0], totals[1]
+    );
+    println!(
+        "(a connection without the programs took {:.1} µs in this run)",
+        1e6 / median(&rows[1][0])
+    );
     println!("\nmachine: {} CPUs, Linux {}", num_cpus(), kernel());
     if !all_met {
         println!(
@@ -131,8 +170,51 @@ fn iperf3_gbps(port: u16) -> f64 {
     bps / 1e9
 }
 
-/// Sequential connect, one byte each way, close: connections per second.
-fn connect_close_rate() -> f64 {
+/// One program's counters as the kernel keeps them while stats are on.
+#[derive(Clone, Copy)]
+struct Stats {
+    runs: f64,
+    ns: f64,
+}
+
+impl Stats {
+    /// Runs and nanoseconds per connection since `before`.
+    fn per(&self, before: &Stats, connections: u64) -> Stats {
+        let n = connections.max(1) as f64;
+        Stats {
+            runs: (self.runs - before.runs) / n,
+            ns: (self.ns - before.ns) / n,
+        }
+    }
+}
+
+/// The run counts of the programs linked under `bpf_dir` (this run's, not
+/// another daemon's programs of the same name).
+fn program_stats(bpf_dir: &Path) -> Vec<Stats> {
+    PROGRAMS
+        .iter()
+        .map(|name| {
+            let pin = cgmetric::net::link_pin(bpf_dir, name);
+            let link = aya::programs::links::PinnedLink::from_pin(&pin).expect("pinned link");
+            let id = aya::programs::links::FdLink::from(link)
+                .info()
+                .expect("link info")
+                .program_id();
+            let info = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == id)
+                .expect("linked program");
+            Stats {
+                runs: info.run_count() as f64,
+                ns: info.run_time().as_nanos() as f64,
+            }
+        })
+        .collect()
+}
+
+/// Sequential connect, one byte each way, close: connections per second,
+/// and how many were made.
+fn connect_close_rate() -> (f64, u64) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = std::thread::spawn(move || {
@@ -157,7 +239,7 @@ fn connect_close_rate() -> f64 {
     let rate = count as f64 / started.elapsed().as_secs_f64();
     let _ = TcpStream::connect(addr).and_then(|mut s| s.write_all(b"q"));
     let _ = server.join();
-    rate
+    (rate, count)
 }
 
 fn num_cpus() -> usize {

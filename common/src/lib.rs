@@ -50,6 +50,7 @@ pub const PROG_EGRESS: &str = "count_egress";
 pub const PROG_INGRESS: &str = "count_ingress";
 pub const PROG_SOCK_CREATE: &str = "remember_socket";
 pub const PROG_SOCK_OPS: &str = "track_connections";
+pub const PROG_SOCK_RELEASE: &str = "count_close";
 
 /// How many cgroups the counter maps hold. A full map is counted in
 /// [`health::NET_MAP_FULL`] / [`health::CONN_MAP_FULL`], never a crash.

@@ -6,8 +6,11 @@
 //! - `remember_socket` (cgroup/sock_create): runs in the creating process, so
 //!   the current cgroup is the socket's; stores it in socket storage, which
 //!   accepted sockets inherit from their listener (`BPF_F_CLONE`).
-//! - `track_connections` (sock_ops): established (both sides), closed with
-//!   lifetime, retransmits, attributed through that socket storage.
+//! - `track_connections` (sock_ops): established (both sides) and
+//!   retransmits, attributed through that socket storage.
+//! - `count_close` (cgroup/sock_release): closed with lifetime, once per
+//!   socket as its last descriptor is closed. TCP's state-change callbacks
+//!   would tell the same at about eight sock_ops runs a connection.
 //!
 //! - With `--net-class` configured, `count_egress` / `count_ingress` also
 //!   look the peer address up in a trie and count the bytes under the
@@ -31,7 +34,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::bindings::{
     BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
-    BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
 };
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_skb_cgroup_id};
 use aya_ebpf::macros::{cgroup_skb, cgroup_sock, map, sock_ops};
@@ -220,6 +223,36 @@ pub fn remember_socket(ctx: SockContext) -> i32 {
     ALLOW
 }
 
+#[cgroup_sock(sock_release)]
+pub fn count_close(ctx: SockContext) -> i32 {
+    // SAFETY: reading a context field.
+    if unsafe { (*ctx.sock).protocol } != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let Some(state) = SOCKETS.get(ctx.sock.cast()) else {
+        return ALLOW;
+    };
+    if state.established_ns != 0 {
+        closed(state, now());
+    }
+    ALLOW
+}
+
+fn now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Counts the close of `state`'s connection, established and not yet
+/// counted closed, and marks it counted.
+fn closed(state: &mut SocketState, now: u64) {
+    let established = core::mem::replace(&mut state.established_ns, 0);
+    if let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) {
+        add(&mut c.closed, 1);
+        add(&mut c.lifetime_ns, now.saturating_sub(established));
+    }
+}
+
 #[sock_ops]
 pub fn track_connections(ctx: SockOpsContext) -> u32 {
     // TCP calls this for many events; decide on the cheap fields before
@@ -229,6 +262,8 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             Event::Established
         }
+        // Asked for only by earlier versions of this program: their
+        // sockets still call it until they close.
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => Event::Closed,
         // The kernel calls this once per retransmitted skb, after adding
         // its segments (the second argument) to TcpRetransSegs and the
@@ -247,7 +282,7 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
         }
         return 1;
     };
-    let flags = (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG) as i32;
+    let flags = BPF_SOCK_OPS_RETRANS_CB_FLAG as i32;
     match event {
         // Before the SYN goes out, so that its retransmits count as the
         // kernel counts them; nothing to add yet.
@@ -256,28 +291,28 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
             return 1;
         }
         Event::Closed if state.established_ns == 0 => return 1,
+        Event::Closed => {
+            closed(state, now());
+            return 1;
+        }
+        // Connected again after a disconnect (`connect(AF_UNSPEC)`), which
+        // releases nothing: the earlier connection ended by now.
+        Event::Established if state.established_ns != 0 => closed(state, now()),
         _ => {}
     }
     let Some(c) = counters(&CONN_COUNTERS, state.cgroup_id, health::CONN_MAP_FULL) else {
         return 1;
     };
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     match event {
         Event::Established => {
             add(&mut c.established, 1);
-            state.established_ns = now.max(1);
-            // Ask for this socket's state-change and retransmit callbacks
-            // (an accepted socket's first chance to).
+            state.established_ns = now().max(1);
+            // Ask for this socket's retransmit callbacks (an accepted
+            // socket's first chance to).
             let _ = ctx.set_cb_flags(flags);
         }
-        Event::Closed => {
-            add(&mut c.closed, 1);
-            add(&mut c.lifetime_ns, now.saturating_sub(state.established_ns));
-            state.established_ns = 0;
-        }
         Event::Retransmit(segments) => add(&mut c.retransmits, u64::from(segments)),
-        Event::Connecting => {}
+        Event::Connecting | Event::Closed => {}
     }
     1
 }

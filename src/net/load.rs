@@ -13,7 +13,9 @@ use aya::maps::MapInfo;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{loaded_programs, CgroupAttachMode, Program};
 use aya::{Ebpf, EbpfLoader};
-use cgmetric_common::{PINNED_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_SOCK_CREATE, PROG_SOCK_OPS};
+use cgmetric_common::{
+    PINNED_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_SOCK_CREATE, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
+};
 
 use super::sys;
 use super::NetError;
@@ -30,8 +32,17 @@ mod aligned {
     pub static OBJECT: &[u8] = &ALIGNED.0;
 }
 
-/// Each attaches where its section says (`cgroup_skb/egress`, ...).
-const PROGRAMS: [&str; 4] = [PROG_EGRESS, PROG_INGRESS, PROG_SOCK_CREATE, PROG_SOCK_OPS];
+/// Each attaches where its section says (`cgroup_skb/egress`, ...). The
+/// close counter comes before `sock_ops`: an earlier `sock_ops` counted
+/// closes from state changes, and whichever of the two sees a close first
+/// counts it, so a close is never missed while one is swapped for the other.
+pub const PROGRAMS: [&str; 5] = [
+    PROG_EGRESS,
+    PROG_INGRESS,
+    PROG_SOCK_CREATE,
+    PROG_SOCK_RELEASE,
+    PROG_SOCK_OPS,
+];
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
@@ -43,6 +54,27 @@ pub fn link_pin(bpf_dir: &Path, program: &str) -> PathBuf {
 /// Loads the object (its pinned maps are reused or created) and makes sure
 /// every program is attached at `cgroup_root` through a pinned link.
 pub fn load_and_attach(bpf_dir: &Path, cgroup_root: &Path) -> Result<Ebpf, NetError> {
+    attach_object(bpf_dir, cgroup_root, OBJECT, &PROGRAMS)
+}
+
+/// [`load_and_attach`] for another build's object and its programs: tests
+/// leave the links as an earlier version of the daemon left them.
+#[cfg(feature = "test-helpers")]
+pub fn load_and_attach_object(
+    bpf_dir: &Path,
+    cgroup_root: &Path,
+    object: &[u8],
+    programs: &[&'static str],
+) -> Result<Ebpf, NetError> {
+    attach_object(bpf_dir, cgroup_root, object, programs)
+}
+
+fn attach_object(
+    bpf_dir: &Path,
+    cgroup_root: &Path,
+    object: &[u8],
+    programs: &[&'static str],
+) -> Result<Ebpf, NetError> {
     ensure_bpffs(bpf_dir)?;
     std::fs::create_dir_all(bpf_dir).map_err(|source| NetError::Io {
         path: bpf_dir.to_path_buf(),
@@ -57,14 +89,14 @@ pub fn load_and_attach(bpf_dir: &Path, cgroup_root: &Path) -> Result<Ebpf, NetEr
 
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(bpf_dir)
-        .load(OBJECT)
+        .load(object)
         .map_err(|e| NetError::Load(Box::new(e)))?;
     let cgroup = File::open(cgroup_root).map_err(|source| NetError::Io {
         path: cgroup_root.to_path_buf(),
         source,
     })?;
 
-    for name in PROGRAMS {
+    for &name in programs {
         let program_error = |e| NetError::Program {
             name,
             source: Box::new(e),

@@ -22,7 +22,9 @@ use cgmetric_common::{
 use parking_lot::{Mutex, RwLock};
 
 pub use class::{Classes, NetClass};
-pub use load::link_pin;
+#[cfg(feature = "test-helpers")]
+pub use load::load_and_attach_object;
+pub use load::{link_pin, PROGRAMS};
 
 /// How many classes the programs count at most: the named ones and
 /// `loopback`.

@@ -765,6 +765,82 @@ fn a_changed_program_is_swapped_into_the_pinned_link() {
     drop(daemon);
 }
 
+/// The object of an earlier build (`a236c91`), whose `sock_ops` program
+/// counted closes from TCP's state changes and asked every socket for them.
+const EARLIER_OBJECT: &[u8] = include_bytes!("../fixtures/ebpf/cgmetric-a236c91.bpf.o");
+
+/// An upgrade from a build that counted closes in `sock_ops` (state-change
+/// callbacks, which its sockets keep asking for) to one that counts them at
+/// `sock_release`: a connection open across it is counted closed once, by
+/// whichever of the two sees the close first, and a new one as well.
+#[test]
+fn an_upgrade_counts_a_connection_open_across_it_closed_once() {
+    require!();
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-upgrade");
+    let server_cg = parent.child("server");
+    let client_cg = parent.child("client");
+    let glob = format!("{}/*", parent.relative);
+    let args = ["--cgroup", &glob, "--bpf-dir", bpf.arg()];
+    let layout = cgmetric::cgroup::Layout::detect(std::path::Path::new("/sys/fs/cgroup")).unwrap();
+    // aya wants the object 8-byte aligned, as the daemon embeds its own.
+    let mut aligned = vec![0u64; EARLIER_OBJECT.len().div_ceil(8)];
+    // SAFETY: the u64 buffer holds at least the object's bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), EARLIER_OBJECT.len())
+    };
+    bytes.copy_from_slice(EARLIER_OBJECT);
+    let earlier = [
+        cgmetric_common::PROG_EGRESS,
+        cgmetric_common::PROG_INGRESS,
+        cgmetric_common::PROG_SOCK_CREATE,
+        cgmetric_common::PROG_SOCK_OPS,
+    ];
+    drop(
+        cgmetric::net::load_and_attach_object(
+            &bpf.0,
+            layout.unified.as_ref().unwrap(),
+            bytes,
+            &earlier,
+        )
+        .unwrap(),
+    );
+    let sock_ops = cgmetric::net::link_pin(&bpf.0, cgmetric_common::PROG_SOCK_OPS);
+    let earlier_tag = pinned_link(&sock_ops).1;
+
+    // Established under the earlier programs, closed under this build's.
+    let (server, addr) = server_cg.serve("127.0.0.1", 2);
+    let mut command = Command::new(tcp_peer());
+    command.args(["client", &addr, "1", "1000", "stdin"]);
+    let mut held = client_cg.start(command.stdin(Stdio::piped()));
+    let daemon = Daemon::start(&args);
+    assert_ne!(pinned_link(&sock_ops).1, earlier_tag, "{}", daemon.stderr());
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            daemon.number("client/net_connections_active") == 1
+                && daemon.number("server/net_connections_active") == 1
+        }),
+        "the held connection never showed"
+    );
+    drop(held.stdin.take());
+    finish(held);
+    // And one made and closed under this build's alone.
+    finish(client_cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "1000", "0"])));
+    finish(server);
+    let counts = |side: &str| {
+        ["total", "closed", "active"]
+            .map(|what| daemon.number(&format!("{side}/net_connections_{what}")))
+    };
+    for side in ["client", "server"] {
+        assert!(
+            eventually(Duration::from_secs(10), || counts(side) == [2, 2, 0]),
+            "{side}: total, closed, active {:?}",
+            counts(side)
+        );
+    }
+    drop(daemon);
+}
+
 /// A restart keeps every link whose program's maps are all still pinned,
 /// and redoes only a link whose map was removed (by hand): that link
 /// counted into a map nobody reads any more. Also how an upgrade that adds
