@@ -32,8 +32,12 @@ pub const RETIRED_CLASSES_MAP: &str = "RETIRED_CLASSES";
 /// none the programs look no address up.
 pub const NET_CONFIG_MAP: &str = "NET_CONFIG";
 
+/// Per-CPU array of one entry: the last peer looked up in the class trie on
+/// that CPU. Used only by the programs.
+pub const PEER_CACHE_MAP: &str = "PEER_CACHE";
+
 /// The maps a restart must find pinned to reuse the attached programs.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     NET_COUNTERS_MAP,
     CONN_COUNTERS_MAP,
     HEALTH_MAP,
@@ -43,6 +47,7 @@ pub const PINNED_MAPS: [&str; 9] = [
     CLASS_COUNTERS_MAP,
     RETIRED_CLASSES_MAP,
     NET_CONFIG_MAP,
+    PEER_CACHE_MAP,
 ];
 
 /// Program names (the eBPF functions), as user space finds them.
@@ -143,6 +148,25 @@ pub struct SocketState {
     pub established_ns: u64,
 }
 
+/// The last peer looked up in the class trie on one CPU, and its class
+/// ([`PEER_CACHE_MAP`]). Consecutive packets mostly belong to one flow, and
+/// the trie lookup costs more than the rest of counting a packet's class.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCache {
+    /// Odd while being written, and changed by every write: a softirq can
+    /// run a program on this CPU in the middle of another's read or write
+    /// of the entry, and a torn entry must never match.
+    pub seq: u64,
+    /// `NET_CONFIG`'s value when the entry was written.
+    pub config: u64,
+    /// The peer address as the trie key holds it, in two words.
+    pub peer: [u64; 2],
+    pub class: u64,
+    /// Whether the peer is in a class at all (`class` is then valid).
+    pub found: u64,
+}
+
 /// Counts of cgroups removed inside a live container, folded into it so the
 /// container's totals stay monotonic after their own entries are deleted.
 #[repr(C)]
@@ -174,4 +198,5 @@ mod user {
     unsafe impl aya::Pod for super::Retired {}
     unsafe impl aya::Pod for super::ClassKey {}
     unsafe impl aya::Pod for super::ClassCounters {}
+    unsafe impl aya::Pod for super::PeerCache {}
 }

@@ -42,8 +42,8 @@ use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::{SkBuffContext, SockContext, SockOpsContext};
 use cgmetric_common::{
-    health, ClassCounters, ClassKey, ConnCounters, NetCounters, Retired, SocketState, MAX_CGROUPS,
-    MAX_CLASS_PREFIXES,
+    health, ClassCounters, ClassKey, ConnCounters, NetCounters, PeerCache, Retired, SocketState,
+    MAX_CGROUPS, MAX_CLASS_PREFIXES,
 };
 
 use crate::sk_storage::SkStorage;
@@ -76,8 +76,15 @@ static CLASS_COUNTERS: PerCpuHashMap<ClassKey, ClassCounters> =
 #[map]
 static RETIRED_CLASSES: HashMap<ClassKey, ClassCounters> =
     HashMap::pinned(MAX_CGROUPS * 4, BPF_F_NO_PREALLOC);
+/// Non-zero while classes are configured; the daemon writes a new value
+/// with every change of the trie, so [`PeerCache`] entries of the old
+/// classes no longer match.
 #[map]
 static NET_CONFIG: Array<u32> = Array::pinned(1, 0);
+// Pinned like the rest: a restart keeps a link only if all of its program's
+// maps are pinned.
+#[map]
+static PEER_CACHE: PerCpuArray<PeerCache> = PerCpuArray::pinned(1, 0);
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".maps")]
@@ -143,18 +150,20 @@ fn count_packet(ctx: &SkBuffContext, egress: bool) {
         add(&mut c.rx_bytes, bytes);
         add(&mut c.rx_packets, packets);
     }
-    if NET_CONFIG.get(0).is_some_and(|on| *on != 0) {
-        count_class(ctx, cgroup, egress, bytes);
+    if let Some(&config) = NET_CONFIG.get(0) {
+        if config != 0 {
+            count_class(ctx, cgroup, egress, bytes, config);
+        }
     }
 }
 
 /// Adds `bytes` to the class of the packet's peer, if it has one. The same
 /// bytes as the totals, so the classes and the rest sum to them exactly.
-fn count_class(ctx: &SkBuffContext, cgroup: u64, egress: bool, bytes: u64) {
+fn count_class(ctx: &SkBuffContext, cgroup: u64, egress: bool, bytes: u64, config: u32) {
     let Some(peer) = peer_address(ctx, egress) else {
         return;
     };
-    let Some(&class) = NET_CLASSES.get(&Key::new(128, peer)) else {
+    let Some(class) = class_of(peer, u64::from(config)) else {
         return;
     };
     let key = ClassKey { cgroup, class };
@@ -165,6 +174,60 @@ fn count_class(ctx: &SkBuffContext, cgroup: u64, egress: bool, bytes: u64) {
         true => add(&mut c.tx_bytes, bytes),
         false => add(&mut c.rx_bytes, bytes),
     }
+}
+
+/// The class of `peer` under the classes `config` stands for: from this
+/// CPU's [`PeerCache`] when it holds the peer, else from the trie (and
+/// cached).
+fn class_of(peer: [u8; 16], config: u64) -> Option<u64> {
+    use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+    let key = [
+        u64::from_ne_bytes([
+            peer[0], peer[1], peer[2], peer[3], peer[4], peer[5], peer[6], peer[7],
+        ]),
+        u64::from_ne_bytes([
+            peer[8], peer[9], peer[10], peer[11], peer[12], peer[13], peer[14], peer[15],
+        ]),
+    ];
+    let cache = PEER_CACHE.get_ptr_mut(0);
+    if let Some(cache) = cache {
+        // SAFETY: a per-CPU array slot is valid for the program's run;
+        // volatile, so that the reads stay between the two of `seq`.
+        unsafe {
+            let seq = read_volatile(addr_of!((*cache).seq));
+            if seq & 1 == 0 {
+                let hit = read_volatile(addr_of!((*cache).config)) == config
+                    && read_volatile(addr_of!((*cache).peer)) == key;
+                let class = read_volatile(addr_of!((*cache).class));
+                let found = read_volatile(addr_of!((*cache).found));
+                if hit && read_volatile(addr_of!((*cache).seq)) == seq {
+                    return (found != 0).then_some(class);
+                }
+            }
+        }
+    }
+    // Both fields from the lookup's branches: a None's payload is
+    // undefined, and the verifier refuses a program that stores it.
+    let (class, found) = match NET_CLASSES.get(&Key::new(128, peer)) {
+        Some(&class) => (class, 1),
+        None => (0, 0),
+    };
+    if let Some(cache) = cache {
+        // SAFETY: as above. Not while another write of this CPU's entry is
+        // under way (this program interrupted it).
+        unsafe {
+            let seq = read_volatile(addr_of!((*cache).seq));
+            if seq & 1 == 0 {
+                write_volatile(addr_of_mut!((*cache).seq), seq + 1);
+                write_volatile(addr_of_mut!((*cache).config), config);
+                write_volatile(addr_of_mut!((*cache).peer), key);
+                write_volatile(addr_of_mut!((*cache).class), class);
+                write_volatile(addr_of_mut!((*cache).found), found);
+                write_volatile(addr_of_mut!((*cache).seq), seq + 2);
+            }
+        }
+    }
+    (found != 0).then_some(class)
 }
 
 /// The peer's address, as the class trie holds addresses (IPv4 mapped into

@@ -13,11 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::{Key as TrieKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{
+    Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use cgmetric_common::{
-    health, ClassCounters, ClassKey, ConnCounters, NetCounters, Retired, CLASS_COUNTERS_MAP,
-    CONN_COUNTERS_MAP, HEALTH_MAP, NET_CLASSES_MAP, NET_CONFIG_MAP, NET_COUNTERS_MAP,
-    RETIRED_CLASSES_MAP, RETIRED_MAP,
+    health, ClassCounters, ClassKey, ConnCounters, NetCounters, PeerCache, Retired,
+    CLASS_COUNTERS_MAP, CONN_COUNTERS_MAP, HEALTH_MAP, NET_CLASSES_MAP, NET_CONFIG_MAP,
+    NET_COUNTERS_MAP, PEER_CACHE_MAP, RETIRED_CLASSES_MAP, RETIRED_MAP,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -71,7 +73,7 @@ pub enum NetError {
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
-        source: Box<MapError>,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -428,6 +430,7 @@ fn configure_classes(ebpf: &mut aya::Ebpf, classes: &Classes) -> Result<(), NetE
     };
     let mut config: Array<MapData, u32> = take(ebpf, NET_CONFIG_MAP)?;
     let mut trie: LpmTrie<MapData, [u8; 16], u64> = take(ebpf, NET_CLASSES_MAP)?;
+    let previous = config.get(&0, 0).unwrap_or(0);
     // Off while the trie changes: a packet meanwhile is counted as
     // `external` rather than under a half-written class.
     config.set(0, 0, 0).map_err(map_error(NET_CONFIG_MAP))?;
@@ -439,7 +442,23 @@ fn configure_classes(ebpf: &mut aya::Ebpf, classes: &Classes) -> Result<(), NetE
         trie.insert(&TrieKey::new(len, addr), id, 0)
             .map_err(map_error(NET_CLASSES_MAP))?;
     }
-    let on = u32::from(!classes.is_empty());
+    // The programs' cached peers go too: those written under the value
+    // restored below, before the classes were last turned off, would match
+    // again.
+    let mut cache: PerCpuArray<MapData, PeerCache> = take(ebpf, PEER_CACHE_MAP)?;
+    let io_error = |e: std::io::Error| NetError::Map {
+        name: PEER_CACHE_MAP,
+        source: Box::new(e),
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| io_error(e))?;
+    let empty = PerCpuValues::try_from(vec![PeerCache::default(); cpus]).map_err(io_error)?;
+    cache.set(0, empty, 0).map_err(map_error(PEER_CACHE_MAP))?;
+    // A value no earlier trie had (until it wraps): the programs' cached
+    // peers were looked up under an earlier one and stop matching.
+    let on = match classes.is_empty() {
+        true => 0,
+        false => previous.wrapping_add(1).max(1),
+    };
     config.set(0, on, 0).map_err(map_error(NET_CONFIG_MAP))?;
     Ok(())
 }

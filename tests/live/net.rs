@@ -496,6 +496,55 @@ fn classes_split_traffic_by_peer_exactly() {
     assert!(prom.contains("class=\"east\""), "{prom}");
 }
 
+/// A restart with other classes counts a peer under its new class from the
+/// first packet: the programs keep the last peer's class per CPU, and what
+/// they kept was looked up under the old classes.
+#[test]
+fn a_restart_with_other_classes_counts_a_peer_under_its_new_class() {
+    require!("ip", "ethtool");
+    let _turn = heavy_turn();
+    let (host, peer) = ("169.254.80.1", "169.254.80.2");
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-reclass");
+    let server_cg = parent.child("server");
+    let client_cg = parent.child("client");
+    let glob = format!("{}/*", parent.relative);
+    let netns = Netns::with_addresses(host, peer);
+    // Both ends' peers in the class, so that whatever packet of the
+    // transfer a CPU saw last, its cached class is the old one.
+    for class in ["east", "west", "east"] {
+        let spec = format!("{class}=169.254.80.0/30");
+        let daemon = Daemon::start(&[
+            "--cgroup",
+            &glob,
+            "--bpf-dir",
+            bpf.arg(),
+            "--net-class",
+            &spec,
+        ]);
+        let counts = || {
+            ["client", "server"].map(|side| {
+                ["net_bytes_tx", &format!("net_bytes_tx_{class}")]
+                    .map(|file| daemon.number(&format!("{side}/{file}")))
+            })
+        };
+        let before = counts();
+        let (server, addr) = server_cg.serve_in(Some(&netns.name), peer, 1);
+        let client =
+            client_cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", "100000", "0"]));
+        assert_eq!(finish(client), 100_000);
+        assert_eq!(finish(server), 100_000);
+        settle();
+        let after = counts();
+        for (side, (after, before)) in ["client", "server"].iter().zip(after.iter().zip(&before)) {
+            let (total, in_class) = (after[0] - before[0], after[1] - before[1]);
+            assert!(total > 0, "{side}, {class}: {total}");
+            assert_eq!(in_class, total, "{side}, {class}: every byte is {class}'s");
+        }
+        drop(daemon);
+    }
+}
+
 #[test]
 fn client_in_a_network_namespace_agrees_with_its_veth() {
     require!("ip", "ethtool");
