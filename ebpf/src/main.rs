@@ -181,14 +181,8 @@ fn count_class(ctx: &SkBuffContext, cgroup: u64, egress: bool, bytes: u64, confi
 /// cached).
 fn class_of(peer: [u8; 16], config: u64) -> Option<u64> {
     use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-    let key = [
-        u64::from_ne_bytes([
-            peer[0], peer[1], peer[2], peer[3], peer[4], peer[5], peer[6], peer[7],
-        ]),
-        u64::from_ne_bytes([
-            peer[8], peer[9], peer[10], peer[11], peer[12], peer[13], peer[14], peer[15],
-        ]),
-    ];
+    // SAFETY: 16 bytes either way, and every bit pattern is a valid u64.
+    let key: [u64; 2] = unsafe { core::mem::transmute(peer) };
     let cache = PEER_CACHE.get_ptr_mut(0);
     if let Some(cache) = cache {
         // SAFETY: a per-CPU array slot is valid for the program's run;

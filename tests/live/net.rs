@@ -816,7 +816,12 @@ fn a_changed_program_is_swapped_into_the_pinned_link() {
 
 /// The object of an earlier build (`a236c91`), whose `sock_ops` program
 /// counted closes from TCP's state changes and asked every socket for them.
-const EARLIER_OBJECT: &[u8] = include_bytes!("../fixtures/ebpf/cgmetric-a236c91.bpf.o");
+/// Aligned as aya wants it, as the daemon embeds its own.
+static EARLIER_OBJECT: &Aligned<[u8]> =
+    &Aligned(*include_bytes!("../fixtures/ebpf/cgmetric-a236c91.bpf.o"));
+
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
 
 /// An upgrade from a build that counted closes in `sock_ops` (state-change
 /// callbacks, which its sockets keep asking for) to one that counts them at
@@ -832,13 +837,6 @@ fn an_upgrade_counts_a_connection_open_across_it_closed_once() {
     let glob = format!("{}/*", parent.relative);
     let args = ["--cgroup", &glob, "--bpf-dir", bpf.arg()];
     let layout = cgmetric::cgroup::Layout::detect(std::path::Path::new("/sys/fs/cgroup")).unwrap();
-    // aya wants the object 8-byte aligned, as the daemon embeds its own.
-    let mut aligned = vec![0u64; EARLIER_OBJECT.len().div_ceil(8)];
-    // SAFETY: the u64 buffer holds at least the object's bytes.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), EARLIER_OBJECT.len())
-    };
-    bytes.copy_from_slice(EARLIER_OBJECT);
     let earlier = [
         cgmetric_common::PROG_EGRESS,
         cgmetric_common::PROG_INGRESS,
@@ -849,7 +847,7 @@ fn an_upgrade_counts_a_connection_open_across_it_closed_once() {
         cgmetric::net::load_and_attach_object(
             &bpf.0,
             layout.unified.as_ref().unwrap(),
-            bytes,
+            &EARLIER_OBJECT.0,
             &earlier,
         )
         .unwrap(),
