@@ -86,9 +86,18 @@ pub struct Options {
     #[arg(long = "net-class", value_name = "NAME=CIDR[,CIDR...]")]
     pub net_classes: Vec<crate::net::NetClass>,
 
-    /// Run without eBPF: no network accounting, no net_* files.
+    /// Run without eBPF: no network accounting (no net_* files), and every
+    /// cgroup value read from cgroupfs (as with --no-cgroup-walk).
     #[arg(long)]
     pub no_ebpf: bool,
+
+    /// Read every cgroup value from cgroupfs. By default `metric` and
+    /// `metrics.prom` first walk each cgroup hierarchy once with an eBPF
+    /// cgroup iterator (Linux 6.1+; v1 hierarchies 6.2+), which reads the
+    /// memory, pids and CPU-limit counters of all containers at once, in
+    /// place of a few files each.
+    #[arg(long)]
+    pub no_cgroup_walk: bool,
 
     /// Make each container's directory owned by the owner of its cgroup and
     /// readable by that owner only (delegated and rootless containers); the
@@ -367,6 +376,7 @@ mod tests {
         assert!(o.cgroups.is_empty());
         assert_eq!(o.bpf_dir, PathBuf::from("/sys/fs/bpf/cgmetric"));
         assert!(!o.no_ebpf);
+        assert!(!o.no_cgroup_walk);
         assert_eq!(o.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(o.keep_exited, Duration::from_secs(300));
         let o = Options::try_parse_from(["cgmetric", "--keep-exited", "0", "--state-dir", "/s"])

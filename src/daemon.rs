@@ -237,6 +237,7 @@ impl Server {
         let model = Arc::new(
             Model::new(registry, net.map(Arc::new), options.window, options.private)
                 .with_prometheus_names(options.prometheus_names)
+                .with_cgroup_walk(!options.no_ebpf && !options.no_cgroup_walk)
                 .with_lifecycle(Some(ledger), options.keep_exited),
         );
         // Before anything is swept: what ended while no daemon (or server)

@@ -26,6 +26,7 @@
 //!   name, over a period.
 
 pub mod billing;
+pub mod bpf_sys;
 pub mod cgroup;
 pub mod cli;
 pub mod containers;

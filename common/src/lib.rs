@@ -189,6 +189,87 @@ pub mod health {
     pub const COUNT: u32 = 3;
 }
 
+/// The cgroup walk: a second object (`cgmetric-walk.bpf.o`) whose one
+/// program, [`PROG_WALK`], an `iter/cgroup` iterator, visits every cgroup of
+/// a hierarchy in one pass and writes each one's [`WalkRecord`] into
+/// [`WALKED_MAP`], which user space maps into its memory. The kernel's
+/// structures have no fixed layout, so which words a record holds is told
+/// by [`WalkConfig`], set at load from the running kernel's BTF.
+pub mod walk {
+    /// The iterator program.
+    pub const PROG_WALK: &str = "walk_cgroups";
+    /// Mmapable array of [`WalkRecord`], one per cgroup visited, in the
+    /// order visited; its size is set at load.
+    pub const WALKED_MAP: &str = "WALKED";
+    /// Array of one `u64`: how many cgroups the walk under way has visited
+    /// (user space zeroes it before each walk). Counted on past the
+    /// array's end, so user space learns how much room it lacked.
+    pub const WALK_COUNT_MAP: &str = "WALK_COUNT";
+    /// The global [`WalkConfig`] the program reads.
+    pub const WALK_CONFIG_GLOBAL: &str = "WALK_CONFIG";
+
+    /// How many words a record holds besides the cgroup's id.
+    pub const FIELDS: usize = 10;
+    /// A field the config leaves unused.
+    pub const UNUSED: u32 = u32::MAX;
+
+    /// One word to read per cgroup: at `offset` bytes into the state
+    /// (`struct cgroup_subsys_state`, the first member of each
+    /// controller's own structure) of controller `subsys`, the kernel's
+    /// `enum cgroup_subsys_id`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct WalkField {
+        pub subsys: u32,
+        pub offset: u32,
+    }
+
+    /// Where the program finds what it reads: byte offsets in the running
+    /// kernel's `struct cgroup` and `struct kernfs_node`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct WalkConfig {
+        /// `cgroup.kn`: the cgroup's directory.
+        pub cgroup_kn: u32,
+        /// `kernfs_node.id`: the directory's inode number, the cgroup's id.
+        pub kn_id: u32,
+        /// `cgroup.subsys`: the array of controller states.
+        pub cgroup_subsys: u32,
+        /// How many entries `cgroup.subsys` has.
+        pub subsys_count: u32,
+        pub fields: [WalkField; FIELDS],
+    }
+
+    impl WalkConfig {
+        /// A config that reads nothing: the program's value until loaded.
+        pub const EMPTY: WalkConfig = WalkConfig {
+            cgroup_kn: 0,
+            kn_id: 0,
+            cgroup_subsys: 0,
+            subsys_count: 0,
+            fields: [WalkField {
+                subsys: UNUSED,
+                offset: 0,
+            }; FIELDS],
+        };
+    }
+
+    /// One cgroup as the walk found it.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct WalkRecord {
+        /// The cgroup's id: its directory's inode number in its hierarchy.
+        pub id: u64,
+        /// Bit `i` set: `values[i]` was read.
+        pub present: u64,
+        /// Bit `i` set: field `i`'s controller is not enabled for this
+        /// cgroup, so its files are absent from cgroupfs too. A field in
+        /// neither mask could not be read.
+        pub missing: u64,
+        pub values: [u64; FIELDS],
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C) structs of u64 fields: no padding, every bit pattern valid.
@@ -199,4 +280,7 @@ mod user {
     unsafe impl aya::Pod for super::ClassKey {}
     unsafe impl aya::Pod for super::ClassCounters {}
     unsafe impl aya::Pod for super::PeerCache {}
+    // SAFETY: repr(C) structs of u32 pairs and u64s: no padding.
+    unsafe impl aya::Pod for super::walk::WalkConfig {}
+    unsafe impl aya::Pod for super::walk::WalkRecord {}
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::kept::KeptFiles;
 use super::parse::ParseError;
+use super::walk::{self, Answer, Walked};
 
 /// Why a group could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +30,15 @@ type Result<T> = std::result::Result<T, SourceError>;
 
 /// The cgroup files one sample has read: a file several groups need (v1
 /// `memory.stat`, v2 `cpu.stat`) is read once per sample. With a cgroup's
-/// [`KeptFiles`], its files are read from descriptors kept open. The texts
+/// [`KeptFiles`], its files are read from descriptors kept open; with a
+/// cgroup walk ([`Files::use_walk`]), the files it answers are not read at
+/// all. The texts
 /// share one buffer, which [`Files::reset`] keeps for the next cgroup, so
 /// that sampling many cgroups allocates next to nothing.
 #[derive(Default)]
 pub struct Files<'a> {
     kept: Option<&'a KeptFiles>,
+    walked: Option<&'a Walked>,
     read: Vec<(&'a Path, &'static str, Option<Range<usize>>)>,
     texts: Vec<u8>,
 }
@@ -45,6 +49,12 @@ impl<'a> Files<'a> {
             kept: Some(kept),
             ..Files::default()
         }
+    }
+
+    /// Answers the files the walk answers from it, for every cgroup from
+    /// now on.
+    pub fn use_walk(&mut self, walked: Option<&'a Walked>) {
+        self.walked = walked;
     }
 
     /// Starts over for another cgroup, keeping the memory.
@@ -94,6 +104,18 @@ impl<'a> Files<'a> {
     /// Appends the file's text; false when the cgroup has no such file.
     fn fetch(&mut self, dir: &Path, file: &'static str) -> Result<bool> {
         let path = || dir.join(file);
+        if let (Some(walked), Some(kept)) = (self.walked, self.kept) {
+            if walk::answers(file) {
+                if let Some(key) = kept.cgroup_key(dir) {
+                    match walked.render(key, file, &mut self.texts) {
+                        Answer::Text => return Ok(true),
+                        Answer::Absent => return Ok(false),
+                        Answer::Unseen => kept.forget_key(dir),
+                        Answer::ReadFile => {}
+                    }
+                }
+            }
+        }
         if let Some(kept) = self.kept {
             match kept.read_into(dir, file, &mut self.texts) {
                 Some(Ok(())) => return Ok(true),

@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::walk::{key_of, CgroupKey};
+
 /// Files larger than this are not kept: a kept file must be read in one
 /// `pread`, because another thread's `pread` of the same file restarts the
 /// kernel's rendering. Every cgroup file cgmetric reads is far smaller.
@@ -59,10 +61,12 @@ impl Budget {
     }
 }
 
-/// One cgroup's files kept open, each under the directory it was opened in.
+/// One cgroup's files kept open, each under the directory it was opened in,
+/// and its directories' keys in the cgroup walk.
 pub struct KeptFiles {
     budget: Arc<Budget>,
     files: Mutex<Vec<Kept>>,
+    keys: Mutex<Vec<(PathBuf, CgroupKey)>>,
 }
 
 struct Kept {
@@ -88,7 +92,27 @@ impl KeptFiles {
         KeptFiles {
             budget,
             files: Mutex::new(Vec::new()),
+            keys: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The walk's key for `dir` (its device and inode), stat'ed once.
+    pub fn cgroup_key(&self, dir: &Path) -> Option<CgroupKey> {
+        let mut keys = self.keys.lock();
+        if let Some((_, key)) = keys.iter().find(|(d, _)| d.as_os_str() == dir.as_os_str()) {
+            return Some(*key);
+        }
+        let key = key_of(dir)?;
+        keys.push((dir.to_path_buf(), key));
+        Some(key)
+    }
+
+    /// Forgets `dir`'s key: the walk did not see it, so the directory may
+    /// have been made anew (a new inode) since it was stat'ed.
+    pub fn forget_key(&self, dir: &Path) {
+        self.keys
+            .lock()
+            .retain(|(d, _)| d.as_os_str() != dir.as_os_str());
     }
 
     /// Appends the text of `dir/file`, read from its kept descriptor, to

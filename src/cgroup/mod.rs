@@ -8,6 +8,7 @@ pub mod kept;
 pub mod layout;
 pub mod parse;
 pub mod read;
+pub mod walk;
 
 use std::path::{Path, PathBuf};
 

@@ -140,6 +140,17 @@ impl Model {
         self
     }
 
+    /// Aggregate reads begin with a walk of the cgroups
+    /// ([`crate::cgroup::walk`]). Before the model is shared.
+    pub fn with_cgroup_walk(mut self, walk: bool) -> Model {
+        if walk {
+            Arc::get_mut(&mut self.sampler)
+                .expect("not yet shared")
+                .enable_walk();
+        }
+        self
+    }
+
     /// Keeps ended containers under `exited/` for `keep`, and records each
     /// in `ledger`, whose index says when the containers the last daemon
     /// knew were first seen.

@@ -17,8 +17,8 @@ use cgmetric_common::{
     PINNED_MAPS, PROG_EGRESS, PROG_INGRESS, PROG_SOCK_CREATE, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
 };
 
-use super::sys;
 use super::NetError;
+use crate::bpf_sys as sys;
 use crate::mounts::{mount_at, read_mount_table};
 
 /// The compiled programs (see `ebpf/build.sh`), aligned as aya requires.

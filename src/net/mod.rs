@@ -3,7 +3,6 @@
 
 pub mod class;
 mod load;
-pub mod sys;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,6 +21,8 @@ use cgmetric_common::{
     NET_COUNTERS_MAP, PEER_CACHE_MAP, RETIRED_CLASSES_MAP, RETIRED_MAP,
 };
 use parking_lot::{Mutex, RwLock};
+
+use crate::bpf_sys as sys;
 
 pub use class::{Classes, NetClass};
 #[cfg(feature = "test-helpers")]

@@ -28,8 +28,10 @@ pub fn sample_all(
         .min(containers.len() / CONTAINERS_PER_THREAD)
         .max(1)
         - 1;
+    // One walk for all: its records are shared, read-only, by every thread.
+    let walked = sampler.walk().map(Arc::new);
     if helpers == 0 {
-        return sampler.sample_each(&containers);
+        return sampler.sample_each(&containers, walked.as_deref());
     }
     // Chunks taken in turn rather than halves: a helper the scheduler
     // starts late takes fewer, and this thread never waits for one that
@@ -38,15 +40,17 @@ pub fn sample_all(
     let (done, finished) = mpsc::channel();
     for helper in 0..helpers {
         let (sampler, work, done) = (Arc::clone(sampler), Arc::clone(&work), done.clone());
+        let walked = walked.clone();
         pool.submit(helper, move || {
             work.take_all(|chunk, part| {
-                let _ = done.send((chunk, sampler.sample_each(part)));
+                let _ = done.send((chunk, sampler.sample_each(part, walked.as_deref())));
             });
         });
     }
     drop(done);
     let mut parts: Vec<Option<_>> = (0..work.count()).map(|_| None).collect();
-    let mine = work.take_all(|chunk, part| parts[chunk] = Some(sampler.sample_each(part)));
+    let mine = work
+        .take_all(|chunk, part| parts[chunk] = Some(sampler.sample_each(part, walked.as_deref())));
     for _ in mine..work.count() {
         // Disconnected: a helper panicked; its chunk is done below.
         let Ok((chunk, samples)) = finished.recv() else {
@@ -57,6 +61,8 @@ pub fn sample_all(
     parts
         .into_iter()
         .enumerate()
-        .flat_map(|(chunk, part)| part.unwrap_or_else(|| sampler.sample_each(work.get(chunk))))
+        .flat_map(|(chunk, part)| {
+            part.unwrap_or_else(|| sampler.sample_each(work.get(chunk), walked.as_deref()))
+        })
         .collect()
 }

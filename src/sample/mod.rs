@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::cgroup::files::{Files, SourceError};
 use crate::cgroup::read::read_group;
+use crate::cgroup::walk::{Walked, Walker};
 use crate::cgroup::Layout;
 use crate::containers::registry::{Metered, Slot};
 use crate::metrics::{groups_of, ClassBytes, Group, MetricId as M, MetricId, Sample, METRICS};
@@ -36,6 +37,8 @@ pub struct Sampler {
     layout: Layout,
     rates: RateTracker<(Slot, RateCounter)>,
     net: Option<Arc<Net>>,
+    /// The cgroup walk aggregate reads begin with, when on.
+    walker: Option<Walker>,
     /// What aggregate reads cost, by source.
     pub spent: Spent,
 }
@@ -46,8 +49,25 @@ impl Sampler {
             layout,
             rates: RateTracker::new(window),
             net,
+            walker: None,
             spent: Spent::default(),
         }
+    }
+
+    /// Aggregate reads walk the cgroups first (see [`crate::cgroup::walk`]).
+    pub fn enable_walk(&mut self) {
+        self.walker = Some(Walker::new(&self.layout));
+    }
+
+    /// One walk of the cgroups for an aggregate read, its CPU time counted;
+    /// `None` when the walk is off or not available.
+    pub fn walk(&self) -> Option<Walked> {
+        let walker = self.walker.as_ref()?;
+        let started = thread_cpu();
+        let walked = walker.walk();
+        self.spent
+            .add(Source::CgroupWalk, thread_cpu().saturating_sub(started));
+        walked
     }
 
     /// Before an aggregate read. A cold one (the first, or the first after
@@ -149,10 +169,15 @@ impl Sampler {
     }
 
     /// [`Sampler::sample`] of each container, leaving out those that vanish;
-    /// one buffer serves them all. The CPU time it takes is added to
-    /// [`Sampler::spent`] by source.
-    pub fn sample_each(&self, containers: &[Arc<Metered>]) -> Vec<(Arc<Metered>, Sample)> {
+    /// one buffer serves them all, and `walked` answers the files it can.
+    /// The CPU time it takes is added to [`Sampler::spent`] by source.
+    pub fn sample_each(
+        &self,
+        containers: &[Arc<Metered>],
+        walked: Option<&Walked>,
+    ) -> Vec<(Arc<Metered>, Sample)> {
         let mut scratch = Scratch::default();
+        scratch.files.use_walk(walked);
         let mut clock = Clock::default();
         let samples = containers
             .iter()

@@ -1,6 +1,6 @@
 //! What aggregate reads (`metric`, `metrics.prom`) cost the daemon, by
-//! source: CPU time reading cgroup files, reading the eBPF maps, and
-//! rendering the text. `metrics.prom` serves the totals, so an operator can
+//! source: CPU time walking the cgroups (one eBPF pass per hierarchy),
+//! reading cgroup files, reading the eBPF maps, and rendering the text. `metrics.prom` serves the totals, so an operator can
 //! see what being scraped costs (`rate()` of each over `rate()` of the
 //! reads is one scrape's cost) and where it goes, and the benchmark reports
 //! the split from the same counters.
@@ -16,17 +16,24 @@ use std::time::Duration;
 /// Where an aggregate read's time goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    CgroupWalk,
     CgroupFiles,
     Ebpf,
     Render,
 }
 
 impl Source {
-    pub const ALL: [Source; 3] = [Source::CgroupFiles, Source::Ebpf, Source::Render];
+    pub const ALL: [Source; 4] = [
+        Source::CgroupWalk,
+        Source::CgroupFiles,
+        Source::Ebpf,
+        Source::Render,
+    ];
 
     /// The value of the `source` label.
     pub fn label(self) -> &'static str {
         match self {
+            Source::CgroupWalk => "cgroup_walk",
             Source::CgroupFiles => "cgroup_files",
             Source::Ebpf => "ebpf",
             Source::Render => "render",
@@ -37,7 +44,7 @@ impl Source {
 /// Totals since the daemon started, in nanoseconds of thread CPU time.
 #[derive(Default)]
 pub struct Spent {
-    by_source: [AtomicU64; 3],
+    by_source: [AtomicU64; Source::ALL.len()],
     reads: AtomicU64,
 }
 

@@ -27,3 +27,4 @@ mod readers;
 mod supervise;
 mod tree;
 mod uring;
+mod walk;

@@ -788,7 +788,7 @@ fn a_changed_program_is_swapped_into_the_pinned_link() {
 
     // The link runs another program, as a daemon of another build left it.
     let stub = load_stub_egress();
-    cgmetric::net::sys::link_update(&pin, std::os::fd::AsFd::as_fd(&stub)).unwrap();
+    cgmetric::bpf_sys::link_update(&pin, std::os::fd::AsFd::as_fd(&stub)).unwrap();
     drop(stub);
     assert_ne!(pinned_link(&pin).1, tag);
 

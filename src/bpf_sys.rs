@@ -7,6 +7,9 @@
 //! `FdLink` nor `PinnedLink` lends out its descriptor. A restart that brings
 //! a changed program must swap it into the pinned link, atomically, so that
 //! no packet goes uncounted: hence BPF_OBJ_GET and BPF_LINK_UPDATE here.
+//! Its iterator links (`Iter::attach`) walk the default hierarchy only; the
+//! cgroup walk needs each hierarchy's root, a cgroup iterator's link info:
+//! hence BPF_LINK_CREATE and BPF_ITER_CREATE for them.
 
 use std::ffi::CString;
 use std::io;
@@ -16,6 +19,12 @@ use std::path::Path;
 
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+/// `enum bpf_attach_type`.
+const BPF_TRACE_ITER: u32 = 28;
+/// `enum bpf_cgroup_iter_order`.
+const BPF_CGROUP_ITER_DESCENDANTS_PRE: u32 = 2;
 
 /// Every attr struct here is padding-free: the kernel rejects non-zero bytes
 /// in fields it knows, and Rust leaves padding uninitialized.
@@ -107,4 +116,57 @@ pub fn cgroup_exists(cgroup_root: BorrowedFd<'_>, id: u64) -> bool {
         io::Error::last_os_error().raw_os_error(),
         Some(libc::ESTALE) | Some(libc::ENOENT)
     )
+}
+
+/// A link that runs the cgroup iterator `program` over `root` (a cgroup
+/// directory of any hierarchy, v1 ones from Linux 6.2) and every cgroup
+/// below it, parents first.
+pub fn cgroup_iter_link(program: BorrowedFd<'_>, root: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    /// `union bpf_iter_link_info`, its `cgroup` member.
+    #[repr(C, align(8))]
+    struct CgroupIterInfo {
+        order: u32,
+        cgroup_fd: u32,
+        cgroup_id: u64,
+    }
+    /// `bpf_attr` for BPF_LINK_CREATE of an iterator.
+    #[repr(C, align(8))]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        iter_info: u64,
+        iter_info_len: u32,
+        padding: u32,
+    }
+    let info = CgroupIterInfo {
+        order: BPF_CGROUP_ITER_DESCENDANTS_PRE,
+        cgroup_fd: root.as_raw_fd() as u32,
+        cgroup_id: 0,
+    };
+    let mut attr = LinkCreate {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: 0,
+        attach_type: BPF_TRACE_ITER,
+        flags: 0,
+        iter_info: &info as *const CgroupIterInfo as u64,
+        iter_info_len: std::mem::size_of::<CgroupIterInfo>() as u32,
+        padding: 0,
+    };
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned)
+}
+
+/// A new run of an iterator link: reading the descriptor runs the program.
+pub fn iter_create(link: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    #[repr(C, align(8))]
+    struct IterCreate {
+        link_fd: u32,
+        flags: u32,
+    }
+    let mut attr = IterCreate {
+        link_fd: link.as_raw_fd() as u32,
+        flags: 0,
+    };
+    bpf(BPF_ITER_CREATE, &mut attr).map(owned)
 }
