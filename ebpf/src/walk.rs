@@ -94,22 +94,28 @@ unsafe fn visit(ctx: *mut IterCgroup) {
         .and_then(|kn| word(kn + config.kn_id as u64))
         .unwrap_or(0);
     let (mut present, mut missing) = (0u64, 0u64);
-    for i in 0..FIELDS {
-        let field = config.fields[i];
-        if field.subsys == UNUSED || field.subsys >= config.subsys_count {
-            continue;
-        }
-        match word(cgroup + config.cgroup_subsys as u64 + 8 * field.subsys as u64) {
-            Some(0) => missing |= 1 << i,
-            Some(state) => {
-                if let Some(value) = word(state + field.offset as u64) {
-                    unsafe { (*record).values[i] = value };
-                    present |= 1 << i;
+    // Written out, not a loop: before 6.3 the verifier rejects a loop that
+    // comes back to the instruction after a call ("back-edge from insn"),
+    // and LLVM leaves this one rolled.
+    macro_rules! fields {
+        ($($i:literal)*) => {$(
+            let field = config.fields[$i];
+            if field.subsys != UNUSED && field.subsys < config.subsys_count {
+                match word(cgroup + config.cgroup_subsys as u64 + 8 * field.subsys as u64) {
+                    Some(0) => missing |= 1 << $i,
+                    Some(state) => {
+                        if let Some(value) = word(state + field.offset as u64) {
+                            unsafe { (*record).values[$i] = value };
+                            present |= 1 << $i;
+                        }
+                    }
+                    None => {}
                 }
             }
-            None => {}
-        }
+        )*};
     }
+    fields!(0 1 2 3 4 5 6 7 8 9);
+    const _: () = assert!(FIELDS == 10, "fields! lists every field");
     unsafe {
         (*record).id = id;
         (*record).present = present;

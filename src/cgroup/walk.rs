@@ -60,6 +60,8 @@ pub enum WalkError {
     NoHierarchy,
     #[error("running the cgroup walk: {0}")]
     Run(std::io::Error),
+    #[error("the cgroup walk is not available: {0}")]
+    Unavailable(String),
     #[error("starting a cgroup walk: {0}")]
     Count(aya::maps::MapError),
 }
@@ -539,7 +541,8 @@ pub struct Walker {
 enum State {
     Untried,
     Ready(Offsets, Box<Loaded>),
-    Unavailable,
+    /// Why not, said once in the log.
+    Unavailable(String),
 }
 
 /// Records the array holds at first: a host's cgroups, and then some.
@@ -564,46 +567,39 @@ impl Walker {
         }
     }
 
-    /// Walks every hierarchy once; `None` when the walk is not available
-    /// (said once, in the log), and cgroupfs serves everything.
-    pub fn walk(&self) -> Option<Walked> {
+    /// Walks every hierarchy once. When the walk is not available (said
+    /// once, in the log) cgroupfs serves everything.
+    pub fn walk(&self) -> Result<Walked, WalkError> {
         let mut state = self.state.lock();
         if let State::Untried = *state {
             *state = match self.load(FIRST_CAPACITY, None) {
                 Ok((offsets, loaded)) => State::Ready(offsets, Box::new(loaded)),
                 Err(e) => {
                     log::warn!("{e}; every cgroup value is read from cgroupfs");
-                    State::Unavailable
+                    State::Unavailable(e.to_string())
                 }
             };
         }
-        let State::Ready(offsets, loaded) = &mut *state else {
-            return None;
+        let (offsets, loaded) = match &mut *state {
+            State::Ready(offsets, loaded) => (offsets, loaded),
+            State::Unavailable(why) => return Err(WalkError::Unavailable(why.clone())),
+            State::Untried => unreachable!("loaded above"),
         };
-        match walk_all(offsets, loaded) {
-            Ok(Ok(walked)) => Some(walked),
-            Ok(Err(needed)) => {
-                // More cgroups than room: load again with twice what the
-                // walk found, and walk again.
-                let capacity = (needed * 2).next_power_of_two();
-                let offsets = offsets.clone();
-                match self.load(capacity, Some(offsets)) {
-                    Ok((offsets, mut loaded)) => {
-                        let walked = walk_all(&offsets, &mut loaded).ok()?.ok();
-                        *state = State::Ready(offsets, Box::new(loaded));
-                        walked
-                    }
-                    Err(e) => {
-                        log::warn!("{e}");
-                        None
-                    }
-                }
-            }
-            Err(e) => {
-                log::warn!("{e}");
-                None
-            }
-        }
+        let needed = match walk_all(offsets, loaded)? {
+            Ok(walked) => return Ok(walked),
+            Err(needed) => needed,
+        };
+        // More cgroups than room: load again with twice what the walk
+        // found, and walk again.
+        let capacity = (needed * 2).next_power_of_two();
+        let (offsets, mut loaded) = self.load(capacity, Some(offsets.clone()))?;
+        let walked = walk_all(&offsets, &mut loaded)?;
+        *state = State::Ready(offsets, Box::new(loaded));
+        walked.map_err(|needed| {
+            WalkError::Run(std::io::Error::other(format!(
+                "{needed} cgroups, more than room was made for"
+            )))
+        })
     }
 
     fn load(

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::cgroup::files::{Files, SourceError};
 use crate::cgroup::read::read_group;
-use crate::cgroup::walk::{Walked, Walker};
+use crate::cgroup::walk::{WalkError, Walked, Walker};
 use crate::cgroup::Layout;
 use crate::containers::registry::{Metered, Slot};
 use crate::metrics::{groups_of, ClassBytes, Group, MetricId as M, MetricId, Sample, METRICS};
@@ -67,7 +67,15 @@ impl Sampler {
         let walked = walker.walk();
         self.spent
             .add(Source::CgroupWalk, thread_cpu().saturating_sub(started));
-        walked
+        match walked {
+            Ok(walked) => Some(walked),
+            // Said once when it went; this aggregate reads the files.
+            Err(WalkError::Unavailable(_)) => None,
+            Err(e) => {
+                log::warn!("{e}; this read takes every value from cgroupfs");
+                None
+            }
+        }
     }
 
     /// Before an aggregate read. A cold one (the first, or the first after
