@@ -534,9 +534,9 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         "Everything at once: one read of the aggregate file (ms, median of 30; of 10 for 10,000)\n"
     );
     println!(
-        "{:<12} {:<15} {:>9} {:>9} {:>9} {:>13} {:>8} {:>8} {:>10}",
+        "{:<12} {:<34} {:>9} {:>9} {:>9} {:>13} {:>8} {:>8} {:>10}",
         "containers",
-        "--open-files",
+        "daemon",
         "direct",
         "metric",
         "prom",
@@ -556,18 +556,32 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         pin_to(0);
         let direct = direct_reads(&files, runs);
         let default = cgmetric::cli::DEFAULT_OPEN_FILES;
-        let mut budgets = vec![default];
+        let bpf_dir = format!("/sys/fs/bpf/{base}-agg{count}");
+        cleanup.bpf_dirs.push(PathBuf::from(&bpf_dir));
+        let all = files.len().to_string();
+        // cgroupfs alone, at the default budget of kept files and with
+        // every file kept; then with eBPF, as the daemon runs by default:
+        // network accounting, without and with the cgroup walk.
+        let mut daemons: Vec<(String, Vec<&str>)> =
+            vec![("cgroupfs only (--no-ebpf)".into(), vec![])];
         if files.len() > default {
-            budgets.push(files.len());
+            daemons.push((
+                format!("cgroupfs only, --open-files {all}"),
+                vec!["--open-files", &all],
+            ));
         }
-        for budget in budgets {
+        daemons.push((
+            "network, no walk (--no-cgroup-walk)".into(),
+            vec!["--bpf-dir", &bpf_dir, "--no-cgroup-walk"],
+        ));
+        daemons.push((
+            "network and walk (the default)".into(),
+            vec!["--bpf-dir", &bpf_dir],
+        ));
+        for (label, options) in daemons {
             let slab_before = slab_kib();
             // Not pinned: the daemon may use every CPU, as it does in service.
-            let daemon = Daemon::start_with(
-                &format!("{group}/*"),
-                None,
-                &["--open-files", &budget.to_string()],
-            );
+            let daemon = Daemon::start_with(&format!("{group}/*"), None, &options);
             let mnt = &daemon.mnt;
             let fds_before = open_fds(daemon.pid());
             // Warm up: the first read measures CPU rates over one window.
@@ -577,13 +591,8 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
             let kept = open_fds(daemon.pid()) - fds_before;
             let slab = slab_kib().saturating_sub(slab_before) as f64 / 1024.0;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
-            let label = if budget == default {
-                format!("{budget} (default)")
-            } else {
-                budget.to_string()
-            };
             println!(
-                "{count:<12} {label:<15} {:>9.2} {:>9.2} {:>9.2} {:>13} {:>8.2} {:>8.2} {:>6.1} MiB",
+                "{count:<12} {label:<34} {:>9.2} {:>9.2} {:>9.2} {:>13} {:>8.2} {:>8.2} {:>6.1} MiB",
                 ms(direct),
                 ms(metric),
                 ms(prom),
@@ -598,7 +607,8 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         }
     }
     println!(
-        "\n(direct: one thread reading the same cgroup files; slab: the kernel's slab growth \
+        "\n(direct: one thread reading the same cgroup files; files kept: descriptors the \
+         daemon holds, of the cgroup files it would read; slab: the kernel's slab growth \
          while the daemon ran, mostly the kept files' buffers)\n"
     );
     if let Some(files) = largest {
@@ -839,7 +849,12 @@ fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
         let per_container = |i: usize| {
             (after[i] - before[i]) / (reads1 - reads0).max(1) as f64 / count as f64 * 1e6
         };
-        splits.push((count, per_scrape, direct_ms, [0, 1, 2].map(per_container)));
+        splits.push((
+            count,
+            per_scrape,
+            direct_ms,
+            [0, 1, 2, 3].map(per_container),
+        ));
     }
     println!(
         "\n(per scrape: the daemon's CPU time per scrape, from the kernel's per-thread \
@@ -847,18 +862,19 @@ fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     );
     println!("One scrape's CPU per container, by source (µs; the daemon's own counters)\n");
     println!(
-        "{:<12} {:>14} {:>10} {:>10} {:>10} {:>16}",
-        "containers", "cgroup files", "eBPF", "render", "the rest", "direct files"
+        "{:<12} {:>12} {:>14} {:>10} {:>10} {:>10} {:>16}",
+        "containers", "cgroup walk", "cgroup files", "eBPF", "render", "the rest", "direct files"
     );
-    for (count, per_scrape, direct_ms, [files, ebpf, render]) in splits {
+    for (count, per_scrape, direct_ms, [walk, files, ebpf, render]) in splits {
         let whole = per_scrape * 1000.0 / count as f64;
         println!(
-            "{:<12} {:>14.1} {:>10.1} {:>10.1} {:>10.1} {:>16.1}",
+            "{:<12} {:>12.1} {:>14.1} {:>10.1} {:>10.1} {:>10.1} {:>16.1}",
             count,
+            walk,
             files,
             ebpf,
             render,
-            (whole - files - ebpf - render).max(0.0),
+            (whole - walk - files - ebpf - render).max(0.0),
             direct_ms * 1000.0 / count as f64
         );
     }
@@ -869,8 +885,8 @@ fn scrape_cost(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
 }
 
 /// `cgmetric_aggregate_reads_total` and the CPU seconds by source
-/// (cgroup files, eBPF, render) from a `metrics.prom` text.
-fn spent(text: &str) -> (u64, [f64; 3]) {
+/// (cgroup walk, cgroup files, eBPF, render) from a `metrics.prom` text.
+fn spent(text: &str) -> (u64, [f64; 4]) {
     let value = |series: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
@@ -879,7 +895,7 @@ fn spent(text: &str) -> (u64, [f64; 3]) {
     };
     (
         value("cgmetric_aggregate_reads_total") as u64,
-        ["cgroup_files", "ebpf", "render"].map(|source| {
+        ["cgroup_walk", "cgroup_files", "ebpf", "render"].map(|source| {
             value(&format!(
                 "cgmetric_aggregate_cpu_seconds_total{{source=\"{source}\"}}"
             ))
