@@ -33,7 +33,7 @@ fn main() -> ExitCode {
              containerd_state=DIR, containers_storage=DIR, cgroup_root=DIR, bpf_dir=DIR,\n\
              state_dir=DIR, keep_exited=DURATION, net_class=NAME=CIDR[+CIDR...] (repeatable),\n\
              window=DURATION, fuse_spin=DURATION, no_fuse_uring, no_supervise, takeover, open_files=N,\n\
-             prometheus_names=cgmetric|cadvisor, no_ebpf, private. Generic mount words (defaults, nofail, x-*) are ignored.\n\
+             prometheus_names=cgmetric|cadvisor, no_ebpf, no_cgroup_walk, private. Generic mount words (defaults, nofail, x-*) are ignored.\n\
              The daemon logs to {LOG_DIR}/<mountpoint>.log; umount ends it."
         );
         return ExitCode::SUCCESS;

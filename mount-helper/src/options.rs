@@ -65,6 +65,7 @@ const DAEMON_OPTIONS: &[(&str, bool)] = &[
     ("open_files", true),
     ("prometheus_names", true),
     ("no_ebpf", false),
+    ("no_cgroup_walk", false),
     ("no_fuse_uring", false),
     ("no_supervise", false),
     ("takeover", false),

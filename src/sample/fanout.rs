@@ -29,7 +29,7 @@ pub fn sample_all(
         .max(1)
         - 1;
     // One walk for all: its records are shared, read-only, by every thread.
-    let walked = sampler.walk().map(Arc::new);
+    let walked = sampler.walk(containers.len()).map(Arc::new);
     if helpers == 0 {
         return sampler.sample_each(&containers, walked.as_deref());
     }

@@ -59,10 +59,11 @@ impl Sampler {
         self.walker = Some(Walker::new(&self.layout));
     }
 
-    /// One walk of the cgroups for an aggregate read, its CPU time counted;
-    /// `None` when the walk is off or not available.
-    pub fn walk(&self) -> Option<Walked> {
-        let walker = self.walker.as_ref()?;
+    /// One walk of the cgroups for an aggregate read of `containers`, its
+    /// CPU time counted; `None` when the walk is off, not available, or
+    /// would cost more than it spares.
+    pub fn walk(&self, containers: usize) -> Option<Walked> {
+        let walker = self.walker.as_ref().filter(|w| w.pays_for(containers))?;
         let started = thread_cpu();
         let walked = walker.walk();
         self.spent

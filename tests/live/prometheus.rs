@@ -100,7 +100,10 @@ fn a_scrape_reports_what_reads_cost_by_source() {
     // Each read counts once (a stat that renders is a read too).
     assert!(reads1 - reads0 >= 21, "{reads0} -> {reads1}");
     let charged: Vec<f64> = (0..4).map(|i| after[i] - before[i]).collect();
-    assert!(charged.iter().all(|c| *c > 0.0), "{charged:?}");
+    // The walk is charged only when it ran: it is skipped when the host
+    // has many more cgroups than the aggregate has containers, as it may
+    // while other tests make thousands (`walk::` checks that it runs).
+    assert!(charged[1..].iter().all(|c| *c > 0.0), "{charged:?}");
     // Reading 100 containers' cgroup files costs more than looking them
     // up in the eBPF maps, and more than walking them.
     assert!(

@@ -8,39 +8,24 @@
 //!
 //! The kernel's structures have no stable layout and aya's Rust programs
 //! carry no CO-RE relocations, so the program reads plain addresses at
-//! offsets found here in the running kernel's BTF ([`Offsets`]). A field the
-//! BTF lacks is left to cgroupfs; a kernel without cgroup iterators (before
-//! 6.1), or a v1 hierarchy it cannot walk (before 6.2), leaves all of it to
-//! cgroupfs.
+//! offsets found in the running kernel's BTF (`btf.rs`), loaded with its
+//! maps and links by `load.rs`. A field the BTF lacks is left to cgroupfs;
+//! a kernel without cgroup iterators (before 6.1), or a v1 hierarchy it
+//! cannot walk (before 6.2), leaves all of it to cgroupfs.
 
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use aya::maps::{Array, MapData};
-use aya::programs::Iter;
-use aya::{Btf, Ebpf, EbpfLoader};
-use cgmetric_common::walk::{
-    WalkConfig, WalkField, WalkRecord, FIELDS, PROG_WALK, WALKED_MAP, WALK_CONFIG_GLOBAL,
-    WALK_COUNT_MAP,
-};
+use cgmetric_common::walk::{WalkRecord, FIELDS};
 use parking_lot::Mutex;
 
 use super::{Controller, Layout};
-use crate::bpf_sys;
+use btf::Offsets;
+use load::{page_size, Loaded};
 
-/// The compiled walk (see `ebpf/build.sh`), aligned as aya requires.
-static OBJECT: &[u8] = aligned::OBJECT;
-
-mod aligned {
-    #[repr(C, align(8))]
-    struct Aligned<T: ?Sized>(T);
-    static ALIGNED: &Aligned<[u8]> =
-        &Aligned(*include_bytes!("../../ebpf/prebuilt/cgmetric-walk.bpf.o"));
-    pub static OBJECT: &[u8] = &ALIGNED.0;
-}
+mod btf;
+mod load;
 
 /// Why the walk is not available; cgroupfs then serves everything.
 #[derive(Debug, thiserror::Error)]
@@ -75,39 +60,6 @@ const PIDS_COUNT: usize = 4;
 const PIDS_LIMIT: usize = 5;
 const CFS_QUOTA: usize = 6;
 const CFS_PERIOD: usize = 7;
-
-/// Where each word is: the index, the controller (`enum cgroup_subsys_id`),
-/// the controller's structure and the member's path in it.
-const WORDS: [(usize, &str, &str, &str); 8] = [
-    (MEM_USAGE, "memory_cgrp_id", "mem_cgroup", "memory.usage"),
-    (MEM_MAX, "memory_cgrp_id", "mem_cgroup", "memory.max"),
-    (
-        MEM_WATERMARK,
-        "memory_cgrp_id",
-        "mem_cgroup",
-        "memory.watermark",
-    ),
-    (
-        MEM_FAILCNT,
-        "memory_cgrp_id",
-        "mem_cgroup",
-        "memory.failcnt",
-    ),
-    (PIDS_COUNT, "pids_cgrp_id", "pids_cgroup", "counter"),
-    (PIDS_LIMIT, "pids_cgrp_id", "pids_cgroup", "limit"),
-    (
-        CFS_QUOTA,
-        "cpu_cgrp_id",
-        "task_group",
-        "cfs_bandwidth.quota",
-    ),
-    (
-        CFS_PERIOD,
-        "cpu_cgrp_id",
-        "task_group",
-        "cfs_bandwidth.period",
-    ),
-];
 
 /// How the kernel prints a file the walk answers.
 #[derive(Debug, Clone, Copy)]
@@ -213,6 +165,8 @@ pub struct Walked {
     /// Bit `i` set: word `i` was configured (the kernel's BTF has it).
     configured: u64,
     page: u64,
+    /// Cgroups visited, over all hierarchies.
+    visited: usize,
 }
 
 impl Walked {
@@ -293,250 +247,23 @@ fn quota_us(quota_ns: u64) -> i128 {
     }
 }
 
-/// Offsets in the running kernel, from its BTF.
-#[derive(Debug, Clone)]
-struct Offsets {
-    config: WalkConfig,
-    configured: u64,
-}
-
-impl Offsets {
-    fn from_btf(path: &Path) -> Result<Offsets, WalkError> {
-        let bytes = std::fs::read(path).map_err(|e| WalkError::Btf(format!("{path:?}: {e}")))?;
-        let types = btfparse::TypeInformation::new(&BtfBytes(bytes))
-            .map_err(|e| WalkError::Btf(format!("{path:?}: {e:?}")))?;
-        let offset = |ty: &str, member: &str| -> Result<u32, WalkError> {
-            let missing = || WalkError::Layout(format!("{ty}.{member}"));
-            let id = types.id_of(ty).ok_or_else(missing)?;
-            match types.offset_of(id, member).map_err(|_| missing())? {
-                (_, btfparse::Offset::ByteOffset(at)) => Ok(at),
-                _ => Err(missing()),
-            }
-        };
-        let subsys_ids = subsystem_ids(&types)?;
-        let subsys_count = subsys_ids
-            .iter()
-            .find(|(name, _)| name == "CGROUP_SUBSYS_COUNT")
-            .map(|(_, v)| *v)
-            .ok_or_else(|| WalkError::Layout("CGROUP_SUBSYS_COUNT".into()))?;
-        let mut config = WalkConfig {
-            cgroup_kn: offset("cgroup", "kn")?,
-            kn_id: offset("kernfs_node", "id")?,
-            cgroup_subsys: offset("cgroup", "subsys")?,
-            subsys_count,
-            ..WalkConfig::EMPTY
-        };
-        let mut configured = 0u64;
-        for (index, subsys, structure, member) in WORDS {
-            // A kernel built without the controller, or without CPU
-            // bandwidth control, lacks these: its files are read instead.
-            let found = subsys_ids
-                .iter()
-                .find(|(n, _)| n == subsys)
-                .map(|(_, v)| *v);
-            let at = offset(structure, member)
-                .and_then(|at| Ok(at.checked_sub(offset(structure, "css")?)))
-                .ok()
-                .flatten();
-            if let (Some(subsys), Some(offset)) = (found, at) {
-                config.fields[index] = WalkField { subsys, offset };
-                configured |= 1 << index;
-            } else {
-                log::debug!("cgroup walk: no {structure}.{member} in this kernel");
-            }
-        }
-        Ok(Offsets { config, configured })
-    }
-}
-
-/// `enum cgroup_subsys_id`: each controller's index in `cgroup.subsys`.
-fn subsystem_ids(types: &btfparse::TypeInformation) -> Result<Vec<(String, u32)>, WalkError> {
-    let missing = || WalkError::Layout("enum cgroup_subsys_id".into());
-    let id = types.id_of("cgroup_subsys_id").ok_or_else(missing)?;
-    let Some(btfparse::TypeVariant::Enum(e)) = types.from_id(id) else {
-        return Err(missing());
-    };
-    Ok(e.named_value_list()
-        .iter()
-        .map(|v| {
-            let value = match v.value {
-                btfparse::Integer32Value::Signed(n) => n as u32,
-                btfparse::Integer32Value::Unsigned(n) => n,
-            };
-            (v.name.clone(), value)
-        })
-        .collect())
-}
-
-/// The BTF file's bytes, as btfparse reads them.
-struct BtfBytes(Vec<u8>);
-
-impl btfparse::Readable for BtfBytes {
-    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-        let start = offset as usize;
-        match self.0.get(start..start + buffer.len()) {
-            Some(bytes) => {
-                buffer.copy_from_slice(bytes);
-                Ok(())
-            }
-            None => Err(btfparse::Error::new(
-                btfparse::ErrorKind::EOF,
-                "read past the end of the BTF",
-            )),
-        }
-    }
-}
-
-/// The walk's records as this process sees them: the array map, mapped
-/// read-only.
-struct Mapped {
-    address: *mut libc::c_void,
-    len: usize,
-    capacity: usize,
-}
-
-// SAFETY: a read-only mapping, read only under the walker's lock.
-unsafe impl Send for Mapped {}
-
-impl Mapped {
-    fn new(map: &MapData, capacity: usize) -> Result<Mapped, WalkError> {
-        let page = page_size() as usize;
-        let len = (capacity * std::mem::size_of::<WalkRecord>()).div_ceil(page) * page;
-        use std::os::fd::AsRawFd;
-        // SAFETY: mapping a BPF_F_MMAPABLE array of `capacity` records, no
-        // more; unmapped on drop.
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(WalkError::Run(std::io::Error::last_os_error()));
-        }
-        Ok(Mapped {
-            address,
-            len,
-            capacity,
-        })
-    }
-
-    /// The first `n` records.
-    fn records(&self, n: usize) -> &[WalkRecord] {
-        // SAFETY: the mapping holds `capacity` records, written by the
-        // program only while this process reads its iterator, under the
-        // same lock as this read.
-        unsafe { std::slice::from_raw_parts(self.address.cast(), n.min(self.capacity)) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`.
-        unsafe { libc::munmap(self.address, self.len) };
-    }
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
-}
-
-/// The program loaded, its maps, and a link per hierarchy.
-struct Loaded {
-    // Owns the program; the links hold it too.
-    _ebpf: Ebpf,
-    count: Array<MapData, u64>,
-    records: Mapped,
-    /// Each hierarchy's device, root id and link.
-    hierarchies: Vec<(u64, u64, OwnedFd)>,
-}
-
-impl Loaded {
-    fn new(offsets: &Offsets, roots: &[PathBuf], capacity: usize) -> Result<Loaded, WalkError> {
-        let load = |e: Box<dyn std::error::Error + Send + Sync>| WalkError::Load(e);
-        let mut ebpf = EbpfLoader::new()
-            .override_global(WALK_CONFIG_GLOBAL, &offsets.config, true)
-            .map_max_entries(WALKED_MAP, capacity as u32)
-            .load(OBJECT)
-            .map_err(|e| load(e.into()))?;
-        let btf = Btf::from_sys_fs().map_err(|e| load(e.into()))?;
-        let program: &mut Iter = ebpf
-            .program_mut(PROG_WALK)
-            .ok_or_else(|| load(format!("no program {PROG_WALK}").into()))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| load(e.into()))?;
-        program.load("cgroup", &btf).map_err(|e| load(e.into()))?;
-        let program_fd = program.fd().map_err(|e| load(e.into()))?;
-        let mut hierarchies = Vec::new();
-        for root in roots {
-            let link = File::open(root).and_then(|dir| {
-                let meta = dir.metadata()?;
-                let link = bpf_sys::cgroup_iter_link(program_fd.as_fd(), dir.as_fd())?;
-                Ok((meta.dev(), meta.ino(), link))
-            });
-            match link {
-                Ok(link) => hierarchies.push(link),
-                // Linux before 6.2 walks v2 only.
-                Err(e) => log::info!("cgroup walk: {}: {e}; its files are read", root.display()),
-            }
-        }
-        if hierarchies.is_empty() {
-            return Err(WalkError::NoHierarchy);
-        }
-        let records = match ebpf.map(WALKED_MAP) {
-            Some(aya::maps::Map::Array(data)) => Mapped::new(data, capacity)?,
-            _ => return Err(load(format!("no map {WALKED_MAP}").into())),
-        };
-        let count = ebpf
-            .take_map(WALK_COUNT_MAP)
-            .ok_or_else(|| load(format!("no map {WALK_COUNT_MAP}").into()))?;
-        let count = Array::try_from(count).map_err(|e| load(e.into()))?;
-        Ok(Loaded {
-            _ebpf: ebpf,
-            count,
-            records,
-            hierarchies,
-        })
-    }
-
-    /// Walks one hierarchy: its records, or `Err(n)` when the array holds
-    /// fewer than the `n` cgroups it has.
-    fn walk(&mut self, index: usize) -> Result<Result<Vec<WalkRecord>, usize>, WalkError> {
-        let (_, root, link) = &self.hierarchies[index];
-        self.count.set(0, 0, 0).map_err(WalkError::Count)?;
-        let mut iter = File::from(bpf_sys::iter_create(link.as_fd()).map_err(WalkError::Run)?);
-        let mut out = Vec::with_capacity(8);
-        iter.read_to_end(&mut out).map_err(WalkError::Run)?;
-        let visited = out
-            .get(..8)
-            .map(|b| u64::from_ne_bytes(b.try_into().unwrap()) as usize)
-            .ok_or_else(|| WalkError::Run(std::io::ErrorKind::UnexpectedEof.into()))?;
-        if visited > self.records.capacity {
-            return Ok(Err(visited));
-        }
-        let mut records: Vec<WalkRecord> = self
-            .records
-            .records(visited)
-            .iter()
-            .filter(|r| r.id != *root && r.id != 0)
-            .copied()
-            .collect();
-        records.sort_unstable_by_key(|r| r.id);
-        Ok(Ok(records))
-    }
-}
-
 /// The walk of a daemon's hierarchies, loaded on first use.
 pub struct Walker {
     roots: Vec<PathBuf>,
     btf: PathBuf,
     state: Mutex<State>,
+    /// When the last walk was, and how many cgroups it visited.
+    last: Mutex<Option<(Instant, usize)>>,
 }
+
+/// A walk pays when the cgroups it visits are at most this many per
+/// container: it spares each container 6 (v2) to 8 (v1) files of about
+/// 3 µs (kept open) to 9 µs (opened) each, and visits a cgroup in well
+/// under a microsecond (`cargo bench --bench reads -- aggregates`).
+const CGROUPS_PER_CONTAINER: usize = 16;
+
+/// How long a walk's count of cgroups is trusted.
+const RELEARN: Duration = Duration::from_secs(60);
 
 enum State {
     Untried,
@@ -549,10 +276,21 @@ enum State {
 const FIRST_CAPACITY: usize = 4096;
 
 impl Walker {
-    /// The walk of `layout`'s hierarchies that hold what it reads: v2, and
-    /// the v1 memory, pids and cpu hierarchies.
+    /// The walk of `layout`'s hierarchies that hold what it reads: v2 when
+    /// it has the memory, pids or cpu controller (not on a hybrid host,
+    /// where they are v1's), and the v1 memory, pids and cpu hierarchies.
     pub fn new(layout: &Layout) -> Walker {
-        let mut roots: Vec<PathBuf> = layout.unified.iter().cloned().collect();
+        let mut roots: Vec<PathBuf> = layout
+            .unified
+            .iter()
+            .filter(|root| {
+                std::fs::read_to_string(root.join("cgroup.controllers")).is_ok_and(|c| {
+                    c.split_whitespace()
+                        .any(|c| matches!(c, "memory" | "pids" | "cpu"))
+                })
+            })
+            .cloned()
+            .collect();
         for controller in [Controller::Memory, Controller::Pids, Controller::Cpu] {
             if let Some(root) = layout.v1(controller) {
                 if !roots.iter().any(|r| r == root) {
@@ -564,6 +302,20 @@ impl Walker {
             roots,
             btf: PathBuf::from("/sys/kernel/btf/vmlinux"),
             state: Mutex::new(State::Untried),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Whether walking pays for an aggregate of `containers`: a walk visits
+    /// every cgroup of each hierarchy, and spares each container a few
+    /// files. Judged by the last walk's count of cgroups, learnt again
+    /// once it is a minute old.
+    pub fn pays_for(&self, containers: usize) -> bool {
+        match *self.last.lock() {
+            Some((at, visited)) if at.elapsed() < RELEARN => {
+                containers.saturating_mul(CGROUPS_PER_CONTAINER) >= visited
+            }
+            _ => true,
         }
     }
 
@@ -586,7 +338,10 @@ impl Walker {
             State::Untried => unreachable!("loaded above"),
         };
         let needed = match walk_all(offsets, loaded)? {
-            Ok(walked) => return Ok(walked),
+            Ok(walked) => {
+                *self.last.lock() = Some((Instant::now(), walked.visited));
+                return Ok(walked);
+            }
             Err(needed) => needed,
         };
         // More cgroups than room: load again with twice what the walk
@@ -595,6 +350,9 @@ impl Walker {
         let (offsets, mut loaded) = self.load(capacity, Some(offsets.clone()))?;
         let walked = walk_all(&offsets, &mut loaded)?;
         *state = State::Ready(offsets, Box::new(loaded));
+        if let Ok(walked) = &walked {
+            *self.last.lock() = Some((Instant::now(), walked.visited));
+        }
         walked.map_err(|needed| {
             WalkError::Run(std::io::Error::other(format!(
                 "{needed} cgroups, more than room was made for"
@@ -626,12 +384,16 @@ fn walk_all(offsets: &Offsets, loaded: &mut Loaded) -> Result<Result<Walked, usi
         hierarchies: Vec::with_capacity(loaded.hierarchies.len()),
         configured: offsets.configured,
         page: page_size(),
+        visited: 0,
     };
     for index in 0..loaded.hierarchies.len() {
         match loaded.walk(index)? {
-            Ok(records) => walked
-                .hierarchies
-                .push((loaded.hierarchies[index].0, records)),
+            Ok((visited, records)) => {
+                walked.visited += visited;
+                walked
+                    .hierarchies
+                    .push((loaded.hierarchies[index].0, records));
+            }
             Err(needed) => return Ok(Err(needed)),
         }
     }
@@ -642,7 +404,7 @@ fn walk_all(offsets: &Offsets, loaded: &mut Loaded) -> Result<Result<Walked, usi
 mod tests {
     use super::*;
 
-    const ALL_WORDS: u64 = (1 << WORDS.len()) - 1;
+    const ALL_WORDS: u64 = (1 << btf::WORDS.len()) - 1;
 
     fn walked(present: u64, missing: u64, values: [u64; FIELDS]) -> Walked {
         Walked {
@@ -657,6 +419,7 @@ mod tests {
             )],
             configured: ALL_WORDS,
             page: 4096,
+            visited: 1,
         }
     }
 
@@ -726,6 +489,23 @@ mod tests {
             "another hierarchy"
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_walk_pays_when_the_host_has_few_cgroups_a_container() {
+        let walker = Walker {
+            roots: Vec::new(),
+            btf: PathBuf::new(),
+            state: Mutex::new(State::Untried),
+            last: Mutex::new(None),
+        };
+        assert!(walker.pays_for(1), "the first walk learns the count");
+        *walker.last.lock() = Some((Instant::now(), 1600));
+        assert!(walker.pays_for(100));
+        assert!(!walker.pays_for(99));
+        let old = Instant::now().checked_sub(RELEARN).unwrap();
+        *walker.last.lock() = Some((old, 1600));
+        assert!(walker.pays_for(1), "an old count is learnt again");
     }
 
     #[test]
