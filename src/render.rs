@@ -200,6 +200,18 @@ fn spent_families(out: &mut String, spent: &Spent) {
             spent.total(source).as_secs_f64()
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP cgmetric_aggregate_walked_files_total Cgroup files those reads took from \
+         the cgroup walk instead of reading them (0 with --no-cgroup-walk, or where the \
+         walk is not available)."
+    );
+    let _ = writeln!(out, "# TYPE cgmetric_aggregate_walked_files_total counter");
+    let _ = writeln!(
+        out,
+        "cgmetric_aggregate_walked_files_total {}",
+        spent.walked_files()
+    );
 }
 
 /// One per-class family: a series per container and class, the class as a

@@ -237,6 +237,12 @@ pub mod walk {
         pub cgroup_subsys: u32,
         /// How many entries `cgroup.subsys` has.
         pub subsys_count: u32,
+        /// `cgroup_subsys_state.flags`, and the flag (`CSS_VISIBLE`) a
+        /// controller's state has while its files are shown: a state can
+        /// exist without them (a controller another depends on, such as
+        /// memory under io, or one being switched off).
+        pub css_flags: u32,
+        pub css_visible: u32,
         pub fields: [WalkField; FIELDS],
     }
 
@@ -247,6 +253,8 @@ pub mod walk {
             kn_id: 0,
             cgroup_subsys: 0,
             subsys_count: 0,
+            css_flags: 0,
+            css_visible: 0,
             fields: [WalkField {
                 subsys: UNUSED,
                 offset: 0,
@@ -263,8 +271,9 @@ pub mod walk {
         /// Bit `i` set: `values[i]` was read.
         pub present: u64,
         /// Bit `i` set: field `i`'s controller is not enabled for this
-        /// cgroup, so its files are absent from cgroupfs too. A field in
-        /// neither mask could not be read.
+        /// cgroup (no state, or a state without files), so its files are
+        /// absent from cgroupfs too. A field in neither mask could not be
+        /// read.
         pub missing: u64,
         pub values: [u64; FIELDS],
     }

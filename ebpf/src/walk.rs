@@ -90,6 +90,7 @@ unsafe fn visit(ctx: *mut IterCgroup) {
     };
     let config = unsafe { read_volatile(addr_of!(WALK_CONFIG)) };
     let word = |address: u64| unsafe { bpf_probe_read_kernel(address as *const u64) }.ok();
+    let flags = |address: u64| unsafe { bpf_probe_read_kernel(address as *const u32) }.ok();
     let id = word(cgroup + config.cgroup_kn as u64)
         .and_then(|kn| word(kn + config.kn_id as u64))
         .unwrap_or(0);
@@ -103,12 +104,16 @@ unsafe fn visit(ctx: *mut IterCgroup) {
             if field.subsys != UNUSED && field.subsys < config.subsys_count {
                 match word(cgroup + config.cgroup_subsys as u64 + 8 * field.subsys as u64) {
                     Some(0) => missing |= 1 << $i,
-                    Some(state) => {
-                        if let Some(value) = word(state + field.offset as u64) {
-                            unsafe { (*record).values[$i] = value };
-                            present |= 1 << $i;
+                    Some(state) => match flags(state + config.css_flags as u64) {
+                        Some(f) if f & config.css_visible == 0 => missing |= 1 << $i,
+                        Some(_) => {
+                            if let Some(value) = word(state + field.offset as u64) {
+                                unsafe { (*record).values[$i] = value };
+                                present |= 1 << $i;
+                            }
                         }
-                    }
+                        None => {}
+                    },
                     None => {}
                 }
             }

@@ -39,6 +39,8 @@ type Result<T> = std::result::Result<T, SourceError>;
 pub struct Files<'a> {
     kept: Option<&'a KeptFiles>,
     walked: Option<&'a Walked>,
+    /// Files the walk answered.
+    answered: u64,
     read: Vec<(&'a Path, &'static str, Option<Range<usize>>)>,
     texts: Vec<u8>,
 }
@@ -55,6 +57,11 @@ impl<'a> Files<'a> {
     /// now on.
     pub fn use_walk(&mut self, walked: Option<&'a Walked>) {
         self.walked = walked;
+    }
+
+    /// How many files the walk answered since the last call.
+    pub fn take_answered(&mut self) -> u64 {
+        std::mem::take(&mut self.answered)
     }
 
     /// Starts over for another cgroup, keeping the memory.
@@ -108,8 +115,14 @@ impl<'a> Files<'a> {
             if walk::answers(file) {
                 if let Some(key) = kept.cgroup_key(dir) {
                     match walked.render(key, file, &mut self.texts) {
-                        Answer::Text => return Ok(true),
-                        Answer::Absent => return Ok(false),
+                        Answer::Text => {
+                            self.answered += 1;
+                            return Ok(true);
+                        }
+                        Answer::Absent => {
+                            self.answered += 1;
+                            return Ok(false);
+                        }
                         Answer::Unseen => kept.forget_key(dir),
                         Answer::ReadFile => {}
                     }

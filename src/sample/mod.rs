@@ -201,6 +201,7 @@ impl Sampler {
         for source in Source::ALL {
             self.spent.add(source, clock[source as usize]);
         }
+        self.spent.add_walked_files(scratch.files.take_answered());
         samples
     }
 

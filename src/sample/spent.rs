@@ -46,6 +46,7 @@ impl Source {
 pub struct Spent {
     by_source: [AtomicU64; Source::ALL.len()],
     reads: AtomicU64,
+    walked_files: AtomicU64,
 }
 
 impl Spent {
@@ -64,6 +65,15 @@ impl Spent {
 
     pub fn reads(&self) -> u64 {
         self.reads.load(Relaxed)
+    }
+
+    /// Cgroup files answered from the cgroup walk.
+    pub fn add_walked_files(&self, files: u64) {
+        self.walked_files.fetch_add(files, Relaxed);
+    }
+
+    pub fn walked_files(&self) -> u64 {
+        self.walked_files.load(Relaxed)
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use cgmetric::cgroup::walk::{key_of, Answer, Walker, FILES};
-use cgmetric::cgroup::{Controller, Layout};
+use cgmetric::cgroup::{Controller, Layout, LayoutKind};
 
 use crate::require;
 use crate::support::{host_layout, Cgroup, Daemon};
@@ -60,6 +60,47 @@ fn read(path: &PathBuf) -> Option<String> {
     fs::read_to_string(path).ok()
 }
 
+/// A cgroup directory made by hand, removed on drop.
+struct Removed(PathBuf);
+
+impl Removed {
+    fn make(dir: PathBuf) -> Removed {
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Removed(dir)
+    }
+}
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// Reads a file of `mib` MiB through the page cache inside `cgroup`: clean
+/// cache, which reclaim frees at the limit (the file is written around the
+/// cache, on the test's real disk, then removed).
+fn read_through_page_cache(cgroup: &Cgroup, name: &str, mib: u32) {
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.dat"));
+    let dd = |args: &[&str]| {
+        let mut command = Command::new("dd");
+        command.args(args).arg("bs=1M").arg("status=none");
+        command
+    };
+    let of = format!("of={}", file.display());
+    let count = format!("count={mib}");
+    let written = dd(&["if=/dev/zero", &of, &count, "oflag=direct"])
+        .status()
+        .unwrap();
+    assert!(written.success(), "dd: {written}");
+    let iff = format!("if={}", file.display());
+    let status = cgroup
+        .start(&mut dd(&[&iff, "of=/dev/null"]))
+        .wait()
+        .unwrap();
+    let _ = fs::remove_file(&file);
+    assert!(status.success(), "dd: {status}");
+}
+
 #[test]
 fn the_walk_answers_every_file_as_cgroupfs_does() {
     require!("stress-ng");
@@ -73,6 +114,24 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
     let mut idle = parent.child("idle");
     idle.spawn(Command::new("sleep").arg("600"));
     let empty = parent.child("empty");
+    // On v1, at its limit: its failcnt counts (a word no other cgroup here
+    // moves from 0). Where the memory controller is v2's (the guests, whose
+    // disk takes no O_DIRECT), a small holder under a small limit.
+    let mut squeezed = parent.child("squeezed");
+    squeezed.limit_memory(16 << 20);
+    if squeezed.is_v1(Controller::Memory) {
+        read_through_page_cache(&squeezed, &parent.relative, 64);
+    } else {
+        squeezed.spawn_memory_holder("8M");
+    }
+    // Pure v2: a cgroup under a parent that enables io alone has a memory
+    // state (io depends on memory) but no memory files.
+    let io_only = parent.child("io_only");
+    let hidden = (layout.kind == LayoutKind::Unified).then(|| {
+        let io_only_dir = io_only.v2_dir().unwrap();
+        fs::write(io_only_dir.join("cgroup.subtree_control"), "+io").unwrap();
+        Removed::make(io_only_dir.join("hidden"))
+    });
     // Every file the walk answers is covered here.
     for (file, _) in FILES {
         assert!(
@@ -82,9 +141,16 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
     }
 
     let walker = Walker::new(&layout);
-    let (mut texts, mut absent) = (0, 0);
-    for cgroup in [&limited, &idle, &empty] {
-        for (dir, file) in files_of(&layout, &cgroup.relative) {
+    let (mut texts, mut absent, mut failures) = (0, 0, 0);
+    let mut relatives: Vec<String> = [&limited, &idle, &empty, &squeezed]
+        .iter()
+        .map(|c| c.relative.clone())
+        .collect();
+    if hidden.is_some() {
+        relatives.push(format!("{}/hidden", io_only.relative));
+    }
+    for relative in &relatives {
+        for (dir, file) in files_of(&layout, relative) {
             let path = dir.join(file);
             let key = key_of(&dir).unwrap();
             // A workload's usage moves: the walk is held to two reads of
@@ -106,10 +172,13 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
                 (Some(kernel), Answer::Text) => {
                     assert_eq!(text, kernel, "{}", path.display());
                     texts += 1;
+                    if file == "memory.failcnt" && kernel != "0\n" {
+                        failures += 1;
+                    }
                 }
                 // Absent, or a hierarchy without these controllers (the
-                // v2 tree of a hybrid host) that is not walked at all.
-                (None, Answer::Absent | Answer::Unseen) => absent += 1,
+                // v2 tree of a hybrid host), which is not walked at all.
+                (None, Answer::Absent | Answer::ReadFile) => absent += 1,
                 (kernel, answer) => panic!(
                     "{}: cgroupfs says {kernel:?}, the walk {answer:?}",
                     path.display()
@@ -117,9 +186,16 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
             }
         }
     }
-    // Three cgroups, each with every file of a v2 tree with controllers or
+    // Four cgroups, each with every file of a v2 tree with controllers or
     // of the v1 hierarchies.
-    assert!(texts >= 3 * V2_FILES.len(), "{texts} files compared");
+    assert!(texts >= 4 * V2_FILES.len(), "{texts} files compared");
+    if layout.v1(Controller::Memory).is_some() {
+        assert_eq!(failures, 1, "the squeezed cgroup's failcnt was compared");
+    }
+    if let Some(hidden) = &hidden {
+        assert!(!hidden.0.join("memory.current").exists());
+        assert!(hidden.0.join("io.stat").exists());
+    }
     eprintln!("{texts} files equal, {absent} absent in both");
 }
 
@@ -133,13 +209,11 @@ fn aggregates_walk_the_cgroups_unless_told_not_to() {
     limit_cpu(&limited);
     limited.spawn(Command::new("sleep").arg("600"));
     let glob = format!("{}/*", parent.relative);
-    let walk_cpu = |daemon: &Daemon| -> f64 {
+    let own = |daemon: &Daemon, series: &str| -> f64 {
         let prom = daemon.read("metrics.prom");
         prom.lines()
-            .find_map(|l| {
-                l.strip_prefix("cgmetric_aggregate_cpu_seconds_total{source=\"cgroup_walk\"} ")
-            })
-            .unwrap_or_else(|| panic!("no cgroup_walk source in {prom}"))
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in {prom}"))
             .parse()
             .unwrap()
     };
@@ -175,11 +249,28 @@ fn aggregates_walk_the_cgroups_unless_told_not_to() {
         assert_eq!(value("pids_limit"), "64");
         assert_eq!(value("pids_current"), "1");
         assert_eq!(value("cpu_limit_millicores"), "500");
-        let spent = walk_cpu(&daemon);
+        // The files the walk answered (the 4 values above come from 5
+        // files in v1, 4 in v2, besides the memory peak and failcnt).
+        let answered = own(&daemon, "cgmetric_aggregate_walked_files_total");
+        assert_eq!(
+            answered >= 4.0,
+            walk,
+            "{answered} files walked, walk {walk}"
+        );
+        assert_eq!(answered == 0.0, !walk, "{answered} files walked");
+        let spent = own(
+            &daemon,
+            "cgmetric_aggregate_cpu_seconds_total{source=\"cgroup_walk\"}",
+        );
         assert_eq!(spent > 0.0, walk, "walk CPU {spent} with walk {walk}");
-        // It loaded and walked, or was never tried.
+        // It loaded, and no walk failed.
         let log = daemon.stderr();
-        assert_eq!(log.contains("cgroup walk: "), walk, "{log}");
-        assert!(!log.contains("read from cgroupfs"), "{log}");
+        assert_eq!(log.contains("hierarchies, room for"), walk, "{log}");
+        for failed in [
+            "every cgroup value is read from cgroupfs",
+            "takes every value from cgroupfs",
+        ] {
+            assert!(!log.contains(failed), "{log}");
+        }
     }
 }

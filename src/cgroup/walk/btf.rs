@@ -12,6 +12,10 @@ use super::{
 
 /// Where each word is: the index, the controller (`enum cgroup_subsys_id`),
 /// the controller's structure and the member's path in it.
+/// `CSS_VISIBLE` (include/linux/cgroup-defs.h, the same since 4.6): an
+/// anonymous enum's value, which BTF does not name.
+const CSS_VISIBLE: u32 = 1 << 3;
+
 pub(super) const WORDS: [(usize, &str, &str, &str); 8] = [
     (MEM_USAGE, "memory_cgrp_id", "mem_cgroup", "memory.usage"),
     (MEM_MAX, "memory_cgrp_id", "mem_cgroup", "memory.max"),
@@ -75,6 +79,8 @@ impl Offsets {
             kn_id: offset("kernfs_node", "id")?,
             cgroup_subsys: offset("cgroup", "subsys")?,
             subsys_count,
+            css_flags: offset("cgroup_subsys_state", "flags")?,
+            css_visible: CSS_VISIBLE,
             ..WalkConfig::EMPTY
         };
         let mut configured = 0u64;

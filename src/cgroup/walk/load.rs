@@ -89,6 +89,15 @@ pub(super) fn page_size() -> u64 {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as u64 }
 }
 
+/// One hierarchy's walk.
+pub(super) struct Found {
+    /// Cgroups visited.
+    pub visited: usize,
+    pub root: Option<WalkRecord>,
+    /// The others, sorted by id.
+    pub records: Vec<WalkRecord>,
+}
+
 /// The program loaded, its maps, and a link per hierarchy.
 pub(super) struct Loaded {
     // Owns the program; the links hold it too.
@@ -147,13 +156,9 @@ impl Loaded {
         })
     }
 
-    /// Walks one hierarchy: how many cgroups it visited and their records,
-    /// or `Err(n)` when the array holds fewer than the `n` cgroups it has.
-    #[allow(clippy::type_complexity)]
-    pub fn walk(
-        &mut self,
-        index: usize,
-    ) -> Result<Result<(usize, Vec<WalkRecord>), usize>, WalkError> {
+    /// Walks one hierarchy, or says `Err(n)` when the array holds fewer
+    /// than the `n` cgroups it has.
+    pub fn walk(&mut self, index: usize) -> Result<Result<Found, usize>, WalkError> {
         let (_, root, link) = &self.hierarchies[index];
         self.count.set(0, 0, 0).map_err(WalkError::Count)?;
         let mut iter = File::from(bpf_sys::iter_create(link.as_fd()).map_err(WalkError::Run)?);
@@ -166,14 +171,17 @@ impl Loaded {
         if visited > self.records.capacity {
             return Ok(Err(visited));
         }
-        let mut records: Vec<WalkRecord> = self
-            .records
-            .records(visited)
+        let walked = self.records.records(visited);
+        let mut records: Vec<WalkRecord> = walked
             .iter()
             .filter(|r| r.id != *root && r.id != 0)
             .copied()
             .collect();
         records.sort_unstable_by_key(|r| r.id);
-        Ok(Ok((visited, records)))
+        Ok(Ok(Found {
+            visited,
+            root: walked.iter().find(|r| r.id == *root).copied(),
+            records,
+        }))
     }
 }
