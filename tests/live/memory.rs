@@ -245,29 +245,8 @@ fn pushed_against_its_limit_it_shows_events_and_memory_pressure() {
 
     if v1 {
         pushed.limit_memory(32 * MIB);
-        // A 128 MiB file on a real disk (the test's target directory),
-        // written around the page cache, then read through it in the
-        // cgroup: four times the limit of clean cache, which reclaim frees
-        // (dirty cache can end in an OOM kill on v1: seen here once).
-        let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{}.dat", parent.relative));
-        let dd = |args: &[&str]| {
-            let mut command = Command::new("dd");
-            command.args(args).arg("bs=1M").arg("status=none");
-            command
-        };
-        let of = format!("of={}", file.display());
-        let written = dd(&["if=/dev/zero", &of, "count=128", "oflag=direct"])
-            .status()
-            .unwrap();
-        assert!(written.success(), "dd: {written}");
-        let iff = format!("if={}", file.display());
-        let status = pushed
-            .start(&mut dd(&[&iff, "of=/dev/null"]))
-            .wait()
-            .unwrap();
-        let _ = std::fs::remove_file(&file);
-        assert!(status.success(), "dd: {status}");
+        // Four times the limit, of clean cache.
+        pushed.read_through_page_cache(128);
         assert_eq!(kernel_event(&pushed, "oom_kill"), 0);
     } else {
         pushed.write(Controller::Memory, "memory.high", &(32 * MIB).to_string());

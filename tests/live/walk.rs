@@ -76,31 +76,6 @@ impl Drop for Removed {
     }
 }
 
-/// Reads a file of `mib` MiB through the page cache inside `cgroup`: clean
-/// cache, which reclaim frees at the limit (the file is written around the
-/// cache, on the test's real disk, then removed).
-fn read_through_page_cache(cgroup: &Cgroup, name: &str, mib: u32) {
-    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.dat"));
-    let dd = |args: &[&str]| {
-        let mut command = Command::new("dd");
-        command.args(args).arg("bs=1M").arg("status=none");
-        command
-    };
-    let of = format!("of={}", file.display());
-    let count = format!("count={mib}");
-    let written = dd(&["if=/dev/zero", &of, &count, "oflag=direct"])
-        .status()
-        .unwrap();
-    assert!(written.success(), "dd: {written}");
-    let iff = format!("if={}", file.display());
-    let status = cgroup
-        .start(&mut dd(&[&iff, "of=/dev/null"]))
-        .wait()
-        .unwrap();
-    let _ = fs::remove_file(&file);
-    assert!(status.success(), "dd: {status}");
-}
-
 #[test]
 fn the_walk_answers_every_file_as_cgroupfs_does() {
     require!("stress-ng");
@@ -120,7 +95,7 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
     let mut squeezed = parent.child("squeezed");
     squeezed.limit_memory(16 << 20);
     if squeezed.is_v1(Controller::Memory) {
-        read_through_page_cache(&squeezed, &parent.relative, 64);
+        squeezed.read_through_page_cache(64);
     } else {
         squeezed.spawn_memory_holder("8M");
     }

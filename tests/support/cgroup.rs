@@ -170,6 +170,31 @@ impl Cgroup {
         ]))
     }
 
+    /// Reads a file of `mib` MiB through the page cache inside this cgroup
+    /// and waits for it: clean cache, which reclaim frees at a limit (dirty
+    /// cache can end in an OOM kill on v1: seen once). The file is written
+    /// around the cache on the test's real disk (the target directory; the
+    /// guests' takes no O_DIRECT), then removed.
+    pub fn read_through_page_cache(&self, mib: u32) {
+        let name = self.relative.replace('/', "-");
+        let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.dat"));
+        let dd = |args: &[&str]| {
+            let mut command = Command::new("dd");
+            command.args(args).arg("bs=1M").arg("status=none");
+            command
+        };
+        let of = format!("of={}", file.display());
+        let count = format!("count={mib}");
+        let written = dd(&["if=/dev/zero", &of, &count, "oflag=direct"])
+            .status()
+            .unwrap();
+        assert!(written.success(), "dd: {written}");
+        let iff = format!("if={}", file.display());
+        let status = self.start(&mut dd(&[&iff, "of=/dev/null"])).wait().unwrap();
+        let _ = fs::remove_file(&file);
+        assert!(status.success(), "dd: {status}");
+    }
+
     pub fn pressure(&self, file: &str, line: &str) -> Option<u64> {
         let text = fs::read_to_string(self.v2_dir()?.join(file)).ok()?;
         text.lines()
