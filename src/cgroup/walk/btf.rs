@@ -58,21 +58,14 @@ pub(super) struct Offsets {
 impl Offsets {
     pub fn from_btf(path: &Path) -> Result<Offsets, WalkError> {
         let bytes = std::fs::read(path).map_err(|e| WalkError::Btf(format!("{path:?}: {e}")))?;
-        let types = btfparse::TypeInformation::new(&BtfBytes(bytes))
-            .map_err(|e| WalkError::Btf(format!("{path:?}: {e:?}")))?;
+        let types = Types::parse(&bytes).map_err(|e| WalkError::Btf(format!("{path:?}: {e}")))?;
         let offset = |ty: &str, member: &str| -> Result<u32, WalkError> {
-            let missing = || WalkError::Layout(format!("{ty}.{member}"));
-            let id = types.id_of(ty).ok_or_else(missing)?;
-            match types.offset_of(id, member).map_err(|_| missing())? {
-                (_, btfparse::Offset::ByteOffset(at)) => Ok(at),
-                _ => Err(missing()),
-            }
+            types
+                .offset_of(ty, member)
+                .ok_or_else(|| WalkError::Layout(format!("{ty}.{member}")))
         };
-        let subsys_ids = subsystem_ids(&types)?;
-        let subsys_count = subsys_ids
-            .iter()
-            .find(|(name, _)| name == "CGROUP_SUBSYS_COUNT")
-            .map(|(_, v)| *v)
+        let subsys = |name: &str| types.enumerator("cgroup_subsys_id", name);
+        let subsys_count = subsys("CGROUP_SUBSYS_COUNT")
             .ok_or_else(|| WalkError::Layout("CGROUP_SUBSYS_COUNT".into()))?;
         let mut config = WalkConfig {
             cgroup_kn: offset("cgroup", "kn")?,
@@ -84,18 +77,14 @@ impl Offsets {
             ..WalkConfig::EMPTY
         };
         let mut configured = 0u64;
-        for (index, subsys, structure, member) in WORDS {
+        for (index, controller, structure, member) in WORDS {
             // A kernel built without the controller, or without CPU
             // bandwidth control, lacks these: its files are read instead.
-            let found = subsys_ids
-                .iter()
-                .find(|(n, _)| n == subsys)
-                .map(|(_, v)| *v);
             let at = offset(structure, member)
                 .and_then(|at| Ok(at.checked_sub(offset(structure, "css")?)))
                 .ok()
                 .flatten();
-            if let (Some(subsys), Some(offset)) = (found, at) {
+            if let (Some(subsys), Some(offset)) = (subsys(controller), at) {
                 config.fields[index] = WalkField { subsys, offset };
                 configured |= 1 << index;
             } else {
@@ -106,40 +95,195 @@ impl Offsets {
     }
 }
 
-/// `enum cgroup_subsys_id`: each controller's index in `cgroup.subsys`.
-fn subsystem_ids(types: &btfparse::TypeInformation) -> Result<Vec<(String, u32)>, WalkError> {
-    let missing = || WalkError::Layout("enum cgroup_subsys_id".into());
-    let id = types.id_of("cgroup_subsys_id").ok_or_else(missing)?;
-    let Some(btfparse::TypeVariant::Enum(e)) = types.from_id(id) else {
-        return Err(missing());
-    };
-    Ok(e.named_value_list()
-        .iter()
-        .map(|v| {
-            let value = match v.value {
-                btfparse::Integer32Value::Signed(n) => n as u32,
-                btfparse::Integer32Value::Unsigned(n) => n,
-            };
-            (v.name.clone(), value)
-        })
-        .collect())
+/// The kernel's BTF, read in place: where each type starts, and nothing
+/// else. A parser that builds every type (btfparse, aya's) makes tens of
+/// megabytes of small allocations for vmlinux's 100,000-odd types, which
+/// stay in the daemon's heap as holes that later allocations spread into.
+struct Types<'a> {
+    bytes: &'a [u8],
+    strings: &'a [u8],
+    /// Byte offset of each type id's record (id 1 is index 0).
+    starts: Vec<u32>,
 }
 
-/// The BTF file's bytes, as btfparse reads them.
-struct BtfBytes(Vec<u8>);
+// BTF kinds (include/uapi/linux/btf.h).
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
 
-impl btfparse::Readable for BtfBytes {
-    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-        let start = offset as usize;
-        match self.0.get(start..start + buffer.len()) {
-            Some(bytes) => {
-                buffer.copy_from_slice(bytes);
-                Ok(())
-            }
-            None => Err(btfparse::Error::new(
-                btfparse::ErrorKind::EOF,
-                "read past the end of the BTF",
-            )),
+impl<'a> Types<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Types<'a>, String> {
+        let word = |at: usize| -> Result<u32, String> {
+            let b = bytes.get(at..at + 4).ok_or("truncated header")?;
+            Ok(u32::from_le_bytes(b.try_into().unwrap()))
+        };
+        if bytes.get(..2) != Some(&[0x9f, 0xeb]) {
+            return Err("not little-endian BTF".into());
         }
+        let (hdr_len, type_off, type_len) = (word(4)?, word(8)?, word(12)?);
+        let (str_off, str_len) = (word(16)?, word(20)?);
+        let types_at = (hdr_len + type_off) as usize;
+        let types_end = types_at + type_len as usize;
+        let strings_at = (hdr_len + str_off) as usize;
+        let strings = bytes
+            .get(strings_at..strings_at + str_len as usize)
+            .ok_or("truncated strings")?;
+        let mut starts = Vec::new();
+        let mut at = types_at;
+        while at < types_end {
+            starts.push(at as u32);
+            let info = word(at + 4)?;
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
+                | KIND_TYPE_TAG => 0,
+                other => return Err(format!("unknown BTF kind {other}")),
+            };
+            at += 12 + extra;
+        }
+        Ok(Types {
+            bytes,
+            strings,
+            starts,
+        })
+    }
+
+    fn word(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.bytes[at..at + 4].try_into().unwrap())
+    }
+
+    fn name(&self, offset: u32) -> &[u8] {
+        let rest = self.strings.get(offset as usize..).unwrap_or_default();
+        &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
+    }
+
+    /// A type's record: its start, kind and member count.
+    fn record(&self, id: u32) -> Option<(usize, u32, usize)> {
+        let at = *self.starts.get((id as usize).checked_sub(1)?)? as usize;
+        let info = self.word(at + 4);
+        Some((at, (info >> 24) & 0x1f, (info & 0xffff) as usize))
+    }
+
+    /// The first type of `kind` named `name`.
+    fn find(&self, kind: u32, name: &str) -> Option<u32> {
+        (1..=self.starts.len() as u32).find(|&id| {
+            self.record(id)
+                .is_some_and(|(at, k, _)| k == kind && self.name(self.word(at)) == name.as_bytes())
+        })
+    }
+
+    /// Through typedefs and qualifiers to the type itself.
+    fn resolve(&self, mut id: u32) -> Option<u32> {
+        loop {
+            let (at, kind, _) = self.record(id)?;
+            match kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = self.word(at + 8)
+                }
+                _ => return Some(id),
+            }
+        }
+    }
+
+    /// The byte offset of `path` (`memory.usage`) in struct `ty`; members
+    /// of anonymous structs and unions are found through them.
+    fn offset_of(&self, ty: &str, path: &str) -> Option<u32> {
+        let mut id = self.find(KIND_STRUCT, ty)?;
+        let mut total = 0;
+        for part in path.split('.') {
+            let (member, bits) = self.member(id, part)?;
+            total += bits;
+            id = self.resolve(member)?;
+        }
+        (total % 8 == 0).then_some(total / 8)
+    }
+
+    /// Member `name` of struct or union `id`: its type and bit offset.
+    fn member(&self, id: u32, name: &str) -> Option<(u32, u32)> {
+        let (at, kind, vlen) = self.record(id)?;
+        if kind != KIND_STRUCT && kind != KIND_UNION {
+            return None;
+        }
+        let bitfields = self.word(at + 4) >> 31 == 1;
+        (0..vlen).find_map(|i| {
+            let m = at + 12 + 12 * i;
+            let (member_name, member_type, offset) =
+                (self.word(m), self.word(m + 4), self.word(m + 8));
+            let bits = if bitfields {
+                offset & 0xff_ffff
+            } else {
+                offset
+            };
+            if self.name(member_name) == name.as_bytes() {
+                return Some((member_type, bits));
+            }
+            // An anonymous struct or union: look inside.
+            if member_name == 0 {
+                let inner = self.resolve(member_type)?;
+                let (found, inner_bits) = self.member(inner, name)?;
+                return Some((found, bits + inner_bits));
+            }
+            None
+        })
+    }
+
+    /// The value of enumerator `name` of enum `ty`.
+    fn enumerator(&self, ty: &str, name: &str) -> Option<u32> {
+        let id = self.find(KIND_ENUM, ty)?;
+        let (at, _, vlen) = self.record(id)?;
+        (0..vlen).find_map(|i| {
+            let e = at + 12 + 8 * i;
+            (self.name(self.word(e)) == name.as_bytes()).then(|| self.word(e + 4))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running kernel's BTF, where there is one (every kernel cgmetric
+    /// runs its eBPF on has it).
+    #[test]
+    fn finds_offsets_in_the_kernels_btf() {
+        let Ok(bytes) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            return;
+        };
+        let types = Types::parse(&bytes).unwrap();
+        // Stable across kernels: the first member of each is at 0.
+        assert_eq!(types.offset_of("page_counter", "usage"), Some(0));
+        assert_eq!(types.offset_of("mem_cgroup", "css"), Some(0));
+        assert_eq!(types.offset_of("task_group", "css"), Some(0));
+        // A path through a nested struct adds up.
+        let memory = types.offset_of("mem_cgroup", "memory").unwrap();
+        let max = types.offset_of("page_counter", "max").unwrap();
+        assert_eq!(
+            types.offset_of("mem_cgroup", "memory.max"),
+            Some(memory + max)
+        );
+        assert!(
+            types
+                .enumerator("cgroup_subsys_id", "CGROUP_SUBSYS_COUNT")
+                .unwrap()
+                > 0
+        );
+        assert_eq!(types.offset_of("mem_cgroup", "no_such_member"), None);
+        assert_eq!(types.offset_of("no_such_struct", "x"), None);
     }
 }

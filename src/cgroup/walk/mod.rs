@@ -404,10 +404,10 @@ impl Walker {
             None => Offsets::from_btf(&self.btf)?,
         };
         let loaded = Loaded::new(&offsets, &self.roots, capacity);
-        // Reading the kernel's BTF (twice: for the offsets, and aya's for
-        // the load) takes some 50 MiB of small allocations, all freed by
-        // now; glibc keeps such memory in its heap unless told to return
-        // it, and the daemon's RSS would stay at 60 MiB instead of 8.
+        // aya's load parses the kernel's BTF (twice: the loader's own and
+        // the one `Iter::load` needs), some 20 MiB of small allocations, all
+        // freed by now; glibc keeps such memory in its heap unless told to
+        // return it.
         // SAFETY: malloc_trim only returns free heap memory to the system.
         unsafe { libc::malloc_trim(0) };
         let loaded = loaded?;
