@@ -209,7 +209,7 @@ pub mod walk {
     pub const WALK_CONFIG_GLOBAL: &str = "WALK_CONFIG";
 
     /// How many words a record holds besides the cgroup's id.
-    pub const FIELDS: usize = 10;
+    pub const FIELDS: usize = 25;
     /// A field the config leaves unused.
     pub const UNUSED: u32 = u32::MAX;
 

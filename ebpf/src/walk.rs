@@ -119,8 +119,8 @@ unsafe fn visit(ctx: *mut IterCgroup) {
             }
         )*};
     }
-    fields!(0 1 2 3 4 5 6 7 8 9);
-    const _: () = assert!(FIELDS == 10, "fields! lists every field");
+    fields!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24);
+    const _: () = assert!(FIELDS == 25, "fields! lists every field");
     unsafe {
         (*record).id = id;
         (*record).present = present;

@@ -14,20 +14,24 @@ use crate::require;
 use crate::support::{host_layout, rss_kib, Cgroup, Daemon};
 
 /// The files the walk answers, by where cgroupfs has them.
-const V1_FILES: [(Controller, &str); 8] = [
+const V1_FILES: [(Controller, &str); 10] = [
     (Controller::Memory, "memory.usage_in_bytes"),
     (Controller::Memory, "memory.limit_in_bytes"),
     (Controller::Memory, "memory.max_usage_in_bytes"),
     (Controller::Memory, "memory.failcnt"),
+    (Controller::Memory, "memory.oom_control"),
     (Controller::Pids, "pids.current"),
     (Controller::Pids, "pids.max"),
     (Controller::Cpu, "cpu.cfs_quota_us"),
     (Controller::Cpu, "cpu.cfs_period_us"),
+    (Controller::Cpu, "cpu.stat"),
 ];
-const V2_FILES: [&str; 6] = [
+const V2_FILES: [&str; 8] = [
     "memory.current",
     "memory.max",
     "memory.peak",
+    "memory.events",
+    "memory.swap.current",
     "pids.current",
     "pids.max",
     "cpu.max",
@@ -99,6 +103,30 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
     } else {
         squeezed.spawn_memory_holder("8M");
     }
+    // Throttled for a while, then idle: its v1 cpu.stat counts, and
+    // stands still.
+    let mut throttled = parent.child("throttled");
+    limit_cpu(&throttled);
+    if throttled.is_v1(Controller::Cpu) {
+        throttled.spawn_burner();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        throttled.kill_all();
+    }
+    // An OOM kill: dd's 64 MiB buffer in 32 MiB.
+    let killed = parent.child("killed");
+    killed.limit_memory(32 << 20);
+    let dd = killed
+        .start(Command::new("dd").args([
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=64M",
+            "count=1",
+            "status=none",
+        ]))
+        .wait()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(dd.signal(), Some(libc::SIGKILL), "dd was not killed: {dd}");
     // Pure v2: a cgroup under a parent that enables io alone has a memory
     // state (io depends on memory) but no memory files.
     let io_only = parent.child("io_only");
@@ -108,7 +136,7 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
         Removed::make(io_only_dir.join("hidden"))
     });
     // Every file the walk answers is covered here.
-    for (file, _) in FILES {
+    for (file, _, _) in FILES {
         assert!(
             V2_FILES.contains(&file) || V1_FILES.iter().any(|(_, f)| *f == file),
             "{file} is not tested"
@@ -117,7 +145,14 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
 
     let walker = Walker::new(&layout);
     let (mut texts, mut absent, mut failures) = (0, 0, 0);
-    let mut relatives: Vec<String> = [&limited, &idle, &empty, &squeezed]
+    // Counters above 0 compared: a throttled cgroup's, an OOM kill's.
+    let (mut throttles, mut kills) = (0, 0);
+    let counts = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    };
+    let mut relatives: Vec<String> = [&limited, &idle, &empty, &squeezed, &throttled, &killed]
         .iter()
         .map(|c| c.relative.clone())
         .collect();
@@ -150,6 +185,8 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
                     if file == "memory.failcnt" && kernel != "0\n" {
                         failures += 1;
                     }
+                    throttles += usize::from(file == "cpu.stat" && counts(&kernel, "nr_throttled"));
+                    kills += usize::from(counts(&kernel, "oom_kill"));
                 }
                 // Absent, or a hierarchy without these controllers (the
                 // v2 tree of a hybrid host), which is not walked at all.
@@ -165,8 +202,12 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
     // of the v1 hierarchies.
     assert!(texts >= 4 * V2_FILES.len(), "{texts} files compared");
     if layout.v1(Controller::Memory).is_some() {
-        assert_eq!(failures, 1, "the squeezed cgroup's failcnt was compared");
+        assert!(failures >= 1, "the squeezed cgroup's failcnt was compared");
     }
+    if layout.v1(Controller::Cpu).is_some() {
+        assert_eq!(throttles, 1, "the throttled cgroup's cpu.stat was compared");
+    }
+    assert_eq!(kills, 1, "the killed cgroup's OOM kill was compared");
     if let Some(hidden) = &hidden {
         assert!(!hidden.0.join("memory.current").exists());
         assert!(hidden.0.join("io.stat").exists());

@@ -6,8 +6,9 @@ use std::path::Path;
 use cgmetric_common::walk::{WalkConfig, WalkField};
 
 use super::{
-    WalkError, CFS_PERIOD, CFS_QUOTA, MEM_FAILCNT, MEM_MAX, MEM_USAGE, MEM_WATERMARK, PIDS_COUNT,
-    PIDS_LIMIT,
+    WalkError, Words, CFS_BURSTS, CFS_BURST_TIME, CFS_PERIOD, CFS_PERIODS, CFS_QUOTA,
+    CFS_THROTTLED, CFS_THROTTLED_TIME, EVENTS, EVENT_SLOTS, MEM_FAILCNT, MEM_MAX, MEM_SWAP,
+    MEM_USAGE, MEM_WATERMARK, OOM_KILL, OOM_KILL_DISABLE, PIDS_COUNT, PIDS_LIMIT, UNDER_OOM,
 };
 
 /// Where each word is: the index, the controller (`enum cgroup_subsys_id`),
@@ -16,7 +17,7 @@ use super::{
 /// anonymous enum's value, which BTF does not name.
 const CSS_VISIBLE: u32 = 1 << 3;
 
-pub(super) const WORDS: [(usize, &str, &str, &str); 8] = [
+pub(super) const WORDS: [(usize, &str, &str, &str); 17] = [
     (MEM_USAGE, "memory_cgrp_id", "mem_cgroup", "memory.usage"),
     (MEM_MAX, "memory_cgrp_id", "mem_cgroup", "memory.max"),
     (
@@ -30,6 +31,20 @@ pub(super) const WORDS: [(usize, &str, &str, &str); 8] = [
         "memory_cgrp_id",
         "mem_cgroup",
         "memory.failcnt",
+    ),
+    (MEM_SWAP, "memory_cgrp_id", "mem_cgroup", "swap.usage"),
+    (
+        OOM_KILL_DISABLE,
+        "memory_cgrp_id",
+        "mem_cgroup",
+        "oom_kill_disable",
+    ),
+    (UNDER_OOM, "memory_cgrp_id", "mem_cgroup", "under_oom"),
+    (
+        OOM_KILL,
+        "memory_cgrp_id",
+        "mem_cgroup",
+        "memory_events[MEMCG_OOM_KILL]",
     ),
     (PIDS_COUNT, "pids_cgrp_id", "pids_cgroup", "counter"),
     (PIDS_LIMIT, "pids_cgrp_id", "pids_cgroup", "limit"),
@@ -45,23 +60,56 @@ pub(super) const WORDS: [(usize, &str, &str, &str); 8] = [
         "task_group",
         "cfs_bandwidth.period",
     ),
+    (
+        CFS_PERIODS,
+        "cpu_cgrp_id",
+        "task_group",
+        "cfs_bandwidth.nr_periods",
+    ),
+    (
+        CFS_THROTTLED,
+        "cpu_cgrp_id",
+        "task_group",
+        "cfs_bandwidth.nr_throttled",
+    ),
+    (
+        CFS_THROTTLED_TIME,
+        "cpu_cgrp_id",
+        "task_group",
+        "cfs_bandwidth.throttled_time",
+    ),
+    (
+        CFS_BURSTS,
+        "cpu_cgrp_id",
+        "task_group",
+        "cfs_bandwidth.nr_burst",
+    ),
+    (
+        CFS_BURST_TIME,
+        "cpu_cgrp_id",
+        "task_group",
+        "cfs_bandwidth.burst_time",
+    ),
 ];
 
 /// Offsets in the running kernel, from its BTF.
 #[derive(Debug, Clone)]
 pub(super) struct Offsets {
     pub config: WalkConfig,
-    /// Bit `i` set: word `i` was found.
-    pub configured: u64,
+    pub words: Words,
 }
 
 impl Offsets {
-    pub fn from_btf(path: &Path) -> Result<Offsets, WalkError> {
+    /// The offsets of every word the kernel has; `events` names the lines
+    /// of v2 `memory.events` in the order this kernel prints them (learnt
+    /// from one file: they vary by kernel), words `EVENTS..`.
+    pub fn from_btf(path: &Path, events: &[String]) -> Result<Offsets, WalkError> {
         let bytes = std::fs::read(path).map_err(|e| WalkError::Btf(format!("{path:?}: {e}")))?;
         let types = Types::parse(&bytes).map_err(|e| WalkError::Btf(format!("{path:?}: {e}")))?;
         let offset = |ty: &str, member: &str| -> Result<u32, WalkError> {
             types
-                .offset_of(ty, member)
+                .field(ty, member)
+                .map(|(at, _)| at)
                 .ok_or_else(|| WalkError::Layout(format!("{ty}.{member}")))
         };
         let subsys = |name: &str| types.enumerator("cgroup_subsys_id", name);
@@ -76,22 +124,44 @@ impl Offsets {
             css_visible: CSS_VISIBLE,
             ..WalkConfig::EMPTY
         };
-        let mut configured = 0u64;
-        for (index, controller, structure, member) in WORDS {
+        let mut words = Words::default();
+        // `memory.events` prints `memory_events[MEMCG_<LINE>]` for each line.
+        let event_words = events
+            .iter()
+            .take(EVENT_SLOTS)
+            .enumerate()
+            .map(|(i, line)| {
+                let member = format!("memory_events[MEMCG_{}]", line.to_uppercase());
+                (EVENTS + i, "memory_cgrp_id", "mem_cgroup", member)
+            });
+        let all = WORDS
+            .iter()
+            .map(|&(i, controller, ty, member)| (i, controller, ty, member.to_string()))
+            .chain(event_words);
+        for (index, controller, structure, member) in all {
             // A kernel built without the controller, or without CPU
             // bandwidth control, lacks these: its files are read instead.
-            let at = offset(structure, member)
-                .and_then(|at| Ok(at.checked_sub(offset(structure, "css")?)))
-                .ok()
-                .flatten();
-            if let (Some(subsys), Some(offset)) = (subsys(controller), at) {
-                config.fields[index] = WalkField { subsys, offset };
-                configured |= 1 << index;
-            } else {
-                log::debug!("cgroup walk: no {structure}.{member} in this kernel");
+            let at = types.field(structure, &member).and_then(|(at, size)| {
+                let css = types.field(structure, "css")?.0;
+                Some((at.checked_sub(css)?, size))
+            });
+            match (subsys(controller), at) {
+                (Some(subsys), Some((offset, size))) if (1..=8).contains(&size) => {
+                    config.fields[index] = WalkField { subsys, offset };
+                    words.configured |= 1 << index;
+                    words.sizes[index] = size as u8;
+                }
+                _ => log::debug!("cgroup walk: no {structure}.{member} in this kernel"),
             }
         }
-        Ok(Offsets { config, configured })
+        let learnt = events.len() <= EVENT_SLOTS
+            && (EVENTS..EVENTS + events.len()).all(|i| words.configured & (1 << i) != 0);
+        if learnt {
+            words.events = events.to_vec();
+        } else if !events.is_empty() {
+            log::debug!("cgroup walk: memory.events has lines {events:?}, not all in BTF");
+        }
+        Ok(Offsets { config, words })
     }
 }
 
@@ -201,17 +271,49 @@ impl<'a> Types<'a> {
         }
     }
 
-    /// The byte offset of `path` (`memory.usage`) in struct `ty`; members
-    /// of anonymous structs and unions are found through them.
-    fn offset_of(&self, ty: &str, path: &str) -> Option<u32> {
+    /// The byte offset and size of `path` in struct `ty`: members joined
+    /// by dots (`memory.usage`), an array's element by its index or an
+    /// enumerator (`memory_events[MEMCG_OOM_KILL]`); members of anonymous
+    /// structs and unions are found through them.
+    fn field(&self, ty: &str, path: &str) -> Option<(u32, u32)> {
         let mut id = self.find(KIND_STRUCT, ty)?;
         let mut total = 0;
         for part in path.split('.') {
-            let (member, bits) = self.member(id, part)?;
+            let (name, index) = match part.split_once('[') {
+                Some((name, index)) => (name, Some(index.strip_suffix(']')?)),
+                None => (part, None),
+            };
+            let (member, bits) = self.member(id, name)?;
             total += bits;
             id = self.resolve(member)?;
+            if let Some(index) = index {
+                let index = match index.parse() {
+                    Ok(n) => n,
+                    Err(_) => self.any_enumerator(index)?,
+                };
+                let (at, kind, _) = self.record(id)?;
+                if kind != KIND_ARRAY || index >= self.word(at + 20) {
+                    return None;
+                }
+                id = self.resolve(self.word(at + 12))?;
+                total += index * 8 * self.size(id)?;
+            }
         }
-        (total % 8 == 0).then_some(total / 8)
+        (total % 8 == 0).then_some((total / 8, self.size(id)?))
+    }
+
+    /// The size in bytes of a resolved type that has one.
+    fn size(&self, id: u32) -> Option<u32> {
+        let (at, kind, _) = self.record(id)?;
+        match kind {
+            KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => {
+                Some(self.word(at + 8))
+            }
+            // Pointers: the walk's programs run on 64-bit kernels only.
+            2 => Some(8),
+            KIND_ARRAY => Some(self.word(at + 20) * self.size(self.resolve(self.word(at + 12))?)?),
+            _ => None,
+        }
     }
 
     /// Member `name` of struct or union `id`: its type and bit offset.
@@ -243,6 +345,21 @@ impl<'a> Types<'a> {
         })
     }
 
+    /// The value of enumerator `name` of whichever enum has it (C's
+    /// enumerators share one namespace).
+    fn any_enumerator(&self, name: &str) -> Option<u32> {
+        (1..=self.starts.len() as u32).find_map(|id| {
+            let (at, kind, vlen) = self.record(id)?;
+            if kind != KIND_ENUM {
+                return None;
+            }
+            (0..vlen).find_map(|i| {
+                let e = at + 12 + 8 * i;
+                (self.name(self.word(e)) == name.as_bytes()).then(|| self.word(e + 4))
+            })
+        })
+    }
+
     /// The value of enumerator `name` of enum `ty`.
     fn enumerator(&self, ty: &str, name: &str) -> Option<u32> {
         let id = self.find(KIND_ENUM, ty)?;
@@ -267,23 +384,40 @@ mod tests {
         };
         let types = Types::parse(&bytes).unwrap();
         // Stable across kernels: the first member of each is at 0.
-        assert_eq!(types.offset_of("page_counter", "usage"), Some(0));
-        assert_eq!(types.offset_of("mem_cgroup", "css"), Some(0));
-        assert_eq!(types.offset_of("task_group", "css"), Some(0));
+        let offset_of = |ty, path| types.field(ty, path).map(|(at, _)| at);
+        assert_eq!(offset_of("page_counter", "usage"), Some(0));
+        assert_eq!(offset_of("mem_cgroup", "css"), Some(0));
+        assert_eq!(offset_of("task_group", "css"), Some(0));
         // A path through a nested struct adds up.
-        let memory = types.offset_of("mem_cgroup", "memory").unwrap();
-        let max = types.offset_of("page_counter", "max").unwrap();
+        let memory = offset_of("mem_cgroup", "memory").unwrap();
+        let max = offset_of("page_counter", "max").unwrap();
+        assert_eq!(offset_of("mem_cgroup", "memory.max"), Some(memory + max));
+        // Sizes: a long and an int.
+        assert_eq!(types.field("page_counter", "max").unwrap().1, 8);
+        assert_eq!(types.field("cfs_bandwidth", "nr_periods").unwrap().1, 4);
+        // An array's element, by number or by enumerator.
+        let events = offset_of("mem_cgroup", "memory_events").unwrap();
+        let kill = types.any_enumerator("MEMCG_OOM_KILL").unwrap();
         assert_eq!(
-            types.offset_of("mem_cgroup", "memory.max"),
-            Some(memory + max)
+            types.field("mem_cgroup", "memory_events[MEMCG_OOM_KILL]"),
+            Some((events + 8 * kill, 8))
         );
+        assert_eq!(
+            offset_of("mem_cgroup", "memory_events[1]"),
+            Some(events + 8)
+        );
+        assert_eq!(
+            offset_of("mem_cgroup", "memory_events[MEMCG_NO_SUCH]"),
+            None
+        );
+        assert_eq!(offset_of("mem_cgroup", "memory_events[1000]"), None);
         assert!(
             types
                 .enumerator("cgroup_subsys_id", "CGROUP_SUBSYS_COUNT")
                 .unwrap()
                 > 0
         );
-        assert_eq!(types.offset_of("mem_cgroup", "no_such_member"), None);
-        assert_eq!(types.offset_of("no_such_struct", "x"), None);
+        assert_eq!(offset_of("mem_cgroup", "no_such_member"), None);
+        assert_eq!(offset_of("no_such_struct", "x"), None);
     }
 }

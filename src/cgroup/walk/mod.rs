@@ -1,6 +1,7 @@
 //! The cgroup walk: one pass of an eBPF cgroup iterator over each hierarchy
-//! reads the kernel's counters (memory page counters, pids, CPU bandwidth)
-//! for every cgroup at once, where cgroupfs costs an open, a read and a
+//! reads the kernel's counters (memory page counters and events, the v1 OOM
+//! state, pids, CPU bandwidth and its v1 statistics) for every cgroup at
+//! once, where cgroupfs costs an open, a read and a
 //! close per cgroup and file. An aggregate read walks once and answers
 //! those files from the walk ([`Walked::render`]), in the very text the
 //! kernel would print; every other file, and any cgroup the walk did not
@@ -60,6 +61,42 @@ const PIDS_COUNT: usize = 4;
 const PIDS_LIMIT: usize = 5;
 const CFS_QUOTA: usize = 6;
 const CFS_PERIOD: usize = 7;
+const CFS_PERIODS: usize = 8;
+const CFS_THROTTLED: usize = 9;
+const CFS_THROTTLED_TIME: usize = 10;
+const CFS_BURSTS: usize = 11;
+const CFS_BURST_TIME: usize = 12;
+const OOM_KILL_DISABLE: usize = 13;
+const UNDER_OOM: usize = 14;
+const OOM_KILL: usize = 15;
+const MEM_SWAP: usize = 16;
+/// The lines of v2 `memory.events`, as many as this kernel prints.
+const EVENTS: usize = 17;
+const EVENT_SLOTS: usize = FIELDS - EVENTS;
+
+/// What the walk knows of the running kernel's words.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Words {
+    /// Bit `i` set: word `i` was found in the kernel's BTF.
+    configured: u64,
+    /// Each word's size in bytes: 8, or less for an `int`, whose other
+    /// bytes the program read too.
+    sizes: [u8; FIELDS],
+    /// The lines of v2 `memory.events` in the kernel's order; line `i` is
+    /// word `EVENTS + i`. Empty when not learnt.
+    events: Vec<String>,
+}
+
+/// Which hierarchies have a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tree {
+    /// Both: no file of these has another meaning in the other.
+    Any,
+    /// v1 only: v2 has a `cpu.stat` of other lines.
+    V1,
+    /// v2 only.
+    V2,
+}
 
 /// How the kernel prints a file the walk answers.
 #[derive(Debug, Clone, Copy)]
@@ -78,18 +115,34 @@ pub enum Print {
     PeriodUs,
     /// v2 `cpu.max`: quota (or `max`) and period, in microseconds.
     CpuMax,
+    /// v1 `cpu.stat`: the bandwidth counters (`cpu_cfs_stat_show`), when
+    /// scheduler statistics are off (on, it adds a per-CPU sum).
+    CfsStat,
+    /// v1 `memory.oom_control`.
+    OomControl,
+    /// v2 `memory.events`: the lines this kernel prints.
+    Events,
 }
 
 impl Print {
-    /// The words the text is made of.
-    fn words(self) -> &'static [usize] {
-        const INDICES: [usize; FIELDS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+    /// The words the text is made of, as a mask; `events` lines learnt.
+    fn words(self, events: usize) -> u64 {
+        let bits = |words: &[usize]| words.iter().fold(0u64, |mask, &i| mask | 1 << i);
         match self {
-            Print::Bytes(i) | Print::BytesOrMax(i) | Print::Number(i) => &INDICES[i..=i],
-            Print::PidsMax => &INDICES[PIDS_LIMIT..=PIDS_LIMIT],
-            Print::QuotaUs => &INDICES[CFS_QUOTA..=CFS_QUOTA],
-            Print::PeriodUs => &INDICES[CFS_PERIOD..=CFS_PERIOD],
-            Print::CpuMax => &INDICES[CFS_QUOTA..=CFS_PERIOD],
+            Print::Bytes(i) | Print::BytesOrMax(i) | Print::Number(i) => bits(&[i]),
+            Print::PidsMax => bits(&[PIDS_LIMIT]),
+            Print::QuotaUs => bits(&[CFS_QUOTA]),
+            Print::PeriodUs => bits(&[CFS_PERIOD]),
+            Print::CpuMax => bits(&[CFS_QUOTA, CFS_PERIOD]),
+            Print::CfsStat => bits(&[
+                CFS_PERIODS,
+                CFS_THROTTLED,
+                CFS_THROTTLED_TIME,
+                CFS_BURSTS,
+                CFS_BURST_TIME,
+            ]),
+            Print::OomControl => bits(&[OOM_KILL_DISABLE, UNDER_OOM, OOM_KILL]),
+            Print::Events => (EVENTS..EVENTS + events).fold(0, |mask, i| mask | 1 << i),
         }
     }
 }
@@ -98,22 +151,28 @@ impl Print {
 /// `_read` functions make (mm/memcontrol.c, memcontrol-v1.c,
 /// kernel/cgroup/pids.c, kernel/sched/core.c), for cgroups other than a
 /// hierarchy's root, which the walk never answers for.
-///
-/// Not `memory.swap.current`: the kernel leaves it out where swap is not
-/// accounted (`cgroup.memory=noswap`) though the counter exists.
-pub const FILES: [(&str, Print); 12] = [
-    ("memory.current", Print::Bytes(MEM_USAGE)),
-    ("memory.usage_in_bytes", Print::Bytes(MEM_USAGE)),
-    ("memory.max", Print::BytesOrMax(MEM_MAX)),
-    ("memory.limit_in_bytes", Print::Bytes(MEM_MAX)),
-    ("memory.peak", Print::Bytes(MEM_WATERMARK)),
-    ("memory.max_usage_in_bytes", Print::Bytes(MEM_WATERMARK)),
-    ("memory.failcnt", Print::Number(MEM_FAILCNT)),
-    ("pids.current", Print::Number(PIDS_COUNT)),
-    ("pids.max", Print::PidsMax),
-    ("cpu.cfs_quota_us", Print::QuotaUs),
-    ("cpu.cfs_period_us", Print::PeriodUs),
-    ("cpu.max", Print::CpuMax),
+pub const FILES: [(&str, Tree, Print); 16] = [
+    ("memory.current", Tree::V2, Print::Bytes(MEM_USAGE)),
+    ("memory.usage_in_bytes", Tree::V1, Print::Bytes(MEM_USAGE)),
+    ("memory.max", Tree::V2, Print::BytesOrMax(MEM_MAX)),
+    ("memory.limit_in_bytes", Tree::V1, Print::Bytes(MEM_MAX)),
+    ("memory.peak", Tree::V2, Print::Bytes(MEM_WATERMARK)),
+    (
+        "memory.max_usage_in_bytes",
+        Tree::V1,
+        Print::Bytes(MEM_WATERMARK),
+    ),
+    ("memory.failcnt", Tree::V1, Print::Number(MEM_FAILCNT)),
+    // Only where swap is accounted: learnt from a cgroup at load.
+    ("memory.swap.current", Tree::V2, Print::Bytes(MEM_SWAP)),
+    ("memory.events", Tree::V2, Print::Events),
+    ("memory.oom_control", Tree::V1, Print::OomControl),
+    ("pids.current", Tree::Any, Print::Number(PIDS_COUNT)),
+    ("pids.max", Tree::Any, Print::PidsMax),
+    ("cpu.cfs_quota_us", Tree::V1, Print::QuotaUs),
+    ("cpu.cfs_period_us", Tree::V1, Print::PeriodUs),
+    ("cpu.max", Tree::V2, Print::CpuMax),
+    ("cpu.stat", Tree::V1, Print::CfsStat),
 ];
 
 /// `PAGE_COUNTER_MAX` on 64-bit kernels: `LONG_MAX / PAGE_SIZE`.
@@ -141,7 +200,7 @@ pub enum Answer {
 /// Whether the walk can answer `file` at all: a cheap test before looking a
 /// cgroup up.
 pub fn answers(file: &str) -> bool {
-    FILES.iter().any(|(f, _)| *f == file)
+    FILES.iter().any(|(f, _, _)| *f == file)
 }
 
 /// A cgroup directory as the walk knows it: its hierarchy's device and
@@ -158,6 +217,8 @@ pub fn key_of(dir: &Path) -> Option<CgroupKey> {
 struct Hierarchy {
     /// The device of its cgroupfs mount.
     dev: u64,
+    /// A v1 hierarchy.
+    v1: bool,
     /// Its root, which the walk never answers for (the kernel prints
     /// other values for a root) but whose pids limit is `PIDS_MAX`, the
     /// value that reads as `max` (4M + 1 on most kernels, 32K + 1 with
@@ -171,8 +232,10 @@ struct Hierarchy {
 #[derive(Debug, Default)]
 pub struct Walked {
     hierarchies: Vec<Hierarchy>,
-    /// Bit `i` set: word `i` was configured (the kernel's BTF has it).
-    configured: u64,
+    words: Words,
+    /// Scheduler statistics were on (`kernel.sched_schedstats`): v1
+    /// `cpu.stat` then has a line the walk does not read.
+    schedstats: bool,
     page: u64,
     /// Cgroups visited, over all hierarchies.
     visited: usize,
@@ -198,7 +261,7 @@ impl Walked {
     /// Appends to `out` what the kernel would print for `file` of the cgroup
     /// `key`, when the walk saw that cgroup and read what the file shows.
     pub fn render(&self, key: CgroupKey, file: &str, out: &mut Vec<u8>) -> Answer {
-        let Some((_, print)) = FILES.iter().find(|(f, _)| *f == file) else {
+        let Some(&(_, tree, print)) = FILES.iter().find(|(f, _, _)| *f == file) else {
             return Answer::ReadFile;
         };
         let (hierarchy, record) = match self.record(key) {
@@ -207,51 +270,101 @@ impl Walked {
             Some((_, None)) => return Answer::Unseen,
             Some((hierarchy, Some(record))) => (hierarchy, record),
         };
-        let words = print.words();
-        let bit = |i: usize| 1u64 << i;
-        if words.iter().any(|&i| self.configured & bit(i) == 0) {
+        let other_tree = match tree {
+            Tree::Any => false,
+            Tree::V1 => !hierarchy.v1,
+            Tree::V2 => hierarchy.v1,
+        };
+        let words = print.words(self.words.events.len());
+        if other_tree
+            || words == 0
+            || words & !self.words.configured != 0
+            || matches!(print, Print::CfsStat) && self.schedstats
+        {
             return Answer::ReadFile;
         }
-        if words.iter().any(|&i| record.missing & bit(i) != 0) {
+        if words & record.missing != 0 {
             return Answer::Absent;
         }
-        if words.iter().any(|&i| record.present & bit(i) == 0) {
+        if words & !record.present != 0 {
             return Answer::ReadFile;
         }
         let pids_max = hierarchy
             .root
-            .filter(|root| root.present & bit(PIDS_LIMIT) != 0)
+            .filter(|root| root.present & 1 << PIDS_LIMIT != 0)
             .map(|root| root.values[PIDS_LIMIT] as i64);
         if matches!(print, Print::PidsMax) && pids_max.is_none() {
             return Answer::ReadFile;
         }
-        let value = |i: usize| record.values[i];
-        let mut number = itoa::Buffer::new();
-        let mut put = |out: &mut Vec<u8>, n: i128| {
-            out.extend_from_slice(number.format(n).as_bytes());
+        // A word narrower than the 8 bytes read: its own bytes, as the
+        // kernel's `%d` prints them.
+        let value = |i: usize| -> i128 {
+            match self.words.sizes[i] {
+                8 => record.values[i] as i128,
+                size => {
+                    let shift = 64 - 8 * u32::from(size);
+                    ((record.values[i] << shift) as i64 >> shift) as i128
+                }
+            }
         };
+        fn put(out: &mut Vec<u8>, n: i128) {
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        }
+        fn line(out: &mut Vec<u8>, name: &str, n: i128) {
+            out.extend_from_slice(name.as_bytes());
+            out.push(b' ');
+            put(out, n);
+            out.push(b'\n');
+        }
+        // The kernel's `%ld` of a `long`: signed, unlike the words read as
+        // `u64`.
+        let long = |i: usize| value(i) as i64 as i128;
         let page = self.page as i128;
-        match *print {
-            Print::Bytes(i) => put(out, value(i) as i128 * page),
-            Print::BytesOrMax(i) if value(i) == page_counter_max(self.page) => {
+        match print {
+            Print::CfsStat => {
+                line(out, "nr_periods", value(CFS_PERIODS));
+                line(out, "nr_throttled", value(CFS_THROTTLED));
+                line(out, "throttled_time", value(CFS_THROTTLED_TIME));
+                line(out, "nr_bursts", value(CFS_BURSTS));
+                line(out, "burst_time", value(CFS_BURST_TIME));
+                return Answer::Text;
+            }
+            Print::OomControl => {
+                line(out, "oom_kill_disable", value(OOM_KILL_DISABLE));
+                line(out, "under_oom", (value(UNDER_OOM) != 0) as i128);
+                line(out, "oom_kill", value(OOM_KILL));
+                return Answer::Text;
+            }
+            Print::Events => {
+                for (i, name) in self.words.events.iter().enumerate() {
+                    line(out, name, value(EVENTS + i));
+                }
+                return Answer::Text;
+            }
+            _ => {}
+        }
+        match print {
+            Print::Bytes(i) => put(out, value(i) * page),
+            Print::BytesOrMax(i) if value(i) == page_counter_max(self.page) as i128 => {
                 out.extend_from_slice(b"max")
             }
-            Print::BytesOrMax(i) => put(out, value(i) as i128 * page),
-            Print::Number(i) => put(out, value(i) as i64 as i128),
-            Print::PidsMax if Some(value(PIDS_LIMIT) as i64) >= pids_max => {
+            Print::BytesOrMax(i) => put(out, value(i) * page),
+            Print::Number(i) => put(out, long(i)),
+            Print::PidsMax if Some(long(PIDS_LIMIT) as i64) >= pids_max => {
                 out.extend_from_slice(b"max")
             }
-            Print::PidsMax => put(out, value(PIDS_LIMIT) as i64 as i128),
-            Print::QuotaUs => put(out, quota_us(value(CFS_QUOTA))),
-            Print::PeriodUs => put(out, value(CFS_PERIOD) as i64 as i128 / 1000),
+            Print::PidsMax => put(out, long(PIDS_LIMIT)),
+            Print::QuotaUs => put(out, quota_us(record.values[CFS_QUOTA])),
+            Print::PeriodUs => put(out, long(CFS_PERIOD) / 1000),
             Print::CpuMax => {
-                match quota_us(value(CFS_QUOTA)) {
+                match quota_us(record.values[CFS_QUOTA]) {
                     -1 => out.extend_from_slice(b"max"),
                     quota => put(out, quota),
                 }
                 out.push(b' ');
-                put(out, value(CFS_PERIOD) as i64 as i128 / 1000);
+                put(out, long(CFS_PERIOD) / 1000);
             }
+            Print::CfsStat | Print::OomControl | Print::Events => unreachable!("printed above"),
         }
         out.push(b'\n');
         Answer::Text
@@ -270,6 +383,9 @@ fn quota_us(quota_ns: u64) -> i128 {
 /// The walk of a daemon's hierarchies, loaded on first use.
 pub struct Walker {
     roots: Vec<PathBuf>,
+    /// The v2 root among them, and its device.
+    unified: Option<PathBuf>,
+    unified_dev: Option<u64>,
     btf: PathBuf,
     state: Mutex<State>,
     /// When the last walk was, and how many cgroups it visited.
@@ -288,7 +404,7 @@ const RELEARN: Duration = Duration::from_secs(60);
 
 enum State {
     Untried,
-    Ready(Offsets, Box<Loaded>),
+    Ready(Box<Offsets>, Box<Loaded>),
     /// Why not, said once in the log.
     Unavailable(String),
 }
@@ -312,6 +428,7 @@ impl Walker {
             })
             .cloned()
             .collect();
+        let unified = roots.first().cloned();
         for controller in [Controller::Memory, Controller::Pids, Controller::Cpu] {
             if let Some(root) = layout.v1(controller) {
                 if !roots.iter().any(|r| r == root) {
@@ -320,6 +437,8 @@ impl Walker {
             }
         }
         Walker {
+            unified_dev: unified.as_deref().and_then(key_of).map(|(dev, _)| dev),
+            unified,
             roots,
             btf: PathBuf::from("/sys/kernel/btf/vmlinux"),
             state: Mutex::new(State::Untried),
@@ -346,7 +465,7 @@ impl Walker {
         let mut state = self.state.lock();
         if let State::Untried = *state {
             *state = match self.load(FIRST_CAPACITY, None) {
-                Ok((offsets, loaded)) => State::Ready(offsets, Box::new(loaded)),
+                Ok((offsets, loaded)) => State::Ready(Box::new(offsets), Box::new(loaded)),
                 Err(e) => {
                     log::warn!("{e}; every cgroup value is read from cgroupfs");
                     State::Unavailable(e.to_string())
@@ -358,7 +477,7 @@ impl Walker {
             State::Unavailable(why) => return Err(WalkError::Unavailable(why.clone())),
             State::Untried => unreachable!("loaded above"),
         };
-        let needed = match walk_all(offsets, loaded)? {
+        let needed = match walk_all(offsets, loaded, self.unified_dev)? {
             Ok(walked) => {
                 *self.last.lock() = Some((Instant::now(), walked.visited));
                 return Ok(walked);
@@ -370,14 +489,14 @@ impl Walker {
         // on every read: the walk is given up instead.
         let capacity = (needed * 2).next_power_of_two();
         let reloaded =
-            self.load(capacity, Some(offsets.clone()))
+            self.load(capacity, Some((**offsets).clone()))
                 .and_then(|(offsets, mut loaded)| {
-                    let walked = walk_all(&offsets, &mut loaded)?;
+                    let walked = walk_all(&offsets, &mut loaded, self.unified_dev)?;
                     Ok((offsets, loaded, walked))
                 });
         match reloaded {
             Ok((offsets, loaded, walked)) => {
-                *state = State::Ready(offsets, Box::new(loaded));
+                *state = State::Ready(Box::new(offsets), Box::new(loaded));
                 let walked = walked.map_err(|needed| {
                     WalkError::Run(std::io::Error::other(format!(
                         "{needed} cgroups, more than room was made for"
@@ -401,7 +520,14 @@ impl Walker {
     ) -> Result<(Offsets, Loaded), WalkError> {
         let offsets = match offsets {
             Some(offsets) => offsets,
-            None => Offsets::from_btf(&self.btf)?,
+            None => {
+                let (events, swap) = self.learn_memory_files();
+                let mut offsets = Offsets::from_btf(&self.btf, &events)?;
+                if !swap {
+                    offsets.words.configured &= !(1 << MEM_SWAP);
+                }
+                offsets
+            }
         };
         let loaded = Loaded::new(&offsets, &self.roots, capacity);
         // aya's load parses the kernel's BTF (twice: the loader's own and
@@ -417,13 +543,44 @@ impl Walker {
         );
         Ok((offsets, loaded))
     }
+
+    /// What the v2 memory files of a cgroup show on this kernel, learnt
+    /// from the first child of the v2 root that has them: the lines of
+    /// `memory.events` (they vary by kernel: `oom_group_kill` from 5.17,
+    /// `sock_throttled` later), and whether there is a
+    /// `memory.swap.current` (not where swap is not accounted). Nothing
+    /// when no child has the memory controller yet: those files are read.
+    fn learn_memory_files(&self) -> (Vec<String>, bool) {
+        let children = self
+            .unified
+            .as_deref()
+            .and_then(|root| std::fs::read_dir(root).ok());
+        for child in children.into_iter().flatten().flatten() {
+            let dir = child.path();
+            if let Ok(text) = std::fs::read_to_string(dir.join("memory.events")) {
+                let lines = text
+                    .lines()
+                    .filter_map(|l| Some(l.split_once(' ')?.0.to_string()))
+                    .collect();
+                return (lines, dir.join("memory.swap.current").exists());
+            }
+        }
+        (Vec::new(), false)
+    }
 }
 
 /// Each hierarchy walked, or the room that was lacking.
-fn walk_all(offsets: &Offsets, loaded: &mut Loaded) -> Result<Result<Walked, usize>, WalkError> {
+fn walk_all(
+    offsets: &Offsets,
+    loaded: &mut Loaded,
+    unified_dev: Option<u64>,
+) -> Result<Result<Walked, usize>, WalkError> {
     let mut walked = Walked {
         hierarchies: Vec::with_capacity(loaded.hierarchies.len()),
-        configured: offsets.configured,
+        words: offsets.words.clone(),
+        // Absent where the kernel has no scheduler statistics at all.
+        schedstats: std::fs::read("/proc/sys/kernel/sched_schedstats")
+            .is_ok_and(|on| on.starts_with(b"1")),
         page: page_size(),
         visited: 0,
     };
@@ -434,8 +591,10 @@ fn walk_all(offsets: &Offsets, loaded: &mut Loaded) -> Result<Result<Walked, usi
         match loaded.walk(index)? {
             Ok(found) => {
                 walked.visited += found.visited;
+                let dev = loaded.hierarchies[index].0;
                 walked.hierarchies.push(Hierarchy {
-                    dev: loaded.hierarchies[index].0,
+                    dev,
+                    v1: Some(dev) != unified_dev,
                     root: found.root,
                     records: found.records,
                 });
@@ -450,39 +609,66 @@ fn walk_all(offsets: &Offsets, loaded: &mut Loaded) -> Result<Result<Walked, usi
 mod tests {
     use super::*;
 
-    const ALL_WORDS: u64 = (1 << btf::WORDS.len()) - 1;
+    const ALL_WORDS: u64 = (1 << FIELDS) - 1;
 
     /// PIDS_MAX of most kernels, as a root's pids limit holds it.
     const PIDS_MAX: u64 = 4 * 1024 * 1024 + 1;
 
+    /// The lines of 6.1's `memory.events`.
+    const EVENT_LINES: [&str; 6] = ["low", "high", "max", "oom", "oom_kill", "oom_group_kill"];
+
+    /// A v2 hierarchy (device 7) and a v1 one (device 8), each with a root
+    /// and cgroup 42 holding `values`.
     fn walked(present: u64, missing: u64, values: [u64; FIELDS]) -> Walked {
         let mut root = [0; FIELDS];
         root[PIDS_LIMIT] = PIDS_MAX;
-        Walked {
-            hierarchies: vec![Hierarchy {
-                dev: 7,
-                root: Some(WalkRecord {
-                    id: 1,
-                    present: ALL_WORDS,
-                    missing: 0,
-                    values: root,
-                }),
-                records: vec![WalkRecord {
-                    id: 42,
-                    present,
-                    missing,
-                    values,
-                }],
+        let hierarchy = |dev, v1| Hierarchy {
+            dev,
+            v1,
+            root: Some(WalkRecord {
+                id: 1,
+                present: ALL_WORDS,
+                missing: 0,
+                values: root,
+            }),
+            records: vec![WalkRecord {
+                id: 42,
+                present,
+                missing,
+                values,
             }],
-            configured: ALL_WORDS,
+        };
+        let mut sizes = [8; FIELDS];
+        for int in [
+            CFS_PERIODS,
+            CFS_THROTTLED,
+            CFS_BURSTS,
+            OOM_KILL_DISABLE,
+            UNDER_OOM,
+        ] {
+            sizes[int] = 4;
+        }
+        Walked {
+            hierarchies: vec![hierarchy(7, false), hierarchy(8, true)],
+            words: Words {
+                configured: ALL_WORDS,
+                sizes,
+                events: EVENT_LINES.map(String::from).to_vec(),
+            },
+            schedstats: false,
             page: 4096,
-            visited: 2,
+            visited: 4,
         }
     }
 
+    /// Cgroup 42's file, in the hierarchy that has it.
     fn text(w: &Walked, file: &str) -> (Answer, String) {
+        let v1 = FILES
+            .iter()
+            .any(|(f, tree, _)| *f == file && *tree == Tree::V1);
+        let dev = if v1 { 8 } else { 7 };
         let mut out = Vec::new();
-        let answer = w.render((7, 42), file, &mut out);
+        let answer = w.render((dev, 42), file, &mut out);
         (answer, String::from_utf8(out).unwrap())
     }
 
@@ -541,7 +727,7 @@ mod tests {
             "a cgroup the walk did not see"
         );
         assert_eq!(
-            w.render((8, 42), "memory.current", &mut out),
+            w.render((9, 42), "memory.current", &mut out),
             Answer::ReadFile,
             "a hierarchy not walked"
         );
@@ -564,6 +750,8 @@ mod tests {
     fn a_walk_pays_when_the_host_has_few_cgroups_a_container() {
         let walker = Walker {
             roots: Vec::new(),
+            unified: None,
+            unified_dev: None,
             btf: PathBuf::new(),
             state: Mutex::new(State::Untried),
             last: Mutex::new(None),
@@ -580,8 +768,66 @@ mod tests {
     #[test]
     fn a_word_the_kernel_lacks_is_read_from_the_file() {
         let mut w = walked(ALL_WORDS, 0, [0; FIELDS]);
-        w.configured &= !(1 << CFS_QUOTA);
+        w.words.configured &= !(1 << CFS_QUOTA);
         assert_eq!(text(&w, "cpu.max").0, Answer::ReadFile);
         assert_eq!(text(&w, "cpu.cfs_period_us").0, Answer::Text);
+    }
+
+    #[test]
+    fn prints_counters_as_the_kernel_does() {
+        let mut values = [0u64; FIELDS];
+        // An int's other four bytes are whatever follows it in the struct.
+        values[CFS_PERIODS] = 0xdead_beef_0000_0007;
+        values[CFS_THROTTLED] = 0xffff_ffff_ffff_fffe;
+        values[CFS_THROTTLED_TIME] = 123_456_789_012;
+        values[CFS_BURSTS] = 1 << 32;
+        values[CFS_BURST_TIME] = 0;
+        values[OOM_KILL_DISABLE] = 1;
+        values[UNDER_OOM] = 0x1_0000_0002;
+        values[OOM_KILL] = 3;
+        for (i, v) in (EVENTS..EVENTS + 6).zip(10..) {
+            values[i] = v;
+        }
+        values[MEM_SWAP] = 2;
+        let w = walked(ALL_WORDS, 0, values);
+        let text = |file| text(&w, file).1;
+        assert_eq!(
+            text("cpu.stat"),
+            "nr_periods 7\nnr_throttled -2\nthrottled_time 123456789012\n\
+             nr_bursts 0\nburst_time 0\n"
+        );
+        assert_eq!(
+            text("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 1\noom_kill 3\n"
+        );
+        assert_eq!(
+            text("memory.events"),
+            "low 10\nhigh 11\nmax 12\noom 13\noom_kill 14\noom_group_kill 15\n"
+        );
+        assert_eq!(text("memory.swap.current"), "8192\n");
+    }
+
+    #[test]
+    fn a_file_of_the_other_tree_or_not_learnt_is_read() {
+        let mut w = walked(ALL_WORDS, 0, [0; FIELDS]);
+        let mut out = Vec::new();
+        // v2's cpu.stat has other lines.
+        assert_eq!(w.render((7, 42), "cpu.stat", &mut out), Answer::ReadFile);
+        assert_eq!(w.render((8, 42), "cpu.stat", &mut out), Answer::Text);
+        assert_eq!(
+            w.render((8, 42), "memory.events", &mut out),
+            Answer::ReadFile
+        );
+        // Scheduler statistics add a line the walk does not read.
+        w.schedstats = true;
+        assert_eq!(text(&w, "cpu.stat").0, Answer::ReadFile);
+        assert_eq!(text(&w, "memory.oom_control").0, Answer::Text);
+        // No memory.events was seen at load.
+        w.words.events.clear();
+        assert_eq!(text(&w, "memory.events").0, Answer::ReadFile);
+        // One line's word missing from the kernel: the whole file is read.
+        w.words.events = EVENT_LINES.map(String::from).to_vec();
+        w.words.configured &= !(1 << (EVENTS + 5));
+        assert_eq!(text(&w, "memory.events").0, Answer::ReadFile);
     }
 }
