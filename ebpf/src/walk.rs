@@ -56,6 +56,12 @@ pub struct IterCgroup {
     cgroup: u64,
 }
 
+/// What a cgroup has of a controller: no state, or one without files (its
+/// files are absent); a state with files; or a state that could not be read.
+const STATE_MISSING: u8 = 0;
+const STATE_VISIBLE: u8 = 1;
+const STATE_UNREADABLE: u8 = 2;
+
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/cgroup")]
 pub fn walk_cgroups(ctx: *mut IterCgroup) -> i32 {
@@ -95,6 +101,10 @@ unsafe fn visit(ctx: *mut IterCgroup) {
         .and_then(|kn| word(kn + config.kn_id as u64))
         .unwrap_or(0);
     let (mut present, mut missing) = (0u64, 0u64);
+    // The last controller state looked up: fields of one controller follow
+    // each other, so each state is read once, not once per field.
+    let mut cached_subsys = UNUSED;
+    let mut cached = (STATE_UNREADABLE, 0u64);
     // Written out, not a loop: before 6.3 the verifier rejects a loop that
     // comes back to the instruction after a call ("back-edge from insn"),
     // and LLVM leaves this one rolled.
@@ -102,19 +112,27 @@ unsafe fn visit(ctx: *mut IterCgroup) {
         ($($i:literal)*) => {$(
             let field = config.fields[$i];
             if field.subsys != UNUSED && field.subsys < config.subsys_count {
-                match word(cgroup + config.cgroup_subsys as u64 + 8 * field.subsys as u64) {
-                    Some(0) => missing |= 1 << $i,
-                    Some(state) => match flags(state + config.css_flags as u64) {
-                        Some(f) if f & config.css_visible == 0 => missing |= 1 << $i,
-                        Some(_) => {
-                            if let Some(value) = word(state + field.offset as u64) {
-                                unsafe { (*record).values[$i] = value };
-                                present |= 1 << $i;
-                            }
+                if field.subsys != cached_subsys {
+                    cached_subsys = field.subsys;
+                    cached = match word(cgroup + config.cgroup_subsys as u64 + 8 * field.subsys as u64) {
+                        Some(0) => (STATE_MISSING, 0),
+                        Some(state) => match flags(state + config.css_flags as u64) {
+                            Some(f) if f & config.css_visible == 0 => (STATE_MISSING, 0),
+                            Some(_) => (STATE_VISIBLE, state),
+                            None => (STATE_UNREADABLE, 0),
+                        },
+                        None => (STATE_UNREADABLE, 0),
+                    };
+                }
+                match cached {
+                    (STATE_MISSING, _) => missing |= 1 << $i,
+                    (STATE_VISIBLE, state) => {
+                        if let Some(value) = word(state + field.offset as u64) {
+                            unsafe { (*record).values[$i] = value };
+                            present |= 1 << $i;
                         }
-                        None => {}
-                    },
-                    None => {}
+                    }
+                    _ => {}
                 }
             }
         )*};
