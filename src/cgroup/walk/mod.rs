@@ -393,10 +393,10 @@ pub struct Walker {
 }
 
 /// A walk pays when the cgroups it visits are at most this many per
-/// container: it visits a cgroup in 0.76 µs and spares each container 6
-/// (v2) to 8 (v1) files of 3 µs (kept open) to 9 µs (opened) each, so it
-/// pays up to about 23 cgroups a container (`cargo bench --bench reads --
-/// aggregates`, 2026-11-28: 25.7 ms for 33,624 cgroups).
+/// container: it visits a cgroup in 0.9 µs and spares each container 8
+/// (v2) to 10 (v1) files of 3 µs (kept open) to 9 µs (opened) each, so it
+/// pays up to about 27 cgroups a container (`cargo bench --bench reads --
+/// aggregates`, 2026-11-28, session 17: 30.3 ms for 33,623 cgroups).
 const CGROUPS_PER_CONTAINER: usize = 16;
 
 /// How long a walk's count of cgroups is trusted.
