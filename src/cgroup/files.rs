@@ -38,6 +38,8 @@ type Result<T> = std::result::Result<T, SourceError>;
 #[derive(Default)]
 pub struct Files<'a> {
     kept: Option<&'a KeptFiles>,
+    /// Files the walk can answer are read but not kept.
+    unwalked_only: bool,
     walked: Option<&'a Walked>,
     /// Files the walk answered.
     answered: u64,
@@ -57,6 +59,12 @@ impl<'a> Files<'a> {
     /// now on.
     pub fn use_walk(&mut self, walked: Option<&'a Walked>) {
         self.walked = walked;
+    }
+
+    /// Keeps no file the walk can answer: reading it is all that is
+    /// wanted.
+    pub fn keep_only_unwalked(&mut self) {
+        self.unwalked_only = true;
     }
 
     /// How many files the walk answered since the last call.
@@ -148,8 +156,10 @@ impl<'a> Files<'a> {
         });
         match read {
             Ok(fd) => {
-                if let Some(kept) = self.kept {
-                    kept.keep(dir, file, fd, self.texts.len() - start);
+                match self.kept {
+                    Some(_) if self.unwalked_only && walk::answers(file) => {}
+                    Some(kept) => kept.keep(dir, file, fd, self.texts.len() - start),
+                    None => {}
                 }
                 Ok(true)
             }

@@ -124,6 +124,14 @@ impl Sampler {
         container.available_with(|| {
             let mut sample = Sample::default();
             let mut files = Files::new(&container.kept);
+            // Learning which files there are opens every one; those the
+            // walk answers for aggregates are kept only once a single-file
+            // read reads them, so that the budget goes to files aggregates
+            // read from cgroupfs (at 1,000 containers it holds a quarter of
+            // their files).
+            if self.walker.is_some() {
+                files.keep_only_unwalked();
+            }
             let mut broken: HashSet<Group> = HashSet::new();
             let groups = groups_of(METRICS.iter().map(|m| m.id));
             for group in groups.into_iter().filter(|g| g.is_cgroupfs()) {
