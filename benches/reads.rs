@@ -613,14 +613,14 @@ fn aggregates(layout: &Layout, base: &str, cleanup: &mut Cleanup) {
     );
     if let Some(files) = largest {
         let walked_kinds = direct_by_file(&files, base, 10_000);
-        walk_alone(layout, walked_kinds);
+        walk_alone(layout, base, walked_kinds);
     }
 }
 
 /// What one walk of every hierarchy costs on its own (the 10,000
 /// containers above are still there): the part of an aggregate read that
 /// replaces the files the walk answers.
-fn walk_alone(layout: &Layout, files_ms: f64) {
+fn walk_alone(layout: &Layout, base: &str, files_ms: f64) {
     let walker = cgmetric::cgroup::walk::Walker::new(layout);
     let first = walker.walk().expect("the cgroup walk runs on this kernel");
     let cgroups = first.len();
@@ -641,6 +641,64 @@ fn walk_alone(layout: &Layout, files_ms: f64) {
         median.as_secs_f64() * 1e3,
         median.as_secs_f64() * 1e6 / cgroups as f64,
         median.as_secs_f64() * 1e3 / files_ms
+    );
+    mkdir_during_walks(layout, base, &walker);
+}
+
+/// What the walk costs the rest of the host: a cgroup iterator holds
+/// `cgroup_mutex` for its whole hierarchy, and making or removing any
+/// cgroup takes it too, so a container starting during a scrape can wait.
+/// Times a `mkdir` and `rmdir` of a cgroup, 200 of each, with nothing
+/// else running and then with walks back to back (the worst case: a
+/// scrape walks once).
+fn mkdir_during_walks(layout: &Layout, base: &str, walker: &cgmetric::cgroup::walk::Walker) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let root = layout
+        .v1(Controller::Memory)
+        .map(Path::to_path_buf)
+        .or_else(|| layout.unified.clone())
+        .expect("a memory hierarchy");
+    let probe = root.join(base).join("mkdir-probe");
+    let time = |times: &mut Vec<Duration>| {
+        for _ in 0..200 {
+            let started = Instant::now();
+            fs::create_dir(&probe).expect("mkdir");
+            fs::remove_dir(&probe).expect("rmdir");
+            times.push(started.elapsed());
+        }
+    };
+    let mut idle = Vec::new();
+    time(&mut idle);
+    let walking = AtomicBool::new(true);
+    let mut busy = Vec::new();
+    let walks = std::thread::scope(|scope| {
+        let walker = scope.spawn(|| {
+            let mut walks = 0;
+            while walking.load(Ordering::Relaxed) {
+                walker.walk().expect("walk");
+                walks += 1;
+            }
+            walks
+        });
+        time(&mut busy);
+        walking.store(false, Ordering::Relaxed);
+        walker.join().unwrap()
+    });
+    let show = |times: &mut Vec<Duration>| {
+        let (p50, p99) = (percentile(times, 0.5), percentile(times, 0.99));
+        let max = times.iter().max().copied().unwrap_or_default();
+        format!(
+            "p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            micros(p50),
+            micros(p99),
+            micros(max)
+        )
+    };
+    println!(
+        "A cgroup's mkdir and rmdir (200), nothing else running: {}; with walks back to back \
+         ({walks} walks meanwhile): {}\n",
+        show(&mut idle),
+        show(&mut busy)
     );
 }
 

@@ -116,26 +116,31 @@ impl<'a> Files<'a> {
         Ok(range)
     }
 
+    /// The walk's answer, when it has one: the text appended (true), or
+    /// no such file (false).
+    fn walk_answer(&mut self, dir: &Path, file: &str) -> Option<bool> {
+        let (walked, kept) = (self.walked?, self.kept?);
+        if !walk::answers(file) {
+            return None;
+        }
+        let found = match walked.render(kept.cgroup_key(dir)?, file, &mut self.texts) {
+            Answer::Text => true,
+            Answer::Absent => false,
+            Answer::Unseen => {
+                kept.forget_key(dir);
+                return None;
+            }
+            Answer::ReadFile => return None,
+        };
+        self.answered += 1;
+        Some(found)
+    }
+
     /// Appends the file's text; false when the cgroup has no such file.
     fn fetch(&mut self, dir: &Path, file: &'static str) -> Result<bool> {
         let path = || dir.join(file);
-        if let (Some(walked), Some(kept)) = (self.walked, self.kept) {
-            if walk::answers(file) {
-                if let Some(key) = kept.cgroup_key(dir) {
-                    match walked.render(key, file, &mut self.texts) {
-                        Answer::Text => {
-                            self.answered += 1;
-                            return Ok(true);
-                        }
-                        Answer::Absent => {
-                            self.answered += 1;
-                            return Ok(false);
-                        }
-                        Answer::Unseen => kept.forget_key(dir),
-                        Answer::ReadFile => {}
-                    }
-                }
-            }
+        if let Some(found) = self.walk_answer(dir, file) {
+            return Ok(found);
         }
         if let Some(kept) = self.kept {
             match kept.read_into(dir, file, &mut self.texts) {
