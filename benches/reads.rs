@@ -648,9 +648,9 @@ fn walk_alone(layout: &Layout, base: &str, files_ms: f64) {
 /// What the walk costs the rest of the host: a cgroup iterator holds
 /// `cgroup_mutex` for its whole hierarchy, and making or removing any
 /// cgroup takes it too, so a container starting during a scrape can wait.
-/// Times a `mkdir` and `rmdir` of a cgroup, 200 of each, with nothing
-/// else running and then with walks back to back (the worst case: a
-/// scrape walks once).
+/// Times a `mkdir` and `rmdir` of a cgroup, one after the other for 2 s,
+/// with nothing else running and then with walks back to back (the worst
+/// case: a scrape walks once).
 fn mkdir_during_walks(layout: &Layout, base: &str, walker: &cgmetric::cgroup::walk::Walker) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let root = layout
@@ -660,7 +660,8 @@ fn mkdir_during_walks(layout: &Layout, base: &str, walker: &cgmetric::cgroup::wa
         .expect("a memory hierarchy");
     let probe = root.join(base).join("mkdir-probe");
     let time = |times: &mut Vec<Duration>| {
-        for _ in 0..200 {
+        let begun = Instant::now();
+        while begun.elapsed() < Duration::from_secs(2) {
             let started = Instant::now();
             fs::create_dir(&probe).expect("mkdir");
             fs::remove_dir(&probe).expect("rmdir");
@@ -695,10 +696,12 @@ fn mkdir_during_walks(layout: &Layout, base: &str, walker: &cgmetric::cgroup::wa
         )
     };
     println!(
-        "A cgroup's mkdir and rmdir (200), nothing else running: {}; with walks back to back \
-         ({walks} walks meanwhile): {}\n",
+        "A cgroup's mkdir and rmdir for 2 s, nothing else running: {} ({} of them); with walks \
+         back to back: {} ({} of them, {walks} walks meanwhile)\n",
         show(&mut idle),
-        show(&mut busy)
+        idle.len(),
+        show(&mut busy),
+        busy.len()
     );
 }
 
