@@ -161,24 +161,8 @@ fn an_oom_kill_shows_in_events_kills_and_peak() {
     assert_eq!(daemon.number("oomer/memory_oom_kills"), 0);
     assert_eq!(daemon.number("oomer/memory_max_events"), 0);
 
-    // dd fills a 64 MiB buffer in a 32 MiB cgroup: charges fail at the
-    // limit, reclaim finds nothing (no swap, anonymous memory), OOM kill.
-    let status = oomer
-        .start(Command::new("dd").args([
-            "if=/dev/zero",
-            "of=/dev/null",
-            "bs=64M",
-            "count=1",
-            "status=none",
-        ]))
-        .wait()
-        .unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(
-        status.signal(),
-        Some(libc::SIGKILL),
-        "dd was not killed: {status}"
-    );
+    // dd fills a 64 MiB buffer in a 32 MiB cgroup.
+    oomer.oom_kill_a_dd();
 
     // Nothing runs in the cgroup any more: the kernel's counts are still.
     let kills = kernel_event(&oomer, "oom_kill");

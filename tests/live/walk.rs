@@ -115,18 +115,7 @@ fn the_walk_answers_every_file_as_cgroupfs_does() {
     // An OOM kill: dd's 64 MiB buffer in 32 MiB.
     let killed = parent.child("killed");
     killed.limit_memory(32 << 20);
-    let dd = killed
-        .start(Command::new("dd").args([
-            "if=/dev/zero",
-            "of=/dev/null",
-            "bs=64M",
-            "count=1",
-            "status=none",
-        ]))
-        .wait()
-        .unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(dd.signal(), Some(libc::SIGKILL), "dd was not killed: {dd}");
+    killed.oom_kill_a_dd();
     // Pure v2: a cgroup under a parent that enables io alone has a memory
     // state (io depends on memory) but no memory files.
     let io_only = parent.child("io_only");

@@ -195,6 +195,28 @@ impl Cgroup {
         assert!(status.success(), "dd: {status}");
     }
 
+    /// Runs `dd` with a 64 MiB buffer here and waits for the OOM killer
+    /// to kill it: under a smaller limit, charges fail at the limit and
+    /// reclaim finds nothing (no swap, anonymous memory).
+    pub fn oom_kill_a_dd(&self) {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self
+            .start(Command::new("dd").args([
+                "if=/dev/zero",
+                "of=/dev/null",
+                "bs=64M",
+                "count=1",
+                "status=none",
+            ]))
+            .wait()
+            .unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "dd was not killed: {status}"
+        );
+    }
+
     pub fn pressure(&self, file: &str, line: &str) -> Option<u64> {
         let text = fs::read_to_string(self.v2_dir()?.join(file)).ok()?;
         text.lines()
