@@ -61,8 +61,9 @@ impl<'a> Files<'a> {
         self.walked = walked;
     }
 
-    /// Keeps no file the walk can answer: reading it is all that is
-    /// wanted.
+    /// Keeps no file the walk answers wherever it is: aggregates take it
+    /// from the walk, or, when a walk does not pay, open it (few
+    /// containers); single-file reads keep what they read.
     pub fn keep_only_unwalked(&mut self) {
         self.unwalked_only = true;
     }
@@ -162,7 +163,7 @@ impl<'a> Files<'a> {
         match read {
             Ok(fd) => {
                 match self.kept {
-                    Some(_) if self.unwalked_only && walk::answers(file) => {}
+                    Some(_) if self.unwalked_only && walk::answers_wherever(file) => {}
                     Some(kept) => kept.keep(dir, file, fd, self.texts.len() - start),
                     None => {}
                 }

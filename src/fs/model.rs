@@ -261,7 +261,7 @@ impl Model {
         for group in groups {
             // Rates would wait a window; the container's are 0 from now on.
             if !matches!(group, Group::CpuRate | Group::NetRate) {
-                let _ = self.sampler.read(container, group, &mut sample);
+                let _ = self.sampler.read_final(container, group, &mut sample);
             }
         }
         self.keep(&mut self.finals.lock(), container.slot, &sample);

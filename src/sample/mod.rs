@@ -59,6 +59,16 @@ impl Sampler {
         self.walker = Some(Walker::new(&self.layout));
     }
 
+    /// Whether aggregates take files from the walk: then neither they nor
+    /// learning a container's files keep open the files the walk answers,
+    /// and the budget goes to the files aggregates read from cgroupfs (at
+    /// 1,000 containers it would otherwise hold a quarter of them). Not
+    /// when a walk does not pay either: which it does changes with the
+    /// number of containers, and what is kept should not.
+    fn walks_aggregates(&self) -> bool {
+        self.walker.as_ref().is_some_and(|w| !w.is_unavailable())
+    }
+
     /// One walk of the cgroups for an aggregate read of `containers`, its
     /// CPU time counted; `None` when the walk is off, not available, or
     /// would cost more than it spares.
@@ -126,10 +136,8 @@ impl Sampler {
             let mut files = Files::new(&container.kept);
             // Learning which files there are opens every one; those the
             // walk answers for aggregates are kept only once a single-file
-            // read reads them, so that the budget goes to files aggregates
-            // read from cgroupfs (at 1,000 containers it holds a quarter of
-            // their files).
-            if self.walker.is_some() {
+            // read reads them (see `walks_aggregates`).
+            if self.walks_aggregates() {
                 files.keep_only_unwalked();
             }
             let mut broken: HashSet<Group> = HashSet::new();
@@ -179,6 +187,22 @@ impl Sampler {
         self.read_cached(container, group, out, &mut Scratch::new(container))
     }
 
+    /// Reads one group of a container whose last process left: no more of
+    /// its files are kept open than an aggregate keeps, as nobody reads
+    /// them one by one for long.
+    pub fn read_final(
+        &self,
+        container: &Metered,
+        group: Group,
+        out: &mut Sample,
+    ) -> Result<(), SourceError> {
+        let mut scratch = Scratch::new(container);
+        if self.walks_aggregates() {
+            scratch.files.keep_only_unwalked();
+        }
+        self.read_cached(container, group, out, &mut scratch)
+    }
+
     /// Every available metric of one container. A malformed source is
     /// logged and left out; a vanished cgroup is an error.
     pub fn sample(&self, container: &Metered) -> Result<Sample, SourceError> {
@@ -195,6 +219,9 @@ impl Sampler {
     ) -> Vec<(Arc<Metered>, Sample)> {
         let mut scratch = Scratch::default();
         scratch.files.use_walk(walked);
+        if self.walks_aggregates() {
+            scratch.files.keep_only_unwalked();
+        }
         let mut clock = Clock::default();
         let samples = containers
             .iter()

@@ -265,7 +265,8 @@ fn ten_thousand_containers_come_and_go_under_eight_readers() {
     assert!(rss * 10 <= rss0 * 11, "RSS grew from {rss0} to {rss} KiB");
     assert!(
         fds * 10 <= fds0 * 11,
-        "descriptors grew from {fds0} to {fds}"
+        "descriptors grew from {fds0} to {fds}: {:#?}",
+        crate::support::fd_targets(pid)
     );
     assert!(daemon.stderr().lines().all(|l| !l.contains("ERROR")));
 }

@@ -203,6 +203,17 @@ pub fn answers(file: &str) -> bool {
     FILES.iter().any(|(f, _, _)| *f == file)
 }
 
+/// Names the walk answers in one tree only, though the other has a file of
+/// that name too (with other lines).
+const NAMESAKES: [&str; 1] = ["cpu.stat"];
+
+/// Whether the walk answers `file` in every cgroup that has a file of that
+/// name (when it saw the cgroup): such files need not be kept open for
+/// aggregates.
+pub fn answers_wherever(file: &str) -> bool {
+    answers(file) && !NAMESAKES.contains(&file)
+}
+
 /// A cgroup directory as the walk knows it: its hierarchy's device and
 /// its inode number (the kernel's cgroup id in that hierarchy).
 pub type CgroupKey = (u64, u64);
@@ -444,6 +455,11 @@ impl Walker {
             state: Mutex::new(State::Untried),
             last: Mutex::new(None),
         }
+    }
+
+    /// Whether the walk could not be loaded: aggregates read every file.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(*self.state.lock(), State::Unavailable(_))
     }
 
     /// Whether walking pays for an aggregate of `containers`: a walk visits
@@ -829,5 +845,17 @@ mod tests {
         w.words.events = EVENT_LINES.map(String::from).to_vec();
         w.words.configured &= !(1 << (EVENTS + 5));
         assert_eq!(text(&w, "memory.events").0, Answer::ReadFile);
+    }
+
+    #[test]
+    fn a_name_both_trees_have_is_not_answered_wherever() {
+        assert!(answers("cpu.stat"));
+        assert!(!answers_wherever("cpu.stat"));
+        assert!(answers_wherever("memory.current"));
+        assert!(answers_wherever("pids.max"));
+        assert!(!answers_wherever("memory.stat"));
+        for name in NAMESAKES {
+            assert!(answers(name), "{name} is in FILES");
+        }
     }
 }
