@@ -69,6 +69,13 @@ impl Sampler {
         self.walker.as_ref().is_some_and(|w| !w.is_unavailable())
     }
 
+    /// Makes `files` keep what an aggregate keeps (see `walks_aggregates`).
+    fn keep_as_aggregates_do(&self, files: &mut Files) {
+        if self.walks_aggregates() {
+            files.keep_only_unwalked();
+        }
+    }
+
     /// One walk of the cgroups for an aggregate read of `containers`, its
     /// CPU time counted; `None` when the walk is off, not available, or
     /// would cost more than it spares.
@@ -136,10 +143,8 @@ impl Sampler {
             let mut files = Files::new(&container.kept);
             // Learning which files there are opens every one; those the
             // walk answers for aggregates are kept only once a single-file
-            // read reads them (see `walks_aggregates`).
-            if self.walks_aggregates() {
-                files.keep_only_unwalked();
-            }
+            // read reads them.
+            self.keep_as_aggregates_do(&mut files);
             let mut broken: HashSet<Group> = HashSet::new();
             let groups = groups_of(METRICS.iter().map(|m| m.id));
             for group in groups.into_iter().filter(|g| g.is_cgroupfs()) {
@@ -197,9 +202,7 @@ impl Sampler {
         out: &mut Sample,
     ) -> Result<(), SourceError> {
         let mut scratch = Scratch::new(container);
-        if self.walks_aggregates() {
-            scratch.files.keep_only_unwalked();
-        }
+        self.keep_as_aggregates_do(&mut scratch.files);
         self.read_cached(container, group, out, &mut scratch)
     }
 
@@ -219,9 +222,7 @@ impl Sampler {
     ) -> Vec<(Arc<Metered>, Sample)> {
         let mut scratch = Scratch::default();
         scratch.files.use_walk(walked);
-        if self.walks_aggregates() {
-            scratch.files.keep_only_unwalked();
-        }
+        self.keep_as_aggregates_do(&mut scratch.files);
         let mut clock = Clock::default();
         let samples = containers
             .iter()
