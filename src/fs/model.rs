@@ -216,7 +216,10 @@ impl Model {
         for container in &refreshed.emptied {
             self.capture(container);
         }
-        let records: Vec<Record> = refreshed.removed.iter().map(|c| self.end(c)).collect();
+        let now = SystemTime::now();
+        let ended: Vec<(Record, Final)> =
+            refreshed.removed.iter().map(|c| self.end(c, now)).collect();
+        let (records, ended): (Vec<Record>, Vec<Final>) = ended.into_iter().unzip();
         let vanished = !refreshed.removed.is_empty();
         let mut pending = false;
         if let Some(ledger) = &self.ledger {
@@ -227,6 +230,11 @@ impl Model {
                 || !refreshed.renamed.is_empty()
                 || before != ledger.pending();
             self.update_index(ledger, changed);
+        }
+        // Shown once its record was written (or is pending, should the disk
+        // be full): a script that sees `exited/NAME` finds its bill too.
+        for (container, sample) in ended {
+            self.exited.add(container, sample, now);
         }
         if let Some(net) = &self.net {
             if pending {
@@ -292,11 +300,10 @@ impl Model {
         }
     }
 
-    /// A container vanished: its final values, shown under `exited/`, and
-    /// its ledger record. Network counters are read from the maps, which
+    /// A container vanished: its ledger record, and its final values to
+    /// show under `exited/`. Network counters are read from the maps, which
     /// hold them until the next sweep.
-    fn end(&self, container: &Arc<Metered>) -> Record {
-        let now = SystemTime::now();
+    fn end(&self, container: &Arc<Metered>, now: SystemTime) -> (Record, Final) {
         let mut sample = self
             .finals
             .lock()
@@ -351,8 +358,7 @@ impl Model {
             container.runtime,
             container.name
         );
-        self.exited.add(Arc::new(container.ended()), sample, now);
-        record
+        (record, (Arc::new(container.ended()), sample))
     }
 
     fn first_seen_of(&self, container: &Metered) -> String {
@@ -1065,6 +1071,9 @@ fn dots(ino: u64) -> Vec<DirEntry> {
         },
     ]
 }
+
+/// An ended container and its final values, as `exited/` shows them.
+type Final = (Arc<Metered>, Sample);
 
 /// What a ledger record keeps of a container's final sample: its counters.
 fn ledger_counters(
