@@ -489,12 +489,23 @@ fn a_docker_container_that_stops_is_billed_for_each_run() {
         // its CPU time in exited/ is what the daemon took when its last
         // process left, before Docker's teardown removed the cgroups.
         cli(DOCKER, &["stop", "-t", "0", &client]);
+        // exited/ shows this run once its record was written.
+        let ended_at = daemon.path(&format!("exited/{client}/exited_at"));
+        let shown = || std::fs::read_to_string(&ended_at).ok();
+        let previous = runs
+            .last()
+            .map(|r: &cgmetric::ledger::Record| format!("{}\n", r.exited));
         assert!(
             eventually(Duration::from_secs(5), || !daemon.path(&client).exists()
-                && ledger_records(&daemon, &client).len() == run_number + 1),
+                && shown().is_some_and(|at| Some(at) != previous)),
             "run {run_number}: {:?}\n{}",
             ledger_records(&daemon, &client),
             daemon.stderr()
+        );
+        assert_eq!(
+            ledger_records(&daemon, &client).len(),
+            run_number + 1,
+            "run {run_number}"
         );
         let exited = |f: &str| daemon.number(&format!("exited/{client}/{f}"));
         assert_eq!(exited("net_bytes_rx"), rx);
@@ -506,6 +517,7 @@ fn a_docker_container_that_stops_is_billed_for_each_run() {
             "run {run_number}: cpu {cpu} then {final_cpu}"
         );
         let record = ledger_records(&daemon, &client).pop().unwrap();
+        assert_eq!(Some(format!("{}\n", record.exited)), shown());
         assert_eq!(record.id, buyer.id);
         assert_eq!(record.runtime, "docker");
         assert_eq!(record.counters["net_bytes_rx"], rx);
