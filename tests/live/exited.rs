@@ -195,9 +195,8 @@ fn a_name_that_comes_back_is_recorded_twice() {
         assert!(tx > payload && tx < payload + payload / 10, "tx {tx}");
         sent.push((job.v2_id(), tx));
         job.remove();
-        // Looked up (and so cached by the kernel for a minute) after each:
-        // the name shows the latest incarnation once it ended, not the
-        // cached one.
+        // Looked up (and so cached by the kernel) after each: the name
+        // shows the latest incarnation once it ended, not the cached one.
         let shown = daemon.path("exited/job/net_bytes_tx");
         assert!(
             eventually(Duration::from_secs(5), || std::fs::read_to_string(&shown)
