@@ -217,9 +217,8 @@ impl Model {
             self.capture(container);
         }
         let now = SystemTime::now();
-        let ended: Vec<(Record, Final)> =
-            refreshed.removed.iter().map(|c| self.end(c, now)).collect();
-        let (records, ended): (Vec<Record>, Vec<Final>) = ended.into_iter().unzip();
+        let (records, ended): (Vec<Record>, Vec<Final>) =
+            refreshed.removed.iter().map(|c| self.end(c, now)).unzip();
         let vanished = !refreshed.removed.is_empty();
         let mut pending = false;
         if let Some(ledger) = &self.ledger {
