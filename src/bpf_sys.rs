@@ -170,3 +170,80 @@ pub fn iter_create(link: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     };
     bpf(BPF_ITER_CREATE, &mut attr).map(owned)
 }
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every entry of the hash map `map`, a few hundred to a system call
+/// (BPF_MAP_LOOKUP_BATCH, Linux 5.6): `each` gets a key of `key_size` bytes
+/// and its value of `value_size` bytes (of a per-CPU map: each possible
+/// CPU's value, rounded up to 8 bytes, one after another). Returns how many
+/// entries there were. An entry that the programs add meanwhile to a
+/// bucket already read is missed, as it would be by a read just before.
+pub fn lookup_batch(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> io::Result<usize> {
+    /// `bpf_attr` for the BPF_MAP_*_BATCH commands.
+    #[repr(C, align(8))]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    // A hash map's position is its next bucket's index, a u32.
+    let (mut position, mut next) = (0u64, 0u64);
+    let mut count = 256usize;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let mut entries = 0;
+    let mut first = true;
+    loop {
+        keys.resize(count * key_size, 0u8);
+        values.resize(count * value_size, 0u8);
+        let mut attr = Batch {
+            in_batch: if first {
+                0
+            } else {
+                &position as *const u64 as u64
+            },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: count as u32,
+            map_fd: map.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // ENOENT ends the walk, and may come with the last entries.
+        let done = match result {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // One bucket holds more entries than fit: ask for more at once.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count < 1 << 20 => {
+                count *= 2;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let got = (attr.count as usize).min(count);
+        for i in 0..got {
+            each(
+                &keys[i * key_size..(i + 1) * key_size],
+                &values[i * value_size..(i + 1) * value_size],
+            );
+        }
+        entries += got;
+        if done {
+            return Ok(entries);
+        }
+        position = next;
+        first = false;
+    }
+}

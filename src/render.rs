@@ -212,6 +212,21 @@ fn spent_families(out: &mut String, spent: &Spent) {
         "cgmetric_aggregate_walked_files_total {}",
         spent.walked_files()
     );
+    let _ = writeln!(
+        out,
+        "# HELP cgmetric_aggregate_ebpf_snapshots_total Those reads that took the eBPF \
+         counters from one read of every map entry instead of a lookup per container (0 \
+         with --no-ebpf, or where the maps hold far more entries than there are containers)."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE cgmetric_aggregate_ebpf_snapshots_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "cgmetric_aggregate_ebpf_snapshots_total {}",
+        spent.snapshots()
+    );
 }
 
 /// One per-class family: a series per container and class, the class as a

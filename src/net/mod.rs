@@ -3,12 +3,14 @@
 
 pub mod class;
 mod load;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::{Key as TrieKey, LpmTrie};
@@ -28,6 +30,8 @@ pub use class::{Classes, NetClass};
 #[cfg(feature = "test-helpers")]
 pub use load::load_and_attach_object;
 pub use load::{link_pin, PROGRAMS};
+use snapshot::Counts;
+pub use snapshot::Snapshot;
 
 /// How many classes the programs count at most: the named ones and
 /// `loopback`.
@@ -147,7 +151,17 @@ pub struct Net {
     reported: Mutex<[u64; health::COUNT as usize]>,
     /// When entries of removed cgroups were last swept.
     last_sweep: Mutex<Instant>,
+    /// The possible CPUs: a per-CPU map holds a value for each.
+    cpus: usize,
+    /// Entries the last [`Snapshot`] held (`usize::MAX` once the kernel
+    /// refused one).
+    snapshot_entries: AtomicUsize,
 }
+
+/// Above this many map entries per container an aggregate looks each
+/// container up instead of reading every entry: a lookup costs a few
+/// system calls a container, a [`Snapshot`] a fraction of one an entry.
+const ENTRIES_PER_CONTAINER: usize = 16;
 
 /// How often entries of removed cgroups are swept when no container
 /// vanished meanwhile.
@@ -190,6 +204,11 @@ impl Net {
             owners: Mutex::new(HashMap::new()),
             reported: Mutex::new([0; health::COUNT as usize]),
             last_sweep: Mutex::new(Instant::now()),
+            cpus: aya::util::nr_cpus().map_err(|(_, e)| NetError::Io {
+                path: PathBuf::from("/sys/devices/system/cpu/possible"),
+                source: e,
+            })?,
+            snapshot_entries: AtomicUsize::new(0),
         })
     }
 
@@ -208,6 +227,15 @@ impl Net {
     /// Traffic and connections of the cgroup at `dir` (a v2 directory) and
     /// every cgroup below it, plus what removed descendants left behind.
     pub fn totals(&self, dir: &Path) -> Option<Totals> {
+        self.totals_from(&*self.maps.read(), dir)
+    }
+
+    /// [`Net::totals`] from a [`Snapshot`] of the maps.
+    pub fn totals_in(&self, snapshot: &Snapshot, dir: &Path) -> Option<Totals> {
+        self.totals_from(snapshot, dir)
+    }
+
+    fn totals_from(&self, counts: &impl Counts, dir: &Path) -> Option<Totals> {
         let ids = subtree_ids(dir);
         let container = *ids.first()?;
         {
@@ -216,18 +244,44 @@ impl Net {
                 owners.insert(*id, container);
             }
         }
-        let maps = self.maps.read();
         let mut totals = Totals::default();
-        if let Ok(retired) = maps.retired.get(&container, 0) {
+        if let Some(retired) = counts.retired(container) {
             totals.add(&retired.net, &retired.conn);
         }
-        totals.add_classes(&self.retired_classes(&maps, container));
+        totals.add_classes(&self.retired_classes(counts, container));
         for id in ids {
-            let (net, conn) = read_entry(&maps, id);
+            let (net, conn) = counts.entry(id);
             totals.add(&net, &conn);
-            totals.add_classes(&self.class_entries(&maps, id));
+            totals.add_classes(&self.class_entries(counts, id));
         }
         Some(totals)
+    }
+
+    /// Every entry of the maps, for an aggregate read of `containers`:
+    /// `None` when reading them all would cost more than looking each
+    /// container up (by the last snapshot's size: a daemon watching a few
+    /// containers on a host whose other cgroups send a lot), or when the
+    /// kernel cannot (before 5.6), and then each is looked up.
+    pub fn snapshot(&self, containers: usize) -> Option<Snapshot> {
+        let last = self.snapshot_entries.load(Ordering::Relaxed);
+        if last > ENTRIES_PER_CONTAINER * containers {
+            return None;
+        }
+        let maps = self.maps.read();
+        match Snapshot::read(&maps, self.cpus, self.classes.counted() > 0) {
+            Ok(snapshot) => {
+                self.snapshot_entries
+                    .store(snapshot.entries(), Ordering::Relaxed);
+                Some(snapshot)
+            }
+            Err(e) => {
+                // Said once: every later aggregate looks each container up.
+                if self.snapshot_entries.swap(usize::MAX, Ordering::Relaxed) != usize::MAX {
+                    log::info!("reading the eBPF maps at once: {e}; looking up each container");
+                }
+                None
+            }
+        }
     }
 
     /// Totals of a container whose v2 cgroup `id` is gone (or going), from
@@ -244,14 +298,14 @@ impl Net {
             .collect();
         let maps = self.maps.read();
         let mut totals = Totals::default();
-        if let Ok(retired) = maps.retired.get(&id, 0) {
+        if let Some(retired) = maps.retired(id) {
             totals.add(&retired.net, &retired.conn);
         }
-        totals.add_classes(&self.retired_classes(&maps, id));
+        totals.add_classes(&self.retired_classes(&*maps, id));
         for cgroup in std::iter::once(id).chain(below) {
-            let (net, conn) = read_entry(&maps, cgroup);
+            let (net, conn) = maps.entry(cgroup);
             totals.add(&net, &conn);
-            totals.add_classes(&self.class_entries(&maps, cgroup));
+            totals.add_classes(&self.class_entries(&*maps, cgroup));
         }
         totals
     }
@@ -263,34 +317,25 @@ impl Net {
 
     /// The class counters of `cgroup`'s own entries, summed over CPUs, by
     /// class index.
-    fn class_entries(&self, maps: &Maps, cgroup: u64) -> Vec<ClassCounters> {
+    fn class_entries(&self, counts: &impl Counts, cgroup: u64) -> Vec<ClassCounters> {
         (0..self.classes.counted())
             .map(|index| {
-                let key = ClassKey {
+                counts.class(&ClassKey {
                     cgroup,
                     class: self.classes.id(index),
-                };
-                let mut sum = ClassCounters::default();
-                if let Ok(values) = maps.classes.get(&key, 0) {
-                    for v in values.iter() {
-                        sum.tx_bytes += v.tx_bytes;
-                        sum.rx_bytes += v.rx_bytes;
-                    }
-                }
-                sum
+                })
             })
             .collect()
     }
 
     /// What `container`'s removed descendants left per class.
-    fn retired_classes(&self, maps: &Maps, container: u64) -> Vec<ClassCounters> {
+    fn retired_classes(&self, counts: &impl Counts, container: u64) -> Vec<ClassCounters> {
         (0..self.classes.counted())
             .map(|index| {
-                let key = ClassKey {
+                counts.retired_class(&ClassKey {
                     cgroup: container,
                     class: self.classes.id(index),
-                };
-                maps.retired_classes.get(&key, 0).unwrap_or_default()
+                })
             })
             .collect()
     }
@@ -399,13 +444,7 @@ impl Net {
 /// removed descendants left.
 fn fold_classes(maps: &mut Maps, keys: &[ClassKey], id: u64, owner: u64) -> Result<(), MapError> {
     for key in keys.iter().filter(|k| k.cgroup == id) {
-        let mut sum = ClassCounters::default();
-        if let Ok(values) = maps.classes.get(key, 0) {
-            for v in values.iter() {
-                sum.tx_bytes += v.tx_bytes;
-                sum.rx_bytes += v.rx_bytes;
-            }
-        }
+        let sum = maps.class(key);
         let to = ClassKey {
             cgroup: owner,
             class: key.class,

@@ -28,10 +28,10 @@ pub fn sample_all(
         .min(containers.len() / CONTAINERS_PER_THREAD)
         .max(1)
         - 1;
-    // One walk for all: its records are shared, read-only, by every thread.
-    let walked = sampler.walk(containers.len()).map(Arc::new);
+    // One walk and one snapshot for all, shared read-only by every thread.
+    let pass = Arc::new(sampler.begin_pass(containers.len()));
     if helpers == 0 {
-        return sampler.sample_each(&containers, walked.as_deref());
+        return sampler.sample_each(&containers, &pass);
     }
     // Chunks taken in turn rather than halves: a helper the scheduler
     // starts late takes fewer, and this thread never waits for one that
@@ -40,17 +40,16 @@ pub fn sample_all(
     let (done, finished) = mpsc::channel();
     for helper in 0..helpers {
         let (sampler, work, done) = (Arc::clone(sampler), Arc::clone(&work), done.clone());
-        let walked = walked.clone();
+        let pass = Arc::clone(&pass);
         pool.submit(helper, move || {
             work.take_all(|chunk, part| {
-                let _ = done.send((chunk, sampler.sample_each(part, walked.as_deref())));
+                let _ = done.send((chunk, sampler.sample_each(part, &pass)));
             });
         });
     }
     drop(done);
     let mut parts: Vec<Option<_>> = (0..work.count()).map(|_| None).collect();
-    let mine = work
-        .take_all(|chunk, part| parts[chunk] = Some(sampler.sample_each(part, walked.as_deref())));
+    let mine = work.take_all(|chunk, part| parts[chunk] = Some(sampler.sample_each(part, &pass)));
     for _ in mine..work.count() {
         // Disconnected: a helper panicked; its chunk is done below.
         let Ok((chunk, samples)) = finished.recv() else {
@@ -62,7 +61,7 @@ pub fn sample_all(
         .into_iter()
         .enumerate()
         .flat_map(|(chunk, part)| {
-            part.unwrap_or_else(|| sampler.sample_each(work.get(chunk), walked.as_deref()))
+            part.unwrap_or_else(|| sampler.sample_each(work.get(chunk), &pass))
         })
         .collect()
 }

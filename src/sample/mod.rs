@@ -19,7 +19,7 @@ use crate::cgroup::walk::{WalkError, Walked, Walker};
 use crate::cgroup::Layout;
 use crate::containers::registry::{Metered, Slot};
 use crate::metrics::{groups_of, ClassBytes, Group, MetricId as M, MetricId, Sample, METRICS};
-use crate::net::{Classes, Net, Totals};
+use crate::net::{Classes, Net, Snapshot, Totals};
 use crate::sample::rate::RateTracker;
 use crate::sample::spent::{thread_cpu, Source, Spent};
 
@@ -76,10 +76,25 @@ impl Sampler {
         }
     }
 
+    /// What an aggregate read of `containers` takes once for all of them:
+    /// a walk of the cgroups and a snapshot of the eBPF maps, each when it
+    /// pays; their CPU time counted.
+    pub fn begin_pass(&self, containers: usize) -> Pass {
+        let walked = self.walk(containers);
+        let started = thread_cpu();
+        let net = self.net.as_ref().and_then(|net| net.snapshot(containers));
+        self.spent
+            .add(Source::Ebpf, thread_cpu().saturating_sub(started));
+        if net.is_some() {
+            self.spent.count_snapshot();
+        }
+        Pass { walked, net }
+    }
+
     /// One walk of the cgroups for an aggregate read of `containers`, its
     /// CPU time counted; `None` when the walk is off, not available, or
     /// would cost more than it spares.
-    pub fn walk(&self, containers: usize) -> Option<Walked> {
+    fn walk(&self, containers: usize) -> Option<Walked> {
         let walker = self.walker.as_ref().filter(|w| w.pays_for(containers))?;
         let started = thread_cpu();
         let walked = walker.walk();
@@ -213,15 +228,16 @@ impl Sampler {
     }
 
     /// [`Sampler::sample`] of each container, leaving out those that vanish;
-    /// one buffer serves them all, and `walked` answers the files it can.
+    /// one buffer serves them all, and `pass` answers what it can.
     /// The CPU time it takes is added to [`Sampler::spent`] by source.
     pub fn sample_each(
         &self,
         containers: &[Arc<Metered>],
-        walked: Option<&Walked>,
+        pass: &Pass,
     ) -> Vec<(Arc<Metered>, Sample)> {
         let mut scratch = Scratch::default();
-        scratch.files.use_walk(walked);
+        scratch.files.use_walk(pass.walked.as_ref());
+        scratch.snapshot = pass.net.as_ref();
         self.keep_as_aggregates_do(&mut scratch.files);
         let mut clock = Clock::default();
         let samples = containers
@@ -357,9 +373,18 @@ type Clock = [Duration; Source::ALL.len()];
 
 /// What one sample has read so far: each source (a cgroup file, the eBPF
 /// totals) is read once however many groups use it.
+/// What an aggregate read takes once and shares, read-only, with every
+/// thread sampling its containers.
+pub struct Pass {
+    walked: Option<Walked>,
+    net: Option<Snapshot>,
+}
+
 #[derive(Default)]
 struct Scratch<'c> {
     totals: Option<Totals>,
+    /// The aggregate's snapshot of the eBPF maps, if it took one.
+    snapshot: Option<&'c Snapshot>,
     files: Files<'c>,
     /// Whether a rate with nothing to compute against may wait a window:
     /// yes for one container's read, no within an aggregate (primed before,
@@ -371,6 +396,7 @@ impl<'c> Scratch<'c> {
     fn new(container: &'c Metered) -> Scratch<'c> {
         Scratch {
             totals: None,
+            snapshot: None,
             files: Files::new(&container.kept),
             may_wait: true,
         }
@@ -385,7 +411,12 @@ impl<'c> Scratch<'c> {
     /// cgroup is gone.
     fn totals(&mut self, net: Option<&Net>, container: &Metered) -> Option<Totals> {
         if self.totals.is_none() {
-            self.totals = net_totals(net, container);
+            self.totals = match (net, self.snapshot) {
+                (Some(net), Some(snapshot)) => {
+                    net.totals_in(snapshot, container.dirs.v2.as_deref()?)
+                }
+                _ => net_totals(net, container),
+            };
         }
         self.totals
     }

@@ -47,6 +47,7 @@ pub struct Spent {
     by_source: [AtomicU64; Source::ALL.len()],
     reads: AtomicU64,
     walked_files: AtomicU64,
+    snapshots: AtomicU64,
 }
 
 impl Spent {
@@ -74,6 +75,15 @@ impl Spent {
 
     pub fn walked_files(&self) -> u64 {
         self.walked_files.load(Relaxed)
+    }
+
+    /// An aggregate read took its eBPF counters from one snapshot of the maps.
+    pub fn count_snapshot(&self) {
+        self.snapshots.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots.load(Relaxed)
     }
 }
 

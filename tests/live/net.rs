@@ -975,6 +975,64 @@ fn removed_cgroups_leave_the_maps_and_their_container_keeps_their_counts() {
     drop(daemon);
 }
 
+/// An aggregate read takes every container's counters from one read of the
+/// maps (`cgmetric_aggregate_ebpf_snapshots_total`), and gives each
+/// container its own, as its files do: a sender whose child cgroup sent
+/// too, the server, and a container that sent nothing.
+#[test]
+fn an_aggregate_takes_the_counters_from_one_read_of_the_maps() {
+    require!();
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-snapshot");
+    let server_cg = parent.child("server");
+    let sender = parent.child("sender");
+    let job = sender.child("job");
+    let _idle = parent.child("idle");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--bpf-dir", bpf.arg()]);
+    for (cg, payload) in [(&sender, "300000"), (&job, "200000")] {
+        let (server, addr) = server_cg.serve("127.0.0.1", 1);
+        finish(cg.start(Command::new(tcp_peer()).args(["client", &addr, "1", payload, "0"])));
+        finish(server);
+    }
+    settle();
+    let prom = daemon.read("metrics.prom");
+    let series = |family: &str, container: &str| -> u64 {
+        let prefix = format!("cgmetric_{family}{{");
+        let label = format!("container=\"{container}\"");
+        let values: Vec<u64> = prom
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains(&label))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(values.len(), 1, "{family} of {container}:\n{prom}");
+        values[0]
+    };
+    let snapshots = prom
+        .lines()
+        .find_map(|l| l.strip_prefix("cgmetric_aggregate_ebpf_snapshots_total "))
+        .map(|v| v.parse::<u64>().unwrap());
+    assert!(snapshots >= Some(1), "no snapshot of the maps:\n{prom}");
+    for container in ["server", "sender", "idle"] {
+        for (family, file) in [
+            ("network_transmit_bytes_total", "net_bytes_tx"),
+            ("network_receive_bytes_total", "net_bytes_rx"),
+            ("network_transmit_packets_total", "net_packets_tx"),
+            ("network_receive_packets_total", "net_packets_rx"),
+            ("tcp_connections_total", "net_connections_total"),
+        ] {
+            assert_eq!(
+                series(family, container),
+                daemon.number(&format!("{container}/{file}")),
+                "{container}: {family} against {file}"
+            );
+        }
+    }
+    assert!(series("network_transmit_bytes_total", "sender") > 500_000);
+    assert_eq!(series("tcp_connections_total", "server"), 2);
+    assert_eq!(series("network_transmit_bytes_total", "idle"), 0);
+}
+
 #[test]
 fn a_full_traffic_map_is_counted_and_reported() {
     require!();
