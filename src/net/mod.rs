@@ -10,7 +10,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::{Key as TrieKey, LpmTrie};
@@ -144,9 +144,13 @@ pub struct Net {
     health: PerCpuArray<MapData, u64>,
     /// The v2 root, for resolving cgroup ids.
     cgroup_root: File,
-    /// Which container each cgroup id was last seen under: a removed child
-    /// cgroup's counts are folded into its container.
-    owners: Mutex<HashMap<u64, u64>>,
+    /// The cgroups each container (by id) was seen to have below it. A
+    /// removed one still counts for its container until a sweep folds its
+    /// entries into the container's `RETIRED` entry.
+    below: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Sweeps begun: a [`Snapshot`] taken before one is stale for
+    /// containers whose removed cgroups it folded.
+    sweeps: AtomicU64,
     /// Health counters already reported.
     reported: Mutex<[u64; health::COUNT as usize]>,
     /// When entries of removed cgroups were last swept.
@@ -201,7 +205,8 @@ impl Net {
                 path: cgroup_root.to_path_buf(),
                 source,
             })?,
-            owners: Mutex::new(HashMap::new()),
+            below: Mutex::new(HashMap::new()),
+            sweeps: AtomicU64::new(0),
             reported: Mutex::new([0; health::COUNT as usize]),
             last_sweep: Mutex::new(Instant::now()),
             cpus: aya::util::nr_cpus().map_err(|(_, e)| NetError::Io {
@@ -227,34 +232,69 @@ impl Net {
     /// Traffic and connections of the cgroup at `dir` (a v2 directory) and
     /// every cgroup below it, plus what removed descendants left behind.
     pub fn totals(&self, dir: &Path) -> Option<Totals> {
-        self.totals_from(&*self.maps.read(), dir)
+        // Held from the listing on, so that no sweep runs between what is
+        // listed and what is read (see `ids_of`).
+        let maps = self.maps.read();
+        let ids = self.ids_of(dir)?;
+        Some(self.sum(&*maps, &ids))
     }
 
-    /// [`Net::totals`] from a [`Snapshot`] of the maps.
+    /// [`Net::totals`] from a [`Snapshot`] of the maps; from the maps
+    /// themselves if a sweep began since the snapshot was taken.
     pub fn totals_in(&self, snapshot: &Snapshot, dir: &Path) -> Option<Totals> {
-        self.totals_from(snapshot, dir)
+        let ids = self.ids_of(dir)?;
+        // A sweep bumps the count before it touches `below`, and `ids_of`
+        // read `below` under its lock: a sweep whose changes it saw is
+        // counted here.
+        if self.sweeps.load(Ordering::SeqCst) != snapshot.sweeps() {
+            return self.totals(dir);
+        }
+        Some(self.sum(snapshot, &ids))
     }
 
-    fn totals_from(&self, counts: &impl Counts, dir: &Path) -> Option<Totals> {
-        let ids = subtree_ids(dir);
+    /// The ids that count for the container at `dir`, its own first: the
+    /// cgroups below it now, and those seen below it before that are gone
+    /// but not yet swept (their entries are still in the maps; a sweep
+    /// moves them to the container's `RETIRED` entry). Without the latter a
+    /// removed child's traffic would drop out of its container's counter
+    /// until the next sweep, up to a minute: to Prometheus a counter reset.
+    fn ids_of(&self, dir: &Path) -> Option<Vec<u64>> {
+        let mut ids = subtree_ids(dir);
         let container = *ids.first()?;
-        {
-            let mut owners = self.owners.lock();
-            for id in &ids {
-                owners.insert(*id, container);
+        let mut below = self.below.lock();
+        // Most containers have no cgroups below them: one lookup, no entry.
+        match below.get_mut(&container) {
+            None if ids.len() == 1 => {}
+            None => {
+                below.insert(container, ids[1..].to_vec());
+            }
+            Some(known) => {
+                for id in &ids[1..] {
+                    if !known.contains(id) {
+                        known.push(*id);
+                    }
+                }
+                ids.truncate(1);
+                ids.extend_from_slice(known);
             }
         }
+        Some(ids)
+    }
+
+    /// The totals of `ids`, the container's own id first.
+    fn sum(&self, counts: &impl Counts, ids: &[u64]) -> Totals {
+        let container = ids[0];
         let mut totals = Totals::default();
         if let Some(retired) = counts.retired(container) {
             totals.add(&retired.net, &retired.conn);
         }
         totals.add_classes(&self.retired_classes(counts, container));
-        for id in ids {
+        for &id in ids {
             let (net, conn) = counts.entry(id);
             totals.add(&net, &conn);
             totals.add_classes(&self.class_entries(counts, id));
         }
-        Some(totals)
+        totals
     }
 
     /// Every entry of the maps, for an aggregate read of `containers`:
@@ -268,7 +308,8 @@ impl Net {
             return None;
         }
         let maps = self.maps.read();
-        match Snapshot::read(&maps, self.cpus, self.classes.counted() > 0) {
+        let sweeps = self.sweeps.load(Ordering::SeqCst);
+        match Snapshot::read(&maps, self.cpus, self.classes.counted() > 0, sweeps) {
             Ok(snapshot) => {
                 self.snapshot_entries
                     .store(snapshot.entries(), Ordering::Relaxed);
@@ -289,25 +330,12 @@ impl Net {
     /// left in `RETIRED`, and the entries of every cgroup last seen below
     /// it. Only exact until the next sweep.
     pub fn gone_totals(&self, id: u64) -> Totals {
-        let below: Vec<u64> = self
-            .owners
-            .lock()
-            .iter()
-            .filter(|(cgroup, owner)| **owner == id && **cgroup != id)
-            .map(|(cgroup, _)| *cgroup)
-            .collect();
         let maps = self.maps.read();
-        let mut totals = Totals::default();
-        if let Some(retired) = maps.retired(id) {
-            totals.add(&retired.net, &retired.conn);
+        let mut ids = vec![id];
+        if let Some(below) = self.below.lock().get(&id) {
+            ids.extend_from_slice(below);
         }
-        totals.add_classes(&self.retired_classes(&*maps, id));
-        for cgroup in std::iter::once(id).chain(below) {
-            let (net, conn) = maps.entry(cgroup);
-            totals.add(&net, &conn);
-            totals.add_classes(&self.class_entries(&*maps, cgroup));
-        }
-        totals
+        self.sum(&*maps, &ids)
     }
 
     /// The classes configured at this start.
@@ -363,11 +391,16 @@ impl Net {
         ids.extend(retired_class_keys.iter().map(|k| k.cgroup));
         ids.sort_unstable();
         ids.dedup();
-        let mut owners = self.owners.lock();
+        let mut below = self.below.lock();
+        let owner_of: HashMap<u64, u64> = below
+            .iter()
+            .flat_map(|(owner, ids)| ids.iter().map(move |id| (*id, *owner)))
+            .collect();
         for id in ids.into_iter().filter(|id| !sys::cgroup_exists(root, *id)) {
-            let owner = owners
-                .remove(&id)
-                .filter(|o| *o != id && sys::cgroup_exists(root, *o));
+            let owner = owner_of
+                .get(&id)
+                .copied()
+                .filter(|o| sys::cgroup_exists(root, *o));
             if let Some(owner) = owner {
                 let (net, conn) = read_entry(&maps, id);
                 let mut folded = Totals::default();
@@ -392,6 +425,13 @@ impl Net {
                     );
                     continue;
                 }
+                // Folded: the container counts it from `RETIRED` now. A
+                // snapshot taken before has it in neither place once
+                // `below` forgets it, so those snapshots go stale first.
+                self.sweeps.fetch_add(1, Ordering::SeqCst);
+                if let Some(ids) = below.get_mut(&owner) {
+                    ids.retain(|below| *below != id);
+                }
             }
             let _ = maps.traffic.remove(&id);
             let _ = maps.connections.remove(&id);
@@ -405,12 +445,7 @@ impl Net {
         }
         // Ids seen under containers that are gone fold into nothing: forget
         // them, or every container that ever lived stays in memory.
-        let mut alive = HashMap::new();
-        owners.retain(|_, owner| {
-            *alive
-                .entry(*owner)
-                .or_insert_with(|| sys::cgroup_exists(root, *owner))
-        });
+        below.retain(|owner, ids| !ids.is_empty() && sys::cgroup_exists(root, *owner));
     }
 
     /// The health counters, summed over CPUs, by [`health`] index; each

@@ -58,12 +58,23 @@ pub struct Snapshot {
     retired: HashMap<u64, Retired>,
     classes: HashMap<ClassKey, ClassCounters>,
     retired_classes: HashMap<ClassKey, ClassCounters>,
+    /// Sweeps begun before it was taken.
+    sweeps: u64,
 }
 
 impl Snapshot {
-    /// Reads the maps; the class maps only when classes are counted.
-    pub(super) fn read(maps: &Maps, cpus: usize, with_classes: bool) -> std::io::Result<Snapshot> {
-        let mut snapshot = Snapshot::default();
+    /// Reads the maps (the class maps only when classes are counted), with
+    /// the number of sweeps so far, which no sweep can change meanwhile.
+    pub(super) fn read(
+        maps: &Maps,
+        cpus: usize,
+        with_classes: bool,
+        sweeps: u64,
+    ) -> std::io::Result<Snapshot> {
+        let mut snapshot = Snapshot {
+            sweeps,
+            ..Snapshot::default()
+        };
         per_cpu(maps.traffic.map(), cpus, &mut snapshot.traffic, add_net)?;
         per_cpu(
             maps.connections.map(),
@@ -77,6 +88,10 @@ impl Snapshot {
             plain(maps.retired_classes.map(), &mut snapshot.retired_classes)?;
         }
         Ok(snapshot)
+    }
+
+    pub(super) fn sweeps(&self) -> u64 {
+        self.sweeps
     }
 
     /// How many entries it holds: what reading it cost.

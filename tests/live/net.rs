@@ -949,15 +949,7 @@ fn removed_cgroups_leave_the_maps_and_their_container_keeps_their_counts() {
         box_tx >= 100_000,
         "the child's traffic counts for its container: {box_tx}"
     );
-    let ids_in_map = || -> Vec<u64> {
-        let map =
-            aya::maps::MapData::from_pin(bpf.0.join(cgmetric_common::NET_COUNTERS_MAP)).unwrap();
-        let map = aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::NetCounters>::try_from(
-            aya::maps::Map::PerCpuHashMap(map),
-        )
-        .unwrap();
-        map.keys().map(Result::unwrap).collect()
-    };
+    let ids_in_map = || traffic_ids(&bpf);
     let job_id = job.v2_id();
     let gone_id = gone.v2_id();
     assert!(ids_in_map().contains(&job_id) && ids_in_map().contains(&gone_id));
@@ -1032,6 +1024,65 @@ fn an_aggregate_takes_the_counters_from_one_read_of_the_maps() {
     assert!(series("network_transmit_bytes_total", "sender") > 500_000);
     assert_eq!(series("tcp_connections_total", "server"), 2);
     assert_eq!(series("network_transmit_bytes_total", "idle"), 0);
+}
+
+/// The cgroup ids the traffic map of the daemon pinned at `bpf` holds.
+fn traffic_ids(bpf: &BpfDir) -> Vec<u64> {
+    let map = aya::maps::MapData::from_pin(bpf.0.join(cgmetric_common::NET_COUNTERS_MAP)).unwrap();
+    let map = aya::maps::PerCpuHashMap::<_, u64, cgmetric_common::NetCounters>::try_from(
+        aya::maps::Map::PerCpuHashMap(map),
+    )
+    .unwrap();
+    map.keys().map(Result::unwrap).collect()
+}
+
+/// A child cgroup removed from a live container keeps counting for it
+/// before any sweep folds its entry, in single files and in aggregates: a
+/// counter that dipped until the sweep would read to Prometheus as a
+/// reset, and `rate()` would bill the whole total again.
+#[test]
+fn a_removed_child_cgroup_still_counts_before_the_sweep() {
+    require!();
+    let bpf = BpfDir::new();
+    let parent = Cgroup::parent("net-child-gone");
+    let server_cg = parent.child("server");
+    let box_cg = parent.child("box");
+    let mut job = box_cg.child("job");
+    let mut other = parent.child("other");
+    let glob = format!("{}/*", parent.relative);
+    let daemon = Daemon::start(&["--cgroup", &glob, "--bpf-dir", bpf.arg()]);
+    let (server, addr) = server_cg.serve("127.0.0.1", 1);
+    finish(job.start(Command::new(tcp_peer()).args(["client", &addr, "1", "100000", "0"])));
+    finish(server);
+    settle();
+    let before = daemon.number("box/net_bytes_tx");
+    assert!(before >= 100_000, "{before}");
+    let job_id = job.v2_id();
+    let prom_tx = |daemon: &Daemon| -> u64 {
+        let prom = daemon.read("metrics.prom");
+        prom.lines()
+            .find(|l| {
+                l.starts_with("cgmetric_network_transmit_bytes_total{")
+                    && l.contains("container=\"box\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no series for box:\n{prom}"))
+    };
+    assert_eq!(prom_tx(&daemon), before);
+    // No container vanished, so nothing sweeps for up to a minute.
+    job.remove();
+    assert_eq!(daemon.number("box/net_bytes_tx"), before);
+    assert_eq!(prom_tx(&daemon), before);
+    // A container that goes makes the next listing sweep: the child's
+    // entry moves to the container's retired entry, and counts once.
+    other.remove();
+    let _ = std::fs::read_dir(&daemon.mountpoint).unwrap().count();
+    assert!(
+        !traffic_ids(&bpf).contains(&job_id),
+        "the child was not swept"
+    );
+    assert_eq!(daemon.number("box/net_bytes_tx"), before);
+    assert_eq!(prom_tx(&daemon), before);
 }
 
 #[test]
