@@ -990,17 +990,7 @@ fn an_aggregate_takes_the_counters_from_one_read_of_the_maps() {
     }
     settle();
     let prom = daemon.read("metrics.prom");
-    let series = |family: &str, container: &str| -> u64 {
-        let prefix = format!("cgmetric_{family}{{");
-        let label = format!("container=\"{container}\"");
-        let values: Vec<u64> = prom
-            .lines()
-            .filter(|l| l.starts_with(&prefix) && l.contains(&label))
-            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-            .collect();
-        assert_eq!(values.len(), 1, "{family} of {container}:\n{prom}");
-        values[0]
-    };
+    let series = |family: &str, container: &str| series(&prom, family, container);
     let snapshots = prom
         .lines()
         .find_map(|l| l.strip_prefix("cgmetric_aggregate_ebpf_snapshots_total "))
@@ -1024,6 +1014,20 @@ fn an_aggregate_takes_the_counters_from_one_read_of_the_maps() {
     assert!(series("network_transmit_bytes_total", "sender") > 500_000);
     assert_eq!(series("tcp_connections_total", "server"), 2);
     assert_eq!(series("network_transmit_bytes_total", "idle"), 0);
+}
+
+/// The value of the one series of `cgmetric_<family>` for `container` in
+/// the text of `metrics.prom`.
+fn series(prom: &str, family: &str, container: &str) -> u64 {
+    let prefix = format!("cgmetric_{family}{{");
+    let label = format!("container=\"{container}\"");
+    let values: Vec<u64> = prom
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && l.contains(&label))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(values.len(), 1, "{family} of {container}:\n{prom}");
+    values[0]
 }
 
 /// The cgroup ids the traffic map of the daemon pinned at `bpf` holds.
@@ -1058,15 +1062,12 @@ fn a_removed_child_cgroup_still_counts_before_the_sweep() {
     let before = daemon.number("box/net_bytes_tx");
     assert!(before >= 100_000, "{before}");
     let job_id = job.v2_id();
-    let prom_tx = |daemon: &Daemon| -> u64 {
-        let prom = daemon.read("metrics.prom");
-        prom.lines()
-            .find(|l| {
-                l.starts_with("cgmetric_network_transmit_bytes_total{")
-                    && l.contains("container=\"box\"")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no series for box:\n{prom}"))
+    let prom_tx = |daemon: &Daemon| {
+        series(
+            &daemon.read("metrics.prom"),
+            "network_transmit_bytes_total",
+            "box",
+        )
     };
     assert_eq!(prom_tx(&daemon), before);
     // No container vanished, so nothing sweeps for up to a minute.
