@@ -392,16 +392,17 @@ impl Net {
         ids.sort_unstable();
         ids.dedup();
         let mut below = self.below.lock();
-        let owner_of: HashMap<u64, u64> = below
-            .iter()
-            .flat_map(|(owner, ids)| ids.iter().map(move |id| (*id, *owner)))
-            .collect();
-        for id in ids.into_iter().filter(|id| !sys::cgroup_exists(root, *id)) {
-            let owner = owner_of
-                .get(&id)
-                .copied()
-                .filter(|o| sys::cgroup_exists(root, *o));
-            if let Some(owner) = owner {
+        // A cgroup can be below two containers (one inside the other): it
+        // folds into each, as each counted it.
+        let mut owners_of: HashMap<u64, Vec<u64>> = HashMap::new();
+        for (owner, ids) in below.iter() {
+            for id in ids {
+                owners_of.entry(*id).or_default().push(*owner);
+            }
+        }
+        'ids: for id in ids.into_iter().filter(|id| !sys::cgroup_exists(root, *id)) {
+            let owners = owners_of.remove(&id).unwrap_or_default();
+            for owner in owners.into_iter().filter(|o| sys::cgroup_exists(root, *o)) {
                 let (net, conn) = read_entry(&maps, id);
                 let mut folded = Totals::default();
                 if let Ok(before) = maps.retired.get(&owner, 0) {
@@ -416,18 +417,19 @@ impl Net {
                     log::warn!(
                         "cannot fold removed cgroup {id} into {owner}: {e}; keeping its entry"
                     );
-                    continue;
+                    continue 'ids;
                 }
                 if let Err(e) = fold_classes(&mut maps, &class_keys, id, owner) {
                     log::warn!(
                         "cannot fold the classes of removed cgroup {id} into {owner}: {e}; \
                          keeping its entries"
                     );
-                    continue;
+                    continue 'ids;
                 }
                 // Folded: the container counts it from `RETIRED` now. A
                 // snapshot taken before has it in neither place once
-                // `below` forgets it, so those snapshots go stale first.
+                // `below` forgets it, so those snapshots go stale first;
+                // and a later sweep must not fold it into this one again.
                 self.sweeps.fetch_add(1, Ordering::SeqCst);
                 if let Some(ids) = below.get_mut(&owner) {
                     ids.retain(|below| *below != id);
