@@ -197,21 +197,18 @@ pub fn lookup_batch(
         elem_flags: u64,
         flags: u64,
     }
-    // A hash map's position is its next bucket's index, a u32.
-    let (mut position, mut next) = (0u64, 0u64);
+    // A hash map's position is its next bucket's index, a u32; none at
+    // first, to start from the beginning.
+    let mut position: Option<u64> = None;
+    let mut next = 0u64;
     let mut count = 256usize;
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     let mut entries = 0;
-    let mut first = true;
     loop {
         keys.resize(count * key_size, 0u8);
         values.resize(count * value_size, 0u8);
         let mut attr = Batch {
-            in_batch: if first {
-                0
-            } else {
-                &position as *const u64 as u64
-            },
+            in_batch: position.as_ref().map_or(0, |p| p as *const u64 as u64),
             out_batch: &mut next as *mut u64 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -243,7 +240,6 @@ pub fn lookup_batch(
         if done {
             return Ok(entries);
         }
-        position = next;
-        first = false;
+        position = Some(next);
     }
 }

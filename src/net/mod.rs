@@ -111,20 +111,13 @@ impl Totals {
 
     fn add_classes(&mut self, classes: &[ClassCounters]) {
         for (total, c) in self.classes.iter_mut().zip(classes) {
-            total.tx_bytes += c.tx_bytes;
-            total.rx_bytes += c.rx_bytes;
+            add_class(total, c);
         }
     }
 
     fn add(&mut self, net: &NetCounters, conn: &ConnCounters) {
-        self.net.tx_bytes += net.tx_bytes;
-        self.net.tx_packets += net.tx_packets;
-        self.net.rx_bytes += net.rx_bytes;
-        self.net.rx_packets += net.rx_packets;
-        self.conn.established += conn.established;
-        self.conn.closed += conn.closed;
-        self.conn.lifetime_ns += conn.lifetime_ns;
-        self.conn.retransmits += conn.retransmits;
+        add_net(&mut self.net, net);
+        add_conn(&mut self.conn, conn);
     }
 }
 
@@ -402,8 +395,8 @@ impl Net {
         }
         'ids: for id in ids.into_iter().filter(|id| !sys::cgroup_exists(root, *id)) {
             let owners = owners_of.remove(&id).unwrap_or_default();
+            let (net, conn) = maps.entry(id);
             for owner in owners.into_iter().filter(|o| sys::cgroup_exists(root, *o)) {
-                let (net, conn) = read_entry(&maps, id);
                 let mut folded = Totals::default();
                 if let Ok(before) = maps.retired.get(&owner, 0) {
                     folded.add(&before.net, &before.conn);
@@ -540,26 +533,23 @@ fn configure_classes(ebpf: &mut aya::Ebpf, classes: &Classes) -> Result<(), NetE
     Ok(())
 }
 
-fn read_entry(maps: &Maps, id: u64) -> (NetCounters, ConnCounters) {
-    let mut net = NetCounters::default();
-    if let Ok(values) = maps.traffic.get(&id, 0) {
-        for v in values.iter() {
-            net.tx_bytes += v.tx_bytes;
-            net.tx_packets += v.tx_packets;
-            net.rx_bytes += v.rx_bytes;
-            net.rx_packets += v.rx_packets;
-        }
-    }
-    let mut conn = ConnCounters::default();
-    if let Ok(values) = maps.connections.get(&id, 0) {
-        for v in values.iter() {
-            conn.established += v.established;
-            conn.closed += v.closed;
-            conn.lifetime_ns += v.lifetime_ns;
-            conn.retransmits += v.retransmits;
-        }
-    }
-    (net, conn)
+fn add_net(sum: &mut NetCounters, v: &NetCounters) {
+    sum.tx_bytes += v.tx_bytes;
+    sum.tx_packets += v.tx_packets;
+    sum.rx_bytes += v.rx_bytes;
+    sum.rx_packets += v.rx_packets;
+}
+
+fn add_conn(sum: &mut ConnCounters, v: &ConnCounters) {
+    sum.established += v.established;
+    sum.closed += v.closed;
+    sum.lifetime_ns += v.lifetime_ns;
+    sum.retransmits += v.retransmits;
+}
+
+fn add_class(sum: &mut ClassCounters, v: &ClassCounters) {
+    sum.tx_bytes += v.tx_bytes;
+    sum.rx_bytes += v.rx_bytes;
 }
 
 /// The cgroup ids (directory inode numbers) of `dir` and every cgroup below

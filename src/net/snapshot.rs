@@ -10,7 +10,7 @@ use aya::maps::{IterableMap, MapData};
 use aya::Pod;
 use cgmetric_common::{ClassCounters, ClassKey, ConnCounters, NetCounters, Retired};
 
-use super::{read_entry, Maps};
+use super::{add_class, add_conn, add_net, Maps};
 use crate::bpf_sys as sys;
 
 /// Where a container's totals come from: the maps themselves, one lookup
@@ -28,7 +28,25 @@ pub(super) trait Counts {
 
 impl Counts for Maps {
     fn entry(&self, id: u64) -> (NetCounters, ConnCounters) {
-        read_entry(self, id)
+        let mut net = NetCounters::default();
+        for v in self
+            .traffic
+            .get(&id, 0)
+            .iter()
+            .flat_map(|values| values.iter())
+        {
+            add_net(&mut net, v);
+        }
+        let mut conn = ConnCounters::default();
+        for v in self
+            .connections
+            .get(&id, 0)
+            .iter()
+            .flat_map(|values| values.iter())
+        {
+            add_conn(&mut conn, v);
+        }
+        (net, conn)
     }
 
     fn retired(&self, id: u64) -> Option<Retired> {
@@ -95,7 +113,7 @@ impl Snapshot {
     }
 
     /// How many entries it holds: what reading it cost.
-    pub fn entries(&self) -> usize {
+    pub(super) fn entries(&self) -> usize {
         self.traffic.len()
             + self.connections.len()
             + self.retired.len()
@@ -123,25 +141,6 @@ impl Counts for Snapshot {
     fn retired_class(&self, key: &ClassKey) -> ClassCounters {
         self.retired_classes.get(key).copied().unwrap_or_default()
     }
-}
-
-fn add_net(sum: &mut NetCounters, v: &NetCounters) {
-    sum.tx_bytes += v.tx_bytes;
-    sum.tx_packets += v.tx_packets;
-    sum.rx_bytes += v.rx_bytes;
-    sum.rx_packets += v.rx_packets;
-}
-
-fn add_conn(sum: &mut ConnCounters, v: &ConnCounters) {
-    sum.established += v.established;
-    sum.closed += v.closed;
-    sum.lifetime_ns += v.lifetime_ns;
-    sum.retransmits += v.retransmits;
-}
-
-fn add_class(sum: &mut ClassCounters, v: &ClassCounters) {
-    sum.tx_bytes += v.tx_bytes;
-    sum.rx_bytes += v.rx_bytes;
 }
 
 /// Every entry of a per-CPU hash map, its CPUs' values summed by `add`.

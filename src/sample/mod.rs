@@ -371,8 +371,6 @@ impl Sampler {
 /// CPU time one thread spent sampling, by [`Source`] (rendering stays 0).
 type Clock = [Duration; Source::ALL.len()];
 
-/// What one sample has read so far: each source (a cgroup file, the eBPF
-/// totals) is read once however many groups use it.
 /// What an aggregate read takes once and shares, read-only, with every
 /// thread sampling its containers.
 pub struct Pass {
@@ -380,6 +378,8 @@ pub struct Pass {
     net: Option<Snapshot>,
 }
 
+/// What one sample has read so far: each source (a cgroup file, the eBPF
+/// totals) is read once however many groups use it.
 #[derive(Default)]
 struct Scratch<'c> {
     totals: Option<Totals>,
