@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::os::fd::AsFd;
 
-use aya::maps::{IterableMap, MapData};
+use aya::maps::{IterableMap, MapData, PerCpuHashMap};
 use aya::Pod;
 use cgmetric_common::{ClassCounters, ClassKey, ConnCounters, NetCounters, Retired};
 
@@ -28,25 +28,10 @@ pub(super) trait Counts {
 
 impl Counts for Maps {
     fn entry(&self, id: u64) -> (NetCounters, ConnCounters) {
-        let mut net = NetCounters::default();
-        for v in self
-            .traffic
-            .get(&id, 0)
-            .iter()
-            .flat_map(|values| values.iter())
-        {
-            add_net(&mut net, v);
-        }
-        let mut conn = ConnCounters::default();
-        for v in self
-            .connections
-            .get(&id, 0)
-            .iter()
-            .flat_map(|values| values.iter())
-        {
-            add_conn(&mut conn, v);
-        }
-        (net, conn)
+        (
+            summed(&self.traffic, &id, add_net),
+            summed(&self.connections, &id, add_conn),
+        )
     }
 
     fn retired(&self, id: u64) -> Option<Retired> {
@@ -54,13 +39,7 @@ impl Counts for Maps {
     }
 
     fn class(&self, key: &ClassKey) -> ClassCounters {
-        let mut sum = ClassCounters::default();
-        if let Ok(values) = self.classes.get(key, 0) {
-            for v in values.iter() {
-                add_class(&mut sum, v);
-            }
-        }
-        sum
+        summed(&self.classes, key, add_class)
     }
 
     fn retired_class(&self, key: &ClassKey) -> ClassCounters {
@@ -141,6 +120,22 @@ impl Counts for Snapshot {
     fn retired_class(&self, key: &ClassKey) -> ClassCounters {
         self.retired_classes.get(key).copied().unwrap_or_default()
     }
+}
+
+/// The value of `key` in a per-CPU hash map, its CPUs' values summed by
+/// `add` (zero where there is none).
+fn summed<K: Pod, V: Pod + Default>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    key: &K,
+    add: fn(&mut V, &V),
+) -> V {
+    let mut sum = V::default();
+    if let Ok(values) = map.get(key, 0) {
+        for v in values.iter() {
+            add(&mut sum, v);
+        }
+    }
+    sum
 }
 
 /// Every entry of a per-CPU hash map, its CPUs' values summed by `add`.
